@@ -1,0 +1,49 @@
+"""The ``posttrain`` command line: one subcommand per stage of the pipeline.
+
+Each subcommand lives in the module that implements it; this file only names them. A module listed here
+provides ``add_arguments(parser)`` and ``run(args) -> int``. Imports are lazy so ``posttrain --help`` stays fast
+and a subcommand's heavy dependencies load only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("posttrain.demo", "run the end-to-end pipeline on a tiny model (CPU, no network)"),
+    "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
+    "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    from posttrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help/usage or the unknown-command error
+        parser.print_help()
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"posttrain {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
