@@ -1,0 +1,1 @@
+"""Models trained by posttrain: the in-tree hybrid (``posttrain.models.hybrid``)."""

@@ -1,0 +1,240 @@
+"""The hybrid model's configuration: the fields of transformers' ``GraniteMoeHybridConfig``, checked up front.
+
+A config.json written here loads in transformers and vLLM as ``granitemoehybrid``; a Granite 4.0-H config.json
+loads here. Validation names the offending field; this module never builds tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "granitemoehybrid"
+ARCHITECTURE = "GraniteMoeHybridForCausalLM"
+
+# Layer type names: the published checkpoints say "mamba"/"attention"; transformers 5 rewrites them in memory
+# as "linear_attention"/"full_attention". Both are read; the published names are written.
+_LAYER_ALIASES = {
+    "mamba": "mamba",
+    "linear_attention": "mamba",
+    "attention": "attention",
+    "full_attention": "attention",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration whose fields are missing, unknown or inconsistent. The message names the field."""
+
+
+@dataclass
+class HybridConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    layer_types: list[str] | None = None  # "mamba" or "attention" per layer; None: all Mamba
+    # attention layers
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    attention_bias: bool = False
+    attention_multiplier: float = 1.0  # the softmax scale (replaces 1/sqrt(head_dim))
+    position_embedding_type: str | None = None  # None or "nope": no positions; "rope": rotary embeddings
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    # Mamba-2 layers
+    mamba_n_heads: int = 128
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_head: int | str = "auto"
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    # Gated RMSNorm of the Mamba output: per group of B/C (mamba_ssm, vLLM, transformers >= 5.18), or over the whole
+    # inner dimension (transformers <= 5.17). Identical when mamba_n_groups == 1, as in every published Granite 4.0-H.
+    mamba_norm_per_group: bool = True
+    # feed-forward: a shared MLP in every layer, plus a top-k mixture of experts when num_local_experts > 0
+    intermediate_size: int = 11008  # per expert
+    shared_intermediate_size: int = 1024
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    hidden_act: str = "silu"
+    # scalings (Granite's muP-style multipliers)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    # tokens
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    # passed through to config.json untouched (e.g. fields of a newer transformers this version does not know)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            self.layer_types = ["mamba"] * self.num_hidden_layers
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.position_embedding_type == "nope":
+            self.position_embedding_type = None
+        if self.mamba_d_head == "auto":
+            if self.mamba_n_heads and (self.mamba_expand * self.hidden_size) % self.mamba_n_heads == 0:
+                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
+        self.time_step_limit = tuple(float(x) for x in self.time_step_limit)  # type: ignore[assignment]
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def mamba_intermediate_size(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_intermediate_size + 2 * self.mamba_n_groups * self.mamba_d_state
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, name: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{name}': {why}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mamba_n_heads",
+                     "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
+                     "shared_intermediate_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 f"must be a positive integer, got {value!r}")
+        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
+        types = []
+        for i, t in enumerate(self.layer_types):
+            need(t in _LAYER_ALIASES, f"layer_types[{i}]",
+                 f"unknown layer type {t!r}; expected one of {sorted(_LAYER_ALIASES)}")
+            types.append(_LAYER_ALIASES[t])
+        self.layer_types = types
+        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+             f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads > 0
+             and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"{self.num_key_value_heads!r} must be a positive divisor of num_attention_heads {self.num_attention_heads}")
+        need(isinstance(self.mamba_d_head, int) and self.mamba_d_head > 0, "mamba_d_head",
+             f"must be a positive integer or 'auto', got {self.mamba_d_head!r} "
+             f"(mamba_expand * hidden_size = {self.mamba_intermediate_size}, mamba_n_heads = {self.mamba_n_heads})")
+        need(self.mamba_n_heads * self.mamba_d_head == self.mamba_intermediate_size, "mamba_d_head",
+             f"mamba_n_heads * mamba_d_head = {self.mamba_n_heads} * {self.mamba_d_head} = "
+             f"{self.mamba_n_heads * self.mamba_d_head} must equal mamba_expand * hidden_size = "
+             f"{self.mamba_intermediate_size}")
+        need(self.mamba_n_heads % self.mamba_n_groups == 0, "mamba_n_groups",
+             f"mamba_n_heads {self.mamba_n_heads} is not divisible by mamba_n_groups {self.mamba_n_groups}")
+        need(self.position_embedding_type in (None, "rope"), "position_embedding_type",
+             f"{self.position_embedding_type!r} is not one of None, 'nope', 'rope'")
+        if self.position_embedding_type == "rope":
+            need(self.head_dim % 2 == 0, "num_attention_heads", "rope needs an even head dimension")
+        need(isinstance(self.num_local_experts, int) and self.num_local_experts >= 0, "num_local_experts",
+             f"must be an integer >= 0, got {self.num_local_experts!r}")
+        if self.num_local_experts > 0:
+            need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0, "intermediate_size",
+                 f"must be a positive integer for a mixture of experts, got {self.intermediate_size!r}")
+            need(0 < self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
+                 f"{self.num_experts_per_tok} must be between 1 and num_local_experts {self.num_local_experts}")
+        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        lo, hi = self.time_step_limit
+        need(0.0 <= lo <= hi, "time_step_limit", f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
+
+    # ---- config.json ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_theta", "mamba_norm_per_group", "time_step_limit"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["position_embedding_type"] = self.position_embedding_type or "nope"
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        out["rope_theta"] = self.rope_theta
+        if self.time_step_limit != (0.0, math.inf):  # JSON has no infinity: the default is left out
+            out["time_step_limit"] = list(self.time_step_limit)
+        if not self.mamba_norm_per_group:
+            out["mamba_norm_per_group"] = False
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> HybridConfig:
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        data.pop("architectures", None)
+        if "layers_block_type" in data and "layer_types" not in data:
+            data["layer_types"] = data.pop("layers_block_type")
+        rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+        if isinstance(rope, dict):
+            if rope.get("rope_type", "default") not in ("default", None):
+                raise ConfigError(f"{source}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported")
+            if "rope_theta" in rope:
+                data.setdefault("rope_theta", rope["rope_theta"])
+        limit = data.get("time_step_limit")
+        if limit is not None:
+            data["time_step_limit"] = tuple(_json_float(x) for x in limit)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def save(self, folder: str | Path) -> None:
+        path = Path(folder) / "config.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HybridConfig:
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {folder}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_transformers(self):
+        """The same configuration as a transformers ``GraniteMoeHybridConfig`` (for parity tests and export)."""
+        from transformers import GraniteMoeHybridConfig
+
+        data = self.to_dict()
+        for key in ("architectures", "model_type", "mamba_norm_per_group", "rope_theta"):
+            data.pop(key, None)
+        data.setdefault("time_step_limit", list(self.time_step_limit))
+        return GraniteMoeHybridConfig(**data)
+
+
+def _json_float(x: Any) -> float:
+    if isinstance(x, dict) and "__float__" in x:  # transformers' encoding of inf/nan
+        return float(x["__float__"])
+    return float(x)
