@@ -1,0 +1,109 @@
+"""Causal depthwise conv1d in pure torch: the CPU path of ``causal_conv1d_fn`` / ``causal_conv1d_update``.
+
+``out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]``, where inputs before the start come
+from ``initial_states`` (else zero) and, in a packed row, inputs of another sequence (``seq_idx``) count as zero.
+It is also the oracle for the Triton kernels. It must stay pure torch and never import triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _activate(out: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return out
+    if activation in ("silu", "swish"):
+        return F.silu(out)
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    final_states_out: torch.Tensor | None = None,
+    activation: str | None = None,
+):
+    """See ``posttrain.kernels.causal_conv1d_fn``; x (batch, dim, seqlen), weight (dim, width)."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.to(cdtype)
+    xc = x.to(cdtype)
+    if initial_states is None:
+        history = xc.new_zeros(batch, dim, width - 1)
+    else:
+        history = initial_states.to(cdtype)
+    full = torch.cat([history, xc], dim=-1)  # (b, d, width - 1 + T)
+    if seq_idx is None:
+        out = F.conv1d(full, w[:, None, :], None, groups=dim)
+    else:
+        # Sum the shifted inputs tap by tap, dropping taps that land in another sequence.
+        seq = seq_idx.long()
+        seq_full = torch.cat([seq[:, :1].expand(batch, width - 1), seq], dim=1)  # history belongs to sequence 1
+        out = xc.new_zeros(batch, dim, seqlen)
+        for k in range(width):
+            tap = full[:, :, k : k + seqlen]
+            same = (seq_full[:, k : k + seqlen] == seq)[:, None, :].to(cdtype)
+            out = out + w[None, :, k, None] * tap * same
+    if bias is not None:
+        out = out + bias.to(cdtype)[None, :, None]
+    out = _activate(out, activation).to(x.dtype)
+    if not (return_final_states or final_states_out is not None):
+        return out
+    final = full[:, :, -(width - 1) :].to(x.dtype) if width > 1 else x.new_zeros(batch, dim, 0)
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def causal_conv1d_update_torch(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See ``posttrain.kernels.causal_conv1d_update``; ``conv_state`` is updated in place."""
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[:, :, None]
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    state_len = conv_state.shape[-1]
+    if state_len < width - 1:
+        raise ValueError(f"conv_state holds {state_len} steps, the kernel width {width} needs at least {width - 1}")
+    idx = None if conv_state_indices is None else conv_state_indices.long()
+    state = conv_state if idx is None else conv_state[idx]  # (b, d, state_len); a copy when indexed
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if cache_seqlens is None:
+        full = torch.cat([state.to(x.dtype), x], dim=-1)
+        new_state = full[:, :, -state_len:]
+        window = full[:, :, -(seqlen + width - 1) :]
+    else:
+        # conv_state is a ring buffer: the next input goes to slot cache_seqlens % state_len.
+        pos = cache_seqlens.long().to(x.device)[:, None]  # (b, 1)
+        back = torch.arange(-(width - 1), 0, device=x.device)[None, :]
+        slots = (pos + back) % state_len  # (b, width - 1): the last width-1 inputs, oldest first
+        past = torch.gather(state, 2, slots[:, None, :].expand(batch, dim, width - 1))
+        window = torch.cat([past.to(x.dtype), x], dim=-1)
+        write = (pos + torch.arange(seqlen, device=x.device)[None, :]) % state_len  # (b, T)
+        new_state = state.clone()
+        new_state.scatter_(2, write[:, None, :].expand(batch, dim, seqlen), x.to(state.dtype))
+    out = F.conv1d(window.to(cdtype), weight.to(cdtype)[:, None, :], None, groups=dim)
+    if bias is not None:
+        out = out + bias.to(cdtype)[None, :, None]
+    out = _activate(out, activation).to(x.dtype)
+    if idx is None:
+        conv_state.copy_(new_state.to(conv_state.dtype))
+    else:
+        conv_state[idx] = new_state.to(conv_state.dtype)
+    return out[:, :, 0] if squeeze else out

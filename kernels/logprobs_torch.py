@@ -1,0 +1,127 @@
+"""Fused linear log-probabilities in pure torch: the CPU path of ``fused_linear_logprobs`` and its naive oracle.
+
+From hidden states (N, H), the LM-head weight (V, H) and target ids (N,), compute per token
+
+    logits = hidden @ weight.T / logits_scaling / temperature
+    logprob = log_softmax(logits)[target]          entropy = -sum_v p_v log p_v
+
+forward and backward, over chunks of tokens, so the (N, V) logits are never held at once: the backward recomputes
+each chunk's logits from the saved hidden states (a fourth matrix product) instead of keeping them. The per-chunk
+buffers are updated in place so a chunk costs about two (chunk, V) float32 buffers. This module must stay pure
+torch and never import triton; ``naive_linear_logprobs`` materialises everything and is only the tests' oracle
+and the benchmark's anchor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def naive_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    logits_scaling: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-logits log-probabilities and entropies (autograd does the backward). Returns (logprobs, entropy)."""
+    logits = hidden @ weight.T
+    logits = (logits if logits.dtype == torch.float64 else logits.float()) / logits_scaling / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = logp_all.gather(-1, safe[..., None])[..., 0] * valid
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * valid
+    return logp, entropy
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk, ignore_index):
+        n = hidden.shape[0]
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            z = (hidden[start:stop] @ weight.T).to(acc).mul_(scale)  # (c, V)
+            c_lse = torch.logsumexp(z, dim=-1)
+            lse[start:stop] = c_lse
+            logp[start:stop] = z.gather(-1, safe[start:stop, None])[:, 0] - c_lse
+            # entropy = lse - sum_v p_v z_v
+            p = torch.exp(z - c_lse[:, None])
+            entropy[start:stop] = c_lse - torch.bmm(p[:, None, :], z[:, :, None])[:, 0, 0]
+            del z, p
+        logp = logp * valid
+        entropy = entropy * valid
+        ctx.save_for_backward(hidden, weight, safe, valid, lse, entropy)
+        ctx.scale, ctx.chunk = scale, chunk
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, safe, valid, lse, entropy = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = lse.dtype
+        n = hidden.shape[0]
+        g_lp = torch.zeros(n, dtype=acc, device=hidden.device) if grad_logp is None else grad_logp.to(acc) * valid
+        use_ent = grad_entropy is not None
+        g_ent = grad_entropy.to(acc) * valid if use_ent else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        rows = torch.arange(min(chunk, n), device=hidden.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            h = hidden[start:stop]
+            # d logp_t / d z = onehot(t) - p ;  d H / d z = -p * (log p + H)
+            g = (h @ weight.T).to(acc).mul_(scale).sub_(lse[start:stop, None])  # log p
+            if use_ent:
+                p = torch.exp(g)
+                g.add_(entropy[start:stop, None]).mul_(g_ent[start:stop, None]).add_(g_lp[start:stop, None])
+                g.mul_(p).neg_()
+                del p
+            else:
+                g.exp_().mul_(-g_lp[start:stop, None])
+            g[rows[: stop - start], safe[start:stop]] += g_lp[start:stop]
+            g.mul_(scale)  # through the 1 / (logits_scaling * temperature) of the logits
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[start:stop] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.T.to(acc), h.to(acc))
+            del g
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def chunked_linear_logprobs_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    logits_scaling: float = 1.0,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+):
+    """See ``posttrain.kernels.fused_linear_logprobs``."""
+    lead = targets.shape
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    targets1 = targets.reshape(-1)
+    if hidden2.shape[0] != targets1.shape[0]:
+        raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
+    chunk = DEFAULT_CHUNK_TOKENS if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = 1.0 / (float(logits_scaling) * float(temperature))
+    logp, entropy = _ChunkedLinearLogprobs.apply(hidden2, weight, targets1, scale, chunk, ignore_index)
+    logp = logp.reshape(lead)
+    if return_entropy:
+        return logp, entropy.reshape(lead)
+    return logp

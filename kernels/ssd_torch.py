@@ -1,0 +1,254 @@
+"""Mamba-2 SSD in chunked pure torch: the CPU path of ``mamba_chunk_scan_combined`` and the decode step.
+
+The chunked form of the Mamba-2 paper (state space duality), in its four steps:
+
+1. intra-chunk outputs: inside a chunk the SSM is a masked, decaying "attention" ``(C B^T o L) (x dt)``;
+2. chunk states: the state each chunk leaves behind from its own tokens;
+3. inter-chunk recurrence: pass states from chunk to chunk (a tiny scan over chunks);
+4. state-to-output: each token reads the state that entered its chunk through ``C``.
+
+Packed sequences (``seq_idx``) only change masks: no token sees a token of another sequence, a state crosses a
+chunk border only inside one sequence, and ``initial_states`` reach the first sequence only. Everything is computed
+in float32 (float64 for float64 inputs), differentiable by torch autograd; states are float32 whatever the input
+dtype. This module must stay pure torch: it is the path every CPU run takes and must never import triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from posttrain.kernels.ssd_reference import prepare_dt
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_time(t: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
+    """Pad dim 1 (time) at the end by ``pad`` entries."""
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[1] = pad
+    return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+
+def ssd_chunked_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    return_varlen_states: bool = False,
+):
+    """``mamba_chunk_scan_combined`` in chunked torch; see ``posttrain.kernels.mamba_chunk_scan_combined``."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    if nheads % ngroups != 0:
+        raise ValueError(f"nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
+    heads_per_group = nheads // ngroups
+    cdtype = _compute_dtype(x.dtype)
+    out_dtype = x.dtype
+    Q = chunk_size
+    pad = (-seqlen) % Q
+    nchunks = (seqlen + pad) // Q
+
+    dt = prepare_dt(dt.to(cdtype), dt_bias, dt_softplus, dt_limit)  # (b, T, h)
+    # Padded steps get dt = 0: they neither decay nor feed the state.
+    dt = _pad_time(dt, pad)
+    xc = _pad_time(x.to(cdtype), pad)
+    Bc = _pad_time(B.to(cdtype), pad)
+    Cc = _pad_time(C.to(cdtype), pad)
+    Ac = A.to(cdtype)
+
+    x_dt = xc * dt[..., None]  # (b, T, h, p): the input the state sees
+    dA = (dt * Ac).view(batch, nchunks, Q, nheads).permute(0, 3, 1, 2)  # (b, h, c, l)
+    dA_cum = torch.cumsum(dA, dim=-1)  # decay from chunk start to position l, inclusive
+
+    x_dt = x_dt.view(batch, nchunks, Q, nheads, headdim)
+    Bc = Bc.view(batch, nchunks, Q, ngroups, dstate)
+    Cc = Cc.view(batch, nchunks, Q, ngroups, dstate)
+
+    # Sequence membership masks (packed rows). seq_pos: (b, c, l).
+    if seq_idx is not None:
+        seq = _pad_time(seq_idx, pad)
+        if pad:
+            seq[:, seqlen:] = seq_idx[:, -1:]
+        seq_pos = seq.view(batch, nchunks, Q)
+        seq_last = seq_pos[:, :, -1]  # sequence the state at each chunk end belongs to
+        seq_first = seq_idx[:, :1]  # initial_states belong to the first sequence
+        seq_enter = torch.cat([seq_first, seq_last[:, :-1]], dim=1)  # sequence of the state entering each chunk
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+
+    # 1. Intra-chunk outputs: y_l = sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) x_s dt_s
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (b, c, g, l, s), once per group
+    seg = dA_cum[..., :, None] - dA_cum[..., None, :]  # (b, h, c, l, s)
+    mask = causal
+    if seq_idx is not None:
+        mask = causal & (seq_pos[:, :, :, None] == seq_pos[:, :, None, :])  # (b, c, l, s)
+        mask = mask[:, None]
+    decay = torch.exp(seg.masked_fill(~mask, float("-inf")))  # (b, h, c, l, s)
+    decay = decay.view(batch, ngroups, heads_per_group, nchunks, Q, Q)
+    scores = CB.permute(0, 2, 1, 3, 4)[:, :, None] * decay  # (b, g, hg, c, l, s)
+    x_g = x_dt.view(batch, nchunks, Q, ngroups, heads_per_group, headdim).permute(0, 3, 4, 1, 2, 5)
+    y = torch.matmul(scores, x_g)  # (b, g, hg, c, l, p)
+
+    # 2. Chunk states: state_c = sum_s exp(cum_last - cum_s) x_s dt_s B_s^T (same sequence as the chunk's end).
+    to_end = torch.exp(dA_cum[..., -1:] - dA_cum)  # (b, h, c, l)
+    if seq_idx is not None:
+        to_end = to_end * (seq_pos == seq_last[..., None])[:, None].to(cdtype)
+    to_end = to_end.view(batch, ngroups, heads_per_group, nchunks, Q)
+    B_g = Bc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, s, n)
+    chunk_states = torch.matmul((x_g * to_end[..., None]).transpose(-1, -2), B_g)  # (b, g, hg, c, p, n)
+    chunk_states = chunk_states.reshape(batch, nheads, nchunks, headdim, dstate)
+
+    # 3. Inter-chunk recurrence: the state entering chunk c, a scan over chunks written as one masked matrix.
+    if initial_states is None:
+        init = chunk_states.new_zeros(batch, nheads, 1, headdim, dstate)
+    else:
+        init = initial_states.to(cdtype)[:, :, None]
+    all_states = torch.cat([init, chunk_states], dim=2)  # (b, h, c+1, p, n): index 0 = before the first chunk
+    chunk_decay = F.pad(dA_cum[..., -1], (1, 0))  # (b, h, c+1)
+    chunk_cum = torch.cumsum(chunk_decay, dim=-1)
+    # carry[i, j]: how much of the state left at chunk border j survives at border i (i >= j).
+    carry_log = chunk_cum[..., :, None] - chunk_cum[..., None, :]
+    carry_mask = torch.ones(nchunks + 1, nchunks + 1, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        seq_border = torch.cat([seq_first, seq_last], dim=1)  # (b, c+1)
+        carry_mask = carry_mask & (seq_border[:, :, None] == seq_border[:, None, :])
+        carry_mask = carry_mask[:, None]
+    carry = torch.exp(carry_log.masked_fill(~carry_mask, float("-inf")))  # (b, h, c+1, c+1)
+    border_states = torch.einsum("bhij,bhjpn->bhipn", carry, all_states)  # state at each border
+    entering = border_states[:, :, :-1]  # (b, h, c, p, n)
+    final_state = border_states[:, :, -1]
+
+    # 4. State-to-output: y_l += exp(cum_l) C_l . state_entering (if l is in the state's sequence).
+    from_start = torch.exp(dA_cum)  # (b, h, c, l)
+    if seq_idx is not None:
+        from_start = from_start * (seq_pos == seq_enter[..., None])[:, None].to(cdtype)
+    entering_g = entering.view(batch, ngroups, heads_per_group, nchunks, headdim, dstate)
+    C_g = Cc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, l, n)
+    y_off = torch.matmul(C_g, entering_g.transpose(-1, -2))  # (b, g, hg, c, l, p)
+    from_start = from_start.view(batch, ngroups, heads_per_group, nchunks, Q, 1)
+    y = y + y_off * from_start
+
+    out = y.permute(0, 3, 4, 1, 2, 5).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        Dc = D.to(cdtype)
+        out = out + x.to(cdtype) * (Dc[:, None] if Dc.dim() == 1 else Dc)
+    if z is not None:
+        out = out * F.silu(z.to(cdtype))
+    out = out.to(out_dtype)
+
+    results = [out]
+    if return_final_states:
+        results.append(final_state.float() if cdtype != torch.float64 else final_state)
+    if return_varlen_states:
+        if cu_seqlens is None:
+            raise ValueError("return_varlen_states=True needs cu_seqlens")
+        if batch != 1:
+            raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {batch}")
+        varlen = _varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q)
+        results.append(varlen.float() if cdtype != torch.float64 else varlen)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _varlen_states(
+    cu_seqlens: torch.Tensor,
+    entering: torch.Tensor,
+    dA_cum: torch.Tensor,
+    x_dt: torch.Tensor,
+    B: torch.Tensor,
+    seq_idx: torch.Tensor | None,
+    heads_per_group: int,
+    Q: int,
+) -> torch.Tensor:
+    """The state after the last token of each sequence of a packed row (batch 1).
+
+    entering (h, c, p, n), dA_cum (h, c, l), x_dt (c, l, h, p), B (c, l, g, n).
+    """
+    ends = (cu_seqlens[1:].long() - 1).to(entering.device)  # (s,)
+    chunk = ends // Q
+    pos = ends % Q
+    lpos = torch.arange(Q, device=entering.device)
+    cum_end = dA_cum[:, chunk, pos]  # (h, s)
+    cum_chunk = dA_cum[:, chunk]  # (h, s, l)
+    # Tokens of the end's chunk up to the end, in the end's sequence.
+    keep = lpos[None, :] <= pos[:, None]  # (s, l)
+    if seq_idx is not None:
+        seq = seq_idx[0].long()
+        nt = seq.shape[0]
+        tok = (chunk[:, None] * Q + lpos[None, :]).clamp(max=nt - 1)
+        keep = keep & (seq[tok] == seq[ends][:, None])
+        seq_first = seq[:1]
+        seq_enter = torch.cat([seq_first, seq[(torch.arange(1, entering.shape[1], device=seq.device) * Q - 1)]])
+        enter_ok = (seq_enter[chunk] == seq[ends]).to(entering.dtype)  # (s,)
+    else:
+        enter_ok = torch.ones_like(ends, dtype=entering.dtype)
+    w = torch.exp((cum_end[..., None] - cum_chunk).masked_fill(~keep[None], float("-inf")))  # (h, s, l)
+    xs = x_dt[chunk]  # (s, l, h, p)
+    Bs = B[chunk].repeat_interleave(heads_per_group, dim=2)  # (s, l, h, n)
+    inner = torch.einsum("hsl,slhp,slhn->shpn", w, xs, Bs)
+    carried = entering[:, chunk].permute(1, 0, 2, 3) * (torch.exp(cum_end).T * enter_ok[:, None])[..., None, None]
+    return inner + carried
+
+
+def selective_state_update_torch(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Mamba-2 decode step; ``state`` is updated in place. See ``posttrain.kernels.selective_state_update``."""
+    single_head = x.dim() == 2
+    if single_head:  # mamba_ssm also accepts (batch, dim) without a head axis
+        state, x, dt, A = state[:, None], x[:, None], dt[:, None], A[None]
+        B, C = B[:, None], C[:, None]
+        D = None if D is None else D[None]
+        z = None if z is None else z[:, None]
+        dt_bias = None if dt_bias is None else dt_bias[None]
+    nheads = x.shape[1]
+    ngroups = B.shape[1]
+    hg = nheads // ngroups
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bh = B.float().repeat_interleave(hg, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(hg, dim=1)
+    xf = x.float()
+    decay = torch.exp(dt[..., None] * A.float())  # (b, h, p, n)
+    inject = (dt * xf)[..., None] * Bh[:, :, None, :]
+    if state_batch_indices is not None:
+        idx = state_batch_indices.long()
+        old = state[idx].float()
+        new = decay * old + inject
+        state[idx] = new.to(state.dtype)
+    else:
+        new = decay * state.float() + inject
+        state.copy_(new.to(state.dtype))
+    out = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        out = out + xf * D.float()
+    if z is not None:
+        out = out * F.silu(z.float())
+    out = out.to(x.dtype)
+    return out[:, 0] if single_head else out
