@@ -2,4 +2,69 @@
 
 Installed as ``posttrain.rewards``; never import it as a top-level ``rewards`` module. Rewards never import
 ``posttrain.judges``: the judge reward reaches the registry through the ``posttrain.rewards`` entry-point group.
+
+A reward is ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's signature). The public API:
+
+- ``get(name_or_path, **options)``: a built-in (``math``, ``code``, ``tool_call``, ``format``, ``overlong``),
+  a ``module:function`` path or a plugin's entry-point name; ``available()`` lists the names.
+- ``RewardSet`` / ``combine``: weighted rewards, ``None`` skipped; ``RewardResult`` with ``metrics()``.
+- ``RewardPool``: worker processes with a per-sample time limit (kill and replace).
+- ``completion_text``: the text of a string or chat completion.
+
+Importing this package imports neither sympy/math-verify nor the code sandbox: built-ins load on ``get``.
 """
+
+from posttrain.rewards.base import (
+    RewardCountError,
+    RewardError,
+    RewardFn,
+    RewardValueError,
+    call_reward,
+    completion_text,
+    reward_name,
+)
+from posttrain.rewards.combine import (
+    RewardResult,
+    RewardSet,
+    RewardSpec,
+    RewardsConfig,
+    WeightedReward,
+    combine,
+    combine_values,
+)
+from posttrain.rewards.pool import RewardLoadError, RewardNotPicklableError, RewardPool, SampleError
+from posttrain.rewards.registry import (
+    BUILTIN_REWARDS,
+    ENTRY_POINT_GROUP,
+    RewardOptionError,
+    UnknownRewardError,
+    available,
+    get,
+)
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "ENTRY_POINT_GROUP",
+    "RewardCountError",
+    "RewardError",
+    "RewardFn",
+    "RewardLoadError",
+    "RewardNotPicklableError",
+    "RewardOptionError",
+    "RewardPool",
+    "RewardResult",
+    "RewardSet",
+    "RewardSpec",
+    "RewardValueError",
+    "RewardsConfig",
+    "SampleError",
+    "UnknownRewardError",
+    "WeightedReward",
+    "available",
+    "call_reward",
+    "combine",
+    "combine_values",
+    "completion_text",
+    "get",
+    "reward_name",
+]

@@ -1,0 +1,217 @@
+"""Several rewards with weights: scoring a batch, combining with ``None`` skipped, and what to log.
+
+``RewardSet`` holds ``(name, reward, weight)`` entries. ``score`` runs them (in a :class:`RewardPool` when one
+is given, else in this process) and returns a :class:`RewardResult`: each reward's raw values, the weighted
+sum per sample over the rewards that could score it, the indices no reward could score (``None``: the GRPO
+loop gives them advantage 0 and reports them, never a silent 0), the per-sample errors, and ``metrics()``
+(mean/std per reward) for the trackers. ``RewardSpec``/``RewardsConfig`` are the config-file form.
+
+In-process scoring has no time limit: it is for tests, evaluation and rewards that manage their own limits
+(``in_process=True``). This module must never swallow a configuration error (unknown name, bad options,
+wrong number of values): those raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.rewards.base import RewardCountError, RewardFn, RewardValueError, call_reward, reward_name
+from posttrain.rewards.pool import RewardPool, SampleError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardSpec:
+    """One reward in a config: ``{name: math, weight: 1.0, options: {last_number_fallback: false}}``.
+
+    name: a built-in name, a ``module:function`` path or a plugin's entry-point name (see ``get``).
+    weight: its weight in the sum (may be negative; 0 keeps it for logging only).
+    options: keyword options of the reward (the fields of a built-in's dataclass).
+    label: the name it is logged under (default: ``name``); must be unique within a set.
+    in_process: run it in the trainer's process, without the pool's time limit (for rewards that bound
+        their own time, such as the sandboxed code reward, or that cannot be pickled).
+    """
+
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    in_process: bool = False
+
+
+@dataclass
+class RewardsConfig:
+    """The ``rewards`` group of a training config: what to score with and how to run it.
+
+    rewards: the weighted rewards.
+    num_workers: reward worker processes (0: score in the trainer's process, no time limits).
+    timeout_s: time limit of one reward on one sample; the worker is killed and replaced past it.
+    """
+
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("math")])
+    num_workers: int = 2
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
+        if not self.rewards:
+            raise ValueError("rewards.rewards: at least one reward is needed")
+        if self.num_workers < 0:
+            raise ValueError(f"rewards.num_workers must be >= 0, got {self.num_workers}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"rewards.timeout_s must be > 0, got {self.timeout_s}")
+
+    def build(self) -> tuple[RewardSet, RewardPool | None]:
+        """The reward set and, when ``num_workers`` > 0, a started pool (the caller closes it)."""
+        reward_set = RewardSet.from_specs(self.rewards)
+        pool = RewardPool(num_workers=self.num_workers, timeout_s=self.timeout_s) if self.num_workers else None
+        return reward_set, pool
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+    in_process: bool = False
+
+
+@dataclass
+class RewardResult:
+    """What scoring a batch gave.
+
+    values: raw values per reward name (``None`` where it did not apply or failed).
+    total: weighted sum per sample over the rewards that scored it; ``None`` where none did.
+    errors: why a reward failed on a sample (exceptions, timeouts, dead workers, bad values).
+    """
+
+    weights: dict[str, float]
+    values: dict[str, list[float | None]]
+    total: list[float | None]
+    errors: list[SampleError]
+
+    @property
+    def unscored(self) -> list[int]:
+        """Samples that no reward could score (advantage 0 in GRPO, and reported)."""
+        return [i for i, t in enumerate(self.total) if t is None]
+
+    def metrics(self, prefix: str = "rewards/") -> dict[str, float]:
+        """Mean/std (over scored samples) per reward and of the total, plus counts, for the trackers."""
+        out: dict[str, float] = {}
+        for name, values in {**self.values, "total": self.total}.items():
+            scored = [v for v in values if v is not None]
+            out[f"{prefix}{name}/mean"] = statistics.fmean(scored) if scored else math.nan
+            out[f"{prefix}{name}/std"] = statistics.pstdev(scored) if len(scored) > 1 else (0.0 if scored else math.nan)
+            out[f"{prefix}{name}/none_frac"] = 1.0 - len(scored) / len(values) if values else 0.0
+        out[f"{prefix}unscored"] = float(len(self.unscored))
+        out[f"{prefix}errors"] = float(len(self.errors))
+        return out
+
+
+class RewardSet:
+    """Weighted rewards scored together; see the module docstring."""
+
+    def __init__(self, rewards: Sequence[WeightedReward]) -> None:
+        if not rewards:
+            raise ValueError("RewardSet needs at least one reward")
+        names = [r.name for r in rewards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"RewardSet: reward names must be unique, repeated: {duplicates} (set a label)")
+        for r in rewards:
+            if not math.isfinite(r.weight):
+                raise ValueError(f"RewardSet: weight of {r.name!r} must be finite, got {r.weight}")
+        self.rewards = list(rewards)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[RewardSpec]) -> RewardSet:
+        from posttrain.rewards.registry import get
+
+        return cls(
+            [WeightedReward(s.label or s.name, get(s.name, **s.options), s.weight, s.in_process) for s in specs]
+        )
+
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], pool: RewardPool | None = None, **columns: Any
+    ) -> RewardResult:
+        """Score a batch; rewards not marked ``in_process`` go to ``pool`` when one is given."""
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"RewardSet.score: {len(prompts)} prompts for {n} completions")
+        values: dict[str, list[float | None]] = {}
+        errors: list[SampleError] = []
+        pooled = {r.name: r.fn for r in self.rewards if pool is not None and not r.in_process}
+        if pooled:
+            assert pool is not None
+            pooled_values, pooled_errors = pool.run(pooled, prompts, completions, columns)
+            values.update(pooled_values)
+            errors.extend(pooled_errors)
+        for r in self.rewards:
+            if r.name not in pooled:
+                values[r.name], batch_errors = score_in_process(r.name, r.fn, prompts, completions, columns)
+                errors.extend(batch_errors)
+        values = {r.name: values[r.name] for r in self.rewards}
+        weights = {r.name: r.weight for r in self.rewards}
+        total = combine_values(values, weights)
+        errors.sort(key=lambda e: (e.sample, e.reward))
+        return RewardResult(weights=weights, values=values, total=total, errors=errors)
+
+
+def combine(*rewards: RewardFn | str | tuple[RewardFn | str, float]) -> RewardSet:
+    """A :class:`RewardSet` from rewards or names, each optionally paired with a weight (default 1.0).
+
+    ``combine(("math", 1.0), ("format", 0.2))`` or ``combine(my_reward, (get("overlong", ...), 1.0))``.
+    """
+    from posttrain.rewards.registry import get
+
+    entries = []
+    for item in rewards:
+        fn, weight = item if isinstance(item, tuple) else (item, 1.0)
+        name = fn if isinstance(fn, str) else reward_name(fn)
+        entries.append(WeightedReward(name, get(fn) if isinstance(fn, str) else fn, float(weight)))
+    return RewardSet(entries)
+
+
+def combine_values(values: Mapping[str, Sequence[float | None]], weights: Mapping[str, float]) -> list[float | None]:
+    """Per sample, the weighted sum over rewards whose value is not ``None``; ``None`` if all are."""
+    n = len(next(iter(values.values()))) if values else 0
+    total: list[float | None] = []
+    for i in range(n):
+        scored = [(weights[name], vals[i]) for name, vals in values.items() if vals[i] is not None]
+        total.append(math.fsum(w * v for w, v in scored) if scored else None)
+    return total
+
+
+def score_in_process(
+    name: str, fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]
+) -> tuple[list[float | None], list[SampleError]]:
+    """Call ``fn`` on the whole batch; if it raises, call it per sample so one bad sample costs only itself."""
+    try:
+        return call_reward(name, fn, prompts, completions, dict(columns)), []
+    except RewardCountError:
+        raise
+    except Exception as exc:  # find the sample(s) responsible
+        logger.info("reward %r raised on the batch (%s: %s); scoring sample by sample", name, type(exc).__name__, exc)
+    values: list[float | None] = []
+    errors: list[SampleError] = []
+    for i in range(len(completions)):
+        row = {column: [column_values[i]] for column, column_values in columns.items()}
+        try:
+            values.append(call_reward(name, fn, [prompts[i]], [completions[i]], row)[0])
+        except RewardCountError:
+            raise
+        except RewardValueError as exc:
+            values.append(None)
+            errors.append(SampleError(i, name, "invalid_value", str(exc)))
+        except Exception as exc:
+            values.append(None)
+            errors.append(SampleError(i, name, "exception", f"{type(exc).__name__}: {exc}"))
+            logger.warning("reward %r on sample %d: %s: %s", name, i, type(exc).__name__, exc)
+    return values, errors
+
