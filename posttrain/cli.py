@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "filter": ("posttrain.judges.cli", "rule filters, dedup and an LLM judge over a data set, with a manifest"),
     "demo": ("posttrain.demo", "run the end-to-end pipeline on a tiny model (CPU, no network)"),
     "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
     "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),

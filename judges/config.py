@@ -1,0 +1,429 @@
+"""Configuration of a filter run: rule filters, dedup and the LLM judge, as dataclasses loaded from YAML.
+
+Every field is documented where it is declared. Loading is strict: an unknown filter name, an unknown option or a
+value of the wrong type is a ``ConfigError`` that names the file and the dotted field, raised before any work starts.
+This module only describes and validates configuration; it must never read samples or contact a judge.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A filter configuration that cannot be used; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------------------------- rule filters
+
+
+@dataclass
+class LengthRule:
+    """Length bounds on one text of a sample, in characters and in tokens."""
+
+    target: Literal["completion", "prompt", "text"] = "completion"  # which text: the answer, the prompt, or all turns
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    # A tokenizer.json file (or a folder holding one) to count tokens; without it tokens are whitespace-split words,
+    # and the scores say so (``tokens_ws`` instead of ``tokens``).
+    tokenizer: str | None = None
+
+
+@dataclass
+class RepetitionRule:
+    """Gopher-style repetition: duplicated lines and duplicated or dominant word n-grams (Rae et al. 2021, App. A)."""
+
+    target: Literal["completion", "prompt", "text"] = "completion"
+    max_duplicate_line_fraction: float | None = 0.3  # fraction of lines that repeat an earlier line
+    max_duplicate_line_char_fraction: float | None = 0.2  # fraction of characters in such lines
+    # n -> max fraction of characters covered by the single most frequent n-gram (Gopher: 2: .20, 3: .18, 4: .16)
+    max_top_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    # n -> max fraction of characters covered by n-grams that occur more than once (Gopher: 5: .15 ... 10: .10)
+    max_duplicate_ngram_char_fraction: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+    min_words: int = 20  # texts with fewer words are too short for n-gram statistics and pass this rule
+
+
+@dataclass
+class CharactersRule:
+    """Character checks: control characters, replacement characters, share of letters, non-ASCII share."""
+
+    target: Literal["completion", "prompt", "text"] = "text"
+    max_control_char_fraction: float | None = 0.0  # C0/C1 controls other than tab, newline, carriage return
+    max_replacement_chars: int | None = 0  # U+FFFD, the mark of a broken decode
+    min_alpha_fraction: float | None = None  # share of characters that are letters
+    max_non_ascii_fraction: float | None = None
+
+
+@dataclass
+class LanguageRule:
+    """Language identification with py3langid, whose model ships inside its wheel (nothing is downloaded)."""
+
+    target: Literal["completion", "prompt", "text"] = "text"
+    languages: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes to keep
+    min_confidence: float = 0.5  # normalised probability of the detected language
+    max_chars: int = 1000  # classify only the first characters: the language of a sample is settled early
+    min_chars: int = 20  # shorter texts are not classified and pass
+
+
+@dataclass
+class ChatStructureRule:
+    """Chat checks: roles in order, a non-empty final assistant turn, balanced code fences, valid tool calls."""
+
+    roles_in_order: bool = True  # optional system first, then user/assistant alternating (tool turns after a call)
+    nonempty_assistant: bool = True
+    balanced_code_fences: bool = True
+    tool_calls_valid: bool = True  # arguments parse as JSON and the name matches a tool declared in the row
+    tools_column: str = "tools"  # the row's list of declared tools (OpenAI or bare JSON-schema function specs)
+
+
+@dataclass
+class ForbiddenPatternsRule:
+    """Regular expressions that must not match; each match is reported by its pattern."""
+
+    patterns: list[str] = field(default_factory=list)
+    target: Literal["completion", "prompt", "text"] = "completion"
+    ignore_case: bool = True
+
+
+@dataclass
+class VerifyAnswerRule:
+    """Keep a sample only if a reward from ``posttrain.rewards`` verifies its answer (e.g. math against a reference)."""
+
+    reward: str = "math"  # a name in the rewards registry, or a ``module:function`` path
+    # dataset column -> keyword the reward expects; every other column is passed under its own name (TRL convention)
+    columns: dict[str, str] = field(default_factory=dict)
+    min_score: float = 1.0
+    keep_unverifiable: bool = False  # the reward returned None: keep or reject the sample
+    batch_size: int = 256
+
+
+RULE_TYPES: dict[str, type] = {
+    "length": LengthRule,
+    "repetition": RepetitionRule,
+    "characters": CharactersRule,
+    "language": LanguageRule,
+    "chat_structure": ChatStructureRule,
+    "forbidden_patterns": ForbiddenPatternsRule,
+    "verify_answer": VerifyAnswerRule,
+}
+
+
+@dataclass
+class RuleSpec:
+    """One configured rule: its type name, the id it is reported under, and its options."""
+
+    name: str
+    id: str
+    options: Any
+
+
+# ------------------------------------------------------------------------------------------------------- dedup
+
+
+@dataclass
+class NearDedupConfig:
+    """Near-duplicate removal with MinHash LSH; LSH candidates are confirmed by exact Jaccard on the shingles."""
+
+    enabled: bool = True
+    ngram: int = 3  # word n-gram shingles of the normalised text
+    num_perm: int = 128
+    threshold: float = 0.8  # exact Jaccard at or above which a later sample is a near duplicate of an earlier one
+    lsh_threshold: float | None = None  # LSH banding threshold; default threshold - 0.1 so candidates are not missed
+    seed: int = 1
+
+
+@dataclass
+class DedupConfig:
+    """Deduplication: the first occurrence in input order is kept, later copies are rejected."""
+
+    target: Literal["completion", "prompt", "text"] = "text"
+    exact: bool = True  # exact duplicates of the normalised text (NFKC, case-folded, whitespace collapsed)
+    near: NearDedupConfig = field(default_factory=NearDedupConfig)
+
+
+# -------------------------------------------------------------------------------------------------------- judge
+
+
+@dataclass
+class BackendConfig:
+    """Where the judge model runs."""
+
+    type: Literal["openai", "transformers", "vllm"] = "openai"
+    model: str = ""  # the model name sent to the endpoint, or the local checkpoint path
+    base_url: str = "http://127.0.0.1:8000/v1"  # OpenAI-compatible endpoint (vLLM, llama.cpp, TGI, posttrain serve)
+    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the key, if any
+    concurrency: int = 8  # requests in flight at most
+    max_retries: int = 5  # on 429, 5xx, time-outs, broken connections and unreadable bodies
+    backoff_s: float = 0.5  # first retry delay; doubled each time, with jitter
+    max_backoff_s: float = 30.0
+    timeout_s: float = 60.0
+    device: str = "cpu"  # transformers backend
+    batch_size: int = 8  # local backends: prompts per generate call
+    dtype: str = "auto"  # local backends
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling parameters sent with each judge request; part of the cache key."""
+
+    temperature: float = 0.0
+    max_tokens: int = 256
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class JudgeConfig:
+    """The LLM judge: pointwise rubric scores, or pairwise preferences judged in both orders."""
+
+    enabled: bool = False
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # A rubric file (``{{prompt}}`` and ``{{response}}``, or ``{{response_a}}``/``{{response_b}}`` for pairwise), or
+    # the name of a rubric shipped in posttrain.judges.rubrics (``helpfulness``, ``pairwise``).
+    rubric: str = "helpfulness"
+    score_min: float = 1
+    score_max: float = 10
+    min_score: float = 7  # pointwise: keep samples scoring at least this
+    on_unparseable: Literal["keep", "drop", "retry"] = "drop"
+    max_attempts: int = 3  # with on_unparseable=retry: attempts before the answer is recorded unparseable (then dropped)
+    cache: str | None = None  # sqlite cache path; default <output>/judge_cache.sqlite
+    # pairwise: the two columns holding the candidate responses
+    candidates: list[str] = field(default_factory=lambda: ["response_a", "response_b"])
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class FilterConfig:
+    """A whole filter run: rules, then dedup, then the judge."""
+
+    rules: list[RuleSpec] = field(default_factory=list)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "rules": [{"name": r.name, "id": r.id, **dataclasses.asdict(r.options)} for r in self.rules],
+            "dedup": dataclasses.asdict(self.dedup),
+            "judge": dataclasses.asdict(self.judge),
+        }
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Validate ``value`` against a type hint, converting ints to floats where a float is expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not {_hint_name(hint)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _check_type(k, args[0], f"{where} key {k!r}"): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint!r}")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of options, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option {unknown[0]!r} for {cls.__name__} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _rules_from_list(data: Any, where: str) -> list[RuleSpec]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ConfigError(f"{where}: expected a list of rules, each a mapping with 'name'")
+    specs: list[RuleSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(data):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{at}: each rule is a mapping with a 'name' (one of {', '.join(RULE_TYPES)})")
+        item = dict(item)
+        name = item.pop("name")
+        rule_id = item.pop("id", name)
+        if name not in RULE_TYPES:
+            raise ConfigError(f"{at}.name: unknown filter {name!r} (known: {', '.join(RULE_TYPES)})")
+        if not isinstance(rule_id, str) or rule_id in seen:
+            raise ConfigError(f"{at}.id: {rule_id!r} must be a unique string; give repeated rules distinct ids")
+        seen.add(rule_id)
+        specs.append(RuleSpec(name=name, id=rule_id, options=_from_dict(RULE_TYPES[name], item, f"{at}")))
+    return specs
+
+
+def _validate(config: FilterConfig, where: str) -> None:
+    prefix = f"{where}: " if where else ""
+    near = config.dedup.near
+    if not 0 < near.threshold <= 1:
+        raise ConfigError(f"{prefix}dedup.near.threshold: {near.threshold} must be in (0, 1]")
+    if near.ngram < 1 or near.num_perm < 8:
+        raise ConfigError(f"{prefix}dedup.near: ngram must be >= 1 and num_perm >= 8")
+    judge = config.judge
+    if judge.enabled:
+        if not judge.backend.model:
+            raise ConfigError(f"{prefix}judge.backend.model: required when the judge is enabled")
+        if judge.backend.concurrency < 1:
+            raise ConfigError(f"{prefix}judge.backend.concurrency: must be >= 1")
+        if judge.score_min >= judge.score_max:
+            raise ConfigError(f"{prefix}judge.score_min must be below judge.score_max")
+        if judge.mode == "pairwise" and len(judge.candidates) != 2:
+            raise ConfigError(f"{prefix}judge.candidates: pairwise judging needs exactly two columns")
+    for spec in config.rules:
+        if spec.name == "forbidden_patterns":
+            import re
+
+            for j, pattern in enumerate(spec.options.patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{prefix}rules.{spec.id}.patterns[{j}]: invalid regex {pattern!r}: {exc}") from exc
+
+
+def config_from_dict(data: Any, where: str = "") -> FilterConfig:
+    """Build a FilterConfig from plain data (parsed YAML); ``where`` names the source in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping with rules/dedup/judge")
+    allowed = {"rules", "dedup", "judge"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown section {unknown[0]!r} (known: dedup, judge, rules)")
+    prefix = f"{where}: " if where else ""
+    config = FilterConfig(
+        rules=_rules_from_list(data.get("rules"), f"{prefix}rules"),
+        dedup=_from_dict(DedupConfig, data.get("dedup"), f"{prefix}dedup"),
+        judge=_from_dict(JudgeConfig, data.get("judge"), f"{prefix}judge"),
+    )
+    _validate(config, where)
+    return config
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML); list items are addressed by index or rule id."""
+    data = copy.deepcopy(data) if data else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, key)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section")
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("id", item.get("name")) == part:
+            return i
+    raise ConfigError(f"override {key!r}: no list item {part!r}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FilterConfig:
+    """Read a filter config from YAML (or start empty), apply overrides, validate."""
+    data: Any = {}
+    where = "overrides"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if overrides:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping with rules/dedup/judge")
+        data = apply_overrides(data or {}, overrides)
+    return config_from_dict(data, where)

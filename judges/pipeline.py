@@ -1,0 +1,263 @@
+"""The filtering pipeline: samples in; rules, then dedup, then the LLM judge; kept and rejected samples out.
+
+Every input row ends in exactly one of the two output sets, in input order, carrying a ``filter_result`` column:
+whether it was kept, the stage that decided, the reasons, and every score measured. Beside them go a manifest
+(input sha256, the full config, judge model and rubric, counts per filter, versions, times), a report picture
+and, for pairwise judging, a preference set (``prompt``, ``chosen``, ``rejected`` + provenance). All input is read
+and checked, and every rule built, before any work; every output is written to a temporary name and renamed.
+A run killed midway resumes from the judge cache. This module orchestrates; it does not implement filters.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from posttrain.judges.config import FilterConfig
+from posttrain.judges.dedup import deduplicate
+from posttrain.judges.judge import Judge, normalised_score
+from posttrain.judges.rules import build_rules, target_text
+from posttrain.judges.samples import (
+    Format,
+    Sample,
+    detect_format,
+    file_sha256,
+    output_name,
+    read_samples,
+    write_json,
+    write_rows,
+)
+
+RESULT_COLUMN = "filter_result"
+
+
+@dataclass
+class Decision:
+    """What happened to one sample."""
+
+    kept: bool = True
+    stage: str | None = None  # the stage that rejected it: "rules", "dedup", "judge"
+    reasons: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    judge: dict[str, Any] | None = None
+
+    def reject(self, stage: str, reasons: list[str]) -> None:
+        self.kept = False
+        self.stage = self.stage or stage
+        self.reasons.extend(reasons)
+
+    def as_column(self) -> dict[str, Any]:
+        return {"kept": self.kept, "stage": self.stage, "reasons": list(self.reasons),
+                "scores": dict(self.scores), "judge": self.judge}
+
+
+@dataclass
+class FilterReport:
+    """Counts and outputs of a finished run."""
+
+    total: int
+    kept: int
+    rejected_by: dict[str, int]  # filter id -> samples it rejected (a sample failing two rules counts for both)
+    stage_rejections: dict[str, int]  # stage -> samples that stage removed
+    judge_scores: list[float]
+    outputs: dict[str, str]
+    manifest: dict[str, Any]
+    judge_requests_sent: int = 0
+    judge_requests_cached: int = 0
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("posttrain", "datasketch", "py3langid", "httpx", "tokenizers", "pyarrow", "datasets"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | Path, *,
+               fmt: Format | None = None, split: str | None = None, config_source: str | None = None,
+               judge_backend: Any = None, show_progress: bool = True, console: Any = None) -> FilterReport:
+    """Filter one input into ``output_dir``; see the module docstring for what is written."""
+    started = time.time()
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    fmt = fmt or detect_format(input_path)
+    judge_cfg = config.judge
+    pairwise = judge_cfg.enabled and judge_cfg.mode == "pairwise"
+    need = ("prompt", *judge_cfg.candidates) if pairwise else ()
+
+    # Everything that can fail on bad input or a bad config fails here, before any output is touched.
+    samples, fmt = read_samples(input_path, fmt, split, need)
+    rules = build_rules(config.rules)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    judge = None
+    if judge_cfg.enabled:
+        judge = Judge(judge_cfg, judge_cfg.cache or output_dir / "judge_cache.sqlite", backend=judge_backend)
+
+    decisions = [Decision() for _ in samples]
+    rejected_by: Counter[str] = Counter()
+
+    # 1. rules: every rule sees every sample, so each rejection lists all its reasons
+    for rule in rules:
+        for decision, result in zip(decisions, rule.check(samples)):
+            decision.scores.update(result.scores)
+            if not result.passed:
+                decision.reject("rules", result.reasons)
+                rejected_by[rule.id] += 1
+
+    # 2. dedup over the samples the rules kept; the first occurrence stays
+    alive = [s for s, d in zip(samples, decisions) if d.kept]
+    dedup_cfg = config.dedup
+    if dedup_cfg.exact or dedup_cfg.near.enabled:
+        duplicates = deduplicate([target_text(s, dedup_cfg.target) for s in alive], dedup_cfg)
+        for sample, dup in zip(alive, duplicates):
+            if dup is not None:
+                original = alive[dup.of]
+                decision = decisions[sample.index]
+                decision.scores[f"dedup.{dup.kind}_jaccard"] = round(dup.jaccard, 6)
+                decision.reject("dedup", [(f"dedup: {dup.kind} duplicate of input row {original.index} "
+                                          f"({original.where}), jaccard {dup.jaccard:.3f}")])
+                rejected_by[f"dedup_{dup.kind}"] += 1
+
+    # 3. the judge
+    alive = [s for s, d in zip(samples, decisions) if d.kept]
+    judge_scores: list[float] = []
+    preferences: list[dict[str, Any]] = []
+    if judge is not None:
+        try:
+            if pairwise:
+                preferences = _judge_pairwise(judge, alive, decisions, rejected_by, show_progress, console)
+            else:
+                judge_scores = _judge_pointwise(judge, alive, decisions, rejected_by, show_progress, console)
+        finally:
+            judge.close()
+
+    # 4. outputs, each through a temporary name
+    kept_rows, rejected_rows = [], []
+    for sample, decision in zip(samples, decisions):
+        if decision.kept and decision.judge is None and not decision.reasons:
+            decision.reasons.append("passed all filters")
+        row = {**sample.row, RESULT_COLUMN: decision.as_column()}
+        (kept_rows if decision.kept else rejected_rows).append(row)
+    outputs = {"kept": output_dir / output_name("kept", fmt), "rejected": output_dir / output_name("rejected", fmt)}
+    write_rows(kept_rows, outputs["kept"], fmt)
+    write_rows(rejected_rows, outputs["rejected"], fmt)
+    if pairwise:
+        outputs["preferences"] = output_dir / output_name("preferences", fmt)
+        write_rows(preferences, outputs["preferences"], fmt)
+
+    stage_rejections = Counter(d.stage for d in decisions if not d.kept)
+    manifest: dict[str, Any] = {
+        "input": {"path": str(input_path), "format": fmt, "split": split, "sha256": file_sha256(input_path),
+                  "rows": len(samples)},
+        "config_source": config_source,
+        "config": config.to_dict(),
+        "judge": None if judge is None else {
+            "model": judge.model, "backend": judge_cfg.backend.type, "mode": judge_cfg.mode,
+            "rubric_source": judge.rubric_source, "rubric": judge.rubric,
+            "requests_sent": judge.client.sent, "requests_from_cache": judge.client.cached,
+        },
+        "counts": {"input": len(samples), "kept": len(kept_rows), "rejected": len(rejected_rows),
+                   "rejected_by_filter": dict(sorted(rejected_by.items())),
+                   "rejected_by_stage": {k: stage_rejections.get(k, 0) for k in ("rules", "dedup", "judge")},
+                   **({"preferences": len(preferences)} if pairwise else {})},
+        "outputs": {name: str(path) for name, path in outputs.items()},
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+    }
+    manifest["outputs_sha256"] = {name: file_sha256(path) for name, path in outputs.items()}
+    report = FilterReport(
+        total=len(samples), kept=len(kept_rows), rejected_by=dict(rejected_by),
+        stage_rejections=dict(stage_rejections), judge_scores=judge_scores,
+        outputs={k: str(v) for k, v in outputs.items()}, manifest=manifest,
+        judge_requests_sent=judge.client.sent if judge else 0,
+        judge_requests_cached=judge.client.cached if judge else 0,
+    )
+    from posttrain.judges.report import print_summary, save_picture
+
+    picture = output_dir / "report.png"
+    save_picture(report, picture)
+    manifest["outputs"]["report"] = str(picture)
+    write_json(manifest, output_dir / "manifest.json")
+    print_summary(report, console)
+    return report
+
+
+def _progress(total: int, label: str, show: bool, console: Any) -> Any:
+    from rich.progress import Progress
+
+    progress = Progress(console=console, disable=not show, transient=True)
+    task = progress.add_task(label, total=total)
+    return progress, (lambda n: progress.advance(task, n))
+
+
+def _judge_pointwise(judge: Judge, alive: list[Sample], decisions: list[Decision], rejected_by: Counter[str],
+                     show: bool, console: Any) -> list[float]:
+    from posttrain.judges.rules import prompt_and_completion
+
+    cfg = judge.config
+    pairs = [prompt_and_completion(s) for s in alive]
+    progress, advance = _progress(len(alive), "judging", show, console)
+    with progress:
+        verdicts = judge.score([p for p, _ in pairs], [c for _, c in pairs], advance)
+    scores = []
+    for sample, verdict in zip(alive, verdicts):
+        decision = decisions[sample.index]
+        decision.judge = {"score": verdict.score, "rationale": verdict.rationale, "parsed": verdict.score is not None,
+                          "normalised": normalised_score(verdict, cfg)}
+        if verdict.score is None:
+            decision.judge["answer"] = verdict.raw[:1000]
+            if cfg.on_unparseable == "keep":
+                decision.reasons.append("judge: answer unparseable, kept by policy on_unparseable=keep")
+            else:
+                decision.reject("judge", ["judge: answer unparseable" + (
+                    f" after {cfg.max_attempts} attempts" if cfg.on_unparseable == "retry" else "")])
+                rejected_by["judge_unparseable"] += 1
+            continue
+        scores.append(verdict.score)
+        decision.scores["judge.score"] = verdict.score
+        if verdict.score >= cfg.min_score:
+            decision.reasons.append(f"judge: score {verdict.score:g} >= {cfg.min_score:g}: {verdict.rationale}")
+        else:
+            decision.reject("judge", [f"judge: score {verdict.score:g} < {cfg.min_score:g}: {verdict.rationale}"])
+            rejected_by["judge_score"] += 1
+    return scores
+
+
+def _judge_pairwise(judge: Judge, alive: list[Sample], decisions: list[Decision], rejected_by: Counter[str],
+                    show: bool, console: Any) -> list[dict[str, Any]]:
+    col_a, col_b = judge.config.candidates
+    progress, advance = _progress(2 * len(alive), "judging pairs", show, console)
+    with progress:
+        outcomes = judge.compare([s.row["prompt"] for s in alive], [s.row[col_a] for s in alive],
+                                 [s.row[col_b] for s in alive], advance)
+    preferences = []
+    for sample, outcome in zip(alive, outcomes):
+        decision = decisions[sample.index]
+        verdicts = {"a_first": outcome.first_order.winner, "b_first": outcome.second_order.winner,
+                    "a_first_rationale": outcome.first_order.rationale,
+                    "b_first_rationale": outcome.second_order.rationale}
+        decision.judge = {"winner": outcome.winner, **verdicts}
+        if outcome.winner is None:
+            decision.reject("judge", ["judge: pairwise answer unparseable"])
+            rejected_by["judge_unparseable"] += 1
+        elif outcome.winner == "tie":
+            decision.reject("judge", [f"judge: tie (A first: {verdicts['a_first']}, B first: {verdicts['b_first']})"])
+            rejected_by["judge_tie"] += 1
+        else:
+            chosen, rejected = (col_a, col_b) if outcome.winner == "a" else (col_b, col_a)
+            decision.reasons.append(f"judge: {chosen} preferred in both orders")
+            preferences.append({
+                "prompt": sample.row["prompt"], "chosen": sample.row[chosen], "rejected": sample.row[rejected],
+                "provenance": {"source": sample.where, "source_index": sample.index, "chosen_column": chosen,
+                               "judge_model": judge.model, "rubric": judge.rubric_source, **verdicts},
+            })
+    return preferences

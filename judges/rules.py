@@ -1,0 +1,478 @@
+"""Rule filters: cheap, deterministic checks that explain every rejection.
+
+Each rule turns a batch of samples into one ``RuleResult`` per sample: pass or fail, the numbers it measured
+(``scores``, named ``<rule id>.<measure>``) and, on failure, a short reason. Rules never modify samples and never
+reach the network: the language detector's model ships inside its wheel, tokenizers are read from local files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.judges.config import (
+    CharactersRule,
+    ChatStructureRule,
+    ConfigError,
+    ForbiddenPatternsRule,
+    LanguageRule,
+    LengthRule,
+    RepetitionRule,
+    RuleSpec,
+    VerifyAnswerRule,
+)
+from posttrain.judges.samples import Sample, SampleError
+
+
+@dataclass
+class RuleResult:
+    passed: bool
+    scores: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+
+def target_text(sample: Sample, target: str) -> str:
+    if target == "completion":
+        return sample.completion
+    if target == "prompt":
+        return sample.prompt
+    return sample.text
+
+
+class Rule:
+    """A configured rule; subclasses implement ``check_one`` or ``check``."""
+
+    def __init__(self, rule_id: str, options: Any) -> None:
+        self.id = rule_id
+        self.options = options
+
+    def check(self, samples: list[Sample]) -> list[RuleResult]:
+        return [self.check_one(s) for s in samples]
+
+    def check_one(self, sample: Sample) -> RuleResult:  # pragma: no cover - every subclass overrides one of the two
+        raise NotImplementedError
+
+    def result(self, scores: dict[str, float], reasons: list[str]) -> RuleResult:
+        return RuleResult(
+            passed=not reasons,
+            scores={f"{self.id}.{k}": v for k, v in scores.items()},
+            reasons=[f"{self.id}: {r}" for r in reasons],
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- length
+
+
+def _load_tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ConfigError(f"length.tokenizer: {path}: no tokenizer.json there")
+    return Tokenizer.from_file(str(p))
+
+
+class LengthFilter(Rule):
+    options: LengthRule
+
+    def __init__(self, rule_id: str, options: LengthRule) -> None:
+        super().__init__(rule_id, options)
+        self.tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer else None
+        # Name the unit honestly: whitespace words are not tokens.
+        self.token_key = "tokens" if self.tokenizer else "tokens_ws"
+        self.need_tokens = options.min_tokens is not None or options.max_tokens is not None
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        o = self.options
+        text = target_text(sample, o.target)
+        scores: dict[str, float] = {"chars": len(text)}
+        reasons = []
+        if o.min_chars is not None and len(text) < o.min_chars:
+            reasons.append(f"{len(text)} chars < min_chars {o.min_chars}")
+        if o.max_chars is not None and len(text) > o.max_chars:
+            reasons.append(f"{len(text)} chars > max_chars {o.max_chars}")
+        if self.need_tokens:
+            n = len(self.tokenizer.encode(text, add_special_tokens=False).ids) if self.tokenizer else len(text.split())
+            scores[self.token_key] = n
+            unit = "tokens" if self.tokenizer else "whitespace tokens"
+            if o.min_tokens is not None and n < o.min_tokens:
+                reasons.append(f"{n} {unit} < min_tokens {o.min_tokens}")
+            if o.max_tokens is not None and n > o.max_tokens:
+                reasons.append(f"{n} {unit} > max_tokens {o.max_tokens}")
+        return self.result(scores, reasons)
+
+
+# ------------------------------------------------------------------------------------------------ repetition
+
+
+def duplicate_line_fractions(text: str) -> tuple[float, float]:
+    """(fraction of non-empty lines that repeat an earlier one, fraction of characters in those lines)."""
+    lines = [line.strip() for line in text.split("\n")]
+    lines = [line for line in lines if line]
+    if not lines:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    dup_lines = dup_chars = total_chars = 0
+    for line in lines:
+        total_chars += len(line)
+        if line in seen:
+            dup_lines += 1
+            dup_chars += len(line)
+        else:
+            seen.add(line)
+    return dup_lines / len(lines), dup_chars / max(total_chars, 1)
+
+
+def top_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
+    """Characters covered by the most frequent word n-gram (counted at each occurrence) over all word characters."""
+    if len(words) < n:
+        return 0.0
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    gram, count = counts.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    return sum(map(len, gram)) * count / total_chars
+
+
+def duplicate_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
+    """Characters of the words covered by any word n-gram that occurs more than once, over all word characters."""
+    if len(words) < n:
+        return 0.0
+    grams = list(zip(*(words[i:] for i in range(n))))
+    counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
+    covered = bytearray(len(words))
+    for i, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered[i : i + n] = b"\x01" * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+
+
+class RepetitionFilter(Rule):
+    options: RepetitionRule
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        o = self.options
+        text = target_text(sample, o.target)
+        scores: dict[str, float] = {}
+        reasons = []
+        line_frac, line_char_frac = duplicate_line_fractions(text)
+        scores["dup_line_frac"] = line_frac
+        scores["dup_line_char_frac"] = line_char_frac
+        if o.max_duplicate_line_fraction is not None and line_frac > o.max_duplicate_line_fraction:
+            reasons.append(f"duplicate-line fraction {line_frac:.3f} > {o.max_duplicate_line_fraction}")
+        if o.max_duplicate_line_char_fraction is not None and line_char_frac > o.max_duplicate_line_char_fraction:
+            reasons.append(f"duplicate-line char fraction {line_char_frac:.3f} > {o.max_duplicate_line_char_fraction}")
+        words = text.split()
+        if len(words) >= o.min_words:
+            total = sum(map(len, words)) or 1
+            for n, limit in sorted(o.max_top_ngram_char_fraction.items()):
+                frac = top_ngram_char_fraction(words, n, total)
+                scores[f"top_{n}gram_frac"] = frac
+                if frac > limit:
+                    reasons.append(f"top {n}-gram char fraction {frac:.3f} > {limit}")
+            none_repeated = False
+            for n, limit in sorted(o.max_duplicate_ngram_char_fraction.items()):
+                # A repeated (n+1)-gram contains a repeated n-gram: once none repeats, longer ones cannot.
+                frac = 0.0 if none_repeated else duplicate_ngram_char_fraction(words, n, total)
+                none_repeated = none_repeated or frac == 0.0
+                scores[f"dup_{n}gram_frac"] = frac
+                if frac > limit:
+                    reasons.append(f"duplicate {n}-gram char fraction {frac:.3f} > {limit}")
+        return self.result(scores, reasons)
+
+
+# ------------------------------------------------------------------------------------------------ characters
+
+
+_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+
+
+class CharactersFilter(Rule):
+    options: CharactersRule
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        o = self.options
+        text = target_text(sample, o.target)
+        n = max(len(text), 1)
+        controls = sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROLS) \
+            if not text.isprintable() else 0
+        replacement = text.count("\ufffd")
+        scores: dict[str, float] = {"control_frac": controls / n, "replacement_chars": replacement}
+        reasons = []
+        if o.max_control_char_fraction is not None and controls / n > o.max_control_char_fraction:
+            reasons.append(f"control-character fraction {controls / n:.4f} > {o.max_control_char_fraction}")
+        if o.max_replacement_chars is not None and replacement > o.max_replacement_chars:
+            reasons.append(f"{replacement} U+FFFD replacement characters > {o.max_replacement_chars}")
+        if o.min_alpha_fraction is not None:
+            alpha = sum(ch.isalpha() for ch in text) / n
+            scores["alpha_frac"] = alpha
+            if alpha < o.min_alpha_fraction:
+                reasons.append(f"letter fraction {alpha:.3f} < {o.min_alpha_fraction}")
+        if o.max_non_ascii_fraction is not None:
+            non_ascii = 0 if text.isascii() else sum(ord(ch) > 127 for ch in text)
+            scores["non_ascii_frac"] = non_ascii / n
+            if non_ascii / n > o.max_non_ascii_fraction:
+                reasons.append(f"non-ASCII fraction {non_ascii / n:.3f} > {o.max_non_ascii_fraction}")
+        return self.result(scores, reasons)
+
+
+# -------------------------------------------------------------------------------------------------- language
+
+
+class LanguageFilter(Rule):
+    options: LanguageRule
+
+    def __init__(self, rule_id: str, options: LanguageRule) -> None:
+        super().__init__(rule_id, options)
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        # The model file is inside the py3langid wheel; normalised probabilities make the threshold meaningful.
+        self.identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        self.keep = set(options.languages)
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        o = self.options
+        text = target_text(sample, o.target)
+        if len(text.strip()) < o.min_chars:
+            return self.result({"skipped_short": 1.0}, [])
+        lang, prob = self.identifier.classify(text[: o.max_chars])
+        prob = float(prob)
+        reasons = []
+        if lang not in self.keep:
+            reasons.append(f"language {lang} (p={prob:.2f}) not in {sorted(self.keep)}")
+        elif prob < o.min_confidence:
+            reasons.append(f"language {lang} confidence {prob:.2f} < {o.min_confidence}")
+        return self.result({f"lang_{lang}": prob}, reasons)
+
+
+# ----------------------------------------------------------------------------------------------- chat shape
+
+
+_FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
+
+
+def _declared_tools(tools: Any) -> set[str] | None:
+    """Names of the tools a row declares: OpenAI ``{"type": "function", "function": {...}}`` or bare specs."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return set()
+    names = set()
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict):
+            spec = tool.get("function", tool) if isinstance(tool.get("function"), dict) else tool
+            if isinstance(spec.get("name"), str):
+                names.add(spec["name"])
+    return names
+
+
+def _text_tool_call_parser() -> Any:
+    """The rewards package's parser for tool calls written in message text, when it is installed."""
+    try:
+        from posttrain.rewards.tool_call import parse_tool_calls
+    except ImportError:
+        return None
+    return parse_tool_calls
+
+
+class ChatStructureFilter(Rule):
+    options: ChatStructureRule
+
+    def __init__(self, rule_id: str, options: ChatStructureRule) -> None:
+        super().__init__(rule_id, options)
+        self.parse_text_calls = _text_tool_call_parser()
+
+    @staticmethod
+    def turns(sample: Sample) -> list[dict[str, Any]] | None:
+        row = sample.row
+        if "messages" in row:
+            return row["messages"]
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return prompt + completion
+        return None  # plain prompt/completion strings carry no roles
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        o = self.options
+        turns = self.turns(sample)
+        reasons: list[str] = []
+        scores: dict[str, float] = {}
+        if turns is not None:
+            if o.roles_in_order:
+                problem = role_order_problem(turns)
+                if problem:
+                    reasons.append(problem)
+            assistants = [t for t in turns if t.get("role") == "assistant"]
+            if o.nonempty_assistant:
+                if not assistants:
+                    reasons.append("no assistant turn")
+                elif not (_text(assistants[-1]).strip() or assistants[-1].get("tool_calls")):
+                    reasons.append("final assistant turn is empty")
+            if o.tool_calls_valid:
+                reasons.extend(self.tool_call_problems(assistants, sample.row.get(o.tools_column)))
+        elif o.nonempty_assistant and not sample.completion.strip():
+            reasons.append("completion is empty")
+        if o.balanced_code_fences:
+            fences = len(_FENCE.findall(sample.completion))
+            scores["code_fences"] = fences
+            if fences % 2:
+                reasons.append(f"unbalanced code fences ({fences} fence lines)")
+        return self.result(scores, reasons)
+
+    def tool_call_problems(self, assistants: list[dict[str, Any]], tools: Any) -> list[str]:
+        declared = _declared_tools(tools)
+        problems = []
+        for turn in assistants:
+            calls = list(turn.get("tool_calls") or [])
+            for k, call in enumerate(calls):
+                fn = call.get("function", call) if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    problems.append(f"tool call {k} has no function name")
+                    continue
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError as exc:
+                        problems.append(f"tool call {fn['name']!r}: arguments are not JSON ({exc.msg})")
+                        continue
+                if not isinstance(args, dict):
+                    problems.append(f"tool call {fn['name']!r}: arguments are not a JSON object")
+                if declared is None:
+                    problems.append(f"tool call {fn['name']!r} but the row declares no tools")
+                elif fn["name"] not in declared:
+                    problems.append(f"tool call {fn['name']!r} matches no declared tool")
+            if self.parse_text_calls is not None and declared:
+                for call in self.parse_text_calls(_text(turn)) or []:
+                    name = call.get("name") if isinstance(call, dict) else getattr(call, "name", None)
+                    if name not in declared:
+                        problems.append(f"tool call {name!r} in text matches no declared tool")
+        return problems
+
+
+def _text(turn: dict[str, Any]) -> str:
+    content = turn.get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return content or ""
+
+
+def role_order_problem(turns: list[dict[str, Any]]) -> str | None:
+    """None when roles follow: [system], user, assistant, (tool+ after a tool-calling assistant), user, ..."""
+    prev = None
+    for i, turn in enumerate(turns):
+        role = turn.get("role")
+        if role == "system":
+            ok = i == 0
+        elif role == "user":
+            ok = prev in (None, "system", "assistant")
+        elif role == "assistant":
+            ok = prev in ("user", "tool")
+        elif role == "tool":
+            ok = prev == "tool" or (prev == "assistant" and bool(turns[i - 1].get("tool_calls")))
+        else:
+            return f"turn {i}: unknown role {role!r}"
+        if not ok:
+            return f"turn {i}: role {role!r} after {prev or 'the start'!r}"
+        prev = role
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- patterns
+
+
+class ForbiddenPatternsFilter(Rule):
+    options: ForbiddenPatternsRule
+
+    def __init__(self, rule_id: str, options: ForbiddenPatternsRule) -> None:
+        super().__init__(rule_id, options)
+        flags = re.IGNORECASE if options.ignore_case else 0
+        self.patterns = [re.compile(p, flags) for p in options.patterns]
+
+    def check_one(self, sample: Sample) -> RuleResult:
+        text = target_text(sample, self.options.target)
+        reasons = [f"matches forbidden pattern {p.pattern!r}" for p in self.patterns if p.search(text)]
+        return self.result({"matches": len(reasons)}, reasons)
+
+
+# ------------------------------------------------------------------------------------------ answer verified
+
+
+class VerifyAnswerFilter(Rule):
+    """Calls a reward ``fn(prompts, completions, **columns)`` from the posttrain.rewards registry."""
+
+    options: VerifyAnswerRule
+
+    def __init__(self, rule_id: str, options: VerifyAnswerRule) -> None:
+        super().__init__(rule_id, options)
+        try:
+            from posttrain import rewards
+
+            self.reward = rewards.get(options.reward)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"rules.{rule_id}.reward: the posttrain.rewards registry is not available: {exc}") from exc
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"rules.{rule_id}.reward: unknown reward {options.reward!r}: {exc}") from exc
+
+    def check(self, samples: list[Sample]) -> list[RuleResult]:
+        o = self.options
+        results: list[RuleResult] = []
+        for start in range(0, len(samples), o.batch_size):
+            batch = samples[start : start + o.batch_size]
+            prompts, completions = zip(*(prompt_and_completion(s) for s in batch)) if batch else ((), ())
+            columns: dict[str, list[Any]] = {}
+            names = {k for s in batch for k in s.row if k not in ("messages", "prompt", "completion")}
+            for name in sorted(names):
+                columns[o.columns.get(name, name)] = [s.row.get(name) for s in batch]
+            for src in o.columns:
+                if any(src not in s.row for s in batch):
+                    missing = next(s for s in batch if src not in s.row)
+                    raise SampleError(f"{missing.where}: field {src!r} missing (needed by rule {self.id})")
+            scores = self.reward(list(prompts), list(completions), **columns)
+            if len(scores) != len(batch):
+                raise RuntimeError(f"reward {o.reward!r} returned {len(scores)} scores for {len(batch)} samples")
+            for score in scores:
+                if score is None:
+                    reasons = [] if o.keep_unverifiable else ["answer could not be verified (reward returned None)"]
+                    results.append(self.result({"unverifiable": 1.0}, reasons))
+                else:
+                    reasons = [] if score >= o.min_score else [f"reward {o.reward} = {score:g} < {o.min_score:g}"]
+                    results.append(self.result({"reward": float(score)}, reasons))
+        return results
+
+
+def prompt_and_completion(sample: Sample) -> tuple[Any, Any]:
+    """The sample in TRL's reward format: conversational turns when the row is a chat, else strings."""
+    row = sample.row
+    if "messages" in row:
+        turns = row["messages"]
+        last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+        return turns[:last], turns[last : last + 1]
+    return row.get("prompt"), row.get("completion")
+
+
+RULE_CLASSES: dict[str, type[Rule]] = {
+    "length": LengthFilter,
+    "repetition": RepetitionFilter,
+    "characters": CharactersFilter,
+    "language": LanguageFilter,
+    "chat_structure": ChatStructureFilter,
+    "forbidden_patterns": ForbiddenPatternsFilter,
+    "verify_answer": VerifyAnswerFilter,
+}
+
+
+def build_rules(specs: list[RuleSpec]) -> list[Rule]:
+    return [RULE_CLASSES[spec.name](spec.id, spec.options) for spec in specs]

@@ -1,0 +1,156 @@
+"""A scripted OpenAI-compatible judge server on 127.0.0.1, for tests and offline demos of ``posttrain filter``.
+
+Its verdicts are a deterministic function of the prompt it receives: a pointwise score from the prompt's sha256,
+and for pairwise rubrics the longer response wins (or, in ``always_first`` mode, whichever is shown first). It
+counts requests per prompt on the server side and can be told to fail: return HTTP 500 for a number of requests
+or always, send an unreadable body, answer with text that holds no verdict, or answer slowly. It is a real HTTP
+server (``http.server`` in threads) but it is not a model: never point a real filter run at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+_SECTION = re.compile(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\nAnswer with", re.DOTALL)
+
+
+def prompt_key(content: str) -> str:
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
+def pointwise_score(content: str) -> int:
+    """1..10 from the prompt's hash: the same prompt always gets the same score."""
+    return int(prompt_key(content)[:8], 16) % 10 + 1
+
+
+class ScriptedJudgeServer:
+    """Start with ``start()``; set the public attributes to script failures; read the counters to check clients."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.delay_s = 0.0  # sleep before answering
+        self.fail_next = 0  # answer this many requests with HTTP 500, then recover
+        self.always_fail = False
+        self.garbage_body = False  # HTTP 200 with a body that is not JSON
+        self.garbage_verdict = False  # valid API response whose text holds no verdict
+        self.always_first = False  # pairwise: always prefer the response shown first
+        self.requests: Counter[str] = Counter()  # prompt key -> requests received
+        self.answered: Counter[str] = Counter()  # prompt key -> verdicts sent back
+        self.in_flight = 0
+        self.max_in_flight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted-judge",
+                                                                             "object": "model"}]}).encode())
+                else:
+                    self._send(404, b'{"error": "not found"}')
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                try:
+                    body = json.loads(self.rfile.read(length))
+                    content = body["messages"][-1]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    self._send(400, b'{"error": "bad request"}')
+                    return
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._send(404, b'{"error": "not found"}')
+                    return
+                key = prompt_key(content)
+                with server.lock:
+                    server.requests[key] += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    fail = server.always_fail or server.fail_next > 0
+                    if server.fail_next > 0:
+                        server.fail_next -= 1
+                try:
+                    if server.delay_s:
+                        time.sleep(server.delay_s)
+                    if fail:
+                        self._send(500, b'{"error": "scripted failure"}')
+                        return
+                    if server.garbage_body:
+                        self._send(200, b'{"choices": [{"message": {"content": "unterminated')
+                        return
+                    text = server.verdict(content)
+                    reply = {"id": "scripted", "object": "chat.completion", "model": body.get("model", ""),
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": text}}]}
+                    self._send(200, json.dumps(reply).encode())
+                    with server.lock:
+                        server.answered[key] += 1
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread: threading.Thread | None = None
+
+    def verdict(self, content: str) -> str:
+        if self.garbage_verdict:
+            return "I would rather not say."
+        match = _SECTION.search(content)
+        if match:
+            if self.always_first:
+                return json.dumps({"winner": "A", "rationale": "the first response is better"})
+            a, b = match.group(1), match.group(2)
+            winner = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+            return json.dumps({"winner": winner, "rationale": "the longer response is more complete"})
+        score = pointwise_score(content)
+        return json.dumps({"score": score, "rationale": f"scripted score {score}"})
+
+    def start(self) -> ScriptedJudgeServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay-s", type=float, default=0.0)
+    args = parser.parse_args()
+    server = ScriptedJudgeServer(args.port)
+    server.delay_s = args.delay_s
+    print(server.base_url, flush=True)
+    server.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
