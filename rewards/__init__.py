@@ -25,9 +25,9 @@ from posttrain.rewards.base import (
 )
 from posttrain.rewards.combine import (
     RewardResult,
+    RewardsConfig,
     RewardSet,
     RewardSpec,
-    RewardsConfig,
     WeightedReward,
     combine,
     combine_values,

@@ -109,7 +109,7 @@ def run_maybe_async(value: Any) -> Any:
     def runner() -> None:
         try:
             box["value"] = asyncio.run(_await(value))
-        except BaseException as exc:  # re-raised in the caller's thread below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             box["error"] = exc
 
     thread = threading.Thread(target=runner, name="posttrain-async-reward")
@@ -133,7 +133,9 @@ def check_value(reward: str, value: Any) -> float | None:
         if not math.isfinite(number):
             raise RewardValueError(f"reward {reward!r} returned a non-finite value {number!r}; return None instead")
         return number
-    raise RewardValueError(f"reward {reward!r} returned a {type(value).__name__} ({value!r:.80}); expected float or None")
+    raise RewardValueError(
+        f"reward {reward!r} returned a {type(value).__name__} ({value!r:.80}); expected float or None"
+    )
 
 
 def _is_numpy_or_torch_scalar(value: Any) -> bool:

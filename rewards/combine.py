@@ -133,9 +133,7 @@ class RewardSet:
     def from_specs(cls, specs: Sequence[RewardSpec]) -> RewardSet:
         from posttrain.rewards.registry import get
 
-        return cls(
-            [WeightedReward(s.label or s.name, get(s.name, **s.options), s.weight, s.in_process) for s in specs]
-        )
+        return cls([WeightedReward(s.label or s.name, get(s.name, **s.options), s.weight, s.in_process) for s in specs])
 
     def score(
         self, prompts: Sequence[Any], completions: Sequence[Any], pool: RewardPool | None = None, **columns: Any
@@ -196,7 +194,7 @@ def score_in_process(
         return call_reward(name, fn, prompts, completions, dict(columns)), []
     except RewardCountError:
         raise
-    except Exception as exc:  # find the sample(s) responsible
+    except Exception as exc:  # noqa: BLE001 - any failure: find the sample(s) responsible
         logger.info("reward %r raised on the batch (%s: %s); scoring sample by sample", name, type(exc).__name__, exc)
     values: list[float | None] = []
     errors: list[SampleError] = []
@@ -209,9 +207,8 @@ def score_in_process(
         except RewardValueError as exc:
             values.append(None)
             errors.append(SampleError(i, name, "invalid_value", str(exc)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a reward's failure costs its sample, not the batch
             values.append(None)
             errors.append(SampleError(i, name, "exception", f"{type(exc).__name__}: {exc}"))
             logger.warning("reward %r on sample %d: %s: %s", name, i, type(exc).__name__, exc)
     return values, errors
-

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from posttrain.rewards.base import RewardCountError, RewardError, RewardFn, RewardValueError, call_reward
 
@@ -128,9 +128,7 @@ class RewardPool:
         payloads = {name: _payload(name, fn) for name, fn in rewards.items()}
         values: dict[str, list[float | None]] = {name: [None] * n for name in rewards}
         errors: list[SampleError] = []
-        tasks = deque(
-            _Task(next(self._task_ids), name, payloads[name][0], i) for i in range(n) for name in rewards
-        )
+        tasks = deque(_Task(next(self._task_ids), name, payloads[name][0], i) for i in range(n) for name in rewards)
         with self._lock:
             if self._finalizer.alive is False:
                 raise RuntimeError("RewardPool.run on a closed pool")
@@ -151,7 +149,7 @@ class RewardPool:
         with self._lock:
             self._finalizer()
 
-    def __enter__(self) -> RewardPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -391,7 +389,7 @@ def _worker_main(conn: Connection) -> None:
                     warmup()
                 rewards[key] = fn
                 conn.send(("loaded", key, None))
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - reported to the parent, which raises RewardLoadError
                 conn.send(("loaded", key, traceback.format_exc()))
             continue
         _, task_id, key, name, prompt, completion, row = message
@@ -402,7 +400,7 @@ def _worker_main(conn: Connection) -> None:
             reply = ("result", task_id, None, "count", exc.got)
         except RewardValueError as exc:
             reply = ("result", task_id, None, "invalid_value", str(exc))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: a reward's failure costs its sample
             text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
             reply = ("result", task_id, None, "exception", text)
         conn.send(reply)
