@@ -52,7 +52,7 @@ class RepetitionRule:
     max_duplicate_ngram_char_fraction: dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
-    min_words: int = 20  # texts with fewer words are too short for n-gram statistics and pass this rule
+    min_words: int = 50  # texts with fewer words are too short for n-gram statistics and pass this rule
 
 
 @dataclass
@@ -102,6 +102,7 @@ class VerifyAnswerRule:
     """Keep a sample only if a reward from ``posttrain.rewards`` verifies its answer (e.g. math against a reference)."""
 
     reward: str = "math"  # a name in the rewards registry, or a ``module:function`` path
+    reward_options: dict[str, Any] = field(default_factory=dict)  # passed to posttrain.rewards.get(reward, **options)
     # dataset column -> keyword the reward expects; every other column is passed under its own name (TRL convention)
     columns: dict[str, str] = field(default_factory=dict)
     min_score: float = 1.0

@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 from posttrain.judges.config import DedupConfig, NearDedupConfig
@@ -27,18 +28,37 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def shingles(text: str, ngram: int) -> set[int]:
-    """Word n-gram shingles of the normalised text (punctuation dropped), as 64-bit hashes."""
-    words = _WORD.findall(normalize_text(text))
-    if len(words) < ngram:
-        return {xxhash.xxh64_intdigest(" ".join(words))} if words else set()
-    return {xxhash.xxh64_intdigest(" ".join(words[i : i + ngram])) for i in range(len(words) - ngram + 1)}
+_MASK64 = (1 << 64) - 1
+# Odd 64-bit multipliers, one per position in an n-gram: a shingle's hash is sum(word_hash[k] * _MULT[k]) mod 2**64.
+_MULT = np.array([(0x9E3779B97F4A7C15 * (2 * k + 1)) & _MASK64 for k in range(64)], dtype=np.uint64)
 
 
-def jaccard(a: set[int], b: set[int]) -> float:
-    if not a and not b:
+def shingles(text: str, ngram: int, normalized: bool = False) -> np.ndarray:
+    """Word n-gram shingles of the normalised text (punctuation dropped), as a sorted array of unique 64-bit hashes.
+
+    Each word is hashed once (xxh64) and an n-gram's hash combines its words' hashes by position, so the set is the
+    set of n-grams up to 64-bit collisions (negligible at these sizes).
+    """
+    if ngram > len(_MULT):
+        raise ValueError(f"dedup.near.ngram: at most {len(_MULT)}")
+    h = xxhash.xxh64_intdigest
+    words = np.fromiter((h(w.encode()) for w in _WORD.findall(text if normalized else normalize_text(text))),
+                        dtype=np.uint64)
+    if len(words) == 0:
+        return words
+    n = min(ngram, len(words))
+    count = len(words) - n + 1
+    combined = words[:count] * _MULT[0]
+    for k in range(1, n):
+        combined += words[k : k + count] * _MULT[k]
+    return np.unique(combined)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two shingle sets given as sorted unique arrays."""
+    if len(a) == 0 and len(b) == 0:
         return 1.0
-    inter = len(a & b)
+    inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
 
 
@@ -51,10 +71,6 @@ class Duplicate:
     jaccard: float
 
 
-def _low32(value: int) -> int:
-    return value & 0xFFFFFFFF
-
-
 class NearDuplicateIndex:
     """MinHash LSH over the kept samples; ``add`` returns the duplicate it finds or inserts the sample."""
 
@@ -62,21 +78,16 @@ class NearDuplicateIndex:
         self.config = config
         lsh_threshold = config.lsh_threshold if config.lsh_threshold is not None else max(config.threshold - 0.1, 0.05)
         self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=config.num_perm)
-        template = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=_low32)
-        self._permutations = template.permutations
-        self._scheme = "affine32"
-        self.kept: dict[int, set[int]] = {}
+        # One MinHash reused for every sample (cleared each time): the LSH keeps band keys, not the object.
+        self._minhash = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=int)
+        self.kept: dict[int, np.ndarray] = {}
 
-    def _minhash(self, sh: set[int]) -> MinHash:
-        m = MinHash(num_perm=self.config.num_perm, seed=self.config.seed, hashfunc=_low32,
-                    permutations=self._permutations, scheme=self._scheme)
-        m.update_batch(sorted(sh))
-        return m
-
-    def add(self, key: int, sh: set[int]) -> Duplicate | None:
-        m = self._minhash(sh)
+    def add(self, key: int, sh: np.ndarray) -> Duplicate | None:
+        m = self._minhash
+        m.clear()
+        m.update_batch((sh & np.uint64(0xFFFFFFFF)).tolist())
         best: Duplicate | None = None
-        for other in sorted(self.lsh.query(m)):  # candidates in input order: the earliest match is reported
+        for other in sorted(self.lsh.query(m)):  # candidates in input order: the earliest best match is reported
             j = jaccard(sh, self.kept[other])
             if j >= self.config.threshold and (best is None or j > best.jaccard):
                 best = Duplicate("near", other, j)
@@ -94,12 +105,13 @@ def deduplicate(texts: Sequence[str], config: DedupConfig) -> list[Duplicate | N
     first_exact: dict[bytes, int] = {}
     near = NearDuplicateIndex(config.near) if config.near.enabled else None
     for i, text in enumerate(texts):
+        text = normalize_text(text)
         if config.exact:
-            digest = xxhash.xxh3_128_digest(normalize_text(text).encode("utf-8"))
+            digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
             if digest in first_exact:
                 out[i] = Duplicate("exact", first_exact[digest], 1.0)
                 continue
             first_exact[digest] = i
         if near is not None:
-            out[i] = near.add(i, shingles(text, config.near.ngram))
+            out[i] = near.add(i, shingles(text, config.near.ngram, normalized=True))
     return out

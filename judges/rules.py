@@ -236,7 +236,7 @@ class LanguageFilter(Rule):
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
         # The model file is inside the py3langid wheel; normalised probabilities make the threshold meaningful.
-        self.identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         self.keep = set(options.languages)
 
     def check_one(self, sample: Sample) -> RuleResult:
@@ -419,12 +419,12 @@ class VerifyAnswerFilter(Rule):
         super().__init__(rule_id, options)
         try:
             from posttrain import rewards
-
-            self.reward = rewards.get(options.reward)
-        except (ImportError, AttributeError) as exc:
+        except ImportError as exc:
             raise ConfigError(f"rules.{rule_id}.reward: the posttrain.rewards registry is not available: {exc}") from exc
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"rules.{rule_id}.reward: unknown reward {options.reward!r}: {exc}") from exc
+        try:
+            self.reward = rewards.get(options.reward, **options.reward_options)
+        except rewards.RewardError as exc:
+            raise ConfigError(f"rules.{rule_id}.reward: {exc}") from exc
 
     def check(self, samples: list[Sample]) -> list[RuleResult]:
         o = self.options
