@@ -1,0 +1,163 @@
+"""The native generation engine: batched sampling from the in-tree hybrid, for rollouts and serving.
+
+Prompts of any lengths are prefilled together as one packed row (each prompt once, however many samples it
+gets), their states copied G ways, then decoded one token per step with a preallocated state: a fixed-size conv
+window and SSM state per Mamba layer, a KV cache for the attention layers only. Finished rows leave the batch, so
+they stop costing compute. Returns, per sample, the token ids, the log-probability of each sampled token under the
+temperature-scaled, untruncated distribution (what the RL loss's importance ratio needs), and why it stopped.
+This module never trains and never changes the model's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    n: int = 1  # samples per prompt
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
+    eos_token_id: int | list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.n < 1:
+            raise ValueError(f"top_k must be >= 0 and n >= 1, got top_k={self.top_k}, n={self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def stop_ids(self) -> list[int]:
+        ids = list(self.stop_token_ids)
+        if not self.ignore_eos and self.eos_token_id is not None:
+            ids += [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        return ids
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # decode steps taken
+    rows_forwarded: int = 0  # rows that went through a decode step (finished rows do not)
+    prefill_tokens: int = 0
+    cache_bytes: int = 0  # the largest generation state allocated
+
+
+class NativeEngine:
+    def __init__(self, model: HybridForCausalLM, max_num_seqs: int = 256):
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.stats = EngineStats()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j)."""
+        if not prompts:
+            return []
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        per_wave = max(1, self.max_num_seqs // params.n)
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), per_wave):
+                out += self._generate_wave(prompts[start:start + per_wave], start, params, generator)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_wave(self, prompts, offset, params: SamplingParams, generator) -> list[Completion]:
+        model, device = self.model, self.model.device
+        n_prompts, n = len(prompts), params.n
+        max_len = max(len(p) for p in prompts) + params.max_new_tokens
+        cache = HybridCache.allocate(model.config, n_prompts, max_len, device=device, dtype=model.dtype)
+        logits = model.prefill(prompts, cache)  # each prompt once
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        if n > 1:  # copy each prompt's state G ways
+            rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
+            cache, logits = cache.index_select(rows), logits.index_select(0, rows)
+        self.stats.cache_bytes = max(self.stats.cache_bytes, cache.nbytes())
+        total = n_prompts * n
+        tokens: list[list[int]] = [[] for _ in range(total)]
+        logprobs: list[list[float]] = [[] for _ in range(total)]
+        reasons = ["length"] * total
+        active = torch.arange(total, device=device)  # which output each cache row writes to
+        stop = torch.tensor(params.stop_ids() or [-1], device=device)
+        for step in range(params.max_new_tokens):
+            next_tokens, next_logprobs = sample(logits, params, generator)
+            for row, tok, lp in zip(active.tolist(), next_tokens.tolist(), next_logprobs.tolist()):
+                tokens[row].append(tok)
+                logprobs[row].append(lp)
+            stopped = torch.isin(next_tokens, stop)
+            for row in active[stopped].tolist():
+                reasons[row] = "stop"
+            if step + 1 == params.max_new_tokens:
+                break
+            if bool(stopped.any()):
+                keep = (~stopped).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache, active, next_tokens = cache.index_select(keep), active[keep], next_tokens[keep]
+            logits = model.step(next_tokens, cache)
+            self.stats.steps += 1
+            self.stats.rows_forwarded += int(next_tokens.shape[0])
+        return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+    """Pick one token per row; return it and its log-probability under the temperature-scaled, untruncated
+    distribution (for greedy: under the plain distribution)."""
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / params.temperature, dim=-1)
+    filtered = logp
+    if params.top_k and params.top_k < logp.shape[-1]:
+        kth = logp.topk(params.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logp, order = filtered.sort(dim=-1, descending=True)
+        cumulative = sorted_logp.exp().cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logp.exp() >= params.top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(filtered, dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]

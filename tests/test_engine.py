@@ -1,0 +1,118 @@
+"""The native generation engine against transformers' generate and against fresh forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GraniteMoeHybridForCausalLM
+
+from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.engine.native import sample
+from posttrain.models.hybrid import HybridCache
+from posttrain.synthetic import tiny_model
+
+PROMPTS = [
+    "Question: Ada has 12 apples and gets 7 more. How many apples does Ada have?\nAnswer:",
+    "Question: Ben has 40 coins and gives away 13. How many coins are left?\nAnswer: Ben",
+    "Question:",
+]
+
+
+@pytest.fixture(scope="module", params=["nope", "rope"])
+def trained(request, tmp_path_factory):
+    tokenizer, model = tiny_model(steps=40, rope=request.param == "rope")
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    return tokenizer, model, folder
+
+
+def test_greedy_equals_transformers_generate(trained):
+    tokenizer, model, folder = trained
+    theirs = GraniteMoeHybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # EOS ignored on both sides (min_new_tokens would mask it instead)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ours = NativeEngine(model).generate(prompts, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))
+    for prompt, completion in zip(prompts, ours):
+        ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+        assert completion.token_ids == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
+def test_sampled_logprobs_equal_a_fresh_forward(trained, temperature, top_p, top_k):
+    tokenizer, model, _ = trained
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=20, temperature=temperature, top_p=top_p, top_k=top_k, n=3, seed=3,
+                            eos_token_id=tokenizer.eos_token_id)
+    outs = NativeEngine(model).generate(prompts, params)
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for o in outs:
+        p = prompts[o.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + o.token_ids])).logits[0].float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)[len(p) - 1: -1]
+        fresh = logp.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(o.logprobs), fresh, atol=1e-4, rtol=0)
+        if o.finish_reason == "stop":
+            assert o.token_ids[-1] == tokenizer.eos_token_id
+            assert tokenizer.eos_token_id not in o.token_ids[:-1]
+        else:
+            assert len(o.token_ids) == 20
+
+
+def test_seed_reproducible_and_samples_differ(trained):
+    tokenizer, model, _ = trained
+    prompt = [tokenizer(PROMPTS[0])["input_ids"]]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=7)
+    a = NativeEngine(model).generate(prompt, params)
+    b = NativeEngine(model).generate(prompt, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert len({tuple(o.token_ids) for o in a}) > 1  # the G samples of one prompt are not copies
+
+
+def test_finished_rows_stop_costing_compute(trained):
+    tokenizer, model, _ = trained
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    engine = NativeEngine(model)
+    stop_at = tokenizer(" ")["input_ids"] + tokenizer("\n")["input_ids"]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=stop_at))
+    # each row goes through the model once per token it generated after the first (prefill gives the first)
+    assert engine.stats.rows_forwarded == sum(len(o.token_ids) - 1 for o in outs)
+    assert any(o.finish_reason == "stop" and len(o.token_ids) < 30 for o in outs)
+
+
+def test_mamba_state_does_not_grow_with_generated_tokens(trained):
+    _, model, _ = trained
+    config = model.config
+    short = HybridCache.allocate(config, 2, 10)
+    long = HybridCache.allocate(config, 2, 10_000)
+    for layer in config.mamba_layers:
+        assert short.ssm[layer].shape == long.ssm[layer].shape
+        assert short.conv[layer].shape == long.conv[layer].shape
+    # only the attention layers' KV grows with the context
+    grow = long.nbytes() - short.nbytes()
+    per_token = 2 * 2 * len(config.attention_layers) * config.num_key_value_heads * config.head_dim * 4
+    assert grow == per_token * (10_000 - 10)
+
+
+def test_top_k_and_top_p_truncate_but_logprobs_do_not():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        tok, lp = sample(logits, SamplingParams(top_k=2), gen)
+        seen.add(int(tok))
+        torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[0, tok])
+    assert seen == {0, 1}
+    seen = {int(sample(logits, SamplingParams(top_p=0.79), gen)[0]) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_bad_prompts_are_clear_errors(trained):
+    _, model, _ = trained
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        NativeEngine(model).generate([[5], []], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt 0 has token ids outside the vocabulary"):
+        NativeEngine(model).generate([[10**6]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
