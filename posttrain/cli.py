@@ -1,7 +1,8 @@
 """The ``posttrain`` command line: one subcommand per stage of the pipeline.
 
 Each subcommand lives in the module that implements it; this file only names them. A module listed here
-provides ``add_arguments(parser)`` and ``run(args) -> int``. Imports are lazy so ``posttrain --help`` stays fast
+provides ``add_arguments(parser)`` and ``run(args) -> int``; one that sets ``ACCEPTS_OVERRIDES = True`` also gets the
+unparsed ``--group.field VALUE`` arguments as ``args.overrides`` (see ``posttrain.config``). Imports are lazy so ``posttrain --help`` stays fast
 and a subcommand's heavy dependencies load only when it runs.
 """
 
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"posttrain {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
+    if getattr(module, "ACCEPTS_OVERRIDES", False):  # config-driven commands: --group.field VALUE overrides
+        args, overrides = sub.parse_known_args(rest)
+        args.overrides = overrides
+    else:
+        args = sub.parse_args(rest)
     return int(module.run(args) or 0)
 
 
