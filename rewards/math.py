@@ -61,7 +61,8 @@ class MathReward(NamedReward):
         rel_tol, abs_tol: numeric tolerance (``math.isclose``) when both sides are numbers, not both integers
             (two integers must be equal).
         max_answer_chars: an extracted answer longer than this scores 0 without being parsed.
-        max_digits: an expression whose value would have more digits than this is never evaluated.
+        max_digits: an expression whose value would have more digits than this is never evaluated (``None``:
+            no guard; then only the pool's time limit bounds a huge power).
     """
 
     reward_name: ClassVar[str] = "math"
@@ -71,12 +72,12 @@ class MathReward(NamedReward):
     rel_tol: float = 1e-6
     abs_tol: float = 1e-9
     max_answer_chars: int = 1000
-    max_digits: int = 10_000
+    max_digits: int | None = 10_000
 
     def __post_init__(self) -> None:
         if self.rel_tol < 0 or self.abs_tol < 0:
             raise ValueError(f"math reward: rel_tol and abs_tol must be >= 0, got {self.rel_tol}, {self.abs_tol}")
-        if self.max_answer_chars < 1 or self.max_digits < 1:
+        if self.max_answer_chars < 1 or (self.max_digits is not None and self.max_digits < 1):
             raise ValueError("math reward: max_answer_chars and max_digits must be >= 1")
 
     def warmup(self) -> None:
@@ -115,7 +116,9 @@ class MathReward(NamedReward):
         from math_verify import verify
 
         gold_expr, predicted_expr = gold[0], predicted[0]
-        if _too_large(gold_expr, self.max_digits) or _too_large(predicted_expr, self.max_digits):
+        if self.max_digits is not None and (
+            _too_large(gold_expr, self.max_digits) or _too_large(predicted_expr, self.max_digits)
+        ):
             return str(gold[-1]).strip() == str(predicted[-1]).strip()
         gold_value, predicted_value = _numeric_value(gold_expr), _numeric_value(predicted_expr)
         if gold_value is not None and predicted_value is not None:
