@@ -236,6 +236,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        concrete = [a for a in args if a is not type(None)]
+        if len(concrete) == 1:  # X | None: report X's own complaint
+            return _check_type(value, concrete[0], where)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from posttrain.judges.backends import JudgeBackendError
 from posttrain.judges.config import config_from_dict
 from posttrain.judges.judge import Judge
 from posttrain.judges.pipeline import run_filter
-from posttrain.judges.scripted_server import ScriptedJudgeServer, pointwise_score, prompt_key
 from posttrain.judges.rubrics import load_rubric, render
+from posttrain.judges.scripted_server import ScriptedJudgeServer, pointwise_score, prompt_key
 
 
 @pytest.fixture
@@ -116,7 +115,7 @@ def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path, share
     assert len(cached) >= n // 3 - concurrency
 
     proc = _run_cli(tmp_path / "in.jsonl", tmp_path / "resumed", config_path)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     # nothing whose answer had arrived before the kill is asked again; at most `concurrency` prompts are resent
     assert all(server.requests[k] == 1 for k in cached)

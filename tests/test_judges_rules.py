@@ -1,0 +1,164 @@
+"""Rule filters and their configuration: what each rule measures and rejects, and strict config loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from posttrain.judges.config import ConfigError, config_from_dict, load_config
+from posttrain.judges.rules import (
+    build_rules,
+    duplicate_line_fractions,
+    duplicate_ngram_char_fraction,
+    role_order_problem,
+    top_ngram_char_fraction,
+)
+from posttrain.judges.samples import to_sample
+
+
+def chat(*turns, **extra):
+    return {"messages": [dict(t) for t in turns], **extra}
+
+
+def check(rules_yaml: list[dict], rows: list[dict]):
+    rules = build_rules(config_from_dict({"rules": rules_yaml}).rules)
+    samples = [to_sample(i, f"mem:line {i + 1}", r) for i, r in enumerate(rows)]
+    return [[rule.check(samples)[i] for rule in rules] for i in range(len(samples))]
+
+
+def test_length_bounds_in_chars_and_whitespace_tokens():
+    rows = [{"prompt": "q", "completion": "one two three"}, {"prompt": "q", "completion": "x" * 50}]
+    (short,), (long_,) = check([{"name": "length", "min_tokens": 2, "max_chars": 20}], rows)
+    assert short.passed and short.scores == {"length.chars": 13, "length.tokens_ws": 3}
+    assert not long_.passed and long_.reasons == [
+        "length: 50 chars > max_chars 20", "length: 1 whitespace tokens < min_tokens 2"]
+
+
+def test_length_in_tokens_through_a_tokenizer_file(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Split
+
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Split("", "isolated")  # one token per character
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (result,), = check([{"name": "length", "max_tokens": 5, "tokenizer": str(tmp_path)}],
+                       [{"prompt": "q", "completion": "ab ab"}])
+    assert result.scores["length.tokens"] == 5 and result.passed
+
+
+def test_gopher_repetition_measures():
+    assert duplicate_line_fractions("a\nb\na\na\n\n") == (0.5, 0.5)
+    words = ["the", "cat", "sat", "the", "cat", "sat", "the", "cat", "sat", "on", "a", "mat"]
+    total = sum(map(len, words))
+    # "the cat" occurs 3 times: 3 * 6 chars over 31
+    assert top_ngram_char_fraction(words, 2, total) == pytest.approx(18 / total)
+    # 5-grams that repeat cover "the cat sat the cat sat the cat sat"
+    assert duplicate_ngram_char_fraction(words, 5, total) == pytest.approx(len("thecatsatthecatsatthecatsat") / total)
+    assert duplicate_ngram_char_fraction(["a", "b", "c", "d", "e", "f", "g", "h"], 5, 8) == 0.0
+
+
+def test_repetition_rule_rejects_a_looping_answer_and_keeps_prose(shared_data):
+    with open(shared_data / "gsm8k" / "train.jsonl") as fh:
+        answer = json.loads(next(fh))["answer"]
+    loop = "I will compute the answer now. " * 30
+    rules = [{"name": "repetition", "min_words": 10}]
+    (prose,), (looping,) = check(rules, [{"prompt": "q", "completion": answer},
+                                         {"prompt": "q", "completion": loop}])
+    assert prose.passed, prose.reasons
+    assert not looping.passed and any("duplicate 5-gram" in r for r in looping.reasons)
+    assert looping.scores["repetition.dup_5gram_frac"] > 0.9
+
+
+def test_characters_and_language():
+    rows = [
+        {"prompt": "q", "completion": "The weather is lovely today and we are going for a long walk in the park."},
+        {"prompt": "q", "completion": "Le temps est magnifique aujourd'hui et nous allons faire une longue promenade."},
+        {"prompt": "q", "completion": "broken \ufffd decode with a bell \x07 in the middle of a sentence"},
+    ]
+    results = check([{"name": "characters"}, {"name": "language", "languages": ["en"]}], rows)
+    (chars_en, lang_en), (chars_fr, lang_fr), (chars_bad, _) = results
+    assert chars_en.passed and lang_en.passed and lang_en.scores["language.lang_en"] > 0.9
+    assert chars_fr.passed and not lang_fr.passed and "language fr" in lang_fr.reasons[0]
+    assert not chars_bad.passed and len(chars_bad.reasons) == 2
+
+
+def test_chat_structure():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    good = chat({"role": "system", "content": "s"}, {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}, tools=tools)
+    bad_order = chat({"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"})
+    empty = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "  "})
+    fence = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "```python\nprint(1)\n"})
+    bad_json = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}, tools=tools)
+    unknown = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "send_email", "arguments": "{}"}}]}, tools=tools)
+    results = [r[0] for r in check([{"name": "chat_structure"}], [good, bad_order, empty, fence, bad_json, unknown])]
+    assert results[0].passed, results[0].reasons
+    assert results[1].reasons[0].startswith("chat_structure: turn 0: role 'assistant'")
+    assert "final assistant turn is empty" in results[2].reasons[0]
+    assert "unbalanced code fences" in results[3].reasons[0]
+    assert "arguments are not JSON" in results[4].reasons[0]
+    assert "'send_email' matches no declared tool" in results[5].reasons[0]
+    assert role_order_problem([{"role": "user"}, {"role": "tool"}]) == "turn 1: role 'tool' after 'user'"
+
+
+def test_forbidden_patterns():
+    rows = [{"prompt": "q", "completion": "As an AI language model, I cannot."}, {"prompt": "q", "completion": "4"}]
+    (hit,), (clean,) = check([{"name": "forbidden_patterns", "patterns": [r"as an ai language model"]}], rows)
+    assert not hit.passed and hit.scores["forbidden_patterns.matches"] == 1 and clean.passed
+
+
+def test_verify_answer_keeps_correct_gsm8k_answers_only(shared_data):
+    rows = []
+    with open(shared_data / "gsm8k" / "train.jsonl") as fh:
+        for _, line in zip(range(40), fh):
+            r = json.loads(line)
+            rows.append(chat({"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]},
+                             answer=r["answer"]))
+    wrong = json.loads(json.dumps(rows[:10]))
+    for r in wrong:  # a wrong final number
+        text = r["messages"][1]["content"]
+        head, final = text.rsplit("#### ", 1)
+        r["messages"][1]["content"] = f"{head}#### {int(final.replace(',', '')) + 1}"
+    results = check([{"name": "verify_answer", "reward": "math"}], rows + wrong)
+    assert all(r[0].passed for r in results[:40])
+    assert not any(r[0].passed for r in results[40:])
+    assert results[40][0].reasons == ["verify_answer: reward math = 0 < 1"]
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"rules\[1\]\.name: unknown filter 'lenght'"):
+        config_from_dict({"rules": [{"name": "length"}, {"name": "lenght"}]})
+    with pytest.raises(ConfigError, match=r"rules\[0\]: unknown option 'max_char' for LengthRule"):
+        config_from_dict({"rules": [{"name": "length", "max_char": 3}]})
+    with pytest.raises(ConfigError, match=r"dedup\.near\.threshold: expected a number"):
+        config_from_dict({"dedup": {"near": {"threshold": "high"}}})
+    with pytest.raises(ConfigError, match=r"judge\.on_unparseable: 'ignore' is not one of"):
+        config_from_dict({"judge": {"on_unparseable": "ignore"}})
+    with pytest.raises(ConfigError, match=r"unknown section 'judges'"):
+        config_from_dict({"judges": {}})
+    with pytest.raises(ConfigError, match=r"judge\.backend\.model: required"):
+        config_from_dict({"judge": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"rules\.forbidden_patterns\.patterns\[0\]: invalid regex"):
+        config_from_dict({"rules": [{"name": "forbidden_patterns", "patterns": ["(unclosed"]}]})
+    path = tmp_path / "f.yaml"
+    path.write_text("rules:\n  - name: length\n    max_chars: 10\n")
+    config = load_config(path, ["rules.length.max_chars=99", "judge.min_score=8"])
+    assert config.rules[0].options.max_chars == 99 and config.judge.min_score == 8.0
+    with pytest.raises(ConfigError, match=rf"{path}: rules\[0\]\.max_chars: expected an integer"):
+        load_config(path, ["rules.0.max_chars=lots"])
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "filter"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert names == ["math_verified.yaml", "pairwise_preferences.yaml", "sft_chat.yaml"]
+    for path in root.glob("*.yaml"):
+        config = load_config(path)
+        build_rules(config.rules)
