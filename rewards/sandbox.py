@@ -614,7 +614,7 @@ class Sandbox:
                 "--unshare-user",
                 "--disable-userns",
                 "--die-with-parent",
-                "--new-session",
+                "--as-pid-1",
                 "--hostname",
                 "sandbox",
                 "--clearenv",
@@ -818,8 +818,20 @@ class Sandbox:
         return bytes(data[res_r]), bytes(data[out_fd]), False
 
     def _kill(self, proc: subprocess.Popen) -> None:
+        """Kill the sandbox: first the PID namespace's init (its death kills every process in the namespace),
+        so that bwrap/unshare reap it and exit on their own, leaving no zombie to the host's init; then the
+        whole process group."""
+        for child in _children_of(proc.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # wrapper, setpriv, bwrap/unshare; the PID namespace dies with them
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -844,6 +856,22 @@ class Sandbox:
                     os.kill(int(entry.name), signal.SIGKILL)
             except (FileNotFoundError, ProcessLookupError):
                 pass
+
+
+def _children_of(pid: int) -> list[int]:
+    """Host pids whose parent is ``pid`` (read from /proc/*/stat; /proc/PID/task/*/children may be absent)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry.name))
+    return children
 
 
 def _normalise_output(text: str) -> list[str]:

@@ -1,0 +1,311 @@
+"""The code sandbox: hostile candidates are contained, score 0, leave nothing behind, and the next one runs.
+
+Each hostile candidate stands in for a solution of ``add(a, b)``: it attacks instead of adding, so it must
+score 0; after it, no process of the sandbox's uid may remain (checked in /proc), no per-run cgroup folder may
+remain, and a correct ``add`` must pass in the same sandbox. Runs on every isolating backend this machine has
+(bubblewrap and util-linux ``unshare``); the tests fail, never skip, when neither works.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from posttrain.rewards.sandbox import Sandbox, SandboxError, SandboxLimits, SandboxResult
+
+GOOD = "def add(a, b):\n    return a + b\n"
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+ROOT = os.geteuid() == 0
+LIMITS = SandboxLimits(wall_time_s=4.0, test_time_s=2.0, cpu_time_s=4, memory_bytes=1 << 30, processes=24,
+                       tmpfs_bytes=32 << 20)
+BACKENDS = [b for b, tool in (("bwrap", "bwrap"), ("unshare", "unshare")) if shutil.which(tool)]
+
+
+def test_an_isolating_backend_is_installed() -> None:
+    """CI installs bubblewrap; without it util-linux unshare must do. Neither means no sandbox: fail loudly."""
+    assert BACKENDS, "neither bwrap nor unshare is installed: apt-get install -y bubblewrap"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sandbox(request: pytest.FixtureRequest) -> Sandbox:
+    # A uid of its own, so "no process of the sandbox's user remains" cannot be confused by anything else.
+    uid = 170000 + secrets.randbelow(20000)
+    return Sandbox(LIMITS, backend=request.param, uid=uid, gid=uid)
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        real_uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        if int(real_uid) == uid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _assert_clean_and_usable(sandbox: Sandbox) -> None:
+    """Nothing of the sandbox's uid runs any more, no run cgroup is left, and a correct candidate passes."""
+    if ROOT:
+        assert _processes_of(sandbox.uid) == []
+    cgroup = sandbox.info.pids_cgroup
+    if cgroup is not None:
+        base = Path(cgroup.split(" (")[0])
+        assert [p.name for p in base.iterdir() if p.is_dir()] == []
+    good = sandbox.run_tests(GOOD, [TEST], "add")
+    assert good.passed == [True] and good.token_ok
+
+
+def _hostile(sandbox: Sandbox, body: str, *, prelude: str = "") -> SandboxResult:
+    program = prelude + "def add(a, b):\n" + "".join(f"    {line}\n" for line in body.strip("\n").splitlines())
+    result = sandbox.run_tests(program, [TEST], "add")
+    assert result.passed == [False] and result.fraction == 0.0
+    return result
+
+
+def test_info_reports_real_isolation(sandbox: Sandbox) -> None:
+    info = sandbox.info
+    assert info.backend in ("bwrap", "unshare")
+    assert {"user", "pid", "net", "mount"} <= set(info.namespaces)
+    if ROOT:
+        assert info.unprivileged and info.uid == sandbox.uid != 0
+    probe = sandbox.run_tests(
+        "import os\nUID = os.getuid()\nROOT = sorted(os.listdir('/'))\n",
+        ["assert 'home' not in ROOT and 'root' not in ROOT and 'work' not in ROOT, ROOT"],
+    )
+    assert probe.passed == [True]
+
+
+def test_correct_and_wrong_candidates(sandbox: Sandbox) -> None:
+    ok = sandbox.run_tests(GOOD, [TEST, "def check(candidate):\n    assert candidate(1, 1) == 3\n"], "add")
+    assert ok.passed == [True, False] and ok.token_ok and ok.fraction == 0.5
+    plain = sandbox.run_tests("x = [1, 2]", ["assert sum(x) == 3", "assert len(x) == 3", "import math"])
+    assert plain.passed == [True, False, True]
+    broken = sandbox.run_tests("def add(a, b) return a", [TEST], "add")  # a syntax error fails every test
+    assert broken.passed == [False]
+
+
+def test_fork_bomb(sandbox: Sandbox) -> None:
+    start = time.monotonic()
+    result = _hostile(sandbox, """
+import os
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+""")
+    assert time.monotonic() - start < LIMITS.wall_time_s + 3
+    assert result.timed_out or not result.token_ok or result.passed == [False]
+    _assert_clean_and_usable(sandbox)
+
+
+def test_fork_bomb_is_capped_by_the_process_limit(sandbox: Sandbox) -> None:
+    """The harness counts how many forks succeed: never more than the limit, although the bomb asks for 500."""
+    result = sandbox.run_tests(
+        "import os, time\nmade = 0\nfor _ in range(500):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+        "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    made += 1\n",
+        ["assert made < 24, made", "assert made > 5, made"],
+    )
+    assert result.passed == [True, True], result.output
+    _assert_clean_and_usable(sandbox)
+
+
+def test_infinite_loop(sandbox: Sandbox) -> None:
+    result = _hostile(sandbox, "while True:\n    pass")
+    assert result.token_ok and not result.timed_out  # the per-test timer broke it off; the harness reported
+    _assert_clean_and_usable(sandbox)
+
+
+def test_infinite_loop_that_ignores_the_test_timer(sandbox: Sandbox) -> None:
+    start = time.monotonic()
+    result = _hostile(sandbox, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass")
+    assert result.timed_out and not result.token_ok
+    assert time.monotonic() - start < LIMITS.wall_time_s + 3
+    _assert_clean_and_usable(sandbox)
+
+
+def test_20_gb_allocation(sandbox: Sandbox) -> None:
+    result = _hostile(sandbox, "x = bytearray(20 * 2**30)\nreturn a + b")
+    assert not result.timed_out
+    _assert_clean_and_usable(sandbox)
+
+
+@pytest.mark.parametrize("where", ["big.bin", "/tmp/posttrain-big.bin"])
+def test_2_gb_file(sandbox: Sandbox, where: str) -> None:
+    host_twin = Path("/tmp") / f"posttrain-big-{secrets.token_hex(6)}.bin"
+    result = _hostile(sandbox, f"""
+import os
+for path in ({where!r}, {str(host_twin)!r}):
+    try:
+        with open(path, "wb") as f:
+            for _ in range(2048):
+                f.write(bytes(2**20))
+    except OSError as exc:
+        print("refused", path, exc.errno, os.path.getsize(path), flush=True)
+return None
+""")
+    refusals = [line.split() for line in result.output.splitlines() if line.startswith("refused")]
+    assert len(refusals) == 2, result.output
+    assert all(int(size) <= LIMITS.file_size_bytes for *_, size in refusals)
+    assert not host_twin.exists()
+    _assert_clean_and_usable(sandbox)
+
+
+def test_socket_to_a_real_listener_receives_nothing(sandbox: Sandbox) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(0.2)
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                received.append(conn.recv(1024) or b"<connected>")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        # The listener is real: a plain connection from the host gets through.
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as probe:
+            probe.sendall(b"host")
+        for _ in range(50):
+            if received:
+                break
+            time.sleep(0.02)
+        assert received == [b"host"]
+        received.clear()
+        result = _hostile(sandbox, f"""
+import socket
+s = socket.create_connection(("127.0.0.1", {port}), timeout=2)
+s.sendall(b"LEAK")
+return a + b
+""")
+        time.sleep(0.3)
+        assert received == []
+        assert result.token_ok  # the harness saw the connection fail and reported: contained, not crashed
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        listener.close()
+    _assert_clean_and_usable(sandbox)
+
+
+def test_background_process_does_not_outlive_the_run(sandbox: Sandbox) -> None:
+    result = _hostile(sandbox, """
+import os, subprocess, sys
+p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", "999"])
+    os._exit(0)
+print("spawned", p.pid, flush=True)
+return a + b + 1
+""")
+    assert "spawned" in result.output  # the attack really ran
+    _assert_clean_and_usable(sandbox)
+
+
+def test_writing_outside_its_folder(sandbox: Sandbox, tmp_path: Path) -> None:
+    existing = tmp_path / "existing.txt"
+    existing.write_text("host data\n")
+    fresh = tmp_path / "fresh.txt"
+    host_tmp = Path("/tmp") / f"posttrain-escape-{secrets.token_hex(6)}"
+    result = _hostile(sandbox, f"""
+import os
+hits = []
+for path in ({str(existing)!r}, {str(fresh)!r}, {str(host_tmp)!r}, "/usr/posttrain-escape", "/escape"):
+    try:
+        with open(path, "a") as f:
+            f.write("escaped")
+        hits.append(path)
+    except OSError:
+        pass
+print("written", hits, flush=True)
+return None
+""")
+    assert "written" in result.output
+    assert existing.read_text() == "host data\n"
+    assert not fresh.exists()
+    assert not host_tmp.exists()
+    assert not Path("/usr/posttrain-escape").exists() and not Path("/escape").exists()
+    _assert_clean_and_usable(sandbox)
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "exit(0)\n" + GOOD.replace("a + b", "a - b"),  # leaves before the tests run
+        "import os\nos._exit(0)\n",  # leaves without any exception the harness could see
+        "def add(a, b):\n    raise SystemExit(0)\n",  # exits from inside the test
+        "import sys\nprint('ALL TESTS PASSED')\nprint('1')\nsys.stdout.flush()\nimport os\nos._exit(0)\n",
+        (  # guesses the result protocol, not the token
+            "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'S' + b'0' * 32 + b'\\n1')\n"
+            "    except OSError:\n        pass\nos._exit(0)\n"
+        ),
+        "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b):\n    return 0\n",
+    ],
+    ids=["exit-early", "os-exit", "systemexit-in-test", "fake-success", "forged-result", "patched-exec"],
+)
+def test_cheats_do_not_pass(sandbox: Sandbox, program: str) -> None:
+    result = sandbox.run_tests(program, [TEST], "add")
+    assert result.passed == [False]
+    _assert_clean_and_usable(sandbox)
+
+
+def test_stdin_stdout_cases(sandbox: Sandbox) -> None:
+    program = "n = int(input())\nprint(n * 2)\nimport sys\nsys.exit(0)\n"
+    result = sandbox.run_io(program, [("2\n", "4\n"), ("5", "10"), ("3\n", "7\n"), ("x\n", "")])
+    assert result.token_ok and result.passed == [True, True, False, False]
+    assert result.outputs[:3] == ["4\n", "10\n", "6\n"]
+    hang = sandbox.run_io("import time\ntime.sleep(60)\n", [("", "")])
+    assert hang.passed == [False]
+    # The harness is the namespace's init: a candidate cannot kill it to make the run end its own way.
+    rogue = sandbox.run_io("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('5')\n", [("2\n", "4\n")])
+    assert rogue.token_ok and rogue.passed == [False] and rogue.outputs == ["5\n"]
+    _assert_clean_and_usable(sandbox)
+
+
+def test_parallel_runs_do_not_interfere(sandbox: Sandbox) -> None:
+    """A fork bomb and correct candidates at the same time: the correct ones still pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    jobs = [(bomb, "add")] + [(GOOD, "add")] * 5
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda job: sandbox.run_tests(job[0], [TEST], job[1]), jobs))
+    assert results[0].passed == [False]
+    assert all(r.passed == [True] for r in results[1:]), [r.output for r in results[1:]]
+    _assert_clean_and_usable(sandbox)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="wall_time_s"):
+        SandboxLimits(wall_time_s=0)
+    with pytest.raises(ValueError, match="processes"):
+        SandboxLimits(processes=1)
+    if ROOT:
+        with pytest.raises(ValueError, match="RLIMIT_NPROC"):
+            Sandbox(uid=0)
+
+
+def test_a_missing_interpreter_is_a_sandbox_error_not_a_failed_candidate() -> None:
+    sandbox = Sandbox(LIMITS, python="/nonexistent/python3")
+    with pytest.raises(SandboxError, match="no sandbox backend works"):
+        sandbox.run_tests(GOOD, [TEST], "add")
