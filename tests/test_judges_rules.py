@@ -60,12 +60,11 @@ def test_gopher_repetition_measures():
 
 def test_repetition_rule_rejects_a_looping_answer_and_keeps_prose(shared_data):
     with open(shared_data / "gsm8k" / "train.jsonl") as fh:
-        answer = json.loads(next(fh))["answer"]
+        prose = " ".join(json.loads(next(fh))["question"] for _ in range(4))  # four different word problems
     loop = "I will compute the answer now. " * 30
-    rules = [{"name": "repetition", "min_words": 10}]
-    (prose,), (looping,) = check(rules, [{"prompt": "q", "completion": answer},
-                                         {"prompt": "q", "completion": loop}])
-    assert prose.passed, prose.reasons
+    (kept,), (looping,) = check([{"name": "repetition"}], [{"prompt": "q", "completion": prose},
+                                                           {"prompt": "q", "completion": loop}])
+    assert len(prose.split()) >= 50 and kept.passed, kept.reasons
     assert not looping.passed and any("duplicate 5-gram" in r for r in looping.reasons)
     assert looping.scores["repetition.dup_5gram_frac"] > 0.9
 
