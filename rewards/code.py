@@ -10,11 +10,14 @@
   to the end (plain ``assert`` statements).
 
 The code is the last fenced ```` ```python ```` block of the completion (else the last unlabelled fence, else
-the whole completion). When the prompt is a string that defines the entry point and the completion is not
-fenced, the completion continues the prompt (a base model completing HumanEval), so the program is
-``prompt + completion``; a fenced answer gets the prompt's import lines prepended (``from typing import
-List``). The reward is the fraction of tests passed, or 1/0 with ``binary=True``; ``None`` when the sample has
-no tests, or when the sandbox itself failed for that sample (logged), never a silent 0.
+the whole completion). When the prompt is a string that defines the entry point (HumanEval's prompts are
+code: imports, helpers, the signature and docstring), the program is the prompt followed by the code: an
+unfenced completion continues the prompt (a base model writing the body), a fenced one follows it (a whole
+function redefines the docstring-only one; a bare indented body still continues it). Otherwise the program is
+the code alone.
+
+The reward is the fraction of tests passed, or 1/0 with ``binary=True``; ``None`` when the sample has no
+tests, or when the sandbox itself failed for that sample (logged), never a silent 0.
 
 This module must never run a completion outside :mod:`posttrain.rewards.sandbox`.
 """
@@ -53,16 +56,11 @@ def extract_code(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def _prompt_imports(prompt: str) -> str:
-    lines = [line for line in prompt.splitlines() if re.match(r"(import|from)\s+\w", line)]
-    return "\n".join(lines) + "\n" if lines else ""
-
-
 def build_program(prompt: Any, completion: Any, entry_point: str | None) -> str:
-    """The program to test: the extracted code, continued from or prefixed by the prompt as the docstring says."""
+    """The program to test: the extracted code, after the prompt when the prompt is code (see the module doc)."""
     code, fenced = extract_code(completion_text(completion))
     if isinstance(prompt, str) and entry_point and re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", prompt):
-        return _prompt_imports(prompt) + code if fenced else prompt + code
+        return prompt + ("\n" if fenced else "") + code
     return code
 
 
