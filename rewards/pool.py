@@ -4,7 +4,8 @@ Each reward is called on one sample at a time (``fn([prompt], [completion], **{c
 few persistent worker processes started with ``forkserver`` (``spawn`` where that is missing), so torch's
 threads in the parent are never forked. A sample that outlives ``timeout_s`` has its worker killed (SIGKILL)
 and replaced: threads cannot be killed and sympy stuck in C ignores signals, so this is the only limit that
-always holds. A reward that raises, times out, kills its worker or returns a bad value costs that sample:
+always holds. Each worker leads its own process group, and the kill reaches the group, so processes a reward
+started die with it. A reward that raises, times out, kills its worker or returns a bad value costs that sample:
 its value is ``None`` and a :class:`SampleError` names the sample, the reward and what happened. A reward that
 returns the wrong number of values, or cannot be loaded in a worker, is a configuration error and raises.
 
@@ -324,8 +325,12 @@ class _Worker:
         self.kill()
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
+        """SIGKILL the worker's whole process group (it leads its own), so processes a reward started die too."""
+        if self.process.is_alive() and self.process.pid is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # not yet its own group leader: kill it alone
+                self.process.kill()
         self.process.join(timeout=5.0)
         self.conn.close()
 
@@ -372,6 +377,10 @@ def _reference_targets(fn: Any) -> list[Any]:
 def _worker_main(conn: Connection) -> None:
     """A worker: load rewards, run one (reward, sample) at a time, answer on the pipe, until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us by message
+    try:
+        os.setsid()  # our own process group: a kill on timeout reaches whatever the reward started
+    except OSError:
+        pass
     rewards: dict[str, Any] = {}
     while True:
         try:

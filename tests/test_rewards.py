@@ -38,6 +38,7 @@ REWARDS_MODULE = '''
 """Rewards for the pool tests: each behaves according to the sample's `mode` column."""
 import asyncio
 import os
+import subprocess
 import time
 
 
@@ -51,6 +52,12 @@ def by_mode(prompts, completions, mode, **columns):
             raise ValueError("boom on purpose")
         if m == "exit":
             os._exit(7)
+        if m.startswith("spawn_and_hang:"):
+            child = subprocess.Popen(["sleep", "60"])
+            with open(m.split(":", 1)[1], "w") as fh:
+                fh.write(str(child.pid))
+            while True:
+                pass
         if m == "nan":
             out.append(float("nan"))
         elif m == "none":
@@ -171,6 +178,18 @@ def test_weighted_sum_skips_none_and_unscorable_samples_stay_none(reward_module:
     assert metrics["rewards/len/none_frac"] == pytest.approx(2 / 3)
 
 
+def test_async_rewards_work_in_process_even_inside_a_running_event_loop(reward_module: str) -> None:
+    import asyncio
+
+    rewards = RewardSet([WeightedReward("a", get(f"{reward_module}:async_len"))])
+    assert rewards.score(["p", "p"], ["ab", "abc"]).total == [2.0, 3.0]
+
+    async def inside_a_loop() -> list[float | None]:
+        return rewards.score(["p"], ["abcd"]).total
+
+    assert asyncio.run(inside_a_loop()) == [4.0]
+
+
 def test_reward_set_from_config_and_combine(reward_module: str) -> None:
     config = RewardsConfig(
         rewards=[
@@ -235,6 +254,27 @@ def test_timeout_kills_and_replaces_the_worker_and_the_run_goes_on(pool: RewardP
     # the replacement worker scores the next samples normally
     values, errors = pool.run({"m": fn}, ["p"] * 3, ["xy"] * 3, {"mode": ["ok"] * 3})
     assert values == {"m": [2.0, 2.0, 2.0]} and errors == []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie waiting for init to reap it is dead
+
+
+def test_a_timeout_also_kills_what_the_reward_started(pool: RewardPool, reward_module: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    values, errors = pool.run(
+        {"m": get(f"{reward_module}:by_mode")}, ["p"], ["c"], {"mode": [f"spawn_and_hang:{pid_file}"]}
+    )
+    assert values == {"m": [None]} and [e.kind for e in errors] == ["timeout"]
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 3
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(child), f"the reward's child process {child} outlived its killed worker"
 
 
 def test_a_failing_sample_costs_only_itself(pool: RewardPool, reward_module: str) -> None:
