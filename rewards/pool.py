@@ -329,7 +329,7 @@ class _Worker:
         if self.process.is_alive() and self.process.pid is not None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):  # not yet its own group leader: kill it alone
+            except (ProcessLookupError, PermissionError, AttributeError):  # not (yet) a group leader; or no killpg
                 self.process.kill()
         self.process.join(timeout=5.0)
         self.conn.close()

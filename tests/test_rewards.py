@@ -311,14 +311,17 @@ def test_wrong_count_and_unpicklable_rewards_are_clear_errors(pool: RewardPool, 
     assert pool.run({"m": get(f"{reward_module}:by_mode")}, ["p"], ["abcd"], {"mode": ["ok"]}) == ({"m": [4.0]}, [])
 
 
-def test_closed_pool_leaves_no_worker(reward_module: str) -> None:
-    pool = RewardPool(num_workers=2, timeout_s=5)
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_closed_pool_leaves_no_worker(reward_module: str, start_method: str) -> None:
+    pool = RewardPool(num_workers=2, timeout_s=5, start_method=start_method)
     processes = [w.process for w in pool._workers]
     assert pool.run({"m": get(f"{reward_module}:by_mode")}, ["p"], ["ab"], {"mode": ["ok"]})[0] == {"m": [2.0]}
     pool.close()
     assert all(not p.is_alive() for p in processes)
     with pytest.raises(RuntimeError, match="closed"):
         pool.run({"m": get(f"{reward_module}:by_mode")}, ["p"], ["ab"], {"mode": ["ok"]})
+    with pytest.raises(ValueError, match="fork"):
+        RewardPool(num_workers=1, start_method="fork")
 
 
 # ---------------------------------------------------------------------------------------------- format / overlong
