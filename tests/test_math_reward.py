@@ -147,6 +147,7 @@ def test_a_stuck_sympy_call_is_bounded_by_the_pool() -> None:
     """math-verify with its timeout off can hang in sympy (C code, no signal helps): the pool kills it."""
     with RewardPool(num_workers=1, timeout_s=2.0) as pool:
         stuck = get("posttrain.rewards.math:MathReward", max_digits=None)  # size guard off
+        assert pool.run({"math": stuck}, ["q"], [r"\boxed{1}"], {"answer": ["1"]}) == ({"math": [1.0]}, [])  # warm
         start = time.monotonic()
         values, errors = pool.run(
             {"math": stuck}, ["q"] * 2, [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{3}"], {"answer": ["5", "3"]}
@@ -154,7 +155,7 @@ def test_a_stuck_sympy_call_is_bounded_by_the_pool() -> None:
         elapsed = time.monotonic() - start
     assert values == {"math": [None, 1.0]}
     assert [(e.sample, e.kind) for e in errors] == [(0, "timeout")]
-    assert elapsed < 8.0
+    assert elapsed < 5.0, f"took {elapsed:.1f} s with a 2 s limit"
 
 
 def test_gold_column_name_is_an_option() -> None:
