@@ -339,6 +339,11 @@ class _PidsCgroup:
                     candidates.append((Path(mount_point) / paths[key].lstrip("/"), 1))
         for own_dir, version in candidates:
             base = own_dir / f"posttrain-sandbox-{os.getpid()}"
+            if version == 2:  # children see pids only if every level enables it; works where the level is empty
+                try:
+                    (own_dir / "cgroup.subtree_control").write_text("+pids")
+                except OSError:
+                    pass
             try:
                 base.mkdir(exist_ok=True)
                 if version == 2:
@@ -704,7 +709,7 @@ class Sandbox:
                 ["RLIMIT_CORE", 0],
             ],
         )
-        job_fd = os.memfd_create("posttrain-sandbox-job", 0)
+        job_fd = os.memfd_create("posttrain-sandbox-job", os.MFD_CLOEXEC)
         res_r, res_w = os.pipe()
         workdir = cgroup = proc = None
         start = time.monotonic()
@@ -793,20 +798,26 @@ class Sandbox:
         return SandboxResult(passed, True, timed_out, exit_code, text, duration, [c[3] for c in cases])
 
     def _collect(self, proc: subprocess.Popen, res_r: int, deadline: float) -> tuple[bytes, bytes, bool]:
-        """Read the result pipe and the (capped) output until both close or the deadline passes."""
+        """Read the result pipe and the (capped) output until both close, the sandbox's top process exits (a
+        leftover of the ``process`` backend may hold the pipes open), or the deadline passes."""
         assert proc.stdout is not None
         out_fd = proc.stdout.fileno()
         caps = {res_r: 64 << 20, out_fd: self.limits.output_bytes}
         data: dict[int, bytearray] = {res_r: bytearray(), out_fd: bytearray()}
+        timed_out = False
         with selectors.DefaultSelector() as sel:
             for fd in (res_r, out_fd):
                 sel.register(fd, selectors.EVENT_READ)
+            exited = False
             while sel.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    proc.stdout.close()
-                    return bytes(data[res_r]), bytes(data[out_fd]), True
-                for key, _ in sel.select(remaining):
+                    timed_out = True
+                    break
+                ready = sel.select(0 if exited else min(remaining, 0.05))
+                if exited and not ready:
+                    break  # the top process is gone and its pipes are drained
+                for key, _ in ready:
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
                         sel.unregister(key.fd)
@@ -814,8 +825,9 @@ class Sandbox:
                     room = caps[key.fd] - len(data[key.fd])
                     if room > 0:
                         data[key.fd] += chunk[:room]
+                exited = exited or proc.poll() is not None
         proc.stdout.close()
-        return bytes(data[res_r]), bytes(data[out_fd]), False
+        return bytes(data[res_r]), bytes(data[out_fd]), timed_out
 
     def _kill(self, proc: subprocess.Popen) -> None:
         """Kill the sandbox: first the PID namespace's init (its death kills every process in the namespace),
@@ -845,17 +857,37 @@ class Sandbox:
         return path
 
     def _kill_uid_leftovers(self) -> None:
-        """``process`` backend without a PID namespace: kill what the candidate left running under its uid."""
+        """``process`` backend without a PID namespace: kill what the candidate left running under its uid, and
+        wait (up to 2 s) until none of it runs any more (a zombie waiting for the host's init does not run)."""
         if not self._root or self._cgroup is not None:
             return
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if entry.stat().st_uid == self.uid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+        deadline = time.monotonic() + 2.0
+        while True:
+            alive = [pid for pid, state in _processes_of_uid(self.uid) if state != "Z"]
+            if not alive or time.monotonic() > deadline:
+                return
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+
+
+def _processes_of_uid(uid: int) -> list[tuple[int, str]]:
+    """(pid, state letter) of every process whose real uid is ``uid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            found.append((int(entry.name), fields.get("State", "?").split()[0]))
+    return found
 
 
 def _children_of(pid: int) -> list[int]:

@@ -309,3 +309,28 @@ def test_a_missing_interpreter_is_a_sandbox_error_not_a_failed_candidate() -> No
     sandbox = Sandbox(LIMITS, python="/nonexistent/python3")
     with pytest.raises(SandboxError, match="no sandbox backend works"):
         sandbox.run_tests(GOOD, [TEST], "add")
+
+
+def test_process_backend_is_explicit_and_honest_about_it() -> None:
+    """The weak fallback is never picked by ``auto``; chosen by name it says what it lacks, and still kills
+    what the candidate leaves running and refuses cheats."""
+    uid = 190000 + secrets.randbelow(5000)
+    sandbox = Sandbox(LIMITS, backend="process", uid=uid, gid=uid)
+    info = sandbox.info
+    assert info.backend == "process" and info.namespaces == () and "not isolated" in info.network
+    assert Sandbox(LIMITS).info.backend in ("bwrap", "unshare")
+    result = sandbox.run_tests(
+        "import subprocess\nsubprocess.Popen(['sleep', '100'], start_new_session=True)\n" + GOOD, [TEST], "add"
+    )
+    assert result.passed == [True]
+    assert sandbox.run_tests("import os\nos._exit(0)\n", [TEST], "add").passed == [False]
+    if ROOT:
+        running = []
+        for pid in _processes_of(uid):
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":  # a zombie waits for the host's init to reap it; it runs nothing
+                running.append(pid)
+        assert running == []
