@@ -15,6 +15,7 @@ Importing this package imports neither sympy/math-verify nor the code sandbox: b
 """
 
 from posttrain.rewards.base import (
+    RewardConfigError,
     RewardCountError,
     RewardError,
     RewardFn,
@@ -45,6 +46,7 @@ from posttrain.rewards.registry import (
 __all__ = [
     "BUILTIN_REWARDS",
     "ENTRY_POINT_GROUP",
+    "RewardConfigError",
     "RewardCountError",
     "RewardError",
     "RewardFn",

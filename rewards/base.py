@@ -36,6 +36,14 @@ class RewardCountError(RewardError):
         self.reward, self.expected, self.got = reward, expected, got
 
 
+class RewardConfigError(RewardError):
+    """Raised by a reward for a problem with its configuration or the batch's columns (a missing column).
+
+    Unlike any other exception from a reward, which costs only the sample it was raised on, this stops the
+    run with its message: the same mistake would otherwise turn every sample into ``None``.
+    """
+
+
 class RewardValueError(RewardError):
     """A reward returned something that is neither a finite number nor ``None`` for one sample."""
 
@@ -147,7 +155,8 @@ def call_reward(
 ) -> list[float | None]:
     """Call ``fn`` on a batch, await it if it is async, and check the count and every value.
 
-    Raises whatever ``fn`` raises, :class:`RewardCountError` for a wrong number of values and
+    Raises whatever ``fn`` raises (:class:`RewardConfigError` included), :class:`RewardCountError` for a wrong
+    number of values and
     :class:`RewardValueError` for a value that is not a finite number or ``None``.
     """
     out = run_maybe_async(fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()}))

@@ -8,7 +8,7 @@ loop gives them advantage 0 and reports them, never a silent 0), the per-sample 
 
 In-process scoring has no time limit: it is for tests, evaluation and rewards that manage their own limits
 (``in_process=True``). This module must never swallow a configuration error (unknown name, bad options,
-wrong number of values): those raise.
+wrong number of values, ``RewardConfigError`` from a reward): those raise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.rewards.base import RewardCountError, RewardFn, RewardValueError, call_reward, reward_name
+from posttrain.rewards.base import (
+    RewardConfigError,
+    RewardCountError,
+    RewardFn,
+    RewardValueError,
+    call_reward,
+    reward_name,
+)
 from posttrain.rewards.pool import RewardPool, SampleError
 
 logger = logging.getLogger(__name__)
@@ -192,7 +199,7 @@ def score_in_process(
     """Call ``fn`` on the whole batch; if it raises, call it per sample so one bad sample costs only itself."""
     try:
         return call_reward(name, fn, prompts, completions, dict(columns)), []
-    except RewardCountError:
+    except (RewardCountError, RewardConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure: find the sample(s) responsible
         logger.info("reward %r raised on the batch (%s: %s); scoring sample by sample", name, type(exc).__name__, exc)
@@ -202,7 +209,7 @@ def score_in_process(
         row = {column: [column_values[i]] for column, column_values in columns.items()}
         try:
             values.append(call_reward(name, fn, [prompts[i]], [completions[i]], row)[0])
-        except RewardCountError:
+        except (RewardCountError, RewardConfigError):
             raise
         except RewardValueError as exc:
             values.append(None)

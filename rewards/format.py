@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
-from posttrain.rewards.base import NamedReward, RewardError, completion_text
+from posttrain.rewards.base import NamedReward, RewardConfigError, completion_text
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class OverlongReward(NamedReward):
         max_len: L_max, the generation limit in tokens.
         cache_len: L_cache, the width of the linear penalty band before ``max_len``.
         tokenizer: used only when the batch has no ``completion_ids`` column: a local path/name, or an object
-            with ``encode``.
+            with ``encode(text, add_special_tokens=False)`` (a transformers tokenizer).
     """
 
     reward_name: ClassVar[str] = "overlong"
@@ -135,7 +135,7 @@ class OverlongReward(NamedReward):
         elif self.tokenizer is not None:
             lengths = [len(self._encode(completion_text(c))) for c in completions]
         else:
-            raise RewardError(
+            raise RewardConfigError(
                 "overlong reward measures tokens: give the batch a 'completion_ids' column or the reward a tokenizer "
                 "(get('overlong', max_len=..., cache_len=..., tokenizer='path/to/tokenizer'))"
             )

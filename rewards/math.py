@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from posttrain.rewards.base import NamedReward, RewardError, completion_text
+from posttrain.rewards.base import NamedReward, RewardConfigError, completion_text
 
 
 class _DroppedTimeoutWarning(logging.Filter):
@@ -86,7 +86,7 @@ class MathReward(NamedReward):
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         if self.answer_column not in columns:
-            raise RewardError(
+            raise RewardConfigError(
                 f"math reward needs the gold answers in column {self.answer_column!r}; "
                 f"the batch has columns {sorted(columns)}"
             )

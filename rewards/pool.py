@@ -7,7 +7,8 @@ and replaced: threads cannot be killed and sympy stuck in C ignores signals, so 
 always holds. Each worker leads its own process group, and the kill reaches the group, so processes a reward
 started die with it. A reward that raises, times out, kills its worker or returns a bad value costs that sample:
 its value is ``None`` and a :class:`SampleError` names the sample, the reward and what happened. A reward that
-returns the wrong number of values, or cannot be loaded in a worker, is a configuration error and raises.
+returns the wrong number of values, raises :class:`RewardConfigError` (a missing column, say) or cannot be
+loaded in a worker, is a configuration error and raises.
 
 Rewards travel to the workers pickled, once per worker. Lambdas, closures and functions defined in an
 interactive ``__main__`` cannot be pickled by reference: ``run`` refuses them with
@@ -39,7 +40,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Self
 
-from posttrain.rewards.base import RewardCountError, RewardError, RewardFn, RewardValueError, call_reward
+from posttrain.rewards.base import (
+    RewardConfigError,
+    RewardCountError,
+    RewardError,
+    RewardFn,
+    RewardValueError,
+    call_reward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +267,9 @@ class RewardPool:
             if kind == "count":
                 worker.state, worker.task = "idle", None
                 raise RewardCountError(task.reward, 1, detail)
+            if kind == "config":
+                worker.state, worker.task = "idle", None
+                raise RewardConfigError(f"reward {task.reward!r}: {detail}")
             if kind is None:
                 values[task.reward][task.sample] = value
             else:
@@ -407,6 +418,8 @@ def _worker_main(conn: Connection) -> None:
             reply: tuple[Any, ...] = ("result", task_id, value, None, None)
         except RewardCountError as exc:
             reply = ("result", task_id, None, "count", exc.got)
+        except RewardConfigError as exc:
+            reply = ("result", task_id, None, "config", str(exc))
         except RewardValueError as exc:
             reply = ("result", task_id, None, "invalid_value", str(exc))
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: a reward's failure costs its sample

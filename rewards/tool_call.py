@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from posttrain.rewards.base import NamedReward, RewardError, completion_text
+from posttrain.rewards.base import NamedReward, RewardConfigError, completion_text
 
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -360,7 +360,7 @@ class ToolCallReward(NamedReward):
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         if self.ground_truth_column not in columns:
-            raise RewardError(
+            raise RewardConfigError(
                 f"tool_call reward needs column {self.ground_truth_column!r}; the batch has {sorted(columns)}"
             )
         truths = columns[self.ground_truth_column]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from posttrain.rewards import RewardPool, RewardSet, WeightedReward, get
+from posttrain.rewards import RewardConfigError, RewardPool, RewardSet, WeightedReward, get
 from posttrain.rewards.math import MathReward, extract_answer, gold_answer_text, last_boxed
 
 
@@ -161,5 +161,5 @@ def test_a_stuck_sympy_call_is_bounded_by_the_pool() -> None:
 def test_gold_column_name_is_an_option() -> None:
     reward = get("math", answer_column="solution")
     assert reward(["q"], [r"\boxed{4}"], solution=["4"]) == [1.0]
-    with pytest.raises(Exception, match="column 'solution'"):
+    with pytest.raises(RewardConfigError, match="column 'solution'"):
         reward(["q"], [r"\boxed{4}"], answer=["4"])

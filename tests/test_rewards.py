@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from posttrain.rewards import (
+    RewardConfigError,
     RewardCountError,
     RewardNotPicklableError,
     RewardOptionError,
@@ -296,6 +297,10 @@ def test_wrong_count_and_unpicklable_rewards_are_clear_errors(pool: RewardPool, 
         pool.run({"two": get(f"{reward_module}:two_values")}, ["p"], ["c"])
     with pytest.raises(RewardCountError, match=r"returned 2 values for 3 completions"):
         RewardSet([WeightedReward("two", get(f"{reward_module}:two_values"))]).score(["p"] * 3, ["c"] * 3)
+    with pytest.raises(RewardConfigError, match="column 'answer'"):  # a missing column stops the run
+        pool.run({"math": get("math")}, ["p"], ["c"], {"solution": ["1"]})
+    with pytest.raises(RewardConfigError, match="column 'answer'"):
+        RewardSet([WeightedReward("math", get("math"))]).score(["p"], ["c"], solution=["1"])
     with pytest.raises(RewardNotPicklableError, match="module:function"):
         pool.run({"lam": lambda prompts, completions, **kw: [1.0] * len(completions)}, ["p"], ["c"])
     # in-process rewards need no pickling: a lambda works when marked so, beside pooled rewards
@@ -362,7 +367,7 @@ def test_overlong_reward_follows_dapo() -> None:
 
     with_tokenizer = OverlongReward(max_len=20, cache_len=4, tokenizer=WordTokenizer())
     assert with_tokenizer(["p", "p"], ["w " * 10, "w " * 18]) == [0.0, -0.5]
-    with pytest.raises(Exception, match="completion_ids"):
+    with pytest.raises(RewardConfigError, match="completion_ids"):
         reward(["p"], ["text"])
 
 
