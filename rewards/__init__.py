@@ -12,6 +12,19 @@ A reward is ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's
 - ``completion_text``: the text of a string or chat completion.
 
 Importing this package imports neither sympy/math-verify nor the code sandbox: built-ins load on ``get``.
+
+How a training loop uses it::
+
+    config = RewardsConfig(rewards=[RewardSpec("math"), RewardSpec("overlong", 1.0, {"max_len": 1024, "cache_len": 256})])
+    reward_set, pool = config.build()          # pool: None when config.num_workers == 0
+    try:
+        result = reward_set.score(prompts, completions, pool=pool, answer=answers, completion_ids=ids)
+        rewards = result.total                 # None where no reward could score: advantage 0, reported
+        accuracy = result.values["math"]       # the verifier's own outcome, e.g. for dynamic sampling
+        log(result.metrics())                  # mean/std per reward, unscored and error counts
+    finally:
+        if pool is not None:
+            pool.close()
 """
 
 from posttrain.rewards.base import (
