@@ -11,9 +11,11 @@ returns the wrong number of values, raises :class:`RewardConfigError` (a missing
 loaded in a worker, is a configuration error and raises.
 
 Rewards travel to the workers pickled, once per worker. Lambdas, closures and functions defined in an
-interactive ``__main__`` cannot be pickled by reference: ``run`` refuses them with
+interactive ``__main__`` (``python -c``, a notebook) cannot be pickled by reference: ``run`` refuses them with
 :class:`RewardNotPicklableError`, which says how to fix it (define the function in an importable module and
-name it ``module:function``, or run it in-process through ``RewardSet``). Rewards may define ``warmup()``;
+name it ``module:function``, or run it in-process through ``RewardSet``). Functions defined in a script file
+work: as in any spawn/forkserver program, workers re-import the script (so its entry point must sit under
+``if __name__ == "__main__":``). Rewards may define ``warmup()``;
 a worker calls it when it loads the reward (heavy imports), outside any sample's time limit.
 
 The pool never scores anything itself, never uses signals or threads as time limits, and never leaves a
@@ -102,6 +104,12 @@ class RewardPool:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0 or not load_timeout_s > 0:
             raise ValueError(f"RewardPool: timeout_s and load_timeout_s must be > 0, got {timeout_s}, {load_timeout_s}")
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if isinstance(main_file, str) and main_file.startswith("<"):  # `python - < script.py`
+            raise RuntimeError(
+                f"RewardPool: the main module was read from {main_file}, which worker processes cannot re-import "
+                "(multiprocessing's spawn/forkserver need a file); save the script to a file and run that"
+            )
         start_method = start_method or default_start_method()
         if start_method == "fork":
             raise ValueError("RewardPool: start_method 'fork' is unsafe with torch's threads; use forkserver or spawn")

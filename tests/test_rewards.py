@@ -316,6 +316,33 @@ def test_wrong_count_and_unpicklable_rewards_are_clear_errors(pool: RewardPool, 
     assert pool.run({"m": get(f"{reward_module}:by_mode")}, ["p"], ["abcd"], {"mode": ["ok"]}) == ({"m": [4.0]}, [])
 
 
+SCRIPT_WITH_MAIN_REWARD = """
+from posttrain.rewards import RewardPool, RewardSet, WeightedReward
+
+
+def shout(prompts, completions, **columns):
+    return [float(c.isupper()) for c in completions]
+
+
+if __name__ == "__main__":
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        result = RewardSet([WeightedReward("shout", shout)]).score(["p", "p"], ["YES", "no"], pool=pool)
+    print(result.total)
+"""
+
+
+def test_rewards_defined_in_main(tmp_path: Path) -> None:
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT_WITH_MAIN_REWARD)
+    run = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[1.0, 0.0]"  # a script's functions reach the workers (they re-import it)
+    interactive = SCRIPT_WITH_MAIN_REWARD.replace('if __name__ == "__main__":', "if True:")
+    run = subprocess.run([sys.executable, "-c", interactive], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "RewardNotPicklableError" in run.stderr and "interactive __main__" in run.stderr
+
+
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_closed_pool_leaves_no_worker(reward_module: str, start_method: str) -> None:
     pool = RewardPool(num_workers=2, timeout_s=5, start_method=start_method)
