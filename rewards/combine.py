@@ -17,6 +17,7 @@ import logging
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,15 +153,21 @@ class RewardSet:
         values: dict[str, list[float | None]] = {}
         errors: list[SampleError] = []
         pooled = {r.name: r.fn for r in self.rewards if pool is not None and not r.in_process}
-        if pooled:
-            assert pool is not None
-            pooled_values, pooled_errors = pool.run(pooled, prompts, completions, columns)
-            values.update(pooled_values)
-            errors.extend(pooled_errors)
-        for r in self.rewards:
-            if r.name not in pooled:
-                values[r.name], batch_errors = score_in_process(r.name, r.fn, prompts, completions, columns)
-                errors.extend(batch_errors)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-reward-pool") as executor:
+            # the pool's workers score while this thread runs the in-process rewards
+            pending = (
+                executor.submit(pool.run, pooled, prompts, completions, columns)
+                if pool is not None and pooled
+                else None
+            )
+            for r in self.rewards:
+                if r.name not in pooled:
+                    values[r.name], batch_errors = score_in_process(r.name, r.fn, prompts, completions, columns)
+                    errors.extend(batch_errors)
+            if pending is not None:
+                pooled_values, pooled_errors = pending.result()
+                values.update(pooled_values)
+                errors.extend(pooled_errors)
         values = {r.name: values[r.name] for r in self.rewards}
         weights = {r.name: r.weight for r in self.rewards}
         total = combine_values(values, weights)
