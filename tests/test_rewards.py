@@ -17,6 +17,7 @@ import pytest
 from posttrain.rewards import (
     RewardConfigError,
     RewardCountError,
+    RewardLoadError,
     RewardNotPicklableError,
     RewardOptionError,
     RewardPool,
@@ -314,6 +315,23 @@ def test_wrong_count_and_unpicklable_rewards_are_clear_errors(pool: RewardPool, 
     assert result.total == [2.5, 3.5]
     # and the pool is still usable after those errors
     assert pool.run({"m": get(f"{reward_module}:by_mode")}, ["p"], ["abcd"], {"mode": ["ok"]}) == ({"m": [4.0]}, [])
+
+
+def test_a_reward_workers_cannot_import_is_a_load_error(tmp_path: Path) -> None:
+    (tmp_path / "posttrain_test_parent_only.py").write_text("def r(prompts, completions, **kw):\n    return [1.0]\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        fn = get("posttrain_test_parent_only:r")
+    finally:
+        sys.path.remove(str(tmp_path))  # workers started from now on cannot import it
+    try:
+        with RewardPool(num_workers=1, timeout_s=5) as pool:
+            with pytest.raises(RewardLoadError, match="could not load reward 'r'") as err:
+                pool.run({"r": fn}, ["p"], ["c"])
+            assert "posttrain_test_parent_only" in str(err.value)
+            assert pool.run({"m": get("format")}, ["p"], ["<think>t</think> a"]) == ({"m": [1.0]}, [])
+    finally:
+        sys.modules.pop("posttrain_test_parent_only", None)
 
 
 SCRIPT_WITH_MAIN_REWARD = """
