@@ -136,6 +136,10 @@ def test_options_are_validated(reward_module: str) -> None:
         get("overlong", max_length=100)
     with pytest.raises(ValueError, match="cache_len"):
         get("overlong", max_len=10, cache_len=20)
+    code = get("code", binary=True)  # a function's keyword-only parameters are its options
+    assert code.func.__module__ == "posttrain.rewards.code" and code.keywords == {"binary": True}
+    with pytest.raises(RewardOptionError, match="binaryy"):
+        get("code", binaryy=True)
     scaled = get(f"{reward_module}:with_option", scale=2.0)
     assert scaled(["p"], ["abc"]) == [6.0]
     with pytest.raises(RewardOptionError, match="scaling"):
