@@ -339,6 +339,7 @@ class _PidsCgroup:
                 if key is not None:
                     candidates.append((Path(mount_point) / paths[key].lstrip("/"), 1))
         for own_dir, version in candidates:
+            _remove_stale_bases(own_dir)
             base = own_dir / f"posttrain-sandbox-{os.getpid()}"
             if version == 2:  # children see pids only if every level enables it; works where the level is empty
                 try:
@@ -394,6 +395,18 @@ class _PidsCgroup:
                 logger.error("sandbox cgroup %s still holds processes %s after 5 s", path, pids)
                 return
             time.sleep(0.01)
+
+
+def _remove_stale_bases(own_dir: Path) -> None:
+    """Remove the (empty) cgroup folders of earlier processes that were killed before their atexit ran."""
+    try:
+        stale = [p for p in own_dir.glob("posttrain-sandbox-*") if not Path(f"/proc/{p.name.rsplit('-', 1)[1]}").exists()]
+    except OSError:
+        return
+    for base in stale:
+        for run in base.glob("run-*"):
+            _remove_quietly(run)
+        _remove_quietly(base)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -538,8 +551,8 @@ class Sandbox:
         tool = {"bwrap": "bwrap", "unshare": "unshare", "process": None}[backend]
         if tool and shutil.which(tool) is None:
             return f"{tool} is not installed"
-        if self._root and shutil.which("setpriv") is None:
-            return "setpriv (util-linux) is not installed, so the sandbox cannot drop root"
+        if shutil.which("setpriv") is None:
+            return "setpriv (util-linux) is not installed: it drops root and ties the sandbox to its parent"
         try:
             result = self._execute(
                 {"mode": "tests", "program": "import os\nx = 41", "tests": ["assert x + 1 == 42"], "entry_point": ""},
@@ -610,7 +623,10 @@ class Sandbox:
 
     def _command(self, backend: str, job_fd: int, res_fd: int, workdir: str | None) -> list[str]:
         python = [self.python, "-I", "-c", _HARNESS, str(job_fd), str(res_fd)]
-        drop = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"] if self._root else []
+        # setpriv drops root for the sandbox uid, and makes the sandbox die with the process that started it (a
+        # reward worker killed on its own timeout leaves nothing running; bwrap/unshare keep the signal).
+        identity = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"] if self._root else []
+        drop = ["setpriv", "--pdeathsig", "KILL", *identity, "--"]
         tmpfs = str(self.limits.tmpfs_bytes)
         if backend == "bwrap":
             prefix = _python_prefix(self.python)

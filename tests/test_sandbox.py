@@ -325,12 +325,49 @@ def test_process_backend_is_explicit_and_honest_about_it() -> None:
     assert result.passed == [True]
     assert sandbox.run_tests("import os\nos._exit(0)\n", [TEST], "add").passed == [False]
     if ROOT:
-        running = []
-        for pid in _processes_of(uid):
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":  # a zombie waits for the host's init to reap it; it runs nothing
-                running.append(pid)
+        # A zombie waits for the host's init to reap it; it runs nothing.
+        assert [p for p in _processes_of(uid) if _state(p) not in ("Z", "X", None)] == []
+
+
+def test_a_killed_host_takes_its_sandbox_with_it(sandbox: Sandbox) -> None:
+    """The reward pool kills a worker on its time limit: the sandbox it was running must die with it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    uid = 195000 + secrets.randbelow(4000)
+    code = textwrap.dedent(f"""
+        from posttrain.rewards.sandbox import Sandbox, SandboxLimits
+        sandbox = Sandbox(SandboxLimits(wall_time_s=60, test_time_s=60), backend={sandbox.info.backend!r},
+                          uid={uid}, gid={uid})
+        _ = sandbox.info
+        print("ready", flush=True)
+        sandbox.run_tests("import signal, time\\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\\ntime.sleep(600)",
+                          ["pass"])
+    """)
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None and host.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while ROOT and not _processes_of(uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ROOT:
+            assert _processes_of(uid), "the sleeping candidate never started"
+    finally:
+        host.kill()
+        host.wait()
+    if ROOT:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            running = [p for p in _processes_of(uid) if _state(p) not in ("Z", "X", None)]
+            if not running:
+                break
+            time.sleep(0.05)
         assert running == []
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return None
