@@ -55,6 +55,14 @@ def test_every_gsm8k_test_solution_scores_1_and_0_once_its_final_number_changes(
         ("1,234,567", "#### 1234567"),
         ("-3", r"\boxed{-3}"),
         ("50", "The answer is 50%."),
+        (r"\frac{1}{2}", r"\boxed{\dfrac{1}{2}}"),
+        ("(1,2)", r"\boxed{(1, 2)}"),
+        ("1+x^2", r"\boxed{x^2+1}"),
+        (r"\sqrt{12}", r"\boxed{2\sqrt{3}}"),
+        ("18", r"\boxed{18 \text{ dollars}}"),
+        ("18", r"\boxed{\$18.00}"),
+        ("1000", r"\boxed{1{,}000}"),
+        ("-4", "\\boxed{\u22124}"),  # a unicode minus sign
     ],
 )
 def test_equivalent_answers_score_1(gold: str, completion: str) -> None:
@@ -70,6 +78,8 @@ def test_equivalent_answers_score_1(gold: str, completion: str) -> None:
         ("0.5", r"\boxed{\frac{1}{3}}"),
         ("18", "I could not solve it."),
         ("5", r"\boxed{x = 6}"),
+        ("x^2+1", r"\boxed{x^2+2}"),
+        ("(1,2)", r"\boxed{(2, 1)}"),
     ],
 )
 def test_near_misses_and_missing_answers_score_0(gold: str, completion: str) -> None:
