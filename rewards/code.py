@@ -98,7 +98,8 @@ def code_reward(
 ) -> list[float | None]:
     """Fraction of tests each completion passes in the sandbox (1/0 with ``binary``); None without tests.
 
-    ``limits`` and ``backend`` configure the sandbox (see :class:`~posttrain.rewards.sandbox.SandboxLimits`);
+    ``limits`` and ``backend`` configure the sandbox (see :class:`~posttrain.rewards.sandbox.SandboxLimits`;
+    its ``wall_time_s`` must stay below the reward pool's ``timeout_s``, or a hanging candidate scores None);
     ``workers`` is how many candidates run at once (default: the CPU count). Raises
     :class:`~posttrain.rewards.sandbox.SandboxUnavailableError` when no sandbox works on this machine.
     """

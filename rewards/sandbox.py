@@ -72,11 +72,13 @@ class SandboxUnavailableError(SandboxError):
 class SandboxLimits:
     """Resource limits for one sandboxed run (one candidate against all of its tests)."""
 
-    wall_time_s: float = 10.0
-    """Wall-clock limit for the whole run; on expiry every process of the sandbox is killed."""
-    test_time_s: float | None = None
+    wall_time_s: float = 6.0
+    """Wall-clock limit for the whole run; on expiry every process of the sandbox is killed. Keep it below the
+    reward pool's per-sample ``timeout_s`` (10 s by default), so that a hanging candidate scores 0 here instead
+    of costing its worker and scoring None there."""
+    test_time_s: float | None = 4.0
     """Limit for each Python test or stdin/stdout case (an interval timer in the harness); None: wall_time_s."""
-    cpu_time_s: int = 10
+    cpu_time_s: int = 6
     """RLIMIT_CPU of every sandboxed process, seconds."""
     memory_bytes: int = 2 << 30
     """RLIMIT_AS (address space) of every sandboxed process."""
