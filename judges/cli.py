@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split to read from a saved DatasetDict")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. judge.backend.concurrency=4 (repeatable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes for the rules and dedup signatures (the output does not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run_filter(config, args.input, args.output, fmt=args.format, split=args.split, config_source=args.config,
-                   show_progress=not args.no_progress, console=console)
+                   show_progress=not args.no_progress, console=console, workers=args.workers)
     except (ConfigError, SampleError, JudgeBackendError, FileNotFoundError) as exc:
         print(f"posttrain filter: error: {exc}", file=sys.stderr)
         return 2

@@ -73,7 +73,7 @@ class LanguageRule:
     target: Literal["completion", "prompt", "text"] = "text"
     languages: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes to keep
     min_confidence: float = 0.5  # fastText's probability of the detected language
-    max_chars: int = 600  # classify only the first characters: the language of a sample is settled early
+    max_chars: int = 300  # classify only the first characters: the language of a sample is settled early
     min_chars: int = 20  # shorter texts are not classified and pass
 
 

@@ -33,6 +33,19 @@ _MASK64 = (1 << 64) - 1
 _MULT = np.array([(0x9E3779B97F4A7C15 * (2 * k + 1)) & _MASK64 for k in range(64)], dtype=np.uint64)
 
 
+class _WordHashes(dict):
+    """word -> xxh64 of its UTF-8 bytes, computed once per distinct word (vocabularies repeat a lot)."""
+
+    def __missing__(self, word: str) -> int:
+        if len(self) > 2_000_000:  # bound the memory on huge, diverse inputs
+            self.clear()
+        value = self[word] = xxhash.xxh64_intdigest(word.encode())
+        return value
+
+
+_WORD_HASHES = _WordHashes()
+
+
 def shingles(text: str, ngram: int, normalized: bool = False) -> np.ndarray:
     """Word n-gram shingles of the normalised text (punctuation dropped), as a sorted array of unique 64-bit hashes.
 
@@ -41,8 +54,7 @@ def shingles(text: str, ngram: int, normalized: bool = False) -> np.ndarray:
     """
     if ngram > len(_MULT):
         raise ValueError(f"dedup.near.ngram: at most {len(_MULT)}")
-    h = xxhash.xxh64_intdigest
-    words = np.fromiter((h(w.encode()) for w in _WORD.findall(text if normalized else normalize_text(text))),
+    words = np.fromiter(map(_WORD_HASHES.__getitem__, _WORD.findall(text if normalized else normalize_text(text))),
                         dtype=np.uint64)
     if len(words) == 0:
         return words
@@ -71,6 +83,35 @@ class Duplicate:
     jaccard: float
 
 
+@dataclass
+class Signature:
+    """What dedup needs of one text; computed anywhere (worker processes included), compared in one place."""
+
+    digest: bytes  # xxh3-128 of the normalised text
+    shingles: np.ndarray | None  # sorted unique shingle hashes (near dedup only)
+    minhash: np.ndarray | None  # MinHash signature over the shingles (near dedup only)
+
+
+class Signer:
+    """Turns texts into Signatures with fixed seeds: the same text gets the same signature in any process."""
+
+    def __init__(self, config: DedupConfig) -> None:
+        self.config = config
+        near = config.near
+        self._minhash = MinHash(num_perm=near.num_perm, seed=near.seed, hashfunc=int) if near.enabled else None
+
+    def __call__(self, text: str) -> Signature:
+        text = normalize_text(text)
+        digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
+        if self._minhash is None:
+            return Signature(digest, None, None)
+        sh = shingles(text, self.config.near.ngram, normalized=True)
+        m = self._minhash
+        m.clear()
+        m.update_batch((sh & np.uint64(0xFFFFFFFF)).tolist())
+        return Signature(digest, sh, m.hashvalues.copy())
+
+
 class NearDuplicateIndex:
     """MinHash LSH over the kept samples; ``add`` returns the duplicate it finds or inserts the sample."""
 
@@ -78,14 +119,15 @@ class NearDuplicateIndex:
         self.config = config
         lsh_threshold = config.lsh_threshold if config.lsh_threshold is not None else max(config.threshold - 0.1, 0.05)
         self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=config.num_perm)
-        # One MinHash reused for every sample (cleared each time): the LSH keeps band keys, not the object.
-        self._minhash = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=int)
+        # One MinHash object carries each signature into the LSH, which keeps band keys, not the object.
+        self._carrier = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=int)
         self.kept: dict[int, np.ndarray] = {}
 
-    def add(self, key: int, sh: np.ndarray) -> Duplicate | None:
-        m = self._minhash
-        m.clear()
-        m.update_batch((sh & np.uint64(0xFFFFFFFF)).tolist())
+    def add(self, key: int, signature: Signature) -> Duplicate | None:
+        assert signature.shingles is not None and signature.minhash is not None
+        m = self._carrier
+        m.hashvalues = signature.minhash
+        sh = signature.shingles
         best: Duplicate | None = None
         for other in sorted(self.lsh.query(m)):  # candidates in input order: the earliest best match is reported
             j = jaccard(sh, self.kept[other])
@@ -99,19 +141,21 @@ class NearDuplicateIndex:
         return best
 
 
-def deduplicate(texts: Sequence[str], config: DedupConfig) -> list[Duplicate | None]:
-    """For each text, None if kept, else the earlier kept text it duplicates."""
-    out: list[Duplicate | None] = [None] * len(texts)
+def deduplicate(texts: Sequence[str], config: DedupConfig,
+                signatures: Sequence[Signature] | None = None) -> list[Duplicate | None]:
+    """For each text, None if kept, else the earlier kept text it duplicates (signatures may be precomputed)."""
+    if signatures is None:
+        signer = Signer(config)
+        signatures = [signer(t) for t in texts]
+    out: list[Duplicate | None] = [None] * len(signatures)
     first_exact: dict[bytes, int] = {}
     near = NearDuplicateIndex(config.near) if config.near.enabled else None
-    for i, text in enumerate(texts):
-        text = normalize_text(text)
+    for i, signature in enumerate(signatures):
         if config.exact:
-            digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
-            if digest in first_exact:
-                out[i] = Duplicate("exact", first_exact[digest], 1.0)
+            if signature.digest in first_exact:
+                out[i] = Duplicate("exact", first_exact[signature.digest], 1.0)
                 continue
-            first_exact[digest] = i
+            first_exact[signature.digest] = i
         if near is not None:
-            out[i] = near.add(i, shingles(text, config.near.ngram, normalized=True))
+            out[i] = near.add(i, signature)
     return out

@@ -10,6 +10,7 @@ A run killed midway resumes from the judge cache. This module orchestrates; it d
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import time
 from collections import Counter
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.judges.config import FilterConfig
-from posttrain.judges.dedup import deduplicate
+from posttrain.judges.dedup import Signature, Signer, deduplicate
 from posttrain.judges.judge import Judge, normalised_score
-from posttrain.judges.rules import build_rules, target_text
+from posttrain.judges.rules import Rule, RuleResult, build_rules, target_text
 from posttrain.judges.samples import (
     Format,
     Sample,
@@ -83,8 +84,12 @@ def _versions() -> dict[str, str]:
 
 def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | Path, *,
                fmt: Format | None = None, split: str | None = None, config_source: str | None = None,
-               judge_backend: Any = None, show_progress: bool = True, console: Any = None) -> FilterReport:
-    """Filter one input into ``output_dir``; see the module docstring for what is written."""
+               judge_backend: Any = None, show_progress: bool = True, console: Any = None,
+               workers: int = 1) -> FilterReport:
+    """Filter one input into ``output_dir``; see the module docstring for what is written.
+
+    ``workers`` > 1 runs the rules and the dedup signatures in that many forked processes; the output is the same.
+    """
     started = time.time()
     input_path, output_dir = Path(input_path), Path(output_dir)
     fmt = fmt or detect_format(input_path)
@@ -102,20 +107,24 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
 
     decisions = [Decision() for _ in samples]
     rejected_by: Counter[str] = Counter()
+    dedup_cfg = config.dedup
+    signer = Signer(dedup_cfg) if dedup_cfg.exact or dedup_cfg.near.enabled else None
 
-    # 1. rules: every rule sees every sample, so each rejection lists all its reasons
-    for rule in rules:
-        for decision, result in zip(decisions, rule.check(samples)):
+    # 1. rules (every rule sees every sample, so each rejection lists all its reasons), and the dedup signatures of
+    # the samples they keep; in `workers` processes when asked, results in input order either way
+    signatures: list[Signature | None] = []
+    for (results, signature), decision in zip(screen(samples, rules, signer, dedup_cfg.target, workers), decisions):
+        for rule, result in zip(rules, results):
             decision.scores.update(result.scores)
             if not result.passed:
                 decision.reject("rules", result.reasons)
                 rejected_by[rule.id] += 1
+        signatures.append(signature)
 
     # 2. dedup over the samples the rules kept; the first occurrence stays
     alive = [s for s, d in zip(samples, decisions) if d.kept]
-    dedup_cfg = config.dedup
-    if dedup_cfg.exact or dedup_cfg.near.enabled:
-        duplicates = deduplicate([target_text(s, dedup_cfg.target) for s in alive], dedup_cfg)
+    if signer is not None:
+        duplicates = deduplicate([], dedup_cfg, [signatures[s.index] for s in alive])
         for sample, dup in zip(alive, duplicates):
             if dup is not None:
                 original = alive[dup.of]
@@ -189,6 +198,39 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
     write_json(manifest, output_dir / "manifest.json")
     print_summary(report, console)
     return report
+
+
+_SCREEN_STATE: tuple[list[Sample], list[Rule], Signer | None, str] | None = None  # what forked workers inherit
+
+
+def _screen_chunk(bounds: tuple[int, int]) -> list[tuple[list[RuleResult], Signature | None]]:
+    assert _SCREEN_STATE is not None
+    samples, rules, signer, target = _SCREEN_STATE
+    chunk = samples[bounds[0] : bounds[1]]
+    per_rule = [rule.check(chunk) for rule in rules]
+    out = []
+    for j, sample in enumerate(chunk):
+        results = [r[j] for r in per_rule]
+        passed = all(r.passed for r in results)
+        out.append((results, signer(target_text(sample, target)) if signer is not None and passed else None))
+    return out
+
+
+def screen(samples: list[Sample], rules: list[Rule], signer: Signer | None, target: str,
+           workers: int = 1, chunk_size: int = 2000) -> list[tuple[list[RuleResult], Signature | None]]:
+    """Rule results for every sample and dedup signatures for those every rule passes, in input order."""
+    global _SCREEN_STATE
+    bounds = [(i, min(i + chunk_size, len(samples))) for i in range(0, len(samples), chunk_size)]
+    _SCREEN_STATE = (samples, rules, signer, target)
+    try:
+        if workers <= 1 or len(bounds) <= 1:
+            chunks = [_screen_chunk(b) for b in bounds]
+        else:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(bounds))) as pool:
+                chunks = pool.map(_screen_chunk, bounds, chunksize=1)
+    finally:
+        _SCREEN_STATE = None
+    return [item for chunk in chunks for item in chunk]
 
 
 def _progress(total: int, label: str, show: bool, console: Any) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from posttrain.judges.config import (
     CharactersRule,
     ChatStructureRule,
@@ -148,11 +149,10 @@ def duplicate_ngram_char_fraction(words: list[str], n: int, total_chars: int) ->
     counts = Counter(grams)
     if len(counts) == len(grams):
         return 0.0
-    covered = bytearray(len(words))
-    for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            covered[i : i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+    repeated = np.fromiter(map(counts.__getitem__, grams), dtype=np.int64, count=len(grams)) > 1
+    covered = np.convolve(repeated, np.ones(n, dtype=np.int64))[: len(words)] > 0  # word j is in a repeated gram
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    return float(lengths[covered].sum()) / total_chars
 
 
 class RepetitionFilter(Rule):

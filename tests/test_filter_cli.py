@@ -154,3 +154,21 @@ def test_unknown_filter_or_option_fails_before_any_work(tmp_path, shared_data, c
                str(tmp_path / "out")])
     assert rc == 2 and "rules[1].max_chars: expected an integer, got 'ten'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_screening_in_worker_processes_matches_one_process(shared_data):
+    from posttrain.judges.config import config_from_dict
+    from posttrain.judges.dedup import Signer
+    from posttrain.judges.pipeline import screen
+    from posttrain.judges.rules import build_rules
+    from posttrain.judges.samples import to_sample
+
+    config = config_from_dict(__import__("yaml").safe_load(CONFIG))
+    samples = [to_sample(i, f"mem:{i}", r) for i, r in enumerate(rows(shared_data, 30))]
+    rules = build_rules(config.rules)
+    one = screen(samples, rules, Signer(config.dedup), "text", workers=1, chunk_size=7)
+    two = screen(samples, rules, Signer(config.dedup), "text", workers=2, chunk_size=7)
+    assert [[r.__dict__ for r in results] for results, _ in one] == [[r.__dict__ for r in results] for results, _ in two]
+    signed = [(s is None, s and s.digest, s and s.minhash.tolist()) for _, s in one]
+    assert signed == [(s is None, s and s.digest, s and s.minhash.tolist()) for _, s in two]
+    assert sum(s is None for _, s in one) == 3  # the three samples a rule rejected get no signature
