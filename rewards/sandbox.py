@@ -3,8 +3,9 @@
 Isolation, strongest first (``Sandbox(backend="auto")`` picks the first that works on this machine):
 
 - ``bwrap``: bubblewrap in fresh user, PID, network, mount, IPC and UTS namespaces; a new root holding only
-  read-only binds of ``/usr`` (and the ``/bin``, ``/lib*`` links) and of the interpreter; no ``/home``, ``/etc``,
-  ``/root`` or project folder at all; size-capped tmpfs for the working folder, ``/tmp`` and ``/dev/shm``.
+  read-only binds of ``/usr`` (and the ``/bin``, ``/lib*`` links), ``/etc/ld.so.cache`` and the interpreter; no
+  ``/home``, rest of ``/etc``, ``/root`` or project folder at all; size-capped tmpfs for the working folder,
+  ``/tmp`` and ``/dev/shm``. The harness is the namespace's init (pid 1), which its candidate cannot kill.
 - ``unshare``: util-linux ``unshare`` with the same namespaces, a tmpfs root built by a small shell script with
   the same read-only binds, then ``chroot`` and every capability dropped (``setpriv``).
 - ``process``: no namespaces (network and host filesystem reachable as the sandbox user); only an unprivileged
@@ -16,7 +17,9 @@ through. The trusted harness inside the sandbox sets the rlimits of :class:`Sand
 space, file size, open files, processes) before any candidate code runs; where a writable ``pids`` cgroup
 exists (v2, or the v1 ``pids`` hierarchy) each run also gets its own ``pids.max``. On the wall-clock timeout the
 whole process group, the cgroup and, through the PID namespace, every process the candidate started are killed;
-nothing is left behind (the tmpfs dies with the mount namespace, the cgroup folder is removed).
+nothing is left behind (the tmpfs dies with the mount namespace, the cgroup folder is removed). The sandbox
+also dies with the process that started it (``setpriv --pdeathsig``), so a reward worker killed on its own
+time limit leaves nothing running.
 
 A pass is counted only when the harness writes ``S`` + a random token + the per-test results to a separate
 pipe (an inherited file descriptor, never stdout) after the tests returned. The token reaches the harness on a
