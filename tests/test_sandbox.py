@@ -371,3 +371,19 @@ def _state(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     except OSError:
         return None
+
+
+def test_auto_falls_back_to_unshare_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bwrap, ``auto`` takes unshare; without both it refuses with the fix, never runs unisolated."""
+    import posttrain.rewards.sandbox as sandbox_module
+
+    real_which = shutil.which
+    missing: set[str] = {"bwrap"}
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name in missing else real_which(name))
+    if real_which("unshare"):
+        fallback = Sandbox(LIMITS)
+        assert fallback.info.backend == "unshare"
+        assert fallback.run_tests(GOOD, [TEST], "add").passed == [True]
+    missing.add("unshare")
+    with pytest.raises(SandboxError, match="apt-get install -y bubblewrap"):
+        _ = Sandbox(LIMITS).info
