@@ -43,9 +43,14 @@ def load_humaneval(limit: int | None) -> list[dict]:
 def sandboxed(rows: list[dict], workers: int, backend: str) -> float:
     """Solutions per second through ``code_reward``; every canonical solution must score 1."""
     start = time.perf_counter()
-    rewards = code_reward([r["prompt"] for r in rows], [r["canonical_solution"] for r in rows],
-                          test=[r["test"] for r in rows], entry_point=[r["entry_point"] for r in rows],
-                          workers=workers, backend=backend)
+    rewards = code_reward(
+        [r["prompt"] for r in rows],
+        [r["canonical_solution"] for r in rows],
+        test=[r["test"] for r in rows],
+        entry_point=[r["entry_point"] for r in rows],
+        workers=workers,
+        backend=backend,
+    )
     elapsed = time.perf_counter() - start
     if rewards != [1.0] * len(rows):
         raise SystemExit(f"sandboxed run ({backend}, {workers} workers) failed some canonical solutions: {rewards}")
@@ -57,8 +62,9 @@ def plain(rows: list[dict], workers: int, python: str) -> float:
 
     def run(row: dict) -> bool:
         program = f"{row['prompt']}{row['canonical_solution']}\n{row['test']}\ncheck({row['entry_point']})\n"
-        proc = subprocess.run([python, "-I", "-c", program], check=False, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=30)
+        proc = subprocess.run(
+            [python, "-I", "-c", program], check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
         return proc.returncode == 0
 
     start = time.perf_counter()
@@ -71,8 +77,19 @@ def plain(rows: list[dict], workers: int, python: str) -> float:
 
 
 def emit(name: str, ours: float, anchor: float, **extra: object) -> None:
-    print(json.dumps({"name": name, "ours": round(ours, 2), "anchor": round(anchor, 2), "unit": "solutions/s",
-                      "ratio": round(ours / anchor, 3), **extra}), flush=True)
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "ours": round(ours, 2),
+                "anchor": round(anchor, 2),
+                "unit": "solutions/s",
+                "ratio": round(ours / anchor, 3),
+                **extra,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -92,19 +109,32 @@ def main() -> None:
             print(json.dumps({"note": f"unshare backend unavailable: {exc}"}))
     best: dict[str, float] = {}
     for _ in range(args.repeats):
-        runs = {"plain_2": lambda: plain(rows, 2, info.python), f"{info.backend}_1": lambda: sandboxed(rows, 1, "auto"),
-                f"{info.backend}_2": lambda: sandboxed(rows, 2, "auto")}
+        runs = {
+            "plain_2": lambda: plain(rows, 2, info.python),
+            f"{info.backend}_1": lambda: sandboxed(rows, 1, "auto"),
+            f"{info.backend}_2": lambda: sandboxed(rows, 2, "auto"),
+        }
         if "unshare" in backends and info.backend != "unshare":
             runs["unshare_2"] = lambda: sandboxed(rows, 2, "unshare")
         for key, fn in runs.items():
             best[key] = max(best.get(key, 0.0), fn())
     common = {"n": len(rows), "cpus": os.cpu_count(), "backend": info.backend, "python": info.python}
     emit("code_reward_humaneval_2_workers_vs_1", best[f"{info.backend}_2"], best[f"{info.backend}_1"], **common)
-    emit("code_reward_humaneval_sandboxed_vs_plain_subprocess", best[f"{info.backend}_2"], best["plain_2"],
-         workers=2, **common)
+    emit(
+        "code_reward_humaneval_sandboxed_vs_plain_subprocess",
+        best[f"{info.backend}_2"],
+        best["plain_2"],
+        workers=2,
+        **common,
+    )
     if "unshare_2" in best:
-        emit("code_reward_humaneval_unshare_vs_plain_subprocess", best["unshare_2"], best["plain_2"], workers=2,
-             **dict(common, backend="unshare"))
+        emit(
+            "code_reward_humaneval_unshare_vs_plain_subprocess",
+            best["unshare_2"],
+            best["plain_2"],
+            workers=2,
+            **dict(common, backend="unshare"),
+        )
 
 
 if __name__ == "__main__":

@@ -405,7 +405,9 @@ class _PidsCgroup:
 def _remove_stale_bases(own_dir: Path) -> None:
     """Remove the (empty) cgroup folders of earlier processes that were killed before their atexit ran."""
     try:
-        stale = [p for p in own_dir.glob("posttrain-sandbox-*") if not Path(f"/proc/{p.name.rsplit('-', 1)[1]}").exists()]
+        stale = [
+            p for p in own_dir.glob("posttrain-sandbox-*") if not Path(f"/proc/{p.name.rsplit('-', 1)[1]}").exists()
+        ]
     except OSError:
         return
     for base in stale:

@@ -65,7 +65,7 @@ def test_extract_code() -> None:
     assert extract_code("```bash\nls\n```\n```\nd = 4\n```") == ("d = 4\n", True)
     assert extract_code("```python\ne = 5\n") == ("e = 5\n", True)  # cut off by the length limit
     assert extract_code("    return x\n") == ("    return x\n", False)
-    prompt = "from typing import List\n\n\ndef f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n"
+    prompt = 'from typing import List\n\n\ndef f(x: List[int]) -> int:\n    """doc"""\n'
     assert build_program(prompt, "    return 1\n", "f") == prompt + "    return 1\n"
     fenced = build_program(prompt, "```python\ndef f(x):\n    return 2\n```", "f")
     assert fenced == prompt + "\ndef f(x):\n    return 2\n"

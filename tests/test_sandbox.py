@@ -22,8 +22,9 @@ from posttrain.rewards.sandbox import Sandbox, SandboxError, SandboxLimits, Sand
 GOOD = "def add(a, b):\n    return a + b\n"
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 ROOT = os.geteuid() == 0
-LIMITS = SandboxLimits(wall_time_s=4.0, test_time_s=2.0, cpu_time_s=4, memory_bytes=1 << 30, processes=24,
-                       tmpfs_bytes=32 << 20)
+LIMITS = SandboxLimits(
+    wall_time_s=4.0, test_time_s=2.0, cpu_time_s=4, memory_bytes=1 << 30, processes=24, tmpfs_bytes=32 << 20
+)
 BACKENDS = [b for b, tool in (("bwrap", "bwrap"), ("unshare", "unshare")) if shutil.which(tool)]
 
 
@@ -97,14 +98,17 @@ def test_correct_and_wrong_candidates(sandbox: Sandbox) -> None:
 
 def test_fork_bomb(sandbox: Sandbox) -> None:
     start = time.monotonic()
-    result = _hostile(sandbox, """
+    result = _hostile(
+        sandbox,
+        """
 import os
 while True:
     try:
         os.fork()
     except OSError:
         pass
-""")
+""",
+    )
     assert time.monotonic() - start < LIMITS.wall_time_s + 3
     assert result.timed_out or not result.token_ok or result.passed == [False]
     _assert_clean_and_usable(sandbox)
@@ -144,7 +148,9 @@ def test_20_gb_allocation(sandbox: Sandbox) -> None:
 @pytest.mark.parametrize("where", ["big.bin", "/tmp/posttrain-big.bin"])
 def test_2_gb_file(sandbox: Sandbox, where: str) -> None:
     host_twin = Path("/tmp") / f"posttrain-big-{secrets.token_hex(6)}.bin"
-    result = _hostile(sandbox, f"""
+    result = _hostile(
+        sandbox,
+        f"""
 import os
 for path in ({where!r}, {str(host_twin)!r}):
     try:
@@ -154,7 +160,8 @@ for path in ({where!r}, {str(host_twin)!r}):
     except OSError as exc:
         print("refused", path, exc.errno, os.path.getsize(path), flush=True)
 return None
-""")
+""",
+    )
     refusals = [line.split() for line in result.output.splitlines() if line.startswith("refused")]
     assert len(refusals) == 2, result.output
     assert all(int(size) <= LIMITS.file_size_bytes for *_, size in refusals)
@@ -190,12 +197,15 @@ def test_socket_to_a_real_listener_receives_nothing(sandbox: Sandbox) -> None:
             time.sleep(0.02)
         assert received == [b"host"]
         received.clear()
-        result = _hostile(sandbox, f"""
+        result = _hostile(
+            sandbox,
+            f"""
 import socket
 s = socket.create_connection(("127.0.0.1", {port}), timeout=2)
 s.sendall(b"LEAK")
 return a + b
-""")
+""",
+        )
         time.sleep(0.3)
         assert received == []
         assert result.token_ok  # the harness saw the connection fail and reported: contained, not crashed
@@ -207,7 +217,9 @@ return a + b
 
 
 def test_background_process_does_not_outlive_the_run(sandbox: Sandbox) -> None:
-    result = _hostile(sandbox, """
+    result = _hostile(
+        sandbox,
+        """
 import os, subprocess, sys
 p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
 if os.fork() == 0:
@@ -217,7 +229,8 @@ if os.fork() == 0:
     os._exit(0)
 print("spawned", p.pid, flush=True)
 return a + b + 1
-""")
+""",
+    )
     assert "spawned" in result.output  # the attack really ran
     _assert_clean_and_usable(sandbox)
 
@@ -227,7 +240,9 @@ def test_writing_outside_its_folder(sandbox: Sandbox, tmp_path: Path) -> None:
     existing.write_text("host data\n")
     fresh = tmp_path / "fresh.txt"
     host_tmp = Path("/tmp") / f"posttrain-escape-{secrets.token_hex(6)}"
-    result = _hostile(sandbox, f"""
+    result = _hostile(
+        sandbox,
+        f"""
 import os
 hits = []
 for path in ({str(existing)!r}, {str(fresh)!r}, {str(host_tmp)!r}, "/usr/posttrain-escape", "/escape"):
@@ -239,7 +254,8 @@ for path in ({str(existing)!r}, {str(fresh)!r}, {str(host_tmp)!r}, "/usr/posttra
         pass
 print("written", hits, flush=True)
 return None
-""")
+""",
+    )
     assert "written" in result.output
     assert existing.read_text() == "host data\n"
     assert not fresh.exists()
