@@ -18,6 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("posttrain.demo", "run the end-to-end pipeline on a tiny model (CPU, no network)"),
     "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
     "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),
+    "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
+    "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
+    "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),
+    "verify": ("posttrain.verify", "check an exported checkpoint's hashes and signature"),
+    "merge": ("posttrain.merge", "linear or SLERP merge of checkpoints of one architecture"),
 }
 
 

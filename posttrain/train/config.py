@@ -1,0 +1,117 @@
+"""The recipe of ``posttrain pretrain`` and ``posttrain sft``: dataclass groups loaded by ``posttrain.config``.
+
+Groups: ``model`` (what to train and in which precision), ``lora``, ``data`` (files, format, length, packing),
+``optim`` (optimizer, batch, schedule), ``checkpoint`` (where and how often), ``logging`` (progress, trackers),
+and optional ``stages`` (staged context extension: each stage trains then merges). Every field is documented where
+it is declared. This module only declares; it never loads models or data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelSettings:
+    path: str | None = None  # HF-format checkpoint folder to start from (in-tree hybrid or any transformers causal LM)
+    preset: str | None = None  # or build a fresh in-tree hybrid from a preset ("tiny", ...) — pre-training from scratch
+    tokenizer: str | None = None  # tokenizer folder; default: the model folder
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    moe_aux_loss: bool = True  # add the router load-balancing loss (coefficient: the model's router_aux_loss_coef)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("give exactly one of model.path (a checkpoint) or model.preset (a fresh model)")
+        if self.preset is not None and self.tokenizer is None:
+            raise ValueError("model.preset needs model.tokenizer (a fresh model has no tokenizer of its own)")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False  # train low-rank adapters instead of all weights (peft); export merges them
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling numerator (update scaled by alpha / r)
+    dropout: float = 0.0
+    # module names to adapt: the Mamba-2 in/out projections and the attention projections by default
+    target_modules: list[str] = field(default_factory=lambda: ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj",
+                                                               "o_proj"])
+
+
+@dataclass
+class DataSettings:
+    train_files: list[str] = field(default_factory=list)  # JSONL/JSON-lines, Parquet files or `datasets` folders
+    # row format: "messages" (chat, tool calls allowed), "prompt_completion", "text" (pre-training), "auto": by fields
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    text_field: str = "text"  # the field holding plain text for format "text"
+    max_length: int = 1024  # longest sequence (tokens); with packing, the length of one packed bin
+    packing: bool = True  # padding-free: bins of whole sequences, flattened into one row per micro-batch
+    assistant_only_loss: bool = True  # chat rows: loss on the template's {% generation %} tokens only
+    completion_only_loss: bool = True  # prompt/completion rows: loss on the completion only
+    truncate: bool = True  # cut sequences longer than max_length (pre-training splits them instead); false: error
+    shuffle: bool = True  # a new permutation per epoch, seeded by `seed` and the epoch (resumes exactly)
+    max_samples: int | None = None  # use only the first N rows (after reading, before packing)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 2e-5  # peak learning rate
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
+    per_device_batch_size: int = 8  # sequences (or packed bins) per process per micro-batch
+    grad_accumulation_steps: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; default: epochs over the data
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    decay_fraction: float = 0.1  # wsd: the share of steps spent decaying
+
+    def __post_init__(self) -> None:
+        if self.per_device_batch_size < 1 or self.grad_accumulation_steps < 1:
+            raise ValueError("optim.per_device_batch_size and optim.grad_accumulation_steps must be at least 1")
+
+
+@dataclass
+class CheckpointSettings:
+    output_dir: str = "runs/sft"  # the run's folder: checkpoints/, final/, metrics.jsonl, config.yaml
+    every_steps: int = 100  # save a resumable checkpoint every N optimizer steps (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept
+    resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+
+
+@dataclass
+class LoggingSettings:
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, trackio, wandb, ...
+    project: str = "posttrain"  # tracker project name
+    every_steps: int = 1  # log metrics every N optimizer steps
+    progress: bool = True  # show a progress bar (rich)
+    record_samples: bool = False  # write each step's sample ids to metrics.jsonl (audits: nothing seen twice)
+
+
+@dataclass
+class StageSettings:
+    max_length: int = 1024  # sequence length of this stage
+    max_steps: int = 100  # optimizer steps of this stage
+    lr: float | None = None  # peak lr; default optim.lr
+    merge_weight: float = 0.5  # weight of the stage's result in the merge with the stage's starting model
+    merge_method: Literal["linear", "slerp"] = "linear"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(preset="tiny", tokenizer="tokenizer"))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    stages: list[StageSettings] = field(default_factory=list)  # staged context extension (pretrain only)
+    seed: int = 0  # model initialisation, data order

@@ -1,0 +1,13 @@
+"""``posttrain pretrain``: pre-training (and staged context extension) from a recipe (see ``posttrain.train.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from posttrain.train.cli import ACCEPTS_OVERRIDES, add_arguments, run_task
+
+__all__ = ["ACCEPTS_OVERRIDES", "add_arguments", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_task(args, "pretrain")

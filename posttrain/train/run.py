@@ -1,0 +1,245 @@
+"""One training run from a recipe: tokenizer, data, model (+ LoRA), ``Trainer``, and the final checkpoint.
+
+``run_training(config, task)`` is what ``posttrain sft`` and ``posttrain pretrain`` call. Data are read and checked
+before any model is loaded, so a bad row fails in seconds. The run's folder gets ``config.yaml`` (the resolved
+recipe), ``metrics.jsonl``, ``checkpoints/`` and ``final/``: an HF-format checkpoint (LoRA merged in; the adapter
+itself in ``final/adapter``), the tokenizer, and ``training_manifest.json`` (recipe, data files with their sha256,
+the base checkpoint's hash, steps, last loss), which ``posttrain export`` carries into the signed manifest.
+``run_stages`` runs a staged context extension: each stage trains at its length from the previous stage's merged
+model, then merges its result with its starting point. This module never signs or exports.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from posttrain.config import config_to_dict, save_config
+from posttrain.train.config import TrainConfig
+from posttrain.train.data import file_digest, load_segments, pack_segments
+from posttrain.train.loop import Trainer, TrainingError, TrainResult
+
+MANIFEST = "training_manifest.json"
+
+
+def is_hybrid_folder(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"model.path {path}: no config.json there")
+    return json.loads(cfg.read_text()).get("model_type") == "granitemoehybrid"
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's config.json and weight files (names and bytes, sorted): its identity."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")])
+    for p in files:
+        if p.is_file():
+            h.update(p.name.encode() + b"\0" + bytes.fromhex(file_digest(p)))
+    return h.hexdigest()
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    source = config.model.tokenizer or config.model.path
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"model.tokenizer: no tokenizer folder at {source}")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to train and its provenance (preset + seed, or the checkpoint's path and hash)."""
+    from posttrain.models.hybrid import HybridForCausalLM, preset
+
+    m = config.model
+    if m.preset is not None:
+        torch.manual_seed(config.seed)
+        cfg = preset(m.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        return HybridForCausalLM(cfg), {"preset": m.preset, "seed": config.seed}
+    base = {"path": str(Path(m.path).resolve()), "sha256": weights_digest(m.path)}
+    if is_hybrid_folder(m.path):
+        model = HybridForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+    upstream = Path(m.path) / MANIFEST
+    if upstream.is_file():
+        base["training_manifest_sha256"] = file_digest(upstream)
+    return model, base
+
+
+def apply_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lo = config.lora
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lo.target_modules if t not in names]
+    if missing:
+        raise TrainingError(f"lora.target_modules: the model has no module named {', '.join(missing)}")
+    return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                            target_modules=list(lo.target_modules)))
+
+
+def build_items(config: TrainConfig, tokenizer, task: Literal["sft", "pretrain"]):
+    d = config.data
+    segments = load_segments(d.train_files, tokenizer, task=task, fmt=d.format, text_field=d.text_field,
+                             max_length=d.max_length, truncate=d.truncate, assistant_only=d.assistant_only_loss,
+                             completion_only=d.completion_only_loss, max_rows=d.max_samples)
+    items = pack_segments(segments, d.max_length) if d.packing else [[s] for s in segments]
+    return segments, items
+
+
+def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: str | None = None) -> TrainResult:
+    if config.stages:
+        if task != "pretrain":
+            raise TrainingError("stages (context extension) are a pre-training recipe; run them with posttrain pretrain")
+        return run_stages(config, recipe)
+    out = Path(config.checkpoint.output_dir)
+    tokenizer = load_tokenizer(config)
+    segments, items = build_items(config, tokenizer, task)
+    model, base = load_model(config, tokenizer)
+    hybrid = type(model).__name__ == "HybridForCausalLM"
+    if config.data.packing and not hybrid:
+        raise TrainingError("data.packing: padding-free packing needs a model that resets its state at sequence "
+                            "starts (the in-tree hybrid); set data.packing: false for this model")
+    if config.lora.enabled:
+        model = apply_lora(model, config)
+    trainer = Trainer(config, model, items, packed=config.data.packing,
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                      else tokenizer.eos_token_id, run_config=config_to_dict(config))
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    acc.print(f"{task}: {len(segments)} sequences in {len(items)} items, global batch {trainer.plan.global_batch}, "
+              f"{trainer.total_steps} steps on {acc.num_processes} process(es)")
+    result = trainer.train()
+    manifest = {
+        "task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
+        "data": [_data_provenance(p) for p in config.data.train_files],
+        "steps": result.steps, "final_loss": result.final_loss,
+        "sequences": len(segments), "processes": acc.num_processes,
+        "versions": _versions(),
+    }
+    save_final(acc, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    return result
+
+
+def save_final(acc, model, tokenizer, folder: Path, manifest: dict[str, Any], lora: bool = False) -> None:
+    """Write the trained model (LoRA merged) in HF format with its tokenizer and manifest, atomically."""
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        inner = acc.unwrap_model(model)
+        if lora:
+            inner.save_pretrained(str(tmp / "adapter"))
+            inner = inner.merge_and_unload()
+            state = inner.state_dict()
+        if type(inner).__name__ == "HybridForCausalLM":
+            save_hybrid_state(inner.config, state, tmp)
+        else:
+            inner.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    acc.wait_for_everyone()
+
+
+def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Save a full state dict (gathered from any sharding) as an in-tree hybrid checkpoint."""
+    from posttrain.models.hybrid import HybridForCausalLM
+
+    with torch.device("meta"):
+        model = HybridForCausalLM(config)
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+             for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+
+
+def _data_provenance(path: str) -> dict[str, Any]:
+    p = Path(path)
+    entry: dict[str, Any] = {"path": str(p.resolve()), "sha256": file_digest(p)}
+    beside = (p if p.is_dir() else p.parent) / "manifest.json"
+    if beside.is_file():  # e.g. the manifest `posttrain filter` writes beside its output
+        entry["manifest"] = str(beside.resolve())
+        entry["manifest_sha256"] = file_digest(beside)
+    return entry
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    import posttrain
+
+    return {"posttrain": posttrain.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:
+    """Staged context extension: stage i trains at its max_length from the previous stage's merged model, then
+    merges (linear or SLERP, weight ``merge_weight`` on the stage's result) with that starting model."""
+    from posttrain.merge import merge_checkpoints
+
+    out = Path(config.checkpoint.output_dir)
+    start: str | None = config.model.path
+    tokenizer_dir = config.model.tokenizer or config.model.path
+    result: TrainResult | None = None
+    for i, stage in enumerate(config.stages, start=1):
+        stage_cfg = copy.deepcopy(config)
+        stage_cfg.stages = []
+        stage_cfg.data = dataclasses.replace(config.data, max_length=stage.max_length)
+        stage_cfg.optim = dataclasses.replace(config.optim, max_steps=stage.max_steps,
+                                              lr=stage.lr if stage.lr is not None else config.optim.lr)
+        stage_cfg.checkpoint = dataclasses.replace(config.checkpoint, output_dir=str(out / f"stage-{i}"))
+        if start is not None:
+            stage_cfg.model = dataclasses.replace(config.model, path=start, preset=None, tokenizer=tokenizer_dir)
+        result = run_training(stage_cfg, "pretrain", recipe)
+        trained = out / f"stage-{i}" / "final"
+        if start is None:  # the first stage of a run from scratch has no earlier model to merge with
+            merged = trained
+        else:
+            merged = out / f"stage-{i}" / "merged"
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                merge_checkpoints([start, trained], merged, method=stage.merge_method,
+                                  weights=[1.0 - stage.merge_weight, stage.merge_weight])
+            PartialState().wait_for_everyone()
+        start = str(merged)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        final = out / "final"
+        tmp = out / "final.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(start, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    PartialState().wait_for_everyone()
+    assert result is not None
+    return result
