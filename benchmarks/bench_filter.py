@@ -14,6 +14,7 @@ Run: ``python benchmarks/bench_filter.py [--samples 75000] [--no-anchor]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -34,7 +35,7 @@ BENCH_CONFIG = {
         {"name": "length", "min_chars": 10, "max_chars": 8000, "max_tokens": 2000},
         {"name": "repetition"},
         {"name": "characters"},
-        {"name": "language", "languages": ["en"], "min_confidence": 0.5, "max_chars": 600},
+        {"name": "language", "languages": ["en"], "min_confidence": 0.5},
         {"name": "chat_structure"},
         {"name": "forbidden_patterns", "patterns": FORBIDDEN},
     ],
@@ -76,13 +77,13 @@ def build_samples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_ours(input_path: Path, workdir: Path) -> tuple[float, int]:
+def run_ours(input_path: Path, workdir: Path, workers: int) -> tuple[float, int]:
     from posttrain.judges.config import config_from_dict
     from posttrain.judges.pipeline import run_filter
 
     config = config_from_dict(BENCH_CONFIG)
     start = time.perf_counter()
-    report = run_filter(config, input_path, workdir / "ours", show_progress=False)
+    report = run_filter(config, input_path, workdir / "ours", show_progress=False, workers=workers)
     return time.perf_counter() - start, report.kept
 
 
@@ -112,6 +113,13 @@ def run_datatrove(input_path: Path, workdir: Path) -> tuple[float, int]:
     logger.remove()
     logging.disable(logging.WARNING)
 
+    # datatrove 0.10 hands str to xxhash, which xxhash 4 refuses; encode first (the hash itself is unchanged).
+    import datatrove.utils.hashes.xxhash as dt_xxhash
+    import xxhash
+
+    dt_xxhash.xxhash32 = lambda data: xxhash.xxh32_intdigest(data.encode() if isinstance(data, str) else data)
+    dt_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+
     from posttrain.judges.config import CharactersRule, ChatStructureRule, LanguageRule, LengthRule
     from posttrain.judges.rules import CharactersFilter, ChatStructureFilter, LanguageFilter, LengthFilter
     from posttrain.judges.samples import to_sample
@@ -135,7 +143,9 @@ def run_datatrove(input_path: Path, workdir: Path) -> tuple[float, int]:
     d = workdir / "datatrove"
     jsonl = lambda p: JsonlReader(str(p), adapter=adapter if p == input_path.parent else None,
                                   glob_pattern="*.jsonl*")
-    exact_cfg = ExactDedupConfig()
+    from posttrain.judges.dedup import normalize_text
+
+    exact_cfg = ExactDedupConfig(content_getter=lambda doc: normalize_text(doc.text).encode())
     mh_cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
     stages = [
         [jsonl(input_path.parent),
@@ -174,6 +184,7 @@ def run_datatrove(input_path: Path, workdir: Path) -> tuple[float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=75_000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="our rule/signature processes")
     parser.add_argument("--no-anchor", action="store_true", help="skip datatrove")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,12 +193,13 @@ def main() -> int:
         input_path = work / "in" / "samples.jsonl"
         samples = build_samples(args.samples)
         input_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        ours_s, ours_kept = run_ours(input_path, work)
+        ours_s, ours_kept = run_ours(input_path, work, args.workers)
         print(f"ours: {args.samples} samples in {ours_s:.1f}s, kept {ours_kept}", file=sys.stderr)
         anchor = None
         if not args.no_anchor:
             try:
-                anchor_s, anchor_kept = run_datatrove(input_path, work)
+                with contextlib.redirect_stdout(sys.stderr):  # datatrove prints its stats
+                    anchor_s, anchor_kept = run_datatrove(input_path, work)
                 anchor = args.samples / anchor_s
                 print(f"datatrove: {args.samples} samples in {anchor_s:.1f}s, kept {anchor_kept}", file=sys.stderr)
             except ImportError as exc:
