@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),
     "verify": ("posttrain.verify", "check an exported checkpoint's hashes and signature"),
     "merge": ("posttrain.merge", "linear or SLERP merge of checkpoints of one architecture"),
+    "serve": ("posttrain.serving.server", "OpenAI-compatible HTTP server for a checkpoint, on the native engine"),
+    "eval": ("posttrain.eval.cli", "pass@k on GSM8K, HumanEval and BFCL from local files"),
 }
 
 

@@ -1,0 +1,187 @@
+"""Running an evaluation: generate for each task's items, score through ``posttrain.rewards``, count pass@k.
+
+``evaluate(config, engine)`` is the whole path, whatever produced the texts: items from the task's files,
+``engine.generate``, the task's reward (``get("math")``, ``get("code", binary=True)``,
+``get("tool_call", mode="binary")``), then pass@k per task. A sample is correct when its reward is 1; a reward of
+``None`` (could not judge) counts as not correct and is reported as ``unscored``, never hidden. Math and
+tool-call rewards run in a :class:`~posttrain.rewards.RewardPool` (a stuck sample is killed at the time limit);
+the code reward runs in-process because it already runs every candidate in its sandbox under a time limit.
+Results are one JSON object (written to a temporary name, then renamed) plus the samples as JSONL.
+This module never changes a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.eval.engines import EvalEngine, EvalSampling
+from posttrain.eval.metrics import summarize
+from posttrain.eval.tasks import TASKS, EvalItem, resolve_tasks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    data_dir: str  # folder in the layout of ../shared/data (gsm8k/, humaneval/, bfcl/)
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "bfcl"])
+    split: str = "test"  # GSM8K split file
+    limit: int | None = None  # first N items of each task
+    sampling: EvalSampling = field(default_factory=EvalSampling)
+    ks: list[int] = field(default_factory=lambda: [1])  # pass@k for each k (each <= sampling.n)
+    reward_timeout_s: float = 30.0  # per-sample limit for math and tool-call rewards
+    reward_workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.tasks = resolve_tasks(self.tasks)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if not self.ks:
+            raise ValueError("give at least one k for pass@k")
+        for k in self.ks:
+            if not 1 <= k <= self.sampling.n:
+                raise ValueError(f"pass@{k} needs at least {k} samples per item; n is {self.sampling.n} "
+                                 "(raise --n, with --temperature > 0)")
+        if not Path(self.data_dir).is_dir():
+            raise FileNotFoundError(f"data folder not found: {self.data_dir}")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    items: int
+    samples_per_item: int
+    metrics: dict[str, float]
+    unscored: int  # samples the reward could not judge (counted as not correct)
+    seconds: float
+    samples: list[dict[str, Any]]  # per item: id, completions, scores
+
+    def summary(self) -> dict[str, Any]:
+        return {"items": self.items, "samples_per_item": self.samples_per_item, **self.metrics,
+                "unscored": self.unscored, "seconds": round(self.seconds, 3)}
+
+
+def score_completions(task_name: str, items: Sequence[EvalItem], texts: Sequence[Sequence[str]],
+                      pool: Any = None) -> list[list[float | None]]:
+    """The task's reward for every completion (``texts[i]`` are item i's), shaped like ``texts``."""
+    from posttrain.rewards import get
+    from posttrain.rewards.combine import score_in_process
+
+    task = TASKS[task_name]
+    if len(texts) != len(items):
+        raise ValueError(f"{task_name}: {len(texts)} completion lists for {len(items)} items")
+    prompts, completions, owners = [], [], []
+    columns: dict[str, list[Any]] = {name: [] for name in items[0].columns} if items else {}
+    for i, (item, samples) in enumerate(zip(items, texts, strict=True)):
+        for text in samples:
+            prompts.append(item.reward_prompt)
+            completions.append(text)
+            owners.append(i)
+            for name, values in columns.items():
+                values.append(item.columns[name])
+    reward = get(task.reward, **task.reward_options)
+    if pool is not None and task.reward != "code":
+        values, errors = pool.run({task.reward: reward}, prompts, completions, columns)
+        flat = values[task.reward]
+    else:
+        flat, errors = score_in_process(task.reward, reward, prompts, completions, columns)
+    for error in errors:
+        logger.warning("%s: %s", task_name, error)
+    out: list[list[float | None]] = [[] for _ in items]
+    for owner, value in zip(owners, flat, strict=True):
+        out[owner].append(value)
+    return out
+
+
+def evaluate_task(task_name: str, items: list[EvalItem], engine: EvalEngine, config: EvalConfig,
+                  pool: Any = None, progress: Any = None) -> TaskResult:
+    start = time.perf_counter()
+    texts = engine.generate(items, config.sampling, progress)
+    for item, samples in zip(items, texts, strict=True):
+        if len(samples) != config.sampling.n:
+            raise RuntimeError(f"engine {engine.name!r} returned {len(samples)} completions for item {item.id}, "
+                               f"expected n={config.sampling.n}")
+    scores = score_completions(task_name, items, texts, pool)
+    correct = [[s is not None and s >= 1.0 for s in item_scores] for item_scores in scores]
+    samples = [{"task": task_name, "id": item.id, "completions": list(t), "scores": s}
+               for item, t, s in zip(items, texts, scores, strict=True)]
+    unscored = sum(s is None for item_scores in scores for s in item_scores)
+    return TaskResult(task_name, len(items), config.sampling.n, summarize(correct, config.ks), unscored,
+                      time.perf_counter() - start, samples)
+
+
+def evaluate(config: EvalConfig, engine: EvalEngine, show_progress: bool = True) -> list[TaskResult]:
+    """Every task of ``config`` on ``engine``: loads the items, generates, scores, counts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from posttrain.rewards import RewardPool
+
+    data_dir = Path(config.data_dir)
+    loaded = {name: TASKS[name].load(data_dir, config.split, config.limit) for name in config.tasks}
+    for name, items in loaded.items():
+        if not items:
+            raise ValueError(f"task {name}: no items in {data_dir}")
+    needs_pool = any(TASKS[name].reward != "code" for name in config.tasks)
+    results = []
+    pool = RewardPool(num_workers=config.reward_workers, timeout_s=config.reward_timeout_s) if needs_pool else None
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      disable=not show_progress, transient=True) as bar:
+            for name, items in loaded.items():
+                handle = bar.add_task(name, total=len(items))
+                results.append(evaluate_task(name, items, engine, config, pool,
+                                             lambda done, h=handle: bar.advance(h, done)))
+    finally:
+        if pool is not None:
+            pool.close()
+    return results
+
+
+def results_json(config: EvalConfig, results: list[TaskResult], model: str, engine: str,
+                 prompt_format: str | None) -> dict[str, Any]:
+    return {
+        "model": model, "engine": engine, "prompt_format": prompt_format, "data_dir": str(config.data_dir),
+        "split": config.split, "limit": config.limit, "ks": list(config.ks), "sampling": asdict(config.sampling),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tasks": {r.task: r.summary() for r in results},
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, summary: dict[str, Any], results: list[TaskResult]) -> Path:
+    """The summary JSON at ``out`` and every sample beside it as ``<stem>.samples.jsonl``; returns the latter."""
+    samples_path = out.with_name(out.stem + ".samples.jsonl")
+    write_atomic(samples_path, "".join(json.dumps(s) + "\n" for r in results for s in r.samples))
+    write_atomic(out, json.dumps(summary, indent=2) + "\n")
+    return samples_path
+
+
+def results_table(results: list[TaskResult], ks: Sequence[int]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="posttrain eval")
+    table.add_column("task")
+    table.add_column("items", justify="right")
+    table.add_column("n", justify="right")
+    for k in ks:
+        table.add_column(f"pass@{k}", justify="right")
+    table.add_column("unscored", justify="right")
+    for r in results:
+        cells = [f"{100 * r.metrics[f'pass@{k}']:.1f}% ± {100 * r.metrics[f'pass@{k}_stderr']:.1f}" for k in ks]
+        table.add_row(r.task, str(r.items), str(r.samples_per_item), *cells, str(r.unscored))
+    return table

@@ -1,0 +1,177 @@
+"""Batching concurrent generation requests onto one native engine, which is not thread-safe.
+
+One worker thread owns the engine. A request is a job (prompts + sampling parameters) put in a queue; the worker
+takes the oldest job, waits ``gather_s`` for company, and takes every job queued by then (up to
+``max_batch_seqs`` sequences): requests arriving while a batch runs wait in the queue and form the next batch.
+Jobs whose sampling parameters agree run as one ``engine.generate`` call, their prompts concatenated and the
+token limit the largest of theirs (each job's completions are cut back to its own limit). A job with a seed
+never shares a call, so its samples depend on its seed alone. If a merged call fails, its jobs are retried one
+by one so that one bad request does not fail the others.
+
+This module must never call the engine from any thread but the worker's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from posttrain.engine import Completion, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0  # gathered batches taken from the queue
+    engine_calls: int = 0  # engine.generate calls (a batch with jobs of different parameters makes several)
+    jobs: int = 0
+    batch_jobs: list[int] = field(default_factory=list)  # jobs per batch, most recent last (bounded)
+
+
+@dataclass
+class _Job:
+    prompts: list[list[int]]
+    params: SamplingParams
+    future: Future
+    key: tuple
+
+    @property
+    def seqs(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+_unique = itertools.count()
+
+
+def merge_key(params: SamplingParams) -> tuple:
+    """Jobs with equal keys can share one engine call (everything but ``max_new_tokens`` agrees)."""
+    stops = (tuple(sorted(params.stop_ids())),)
+    if params.greedy:
+        return ("greedy", params.n, stops)
+    if params.seed is not None:
+        return ("seeded", next(_unique))
+    return ("sampled", params.temperature, params.top_p, params.top_k, params.n, stops)
+
+
+class BatchScheduler:
+    """Serialises ``engine.generate`` through one worker thread, batching jobs that arrive together."""
+
+    def __init__(self, engine, gather_s: float = 0.01, max_batch_seqs: int = 256):
+        if gather_s < 0 or max_batch_seqs < 1:
+            raise ValueError(f"gather_s must be >= 0 and max_batch_seqs >= 1, got {gather_s}, {max_batch_seqs}")
+        self.engine = engine
+        self.gather_s = gather_s
+        self.max_batch_seqs = max_batch_seqs
+        self.stats = SchedulerStats()
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="posttrain-batch-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Future:
+        """Queue a job; the future resolves to its completions (prompt-major, ``prompt_index`` local to the job)."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batch scheduler is closed")
+            self._queue.append(_Job([list(p) for p in prompts], params, future, merge_key(params)))
+            self._cond.notify()
+        return future
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Blocking form of :meth:`submit`, with ``NativeEngine.generate``'s signature."""
+        return self.submit(prompts, params).result()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop taking jobs, fail the queued ones, and let the running batch finish."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._worker.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled jobs
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.jobs += len(batch)
+            self.stats.batch_jobs = (self.stats.batch_jobs + [len(batch)])[-1000:]
+            groups: dict[tuple, list[_Job]] = {}
+            for job in batch:
+                groups.setdefault(job.key, []).append(job)
+            for jobs in groups.values():
+                self._run_group(jobs)
+
+    def _gather(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            batch = [self._queue.popleft()]
+            seqs = batch[0].seqs
+            deadline = time.monotonic() + self.gather_s
+            while seqs < self.max_batch_seqs and not self._closed:
+                if self._queue:
+                    if seqs + self._queue[0].seqs > self.max_batch_seqs:
+                        break
+                    job = self._queue.popleft()
+                    batch.append(job)
+                    seqs += job.seqs
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        try:
+            results = self._generate(jobs)
+        except Exception as exc:  # noqa: BLE001 - delivered to the requests below
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+                return
+            logger.warning("a merged batch of %d jobs failed (%s); retrying them one by one", len(jobs), exc)
+            for job in jobs:
+                self._run_group([job])
+            return
+        for job, completions in zip(jobs, results, strict=True):
+            job.future.set_result(completions)
+
+    def _generate(self, jobs: list[_Job]) -> list[list[Completion]]:
+        params = dataclasses.replace(jobs[0].params, max_new_tokens=max(j.params.max_new_tokens for j in jobs))
+        prompts = [p for job in jobs for p in job.prompts]
+        completions = self.engine.generate(prompts, params)
+        self.stats.engine_calls += 1
+        out, start = [], 0
+        for job in jobs:
+            mine = completions[start * params.n: (start + len(job.prompts)) * params.n]
+            out.append([_cut(c, c.prompt_index - start, job.params.max_new_tokens) for c in mine])
+            start += len(job.prompts)
+        return out
+
+
+def _cut(completion: Completion, prompt_index: int, max_new_tokens: int) -> Completion:
+    if len(completion.token_ids) <= max_new_tokens:
+        return dataclasses.replace(completion, prompt_index=prompt_index)
+    return Completion(prompt_index, completion.token_ids[:max_new_tokens], completion.logprobs[:max_new_tokens],
+                      "length")

@@ -1,0 +1,177 @@
+"""Text in, text out on the native engine: prompts encoded, completions decoded, EOS and stop strings applied.
+
+The server and ``posttrain eval`` both turn token completions into text through :class:`TextGenerator`, so a
+completion reads the same wherever it is produced: the closing EOS (or stop token) is not part of the text,
+the text ends before the first stop string (OpenAI semantics: the stop string itself is not returned), and a
+completion cut by a stop string finishes with ``"stop"``. A stop string that is a single token also stops the
+row inside the engine; a longer one is applied to the decoded text (the row may have run on past it).
+This module never trains and never changes a model's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.engine import Completion, NativeEngine, SamplingParams
+
+GenerateFn = Callable[[list[list[int]], SamplingParams], list[Completion]]
+
+
+@dataclass
+class TextCompletion:
+    """One decoded sample: ``prompt_index`` is the prompt's position in the call, samples of a prompt adjacent."""
+
+    prompt_index: int
+    text: str
+    token_ids: list[int]  # the tokens behind ``text`` (no closing EOS/stop token, nothing past a stop string)
+    num_generated: int  # tokens the engine generated for this sample (what usage counts)
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+
+
+def load_checkpoint(folder: str | Path, device: str = "auto", dtype: str = "auto"):
+    """The tokenizer and model saved together in ``folder``; ``device``/``dtype`` ``"auto"``: CUDA if present, the
+    checkpoint's dtype on GPU and float32 on CPU. Raises ``FileNotFoundError`` naming what is missing."""
+    from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.tokenizer import load_tokenizer
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint of the in-tree model")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (tokenizer.json): save the tokenizer into the checkpoint folder "
+            "(tokenizer.save_pretrained(folder)) beside the weights"
+        )
+    resolved_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dtype == "auto":
+        torch_dtype = None if resolved_device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        if torch_dtype is None:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    model = HybridForCausalLM.from_pretrained(path, device=resolved_device, dtype=torch_dtype).eval()
+    return load_tokenizer(path), model
+
+
+class TextGenerator:
+    """Encodes prompts, samples through ``generate`` (a :class:`NativeEngine` or a batch scheduler's ``generate``;
+    ``None`` for a generator that only encodes and decodes) and decodes completions as the module docstring says."""
+
+    def __init__(self, tokenizer: Any, generate: GenerateFn | None, vocab_size: int, max_context: int | None = None,
+                 eos_token_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self._generate = generate
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        eos = list(eos_token_ids)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, model: Any, generate: GenerateFn | None = None) -> TextGenerator:
+        """A generator for ``model``: its own :class:`NativeEngine` unless ``generate`` is given."""
+        config = model.config
+        eos = config.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(tokenizer, generate or NativeEngine(model).generate, config.vocab_size,
+                   getattr(config, "max_position_embeddings", None), eos_ids)
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered by the tokenizer's chat template, ending with the assistant header."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the checkpoint's tokenizer has no chat template; use plain-text completions")
+        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.encode_text(text)
+
+    def chat_stop_token_ids(self) -> list[int]:
+        """Tokens that end an assistant turn besides EOS: the start of another role's header."""
+        ids = []
+        for token in ("<|start_of_role|>",):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id >= 0:
+                ids.append(token_id)
+        return ids
+
+    def single_token_ids(self, stop: Sequence[str]) -> list[int]:
+        """Ids of the stop strings that are exactly one token (the engine stops those rows itself)."""
+        ids = []
+        for text in stop:
+            encoded = self.encode_text(text)
+            if len(encoded) == 1 and self.tokenizer.decode(encoded) == text:
+                ids.append(encoded[0])
+        return ids
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def sampling_params(self, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                        n: int = 1, seed: int | None = None, stop: Sequence[str] = (),
+                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> SamplingParams:
+        stops = sorted(set(stop_token_ids) | set(self.single_token_ids(stop)))
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
+                              seed=seed, stop_token_ids=stops, eos_token_id=list(self.eos_token_ids) or None,
+                              ignore_eos=ignore_eos)
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams, stop: Sequence[str] = ()
+                 ) -> list[TextCompletion]:
+        """``params.n`` decoded samples per prompt, prompt-major (prompt i's j-th sample at ``i * n + j``)."""
+        if self._generate is None:
+            raise RuntimeError("this TextGenerator was built without an engine: it only encodes and decodes")
+        return [self.finish(c, params, stop) for c in self._generate(prompts, params)]
+
+    def finish(self, completion: Completion, params: SamplingParams, stop: Sequence[str] = ()) -> TextCompletion:
+        """Decode one engine completion: drop the closing stop token, cut at the first stop string."""
+        ids = list(completion.token_ids)
+        reason = completion.finish_reason
+        if len(ids) > params.max_new_tokens:  # generated in a batch with a larger limit
+            ids, reason = ids[: params.max_new_tokens], "length"
+        generated = len(ids)
+        if reason == "stop" and ids and ids[-1] in params.stop_ids():
+            ids = ids[:-1]
+        text = self.decode(ids)
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+            ids = self._tokens_covering(ids, cut)
+        return TextCompletion(completion.prompt_index, text, ids, generated, reason)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _tokens_covering(self, ids: list[int], length: int) -> list[int]:
+        """The shortest prefix of ``ids`` whose text reaches ``length`` characters."""
+        for end in range(len(ids) + 1):
+            if len(self.decode(ids[:end])) >= length:
+                return ids[:end]
+        return ids
+
+    def text_deltas(self, completion: TextCompletion) -> list[str]:
+        """``completion.text`` split at token boundaries (never inside a multi-byte character), for streaming."""
+        deltas, sent = [], 0
+        for end in range(1, len(completion.token_ids) + 1):
+            text = self.decode(completion.token_ids[:end])
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            text = text[: len(completion.text)]
+            if len(text) > sent:
+                deltas.append(text[sent:])
+                sent = len(text)
+        if sent < len(completion.text):
+            deltas.append(completion.text[sent:])
+        return deltas
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    positions = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(positions) if positions else None
