@@ -31,6 +31,10 @@ def run_task(args: argparse.Namespace, task: str) -> int:
     except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"posttrain {task}: {e}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     print(f"posttrain {task}: {result.steps} steps, last loss {result.final_loss:.4f}; "
           f"model in {config.checkpoint.output_dir}/final")
     return 0

@@ -72,7 +72,9 @@ def build_accelerator(logging: LoggingSettings, output_dir: str | os.PathLike, d
         mixed = "bf16"
     else:
         mixed = "no"
-    return Accelerator(log_with=trackers or None, project_dir=str(output_dir), mixed_precision=mixed)
+    # cpu=True on a machine without CUDA: under torchrun (accelerate launch) that selects gloo and MULTI_CPU
+    return Accelerator(log_with=trackers or None, project_dir=str(output_dir), mixed_precision=mixed,
+                       cpu=not on_gpu)
 
 
 def build_optimizer(params, optim: OptimSettings) -> torch.optim.Optimizer:
@@ -302,7 +304,8 @@ class Trainer:
                     self.checkpoints.save(done, self._trainer_state(done))
         if self.total_steps > start:
             self.checkpoints.save(self.total_steps, self._trainer_state(self.total_steps))
-        acc.end_training()
+        for tracker in acc.trackers:  # not accelerator.end_training(): that also ends the process group
+            tracker.finish()
         return TrainResult(self.total_steps, loss, self.metrics.path, acc.unwrap_model(self.model))
 
 
