@@ -288,21 +288,8 @@ def _declared_tools(tools: Any) -> set[str] | None:
     return names
 
 
-def _text_tool_call_parser() -> Any:
-    """The rewards package's parser for tool calls written in message text, when it is installed."""
-    try:
-        from posttrain.rewards.tool_call import parse_tool_calls
-    except ImportError:
-        return None
-    return parse_tool_calls
-
-
 class ChatStructureFilter(Rule):
     options: ChatStructureRule
-
-    def __init__(self, rule_id: str, options: ChatStructureRule) -> None:
-        super().__init__(rule_id, options)
-        self.parse_text_calls = _text_tool_call_parser()
 
     @staticmethod
     def turns(sample: Sample) -> list[dict[str, Any]] | None:
@@ -342,33 +329,27 @@ class ChatStructureFilter(Rule):
         return self.result(scores, reasons)
 
     def tool_call_problems(self, assistants: list[dict[str, Any]], tools: Any) -> list[str]:
+        """Calls in ``tool_calls`` fields and in ``<tool_call>`` blocks of the text, read by the rewards' parser."""
+        from posttrain.rewards.tool_call import find_tool_calls
+
         declared = _declared_tools(tools)
         problems = []
         for turn in assistants:
-            calls = list(turn.get("tool_calls") or [])
-            for k, call in enumerate(calls):
-                fn = call.get("function", call) if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    problems.append(f"tool call {k} has no function name")
-                    continue
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args)
-                    except json.JSONDecodeError as exc:
-                        problems.append(f"tool call {fn['name']!r}: arguments are not JSON ({exc.msg})")
-                        continue
-                if not isinstance(args, dict):
-                    problems.append(f"tool call {fn['name']!r}: arguments are not a JSON object")
-                if declared is None:
-                    problems.append(f"tool call {fn['name']!r} but the row declares no tools")
-                elif fn["name"] not in declared:
-                    problems.append(f"tool call {fn['name']!r} matches no declared tool")
-            if self.parse_text_calls is not None and declared:
-                for call in self.parse_text_calls(_text(turn)) or []:
-                    name = call.get("name") if isinstance(call, dict) else getattr(call, "name", None)
-                    if name not in declared:
-                        problems.append(f"tool call {name!r} in text matches no declared tool")
+            found = []
+            if turn.get("tool_calls"):
+                found.append(find_tool_calls(json.dumps(turn["tool_calls"], ensure_ascii=False)))
+            text = _text(turn)
+            if "<tool_call>" in text:
+                found.append(find_tool_calls(text))
+            for parsed in found:
+                for raw in parsed.malformed:
+                    problems.append(f"tool call does not parse as a JSON call with a name and object arguments: "
+                                    f"{raw[:120]}")
+                for call in parsed.calls:
+                    if declared is None:
+                        problems.append(f"tool call {call['name']!r} but the row declares no tools")
+                    elif call["name"] not in declared:
+                        problems.append(f"tool call {call['name']!r} matches no declared tool")
         return problems
 
 

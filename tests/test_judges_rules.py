@@ -95,13 +95,20 @@ def test_chat_structure():
         {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}, tools=tools)
     unknown = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "send_email", "arguments": "{}"}}]}, tools=tools)
-    results = [r[0] for r in check([{"name": "chat_structure"}], [good, bad_order, empty, fence, bad_json, unknown])]
+    in_text = chat({"role": "user", "content": "q"}, {"role": "assistant", "content":
+                   '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+                   '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'}, tools=tools)
+    no_tools = chat({"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]})
+    results = [r[0] for r in check([{"name": "chat_structure"}],
+                                   [good, bad_order, empty, fence, bad_json, unknown, in_text, no_tools])]
     assert results[0].passed, results[0].reasons
     assert results[1].reasons[0].startswith("chat_structure: turn 0: role 'assistant'")
     assert "final assistant turn is empty" in results[2].reasons[0]
     assert "unbalanced code fences" in results[3].reasons[0]
-    assert "arguments are not JSON" in results[4].reasons[0]
+    assert "does not parse as a JSON call" in results[4].reasons[0] and "{city: Paris" in results[4].reasons[0]
     assert "'send_email' matches no declared tool" in results[5].reasons[0]
+    assert results[6].reasons == ["chat_structure: tool call 'rm_rf' matches no declared tool"]
+    assert results[7].reasons == ["chat_structure: tool call 'get_weather' but the row declares no tools"]
     assert role_order_problem([{"role": "user"}, {"role": "tool"}]) == "turn 1: role 'tool' after 'user'"
 
 
