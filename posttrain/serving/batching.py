@@ -1,8 +1,9 @@
 """Batching concurrent generation requests onto one native engine, which is not thread-safe.
 
 One worker thread owns the engine. A request is a job (prompts + sampling parameters) put in a queue; the worker
-takes the oldest job, waits ``gather_s`` for company, and takes every job queued by then (up to
-``max_batch_seqs`` sequences): requests arriving while a batch runs wait in the queue and form the next batch.
+takes the oldest job and keeps taking jobs while they arrive less than ``gather_s`` apart (at most
+``max_gather_s`` after the first, at most ``max_batch_seqs`` sequences): requests arriving while a batch runs
+wait in the queue and form the next batch.
 Jobs whose sampling parameters agree run as one ``engine.generate`` call, their prompts concatenated and the
 token limit the largest of theirs (each job's completions are cut back to its own limit). A job with a seed
 never shares a call, so its samples depend on its seed alone. If a merged call fails, its jobs are retried one
@@ -63,11 +64,12 @@ def merge_key(params: SamplingParams) -> tuple:
 class BatchScheduler:
     """Serialises ``engine.generate`` through one worker thread, batching jobs that arrive together."""
 
-    def __init__(self, engine, gather_s: float = 0.01, max_batch_seqs: int = 256):
+    def __init__(self, engine, gather_s: float = 0.02, max_batch_seqs: int = 256, max_gather_s: float | None = None):
         if gather_s < 0 or max_batch_seqs < 1:
             raise ValueError(f"gather_s must be >= 0 and max_batch_seqs >= 1, got {gather_s}, {max_batch_seqs}")
         self.engine = engine
         self.gather_s = gather_s
+        self.max_gather_s = 10 * gather_s if max_gather_s is None else max(max_gather_s, gather_s)
         self.max_batch_seqs = max_batch_seqs
         self.stats = SchedulerStats()
         self._queue: deque[_Job] = deque()
@@ -128,7 +130,8 @@ class BatchScheduler:
                 return None
             batch = [self._queue.popleft()]
             seqs = batch[0].seqs
-            deadline = time.monotonic() + self.gather_s
+            start = time.monotonic()
+            deadline = start + self.gather_s
             while seqs < self.max_batch_seqs and not self._closed:
                 if self._queue:
                     if seqs + self._queue[0].seqs > self.max_batch_seqs:
@@ -136,6 +139,8 @@ class BatchScheduler:
                     job = self._queue.popleft()
                     batch.append(job)
                     seqs += job.seqs
+                    # another arrival: wait a little longer for its company, but never past max_gather_s
+                    deadline = min(time.monotonic() + self.gather_s, start + self.max_gather_s)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
+import torch
+
 from posttrain.engine import NativeEngine
 from posttrain.serving.batching import BatchScheduler
 from posttrain.serving.generation import TextCompletion, TextGenerator, load_checkpoint
@@ -48,7 +50,7 @@ class ServeConfig:
     served_model_name: str | None = None  # the id clients send as "model"; default: the folder's name
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto, float32, bfloat16, float16
-    gather_ms: float = 10.0  # how long the first request of a batch waits for others
+    gather_ms: float = 20.0  # a batch keeps gathering while requests arrive less than this apart (x10 at most)
     max_batch_seqs: int = 256  # sequences (prompts x n) per batch
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context left)
     max_body_bytes: int = 16 << 20
@@ -64,7 +66,7 @@ class ModelServer:
     """A running server for one model: ``start()`` serves in a background thread, ``close()`` stops it."""
 
     def __init__(self, tokenizer: Any, model: Any, name: str, host: str = "127.0.0.1", port: int = 0,
-                 gather_ms: float = 10.0, max_batch_seqs: int = 256, default_max_tokens: int = 256,
+                 gather_ms: float = 20.0, max_batch_seqs: int = 256, default_max_tokens: int = 256,
                  max_body_bytes: int = 16 << 20):
         self.name = name
         self.default_max_tokens = default_max_tokens
@@ -235,8 +237,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model id for clients (default: the folder name)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--gather-ms", type=float, default=10.0,
-                        help="how long a batch's first request waits for others to join it (default 10)")
+    parser.add_argument("--gather-ms", type=float, default=20.0,
+                        help="a batch keeps gathering requests while they arrive less than this apart, for at most "
+                             "10x this after its first (default 20)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch-seqs", type=int, default=256, help="sequences (prompts x n) per batch")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="completion length when a request gives no max_tokens")
@@ -246,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                          device=args.device, dtype=args.dtype, gather_ms=args.gather_ms,
                          max_batch_seqs=args.max_batch_seqs, default_max_tokens=args.default_max_tokens)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"posttrain serve: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         server = ModelServer.from_config(config)
     except (FileNotFoundError, ValueError) as exc:

@@ -1,0 +1,303 @@
+"""``posttrain serve`` as a real HTTP server on 127.0.0.1: OpenAI shapes, sampling options, streaming, tool calls,
+request validation, batching of concurrent requests, and the command line in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.serving.generation import TextGenerator
+from posttrain.serving.server import ModelServer
+from posttrain.synthetic import tiny_model
+
+TOOLS = [{"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}]
+TOOL_QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
+TOOL_ANSWER = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+PROMPT = "Question: Ada has 12 apples and gets 7 more. How many apples does Ada have?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny model taught one tool-calling exchange by heart, saved with its tokenizer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread avoids contention between torch's own threads
+    torch.manual_seed(0)
+    tokenizer, model = tiny_model(steps=0)
+    prompt = tokenizer.apply_chat_template(TOOL_QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt + TOOL_ANSWER + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    x = torch.tensor([ids])
+    labels = x.clone()
+    labels[0, :n_prompt] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(30):
+        loss = model(x, labels=labels, return_logits=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    folder = tmp_path_factory.mktemp("serve_ckpt") / "tiny-tools"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    yield tokenizer, model, folder
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    tokenizer, model, _ = checkpoint
+    with ModelServer(tokenizer, model, name="tiny-tools", port=0) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url + "/v1", timeout=300) as c:
+        yield c
+
+
+def reference_texts(checkpoint, prompt_ids, **kwargs):
+    """What the engine itself produces, decoded by the same rules (the server's answer must equal it)."""
+    tokenizer, model, _ = checkpoint
+    generator = TextGenerator.for_model(tokenizer, model, NativeEngine(model).generate)
+    stop = kwargs.pop("stop", [])
+    params = generator.sampling_params(stop=stop, **kwargs)
+    return generator.complete([prompt_ids], params, stop)
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def test_models_and_health(client, server):
+    models = client.get("/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-tools"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/completions").status_code == 405
+
+
+def test_completion_equals_the_engine_and_counts_usage(client, checkpoint):
+    tokenizer = checkpoint[0]
+    body = {"model": "tiny-tools", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    out = client.post("/completions", json=body).json()
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    (ref,) = reference_texts(checkpoint, prompt_ids, max_new_tokens=24, temperature=0)
+    (choice,) = out["choices"]
+    assert out["object"] == "text_completion" and out["model"] == "tiny-tools"
+    assert choice["text"] == ref.text and choice["finish_reason"] == ref.finish_reason
+    assert out["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": ref.num_generated,
+                            "total_tokens": len(prompt_ids) + ref.num_generated}
+    # token-id prompts and echo
+    echoed = client.post("/completions", json={**body, "prompt": prompt_ids, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == tokenizer.decode(prompt_ids) + ref.text
+
+
+def test_stop_strings_cut_the_text(client):
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    full = client.post("/completions", json=body).json()["choices"][0]
+    text = full["text"]
+    assert full["finish_reason"] == "length" and len(text) > 6
+    stop = text[3:6]  # a piece from inside the completion: the answer must end right before its first occurrence
+    cut = client.post("/completions", json={**body, "stop": [stop, "never-generated"]}).json()["choices"][0]
+    assert cut["text"] == text[: text.index(stop)]
+    assert cut["finish_reason"] == "stop"
+
+
+def test_n_seed_and_sampling(client):
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 2.0, "top_p": 0.99, "n": 3, "seed": 11,
+            "ignore_eos": True}
+    first = client.post("/completions", json=body).json()
+    again = client.post("/completions", json=body).json()
+    other = client.post("/completions", json={**body, "seed": 12}).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert texts == [c["text"] for c in again["choices"]]  # the seed decides the samples
+    assert texts != [c["text"] for c in other["choices"]]
+    assert len(set(texts)) > 1  # n samples, not n copies
+    assert first["usage"]["completion_tokens"] == 3 * 16
+    # several prompts: choices are prompt-major
+    multi = client.post("/completions", json={"prompt": [PROMPT, "Question:"], "max_tokens": 4, "n": 2,
+                                              "temperature": 0}).json()
+    assert [c["index"] for c in multi["choices"]] == [0, 1, 2, 3]
+    assert multi["choices"][0]["text"] == multi["choices"][1]["text"]  # greedy: both samples of a prompt agree
+
+
+def test_chat_tool_calls_are_parsed(client):
+    body = {"model": "tiny-tools", "messages": TOOL_QUESTION, "tools": TOOLS, "temperature": 0, "max_tokens": 64}
+    out = client.post("/chat/completions", json=body).json()
+    (choice,) = out["choices"]
+    assert out["object"] == "chat.completion"
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["role"] == "assistant" and message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "add"
+    assert json.loads(call["function"]["arguments"]) == {"a": 2, "b": 3}
+    # without tools the same text comes back as content, unparsed
+    plain = client.post("/chat/completions", json={**body, "tools": None}).json()["choices"][0]
+    assert "tool_calls" not in plain["message"]
+    # tool_choice "none": the tools are not offered, so the prompt is shorter
+    no_tools = client.post("/chat/completions", json={**body, "tool_choice": "none"}).json()
+    assert no_tools["usage"]["prompt_tokens"] < out["usage"]["prompt_tokens"]
+
+
+def test_streaming_equals_the_plain_answer(client):
+    body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/completions", json=body).json()
+    with client.stream("POST", "/completions", json={**body, "stream": True,
+                                                     "stream_options": {"include_usage": True}}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    text_chunks = [c for c in chunks if c["choices"]]
+    assert len(text_chunks) > 3  # token by token, not one blob
+    assert "".join(c["choices"][0]["text"] for c in text_chunks) == plain["choices"][0]["text"]
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_streaming_chat_tool_calls(client):
+    body = {"messages": TOOL_QUESTION, "tools": TOOLS, "temperature": 0, "max_tokens": 64, "stream": True}
+    with client.stream("POST", "/chat/completions", json=body) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas[0]["role"] == "assistant"
+    (calls,) = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert calls[0]["index"] == 0 and calls[0]["function"]["name"] == "add"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/completions", {"prompt": "x", "temperature": 5}, 400, "temperature"),
+    ("/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ("/completions", {"prompt": "x", "stop": [1, 2]}, 400, "stop"),
+    ("/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/completions", {"prompt": [[1, 2, 10**7]]}, 400, "prompt[0]"),
+    ("/completions", {"prompt": ""}, 400, "prompt[0]"),
+    ("/completions", {}, 400, "prompt"),
+    ("/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/chat/completions", {}, 400, "messages"),
+    ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "tools": [{"type": "function", "function": {}}]}, 400,
+     "tools[0].function.name"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "tools": TOOLS, "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+])
+def test_bad_requests_name_the_field(client, path, body, status, param):
+    response = client.post(path, json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_malformed_body(client):
+    response = client.post("/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = client.post("/completions", content=b"[1, 2]")
+    assert response.status_code == 400 and "JSON object" in response.json()["error"]["message"]
+
+
+def test_concurrent_requests_share_batches(client, server):
+    """8 concurrent requests finish in under 2x the time of one, and each gets what it would have got alone."""
+    body = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    client.post("/completions", json=body)  # warm up
+
+    def one(_: int = 0) -> tuple[str, float]:
+        start = time.perf_counter()
+        out = client.post("/completions", json=body).json()
+        return out["choices"][0]["text"], time.perf_counter() - start
+
+    single_text, single = min((one() for _ in range(2)), key=lambda r: r[1])
+    batches_before = server.scheduler.stats.batches
+    with ThreadPoolExecutor(8) as pool:
+        start = time.perf_counter()
+        results = list(pool.map(one, range(8)))
+        together = time.perf_counter() - start
+    batches = server.scheduler.stats.batches - batches_before
+    print(f"one request {single:.3f}s, 8 concurrent {together:.3f}s in {batches} batch(es)")
+    assert [text for text, _ in results] == [single_text] * 8
+    assert batches < 8  # they were batched
+    assert together < 2 * single, f"8 concurrent requests took {together:.2f}s, one took {single:.2f}s"
+
+
+def test_cli_serves_until_sigterm(checkpoint, tmp_path):
+    folder = checkpoint[2]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(folder), "--port", "0", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "serving 'tiny-tools' at http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.rsplit(" at ", 1)[1].strip()
+        assert httpx.get(url + "/models", timeout=30).json()["data"][0]["id"] == "tiny-tools"
+        out = httpx.post(url + "/chat/completions", timeout=120, json={
+            "messages": TOOL_QUESTION, "tools": TOOLS, "temperature": 0, "max_tokens": 64}).json()
+        assert out["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "add"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_folder_without_tokenizer_is_refused(tmp_path, checkpoint):
+    from posttrain.serving.generation import load_checkpoint
+
+    checkpoint[1].save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_checkpoint(tmp_path / "weights-only")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_sampling_params_match_the_engine_contract(checkpoint):
+    """Single-token stop strings stop rows inside the engine; EOS is the tokenizer's."""
+    tokenizer, model, _ = checkpoint
+    generator = TextGenerator.for_model(tokenizer, model)
+    params = generator.sampling_params(max_new_tokens=8, stop=["\n", "no such multi-token stop"])
+    assert isinstance(params, SamplingParams)
+    assert params.stop_token_ids == tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.eos_token_id in params.stop_ids()
