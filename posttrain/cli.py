@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("posttrain.demo", "run the end-to-end pipeline on a tiny model (CPU, no network)"),
     "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
     "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),
+    "grpo": ("posttrain.grpo.cli", "on-policy GRPO with the DAPO loss on verifiable rewards"),
     "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
     "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
     "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),

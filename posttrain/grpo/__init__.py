@@ -1,0 +1,14 @@
+"""posttrain.grpo: on-policy GRPO with the DAPO loss (and grpo, dr_grpo, gspo) on verifiable rewards.
+
+- ``loss``: the policy losses and group advantages, lines mapped to the formulas.
+- ``config``: ``GrpoConfig`` and its groups (rollout, dynamic_sampling, overlong, loss, rewards, optim, eval, ...).
+- ``data``: prompt rows, their seeded order, packing into padding-free micro-batches.
+- ``trainer``: ``GrpoTrainer``, the loop (rollout -> rewards -> advantages -> several optimizer steps).
+- ``vllm_engine``: the colocated vLLM rollout engine (GPU, ``pip install posttrain[vllm]``).
+Importing this package imports neither accelerate nor vLLM.
+"""
+
+from posttrain.grpo.config import GrpoConfig
+from posttrain.grpo.loss import LOSS_TYPES, LossConfig, group_advantages, loss_normalizer, policy_loss
+
+__all__ = ["LOSS_TYPES", "GrpoConfig", "LossConfig", "group_advantages", "loss_normalizer", "policy_loss"]

@@ -1,0 +1,202 @@
+"""The ``posttrain grpo`` config: small dataclass groups, each field documented where it is declared.
+
+Loaded from a recipe (``recipes/grpo*.yaml``) by ``posttrain.config.load_config(GrpoConfig, path, overrides)``.
+Cross-group checks live in ``GrpoConfig.__post_init__`` so a bad combination fails before any work starts.
+This module must never import torch, a model or an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from posttrain.grpo.loss import LossConfig
+from posttrain.rewards import RewardsConfig
+
+
+@dataclass
+class ModelConfig:
+    """path: checkpoint folder (safetensors + config.json) of the policy to train.
+    tokenizer: tokenizer folder (None: the checkpoint folder).
+    dtype: parameter dtype for training (float32 on CPU).
+    """
+
+    path: str = ""
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    """path: a JSONL file of prompts (one JSON object a line) or a ``datasets`` folder saved with save_to_disk.
+    prompt_column: the prompt: a string (used as is) or a list of chat messages (the chat template is applied).
+    Every other column reaches the rewards as a keyword list (``answer``, ``tests``, ``ground_truth``...).
+    max_prompt_tokens: longest prompt accepted, in tokens.
+    long_prompts: what to do with a longer prompt: ``error`` (stop, naming it) or ``drop`` (skip it, counted).
+    shuffle: visit prompts in a seeded random order, a new order each epoch.
+    """
+
+    path: str = ""
+    prompt_column: str = "prompt"
+    max_prompt_tokens: int = 512
+    long_prompts: Literal["error", "drop"] = "error"
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    """engine: ``native`` (the in-tree engine, CPU and GPU) or ``vllm`` (colocated, GPU, ``posttrain[vllm]``).
+    prompts_per_step: groups in one generation batch (all processes together; a multiple of the process count).
+    num_generations: G, completions sampled per prompt.
+    max_new_tokens: completion length limit (L_max of the overlong shaping).
+    temperature, top_p, top_k: sampling (RL: top_p 1 and top_k 0, the untruncated distribution).
+    prompts_per_call: at most this many prompts per engine call (0: a process's whole share). Each call's
+        sampling seed derives from the run seed, the generation round and its first prompt's global index, so
+        rollouts do not depend on the process count when this divides each process's share.
+    vllm_gpu_memory_utilization: fraction of the GPU vLLM may take (colocated with training).
+    vllm_sleep: put vLLM to sleep (free its KV cache) while training.
+    """
+
+    engine: Literal["native", "vllm"] = "native"
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prompts_per_call: int = 0
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_sleep: bool = True
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling.
+
+    enabled: drop groups whose outcome metric is the same for every completion and generate more.
+    metric: label of the reward whose values are the outcome (None: the first reward, e.g. the verifier); not the
+        shaped total, which overlong shaping makes look varied when it is not.
+    max_rounds: most generation rounds per step; past it the step trains on the groups it has.
+    """
+
+    enabled: bool = True
+    metric: str | None = None
+    max_rounds: int = 4
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's overlong reward shaping: a penalty falling linearly from 0 at max_new_tokens - buffer tokens to -1 at
+    max_new_tokens (the ``overlong`` reward), added with ``weight``. buffer 0: off."""
+
+    buffer: int = 0
+    weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """lr, weight_decay, betas, eps: AdamW.  max_grad_norm: clip the global gradient norm (0: off).
+    schedule, warmup_steps: learning-rate schedule over optimizer steps (posttrain.train.schedules).
+    mini_batches: optimizer steps per pass over a generation batch (> 1, or the ratio is always 1).
+    num_iterations: mu, passes over each generation batch.
+    micro_batch_tokens: token budget of one packed row (a longer sequence gets a row of its own).
+    """
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_steps: int = 0
+    mini_batches: int = 2
+    num_iterations: int = 1
+    micro_batch_tokens: int = 8192
+
+
+@dataclass
+class EvalConfig:
+    """Periodic held-out evaluation: outcome accuracy on prompts never trained on.
+
+    path: JSONL/datasets prompts (same columns as the training data; None: no evaluation).
+    every: evaluate every this many steps (0: only at the start and the end).
+    max_prompts: evaluate on at most this many prompts.
+    num_samples, temperature: completions per prompt and their temperature (0: greedy).
+    """
+
+    path: str | None = None
+    every: int = 0
+    max_prompts: int = 256
+    num_samples: int = 1
+    temperature: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """output_dir: checkpoints, metrics.jsonl and the config.  steps: generation steps.  seed: everything's seed.
+    save_every: checkpoint every this many steps (0: only at the end).  resume: a checkpoint folder or ``latest``.
+    """
+
+    output_dir: str = "runs/grpo"
+    steps: int = 100
+    seed: int = 0
+    save_every: int = 0
+    resume: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    """report_to: trackers accelerate knows (tensorboard, trackio, wandb); metrics.jsonl is always written.
+    log_every: steps between tracker logs.  progress: show a progress bar."""
+
+    report_to: list[str] = field(default_factory=list)
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class GrpoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        r, o = self.rollout, self.optim
+        checks = [
+            (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
+            (r.num_generations >= 2, "rollout.num_generations must be >= 2 (advantages compare completions)"),
+            (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (r.temperature > 0, "rollout.temperature must be > 0 (RL samples; greedy groups are uniform)"),
+            (r.prompts_per_call >= 0, "rollout.prompts_per_call must be >= 0"),
+            (self.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds must be >= 1"),
+            (0 <= self.overlong.buffer <= r.max_new_tokens, "overlong.buffer must be in [0, rollout.max_new_tokens]"),
+            (o.mini_batches >= 1 and o.num_iterations >= 1, "optim.mini_batches and optim.num_iterations must be >= 1"),
+            (o.mini_batches <= r.prompts_per_step * r.num_generations,
+             "optim.mini_batches cannot exceed the completions of a generation batch"),
+            (o.micro_batch_tokens >= 1, "optim.micro_batch_tokens must be >= 1"),
+            (o.lr >= 0, "optim.lr must be >= 0"),
+            (self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
+            (self.run.steps >= 0 and self.run.save_every >= 0, "run.steps and run.save_every must be >= 0"),
+            (self.eval.num_samples >= 1 and self.eval.every >= 0, "eval.num_samples >= 1 and eval.every >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        labels = [s.label or s.name for s in self.rewards.rewards]
+        if self.dynamic_sampling.metric is not None and self.dynamic_sampling.metric not in labels:
+            raise ValueError(f"dynamic_sampling.metric {self.dynamic_sampling.metric!r} is not a reward label "
+                             f"(labels: {labels})")
+
+    @property
+    def outcome_reward(self) -> str:
+        """The label of the reward whose values are the outcome (accuracy, dynamic sampling)."""
+        first = self.rewards.rewards[0]
+        return self.dynamic_sampling.metric or first.label or first.name

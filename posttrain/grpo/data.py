@@ -1,0 +1,140 @@
+"""GRPO's inputs and the shapes its update runs on: prompt rows, their epoch order, and packed micro-batches.
+
+``load_prompt_rows`` reads JSONL (errors name the file and line) or a ``datasets`` folder; ``tokenize_prompts``
+applies the chat template to conversational prompts and enforces ``max_prompt_tokens`` (error naming the row, or
+drop with a count); ``PromptSampler`` walks seeded epoch permutations and its position is a checkpointable pair;
+``pack_micro_batches`` groups sequences into rows under a token budget (first-fit decreasing). This module never
+touches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class PromptDataError(ValueError):
+    """A prompt file or row that cannot be used, with where it is."""
+
+
+def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[dict[str, Any]]:
+    """Rows (dicts) from a JSONL file or a ``datasets`` folder; each must have ``prompt_column``."""
+    p = Path(path)
+    rows: list[dict[str, Any]] = []
+    if p.is_dir():
+        from datasets import load_from_disk
+
+        rows = [dict(r) for r in load_from_disk(str(p))]
+        where = [f"{p} row {i}" for i in range(len(rows))]
+    elif p.is_file():
+        where = []
+        with p.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptDataError(f"{p}:{number}: not valid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise PromptDataError(f"{p}:{number}: a row must be a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                where.append(f"{p}:{number}")
+    else:
+        raise PromptDataError(f"prompt data not found: {p}")
+    for row, loc in zip(rows, where, strict=True):
+        if prompt_column not in row:
+            raise PromptDataError(f"{loc}: no {prompt_column!r} column (columns: {sorted(row)})")
+        row.setdefault("_where", loc)
+    if not rows:
+        raise PromptDataError(f"{p}: no prompts")
+    return rows
+
+
+def tokenize_prompts(rows: list[dict[str, Any]], tokenizer, prompt_column: str, max_prompt_tokens: int,
+                     long_prompts: str = "error") -> tuple[list[dict[str, Any]], list[list[int]], int]:
+    """Token ids of every prompt; returns (kept rows, their ids, how many were dropped for length)."""
+    kept, ids, dropped = [], [], 0
+    for i, row in enumerate(rows):
+        prompt = row[prompt_column]
+        if isinstance(prompt, str):
+            tokens = list(tokenizer.encode(prompt, add_special_tokens=False))
+        elif isinstance(prompt, list):
+            tokens = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+        else:
+            raise PromptDataError(f"{row.get('_where', f'row {i}')}: {prompt_column} must be a string or a list of "
+                                  f"chat messages, got {type(prompt).__name__}")
+        if not tokens:
+            raise PromptDataError(f"{row.get('_where', f'row {i}')}: the prompt is empty")
+        if len(tokens) > max_prompt_tokens:
+            if long_prompts == "error":
+                raise PromptDataError(
+                    f"{row.get('_where', f'row {i}')}: prompt of {len(tokens)} tokens is longer than "
+                    f"data.max_prompt_tokens={max_prompt_tokens} (set data.long_prompts: drop to skip such prompts)")
+            dropped += 1
+            continue
+        kept.append(row)
+        ids.append(tokens)
+    if dropped:
+        logger.warning("dropped %d of %d prompts longer than %d tokens", dropped, len(rows), max_prompt_tokens)
+    if not kept:
+        raise PromptDataError(f"no prompt is at most {max_prompt_tokens} tokens long")
+    return kept, ids, dropped
+
+
+@dataclass
+class PromptSampler:
+    """Prompt indices in seeded epoch permutations; (epoch, cursor) is its whole state."""
+
+    size: int
+    seed: int = 0
+    shuffle: bool = True
+    epoch: int = 0
+    cursor: int = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            order = self._order(self.epoch)
+            need = n - len(out)
+            out += order[self.cursor:self.cursor + need]
+            self.cursor += need
+            if self.cursor >= self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def pack_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped into rows of at most ``budget`` tokens (first-fit decreasing; an over-long sequence gets a
+    row alone). Rows keep their indices in ascending order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - lengths[i])
+    return [sorted(b) for b in bins]

@@ -1,0 +1,582 @@
+"""The GRPO loop: generate G completions per prompt, score them, compute group advantages, and take several
+optimizer steps on them with the configured policy loss (DAPO by default).
+
+One step (``GrpoTrainer.step``):
+  1. rollout: each process samples its share of the generation batch through the rollout engine (native or vLLM)
+     and scores it with the weighted rewards; the completions and rewards are gathered so every process holds the
+     whole batch (lists of ints: cheap) and takes the same decisions without waiting on another;
+  2. dynamic sampling: groups whose outcome metric (the verifier, not the shaped total) is uniform are dropped and
+     more prompts are generated until the batch is full or ``dynamic_sampling.max_rounds`` is reached;
+  3. advantages per group over the whole group, wherever its completions were generated;
+  4. update: the batch is split into ``optim.mini_batches`` mini-batches, each split across processes and packed
+     into padding-free rows under ``optim.micro_batch_tokens``; ``optim.num_iterations`` passes; the importance
+     ratio uses the log-probabilities of the policy that generated the batch; the loss normaliser (DAPO's token
+     count) is counted over the whole mini-batch on all processes. Log-probabilities come from the model's fused
+     chunked kernel (``token_logprobs``), never from a full logits tensor.
+A step whose loss or gradient is not finite is skipped with a warning; the weights and optimizer state are left
+as they were. This module must never write outside ``run.output_dir`` nor change the rewards' values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import config_to_dict
+from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.grpo.config import GrpoConfig
+from posttrain.grpo.data import PromptSampler, load_prompt_rows, pack_micro_batches, tokenize_prompts
+from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss
+from posttrain.rewards import RewardSet, WeightedReward, get
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Rollout:
+    """One completion of one group, with what scoring it gave."""
+
+    group: int
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float]
+    finish_reason: str
+    rewards: dict[str, float | None]
+    total: float | None
+    advantage: float = 0.0
+
+
+@dataclass
+class StepStats:
+    """Sums over a step's micro-batches, reduced over processes before they become metrics."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, **kv: float) -> None:
+        for k, v in kv.items():
+            self.values[k] = self.values.get(k, 0.0) + float(v)
+
+
+def _seed_for(seed: int, round_index: int, first_prompt: int) -> int:
+    return (seed * 1_000_003 + round_index * 7_919 + first_prompt) % (2**62)
+
+
+class GrpoTrainer:
+    """GRPO/DAPO training of a ``HybridForCausalLM``. Everything the config names can be given directly instead
+    (``model``, ``tokenizer``, ``rows``, ``eval_rows``, ``reward_set``) for tests and notebooks."""
+
+    def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
+                 eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None):
+        from accelerate import Accelerator
+
+        from posttrain.models.hybrid import HybridForCausalLM
+        from posttrain.tokenizer import load_tokenizer
+        from posttrain.train.schedules import build_scheduler
+
+        self.config = c = config
+        self.output_dir = Path(c.run.output_dir)
+        self.accelerator = accelerator or Accelerator(log_with=c.logging.report_to or None,
+                                                      project_dir=str(self.output_dir))
+        acc = self.accelerator
+        if c.rollout.prompts_per_step % acc.num_processes:
+            raise ValueError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be a multiple of the "
+                             f"number of processes ({acc.num_processes})")
+        torch.manual_seed(c.run.seed)
+        if model is None:
+            if not c.model.path:
+                raise ValueError("model.path: no checkpoint given")
+            model = HybridForCausalLM.from_pretrained(c.model.path, dtype=getattr(torch, c.model.dtype))
+        if tokenizer is None:
+            tokenizer = load_tokenizer(c.model.tokenizer or c.model.path)
+        self.tokenizer = tokenizer
+        if rows is None:
+            if not c.data.path:
+                raise ValueError("data.path: no prompts given")
+            rows = load_prompt_rows(c.data.path, c.data.prompt_column)
+        self.rows, self.prompt_ids, self.dropped_long_prompts = tokenize_prompts(
+            rows, tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, c.data.long_prompts)
+        if eval_rows is None and c.eval.path:
+            eval_rows = load_prompt_rows(c.eval.path, c.data.prompt_column)
+        self.eval_rows, self.eval_prompt_ids = [], []
+        if eval_rows:
+            self.eval_rows, self.eval_prompt_ids, _ = tokenize_prompts(
+                eval_rows[: c.eval.max_prompts], tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, "drop")
+
+        self.reward_set = reward_set or RewardSet.from_specs(c.rewards.rewards)
+        if c.overlong.buffer > 0:
+            overlong = get("overlong", max_len=c.rollout.max_new_tokens, cache_len=c.overlong.buffer)
+            self.reward_set = RewardSet([*self.reward_set.rewards,
+                                         WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
+        self.outcome = c.outcome_reward if reward_set is None else (c.dynamic_sampling.metric
+                                                                    or self.reward_set.rewards[0].name)
+        self._pool = None
+
+        model.train()
+        self.ref_model = None
+        if c.loss.beta > 0 and not hasattr(model, "disable_adapter"):  # with LoRA the reference is adapters off
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=c.optim.lr, betas=tuple(c.optim.betas), eps=c.optim.eps,
+                                      weight_decay=c.optim.weight_decay)
+        total_updates = max(1, c.run.steps * c.optim.mini_batches * c.optim.num_iterations)
+        self.scheduler = build_scheduler(optimizer, c.optim.schedule, total_updates, c.optim.warmup_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.engine = self._build_engine()
+        self.tis_cap = c.loss.truncated_is_cap
+        if self.tis_cap is None and c.rollout.engine == "vllm":
+            self.tis_cap = 2.0  # hybrids: vLLM's Mamba prefill/decode kernels differ from training's, by design
+        self.sampler = PromptSampler(len(self.rows), seed=c.run.seed, shuffle=c.data.shuffle)
+        self.step_count = 0
+        self.round_count = 0
+        self.skipped_updates = 0
+        self.history: list[dict[str, float]] = []
+        self.last_batch: list[Rollout] = []  # the last step's groups after dynamic sampling, with advantages
+        self.before_optimizer_step: Callable[[GrpoTrainer], None] | None = None
+        if c.run.resume:
+            self.load_checkpoint(c.run.resume)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def core(self):
+        """The bare ``HybridForCausalLM`` (no DDP wrapper, no adapters)."""
+        m = self.accelerator.unwrap_model(self.model)
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _build_engine(self):
+        if self.config.rollout.engine == "native":
+            return NativeEngine(self.accelerator.unwrap_model(self.model))
+        from posttrain.grpo.vllm_engine import VllmEngine
+
+        return VllmEngine(self.core, self.config, self.tokenizer)
+
+    @property
+    def pool(self):
+        if self._pool is None and self.config.rewards.num_workers > 0:
+            from posttrain.rewards import RewardPool
+
+            self._pool = RewardPool(num_workers=self.config.rewards.num_workers, timeout_s=self.config.rewards.timeout_s)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _completion_for_reward(self, row: dict, ids: list[int]):
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        prompt = row[self.config.data.prompt_column]
+        return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+    def _sampling(self, n: int, temperature: float, seed: int) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
+                              top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
+                              n=n, eos_token_id=self.tokenizer.eos_token_id, seed=seed)
+
+    def _generate_and_score(self, prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict], n: int,
+                            temperature: float, round_index: int, times: dict[str, float]) -> list[Rollout]:
+        """This process's share of ``prompt_rows`` generated and scored, then everyone's gathered (in order)."""
+        acc = self.accelerator
+        share = len(prompt_rows) // acc.num_processes
+        lo, hi = acc.process_index * share, (acc.process_index + 1) * share
+        chunk = self.config.rollout.prompts_per_call or max(share, 1)
+        local: list[Rollout] = []
+        t0 = time.perf_counter()
+        for start in range(lo, hi, chunk):
+            idx = list(range(start, min(start + chunk, hi)))
+            params = self._sampling(n, temperature, _seed_for(self.config.run.seed, round_index, start))
+            outs = self.engine.generate([prompt_ids[prompt_rows[i]] for i in idx], params)
+            for o in outs:
+                g = idx[o.prompt_index]
+                local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], o.token_ids, o.logprobs,
+                                     o.finish_reason, {}, None))
+        t1 = time.perf_counter()
+        errors = 0
+        if local:
+            batch_rows = [rows[r.prompt_index] for r in local]
+            columns = {k: [row.get(k) for row in batch_rows] for k in batch_rows[0]
+                       if k not in (self.config.data.prompt_column, "_where")}
+            columns["completion_ids"] = [r.completion_ids for r in local]
+            result = self.reward_set.score([row[self.config.data.prompt_column] for row in batch_rows],
+                                           [self._completion_for_reward(row, r.completion_ids)
+                                            for row, r in zip(batch_rows, local, strict=True)],
+                                           pool=self.pool, **columns)
+            errors = len(result.errors)
+            for i, r in enumerate(local):
+                r.rewards = {name: values[i] for name, values in result.values.items()}
+                r.total = result.total[i]
+        t2 = time.perf_counter()
+        times["generate"] = times.get("generate", 0.0) + t1 - t0
+        times["reward"] = times.get("reward", 0.0) + t2 - t1
+        times["reward_errors"] = times.get("reward_errors", 0.0) + errors
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            local = gather_object(local)
+        return local
+
+    def _uniform(self, group: list[Rollout]) -> bool:
+        values = {r.rewards.get(self.outcome) for r in group}
+        values.discard(None)
+        return len(values) <= 1
+
+    def collect(self, times: dict[str, float]) -> tuple[list[list[Rollout]], list[Rollout], dict[str, float]]:
+        """The step's groups after dynamic sampling, every completion generated, and the sampling counts."""
+        c = self.config
+        need, G = c.rollout.prompts_per_step, c.rollout.num_generations
+        kept: list[list[Rollout]] = []
+        generated: list[Rollout] = []
+        rounds = dropped = n_groups = 0
+        max_rounds = c.dynamic_sampling.max_rounds if c.dynamic_sampling.enabled else 1
+        while len(kept) < need and rounds < max_rounds:
+            prompt_rows = self.sampler.take(need)
+            outs = self._generate_and_score(prompt_rows, self.prompt_ids, self.rows, G, c.rollout.temperature,
+                                            self.round_count, times)
+            self.round_count += 1
+            rounds += 1
+            generated += outs
+            for g in range(need):
+                group = outs[g * G:(g + 1) * G]
+                n_groups += 1
+                if c.dynamic_sampling.enabled and self._uniform(group):
+                    dropped += 1
+                else:
+                    kept.append(group)
+        kept = kept[:need]
+        counts = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/generated_groups": n_groups,
+                  "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/kept_groups": len(kept)}
+        if len(kept) < need:
+            logger.warning("step %d: %d of %d groups after %d generation rounds (dynamic sampling dropped %d)",
+                           self.step_count, len(kept), need, rounds, dropped)
+        return kept, generated, counts
+
+    # -- the update ---------------------------------------------------------------------------------------------
+    def _logprobs(self, model, samples: list[Rollout], entropy: bool = False):
+        """Per-token log-probs (and entropies) of the completions, the samples packed in one padding-free row."""
+        device = self.core.device
+        seqs = [s.prompt_ids + s.completion_ids for s in samples]
+        ids = torch.tensor([t for s in seqs for t in s[:-1]], device=device)[None]
+        positions = torch.cat([torch.arange(len(s) - 1, device=device) for s in seqs])[None]
+        target_pos, offset = [], 0
+        for s in samples:
+            lp, lc = len(s.prompt_ids), len(s.completion_ids)
+            target_pos.append(torch.arange(offset + lp - 1, offset + lp - 1 + lc))
+            offset += lp + lc - 1
+        target_pos = torch.cat(target_pos).to(device)
+        targets = torch.tensor([t for s in samples for t in s.completion_ids], device=device)
+        hidden = model(ids, position_ids=positions, return_logits=False).hidden_states[0, target_pos]
+        result = self.core.token_logprobs(hidden, targets, temperature=self.config.rollout.temperature,
+                                          return_entropy=entropy)
+        seq_ids = torch.repeat_interleave(torch.arange(len(samples), device=device),
+                                          torch.tensor([len(s.completion_ids) for s in samples], device=device))
+        return result, seq_ids
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, samples: list[Rollout], which: str) -> list[torch.Tensor]:
+        """Per-sample log-probs under the current policy (``old``) or the reference model (``ref``), no grad."""
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        budget = self.config.optim.micro_batch_tokens
+        for idxs in pack_micro_batches([len(s.prompt_ids) + len(s.completion_ids) - 1 for s in samples], budget):
+            part = [samples[i] for i in idxs]
+            if which == "ref" and self.ref_model is None:  # LoRA: the reference is the model with adapters off
+                with self.accelerator.unwrap_model(self.model).disable_adapter():
+                    lp, _ = self._logprobs(self.model, part)
+            else:
+                lp, _ = self._logprobs(self.ref_model if which == "ref" else self.model, part)
+            for i, chunk in zip(idxs, lp.float().split([len(s.completion_ids) for s in part]), strict=True):
+                out[i] = chunk
+        return out  # type: ignore[return-value]
+
+    def _shard(self, items: list, parts: int, index: int) -> list:
+        """The ``index``-th of ``parts`` contiguous, nearly equal slices."""
+        n = len(items)
+        lo, hi = n * index // parts, n * (index + 1) // parts
+        return items[lo:hi]
+
+    def update(self, samples: list[Rollout], stats: StepStats) -> None:
+        c, acc = self.config, self.accelerator
+        W, rank = acc.num_processes, acc.process_index
+        minis = [self._shard(samples, c.optim.mini_batches, m) for m in range(c.optim.mini_batches)]
+        local = [self._shard(mini, W, rank) for mini in minis]
+        flat_local = [s for part in local for s in part]
+        need_old = c.optim.mini_batches * c.optim.num_iterations > 1 or self.tis_cap is not None
+        self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
+        old = self._frozen_logprobs(flat_local, "old") if need_old and flat_local else None
+        ref = self._frozen_logprobs(flat_local, "ref") if c.loss.beta > 0 and flat_local else None
+        self.model.train()
+        if old is not None:
+            for s, lp in zip(flat_local, old, strict=True):
+                diff = (lp.double() - torch.tensor(s.sampler_logprobs, dtype=torch.float64)).abs()
+                stats.add(mismatch_sum=diff.sum().item(), mismatch_tokens=diff.numel())
+        position = {id(s): i for i, s in enumerate(flat_local)}
+        for _ in range(c.optim.num_iterations):
+            for mini, mine in zip(minis, local, strict=True):
+                norm = loss_normalizer(c.loss.type, [len(s.completion_ids) for s in mini], c.rollout.max_new_tokens)
+                self._optimizer_step(mine, norm, old, ref, position, stats)
+
+    def _optimizer_step(self, mine: list[Rollout], norm: float, old, ref, position, stats: StepStats) -> None:
+        c, acc = self.config, self.accelerator
+        W = acc.num_processes
+        rows = pack_micro_batches([len(s.prompt_ids) + len(s.completion_ids) - 1 for s in mine],
+                                  c.optim.micro_batch_tokens) or [[]]
+        finite = True
+        loss_total = 0.0
+        for j, idxs in enumerate(rows):
+            sync = contextlib.nullcontext() if j == len(rows) - 1 else acc.no_sync(self.model)
+            with sync:
+                if not idxs:  # nothing here for this process: a zero loss keeps the gradient all-reduce in step
+                    out = self.model(torch.zeros(1, 1, dtype=torch.long, device=self.core.device), return_logits=False)
+                    acc.backward(out.hidden_states.sum() * 0.0)
+                    continue
+                part = [mine[i] for i in idxs]
+                (logp, entropy), seq_ids = self._logprobs(self.model, part, entropy=True)
+                adv = torch.tensor([s.advantage for s in part], dtype=logp.dtype, device=logp.device)[seq_ids]
+                old_lp = (torch.cat([old[position[id(s)]] for s in part]).to(logp) if old is not None
+                          else logp.detach())
+                ref_lp = torch.cat([ref[position[id(s)]] for s in part]).to(logp) if ref is not None else None
+                is_weight = None
+                if self.tis_cap is not None:
+                    sampler = torch.tensor([x for s in part for x in s.sampler_logprobs], dtype=logp.dtype)
+                    is_weight = torch.exp(old_lp - sampler).clamp(max=self.tis_cap)
+                loss, st = policy_loss(c.loss, logp, old_lp, adv, seq_ids, len(part), norm, ref_logp=ref_lp,
+                                       is_weight=is_weight)
+                finite = finite and bool(torch.isfinite(loss))
+                loss_total += loss.item()
+                stats.add(clip_low=st["clip_low"], clip_high=st["clip_high"], tokens=st["tokens"], kl=st["kl"],
+                          entropy=entropy.detach().sum(), micro_batches=1)
+                acc.backward(loss * W)  # DDP averages gradients over processes; the normaliser is already global
+        if self.before_optimizer_step is not None:
+            self.before_optimizer_step(self)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optim.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(params, c.optim.max_grad_norm)
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        grad_norm = float(grad_norm)
+        ok = torch.tensor([1.0 if finite and math.isfinite(grad_norm) else 0.0])
+        if W > 1:
+            ok = acc.reduce(ok, reduction="sum") / W
+        if bool(ok.item() == 1.0):
+            self.optimizer.step()
+            self.scheduler.step()
+            stats.add(updates=1, grad_norm=grad_norm, loss=loss_total)
+        else:
+            self.skipped_updates += 1
+            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): optimizer step skipped, "
+                           "weights unchanged", self.step_count, loss_total, grad_norm)
+            stats.add(skipped=1)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        c = self.config
+        times: dict[str, float] = {}
+        groups, generated, counts = self.collect(times)
+        G = c.rollout.num_generations
+        samples = [r for g in groups for r in g]
+        if samples:
+            rewards = torch.tensor([r.total if r.total is not None else 0.0 for r in samples], dtype=torch.float64)
+            scored = torch.tensor([r.total is not None for r in samples])
+            adv = group_advantages(rewards, G, scale=c.loss.uses_std, scored=scored)
+            for r, a in zip(samples, adv.tolist(), strict=True):
+                r.advantage = a
+        self.last_batch = samples
+        train_samples = [r for r in samples if not (c.loss.mask_truncated and r.finish_reason == "length")]
+        if c.rollout.engine == "vllm" and c.rollout.vllm_sleep:
+            self.engine.sleep()  # give the GPU memory of vLLM's caches to training
+        stats = StepStats()
+        t0 = time.perf_counter()
+        if train_samples:
+            self.update(train_samples, stats)
+        times["train"] = time.perf_counter() - t0
+        if c.rollout.engine == "vllm":
+            self.engine.sync_weights(self.core)
+        self.step_count += 1
+        metrics = self._metrics(generated, samples, counts, stats, times)
+        self.history.append(metrics)
+        return metrics
+
+    def _metrics(self, generated: list[Rollout], samples: list[Rollout], counts: dict, stats: StepStats,
+                 times: dict[str, float]) -> dict[str, float]:
+        acc, G = self.accelerator, self.config.rollout.num_generations
+        keys = ["clip_low", "clip_high", "tokens", "kl", "entropy", "micro_batches", "updates", "skipped",
+                "grad_norm", "loss", "mismatch_sum", "mismatch_tokens", "reward_errors"]
+        local = dict(stats.values, reward_errors=times.get("reward_errors", 0.0))
+        vec = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec, reduction="sum")
+        s = dict(zip(keys, vec.tolist(), strict=True))
+        tokens = max(s["tokens"], 1.0)
+        m: dict[str, float] = {"step": float(self.step_count), **{k: float(v) for k, v in counts.items()}}
+        names = list(generated[0].rewards) if generated else []
+        for name in names:
+            vals = [r.rewards[name] for r in generated if r.rewards[name] is not None]
+            m[f"rewards/{name}/mean"] = sum(vals) / len(vals) if vals else math.nan
+            m[f"rewards/{name}/std"] = (torch.tensor(vals).std(correction=0).item() if len(vals) > 1 else 0.0)
+        totals = [r.total for r in generated if r.total is not None]
+        m["rewards/total/mean"] = sum(totals) / len(totals) if totals else math.nan
+        outcome = [r.rewards.get(self.outcome) for r in generated]
+        outcome = [v for v in outcome if v is not None]
+        m["accuracy"] = sum(outcome) / len(outcome) if outcome else math.nan
+        m["rewards/unscored"] = float(sum(r.total is None for r in generated))
+        m["rewards/errors"] = s["reward_errors"]
+        groups = [generated[i:i + G] for i in range(0, len(generated), G)]
+        m["zero_variance_groups_frac"] = (sum(len({r.total for r in g}) <= 1 for g in groups) / len(groups)
+                                          if groups else 0.0)
+        lengths = [len(r.completion_ids) for r in generated]
+        if lengths:
+            m["completions/mean_length"] = sum(lengths) / len(lengths)
+            m["completions/min_length"], m["completions/max_length"] = float(min(lengths)), float(max(lengths))
+            m["completions/truncated_frac"] = sum(r.finish_reason == "length" for r in generated) / len(generated)
+        m["clip/low_frac"] = s["clip_low"] / tokens
+        m["clip/high_frac"] = s["clip_high"] / tokens
+        m["entropy"] = s["entropy"] / tokens
+        if self.config.loss.beta > 0:
+            m["kl"] = s["kl"] / tokens
+        if s["mismatch_tokens"]:
+            m["rollout/logprob_mismatch_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
+        m["optim/updates"] = s["updates"]
+        m["optim/skipped"] = s["skipped"]
+        m["optim/grad_norm"] = s["grad_norm"] / max(s["updates"], 1) / acc.num_processes
+        m["optim/lr"] = self.scheduler.get_last_lr()[0]
+        m["loss"] = s["loss"] / max(s["updates"], 1)
+        m["micro_batches"] = s["micro_batches"]
+        m["time/generate_s"] = times.get("generate", 0.0)
+        m["time/reward_s"] = times.get("reward", 0.0)
+        m["time/train_s"] = times.get("train", 0.0)
+        return m
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Outcome accuracy on the held-out prompts (fixed seed, so steps compare)."""
+        if not self.eval_rows:
+            return {}
+        e = self.config.eval
+        n = len(self.eval_rows)
+        W = self.accelerator.num_processes
+        padded = list(range(n)) + [n - 1] * ((-n) % W)  # every process gets the same count; repeats not counted
+        times: dict[str, float] = {}
+        outs = self._generate_and_score(padded, self.eval_prompt_ids, self.eval_rows, e.num_samples, e.temperature,
+                                        -1, times)
+        outs = outs[: n * e.num_samples]
+        vals = [r.rewards.get(self.outcome) for r in outs]
+        scored = [v for v in vals if v is not None]
+        return {"eval/accuracy": sum(scored) / len(scored) if scored else math.nan,
+                "eval/mean_length": sum(len(r.completion_ids) for r in outs) / max(len(outs), 1)}
+
+    def _sampling_eval_guard(self) -> None:
+        if self.config.eval.temperature == 0 and self.config.eval.num_samples > 1:
+            raise ValueError("eval.num_samples > 1 needs eval.temperature > 0 (greedy samples are identical)")
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{self.step_count}"
+        if acc.is_main_process:
+            tmp = self.output_dir / f".checkpoint-{self.step_count}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.core.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(str(tmp))
+            torch.save({"step": self.step_count, "round": self.round_count, "sampler": self.sampler.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "skipped_updates": self.skipped_updates, "history": self.history,
+                        "config": config_to_dict(self.config)}, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = self.output_dir / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, self.output_dir / "latest")
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, where: str | Path) -> None:
+        from posttrain.models.hybrid import HybridForCausalLM
+
+        path = Path(where)
+        if str(where) == "latest":
+            pointer = self.output_dir / "latest"
+            if not pointer.is_file():
+                raise FileNotFoundError(f"run.resume=latest: no checkpoint in {self.output_dir}")
+            path = self.output_dir / pointer.read_text().strip()
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"run.resume: {path} is not a GRPO checkpoint (no {STATE_FILE})")
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        weights = HybridForCausalLM.from_pretrained(path, dtype=self.core.dtype).state_dict()
+        with torch.no_grad():
+            self.core.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step_count, self.round_count = int(state["step"]), int(state["round"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.history = list(state["history"])
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        from tqdm.auto import tqdm
+
+        c, acc = self.config, self.accelerator
+        self._sampling_eval_guard()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if c.logging.report_to:
+            acc.init_trackers("posttrain-grpo", config=_flat(config_to_dict(c)))
+        bar = tqdm(total=c.run.steps, initial=self.step_count, desc="grpo",
+                   disable=not (c.logging.progress and acc.is_main_process))
+        if self.step_count == 0 and self.eval_rows:
+            self._log({"step": 0.0, **self.evaluate()})
+        try:
+            while self.step_count < c.run.steps:
+                metrics = self.step()
+                last = self.step_count == c.run.steps
+                if self.eval_rows and ((c.eval.every and self.step_count % c.eval.every == 0) or last):
+                    metrics.update(self.evaluate())
+                if self.step_count % c.logging.log_every == 0 or last:
+                    self._log(metrics)
+                if (c.run.save_every and self.step_count % c.run.save_every == 0) or last:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(acc=f"{metrics.get('accuracy', math.nan):.3f}",
+                                clip_hi=f"{metrics.get('clip/high_frac', 0):.3f}")
+        finally:
+            bar.close()
+            self.close()
+            if c.logging.report_to:
+                acc.end_training()
+        return self.history
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        acc = self.accelerator
+        if self.config.logging.report_to:
+            acc.log(metrics, step=int(metrics.get("step", self.step_count)))
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
