@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK_TOKENS = 256
+CHUNK_LOGITS = 1 << 24  # logits per chunk by default: 64 MiB in float32
+
+
+def default_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk so that one chunk's logits hold about ``CHUNK_LOGITS`` values (16 to 4096 tokens)."""
+    return max(16, min(4096, CHUNK_LOGITS // max(vocab, 1)))
 
 
 def naive_linear_logprobs(
@@ -40,24 +45,26 @@ def naive_linear_logprobs(
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk, ignore_index):
+    def forward(ctx, hidden, weight, targets, scale, chunk, ignore_index, with_entropy):
         n = hidden.shape[0]
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logp = torch.empty(n, dtype=acc, device=hidden.device)
-        entropy = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.zeros(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            z = (hidden[start:stop] @ weight.T).to(acc).mul_(scale)  # (c, V)
+            # the logit scale goes on the (chunk, H) side of the product, not on the (chunk, V) logits
+            z = ((hidden[start:stop] * scale) @ weight.T).to(acc)  # (c, V)
             c_lse = torch.logsumexp(z, dim=-1)
             lse[start:stop] = c_lse
             logp[start:stop] = z.gather(-1, safe[start:stop, None])[:, 0] - c_lse
-            # entropy = lse - sum_v p_v z_v
-            p = torch.exp(z - c_lse[:, None])
-            entropy[start:stop] = c_lse - torch.bmm(p[:, None, :], z[:, :, None])[:, 0, 0]
-            del z, p
+            if with_entropy:  # H = lse - sum_v p_v z_v
+                p = torch.exp(z.sub_(c_lse[:, None]))  # z now holds log p
+                entropy[start:stop] = -torch.bmm(p[:, None, :], z[:, :, None])[:, 0, 0]
+                del p
+            del z
         logp = logp * valid
         entropy = entropy * valid
         ctx.save_for_backward(hidden, weight, safe, valid, lse, entropy)
@@ -71,33 +78,43 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = lse.dtype
         n = hidden.shape[0]
+        # d logp_t / d z = onehot(t) - p ;  d H / d z = -p (log p + H); z = scale * raw logits.
+        # Row coefficients absorb the scale, and the one-hot part is a gather / index_add on the small side, so the
+        # (chunk, V) buffer only ever holds log p, then p (or p times an affine function of log p).
         g_lp = torch.zeros(n, dtype=acc, device=hidden.device) if grad_logp is None else grad_logp.to(acc) * valid
-        use_ent = grad_entropy is not None
-        g_ent = grad_entropy.to(acc) * valid if use_ent else None
+        g_lp = g_lp * scale
+        use_ent = grad_entropy is not None and bool(grad_entropy.any())
+        g_ent = grad_entropy.to(acc) * valid * scale if use_ent else None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        rows = torch.arange(min(chunk, n), device=hidden.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             h = hidden[start:stop]
-            # d logp_t / d z = onehot(t) - p ;  d H / d z = -p * (log p + H)
-            g = (h @ weight.T).to(acc).mul_(scale).sub_(lse[start:stop, None])  # log p
+            rows_lp = g_lp[start:stop, None]
+            g = ((h * scale) @ weight.T).to(acc).sub_(lse[start:stop, None])  # log p, (c, V)
             if use_ent:
                 p = torch.exp(g)
-                g.add_(entropy[start:stop, None]).mul_(g_ent[start:stop, None]).add_(g_lp[start:stop, None])
-                g.mul_(p).neg_()
+                coef = -(rows_lp + g_ent[start:stop, None] * entropy[start:stop, None])
+                g.mul_(-g_ent[start:stop, None]).add_(coef).mul_(p)  # the full gradient but the one-hot part
                 del p
+                row_coef = None
             else:
-                g.exp_().mul_(-g_lp[start:stop, None])
-            g[rows[: stop - start], safe[start:stop]] += g_lp[start:stop]
-            g.mul_(scale)  # through the 1 / (logits_scaling * temperature) of the logits
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_h[start:stop] = g @ weight
-            if need_w:
-                grad_w.addmm_(g.T.to(acc), h.to(acc))
+                g.exp_()  # p; the gradient is -g_lp * p, with -g_lp applied on the small side
+                row_coef = -rows_lp
+            gm = g if g.dtype == weight.dtype else g.to(weight.dtype)
             del g
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+            onehot_rows = weight[safe[start:stop]].to(acc) * rows_lp  # (c, H): g_lp * W[target]
+            if need_h:
+                gh = (gm @ weight).to(acc)
+                if row_coef is not None:
+                    gh.mul_(row_coef)
+                grad_h[start:stop] = (gh + onehot_rows).to(hidden.dtype)
+            if need_w:
+                hs = h.to(acc) if row_coef is None else h.to(acc) * row_coef
+                grad_w.addmm_(gm.T.to(acc), hs)
+                grad_w.index_add_(0, safe[start:stop], h.to(acc) * rows_lp)
+            del gm
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def chunked_linear_logprobs_torch(
@@ -116,11 +133,11 @@ def chunked_linear_logprobs_torch(
     targets1 = targets.reshape(-1)
     if hidden2.shape[0] != targets1.shape[0]:
         raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
-    chunk = DEFAULT_CHUNK_TOKENS if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_tokens(weight.shape[0]) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = 1.0 / (float(logits_scaling) * float(temperature))
-    logp, entropy = _ChunkedLinearLogprobs.apply(hidden2, weight, targets1, scale, chunk, ignore_index)
+    logp, entropy = _ChunkedLinearLogprobs.apply(hidden2, weight, targets1, scale, chunk, ignore_index, return_entropy)
     logp = logp.reshape(lead)
     if return_entropy:
         return logp, entropy.reshape(lead)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from posttrain.kernels.logprobs_torch import DEFAULT_CHUNK_TOKENS
+from posttrain.kernels.logprobs_torch import default_chunk_tokens
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def fused_linear_logprobs_triton(
     targets1 = targets.reshape(-1)
     if hidden2.shape[0] != targets1.shape[0]:
         raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
-    chunk = DEFAULT_CHUNK_TOKENS if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_tokens(weight.shape[0]) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = 1.0 / (float(logits_scaling) * float(temperature))
