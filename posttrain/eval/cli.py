@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="items per native-engine call")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reward-timeout", type=float, default=30.0, help="seconds per sample for math/tool rewards")
     parser.add_argument("--out", default="eval_results.json",
                         help="results JSON (samples go beside it as <stem>.samples.jsonl)")
@@ -60,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"posttrain eval: {exc}") from exc
     from posttrain.serving.generation import load_checkpoint
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SystemExit(f"posttrain eval: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     try:
         tokenizer, model = load_checkpoint(args.model, args.device, args.dtype)

@@ -8,6 +8,7 @@ push chosen texts through the same scoring path. This module never scores and ne
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ class NativeEvalEngine:
             params = self.generator.sampling_params(
                 max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, n=sampling.n, stop=stop,
-                seed=None if sampling.seed is None else sampling.seed + start,
+                seed=None if sampling.seed is None else sampling.seed + zlib.crc32(batch[0].id.encode()),
                 stop_token_ids=self.generator.chat_stop_token_ids() if chat else [])
             prompts = [render_prompt(self.generator, item, self.prompt_format) for item in batch]
             completions = self.generator.complete(prompts, params, stop)

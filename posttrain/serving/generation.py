@@ -10,6 +10,7 @@ This module never trains and never changes a model's weights.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class TextGenerator:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = eos
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer may refuse concurrent use ("Already borrowed")
 
     @classmethod
     def for_model(cls, tokenizer: Any, model: Any, generate: GenerateFn | None = None) -> TextGenerator:
@@ -86,21 +88,24 @@ class TextGenerator:
 
     # -- prompts ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered by the tokenizer's chat template, ending with the assistant header."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("the checkpoint's tokenizer has no chat template; use plain-text completions")
-        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                  tokenize=False)
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                      tokenize=False)
         return self.encode_text(text)
 
     def chat_stop_token_ids(self) -> list[int]:
         """Tokens that end an assistant turn besides EOS: the start of another role's header."""
         ids = []
         for token in ("<|start_of_role|>",):
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            with self._tokenizer_lock:
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id >= 0:
                 ids.append(token_id)
         return ids
@@ -110,7 +115,7 @@ class TextGenerator:
         ids = []
         for text in stop:
             encoded = self.encode_text(text)
-            if len(encoded) == 1 and self.tokenizer.decode(encoded) == text:
+            if len(encoded) == 1 and self.decode(encoded) == text:
                 ids.append(encoded[0])
         return ids
 
@@ -147,7 +152,8 @@ class TextGenerator:
         return TextCompletion(completion.prompt_index, text, ids, generated, reason)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _tokens_covering(self, ids: list[int], length: int) -> list[int]:
         """The shortest prefix of ``ids`` whose text reaches ``length`` characters."""
