@@ -208,12 +208,13 @@ def _screen_chunk(bounds: tuple[int, int]) -> list[tuple[list[RuleResult], Signa
     samples, rules, signer, target = _SCREEN_STATE
     chunk = samples[bounds[0] : bounds[1]]
     per_rule = [rule.check(chunk) for rule in rules]
-    out = []
-    for j, sample in enumerate(chunk):
-        results = [r[j] for r in per_rule]
-        passed = all(r.passed for r in results)
-        out.append((results, signer(target_text(sample, target)) if signer is not None and passed else None))
-    return out
+    results = [[r[j] for r in per_rule] for j in range(len(chunk))]
+    passing = [j for j, res in enumerate(results) if all(r.passed for r in res)]
+    signatures: list[Signature | None] = [None] * len(chunk)
+    if signer is not None:
+        for j, signature in zip(passing, signer.sign_many([target_text(chunk[j], target) for j in passing])):
+            signatures[j] = signature
+    return list(zip(results, signatures))
 
 
 def screen(samples: list[Sample], rules: list[Rule], signer: Signer | None, target: str,

@@ -72,3 +72,19 @@ def test_dedup_is_deterministic_and_keeps_the_first_occurrence():
     assert result[2].kind == "near" and result[2].of == 1 and result[2].jaccard >= 0.8
     assert result[3].kind == "exact" and result[3].of == 2  # exact copy of a sample that was itself a near copy
     assert normalize_text("  A\tb\u00a0C ") == "a b c"
+
+
+def test_batched_minhash_equals_datasketch_update_batch():
+    import numpy as np
+    from datasketch import MinHash
+    from posttrain.judges.dedup import Signer
+
+    config = DedupConfig()
+    signer = Signer(config, batch=3)
+    texts = ["the quick brown fox jumps over the lazy dog again and again", "", "a b", "one two three four five six"]
+    sets = [shingles(t, config.near.ngram) for t in texts]
+    ours = signer.minhash_many(sets)
+    for row, sh in zip(ours, sets):
+        reference = MinHash(num_perm=config.near.num_perm, seed=config.near.seed, hashfunc=int)
+        reference.update_batch((sh & np.uint64(0xFFFFFFFF)).tolist())
+        assert np.array_equal(row, reference.hashvalues)
