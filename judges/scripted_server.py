@@ -39,6 +39,7 @@ class ScriptedJudgeServer:
         self.delay_s = 0.0  # sleep before answering
         self.fail_next = 0  # answer this many requests with HTTP 500, then recover
         self.always_fail = False
+        self.fail_status = 500  # the status of scripted failures (429 comes with Retry-After: 0)
         self.garbage_body = False  # HTTP 200 with a body that is not JSON
         self.garbage_verdict = False  # valid API response whose text holds no verdict
         self.always_first = False  # pairwise: always prefer the response shown first
@@ -54,6 +55,8 @@ class ScriptedJudgeServer:
 
             def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
                 self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "0")
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -90,7 +93,7 @@ class ScriptedJudgeServer:
                     if server.delay_s:
                         time.sleep(server.delay_s)
                     if fail:
-                        self._send(500, b'{"error": "scripted failure"}')
+                        self._send(server.fail_status, b'{"error": "scripted failure"}')
                         return
                     if server.garbage_body:
                         self._send(200, b'{"choices": [{"message": {"content": "unterminated')

@@ -273,3 +273,21 @@ def test_judge_client_keeps_concurrency_bounded(tmp_path, server):
     assert server.max_in_flight == 3
     assert all(v.score is not None for v in verdicts)
     assert os.path.getsize(tmp_path / "cache.sqlite") > 0
+
+
+def test_rate_limits_are_retried_and_a_down_endpoint_is_a_clear_error(tmp_path, shared_data, server):
+    import socket
+
+    gsm8k_chats(shared_data, 5, tmp_path / "in.jsonl")
+    server.fail_status, server.fail_next = 429, 4
+    report = run_filter(config_from_dict(judge_config(server, backend={"concurrency": 1, "max_retries": 4})),
+                        tmp_path / "in.jsonl", tmp_path / "out", show_progress=False)
+    assert report.judge_requests_sent == 5 and sum(server.requests.values()) == 9
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = judge_config(server, backend={"base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 1})
+    with pytest.raises(JudgeBackendError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions failed 2 times; "
+                                                r"last: connection failed: ConnectError"):
+        run_filter(config_from_dict(config), tmp_path / "in.jsonl", tmp_path / "out_down", show_progress=False)
