@@ -304,3 +304,58 @@ def test_sampling_params_match_the_engine_contract(checkpoint):
     assert isinstance(params, SamplingParams)
     assert params.stop_token_ids == tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert tokenizer.eos_token_id in params.stop_ids()
+
+
+class RecordingEngine:
+    """Stands in for the engine to watch how the scheduler groups jobs: token i of a row is prompt[0] + i."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params):
+        self.calls.append((len(prompts), params.max_new_tokens, params.seed))
+        if any(p[0] < 0 for p in prompts):
+            raise ValueError("negative token id")
+        from posttrain.engine import Completion
+
+        return [Completion(i, [p[0] + t for t in range(params.max_new_tokens)], [0.0] * params.max_new_tokens,
+                           "length") for i, p in enumerate(prompts) for _ in range(params.n)]
+
+
+def test_scheduler_merges_compatible_jobs_and_isolates_failures():
+    from posttrain.serving.batching import BatchScheduler
+
+    engine = RecordingEngine()
+    scheduler = BatchScheduler(engine, gather_s=0.2)
+    try:
+        greedy = SamplingParams(max_new_tokens=3, temperature=0)
+        futures = [
+            scheduler.submit([[10]], greedy),
+            scheduler.submit([[20], [30]], SamplingParams(max_new_tokens=5, temperature=0)),
+            scheduler.submit([[-1]], greedy),  # makes the merged call fail: retried alone, fails alone
+            scheduler.submit([[40]], SamplingParams(max_new_tokens=2, temperature=1.0, seed=1)),
+            scheduler.submit([[50]], SamplingParams(max_new_tokens=2, temperature=1.0, seed=1)),
+        ]
+        a, b = futures[0].result(timeout=30), futures[1].result(timeout=30)
+        with pytest.raises(ValueError, match="negative"):
+            futures[2].result(timeout=30)
+        s1, s2 = futures[3].result(timeout=30), futures[4].result(timeout=30)
+    finally:
+        scheduler.close()
+    assert [c.token_ids for c in a] == [[10, 11, 12]]  # cut back to its own limit from the merged call's 5
+    assert [c.finish_reason for c in a] == ["length"]
+    assert [(c.prompt_index, c.token_ids) for c in b] == [(0, [20, 21, 22, 23, 24]), (1, [30, 31, 32, 33, 34])]
+    assert [c.token_ids for c in s1] == [[40, 41]] and [c.token_ids for c in s2] == [[50, 51]]
+    assert scheduler.stats.batches == 1  # all five gathered together
+    assert engine.calls[0] == (4, 5, None)  # the greedy jobs merged, at the largest limit
+    assert sorted(engine.calls[1:]) == sorted([(1, 3, None), (2, 5, None), (1, 3, None), (1, 2, 1), (1, 2, 1)])
+
+
+def test_merged_requests_get_what_they_get_alone(client):
+    """Greedy requests with different limits, sent together, equal the same requests sent one by one."""
+    bodies = [{"prompt": PROMPT, "max_tokens": m, "temperature": 0, "ignore_eos": True} for m in (4, 12, 20)]
+    alone = [client.post("/completions", json=b).json()["choices"][0] for b in bodies]
+    with ThreadPoolExecutor(3) as pool:
+        together = [r.json()["choices"][0] for r in pool.map(lambda b: client.post("/completions", json=b), bodies)]
+    assert [c["text"] for c in together] == [c["text"] for c in alone]
+    assert alone[2]["text"].startswith(alone[0]["text"]) and len(alone[0]["text"]) < len(alone[2]["text"])

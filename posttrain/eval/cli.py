@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="gsm8k,humaneval,bfcl",
                         help=f"comma-separated: {', '.join([*TASKS, *ALIASES])} (default gsm8k,humaneval,bfcl)")
     parser.add_argument("--split", default="test", help="GSM8K split file (default test)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task (each BFCL category is a task)")
     parser.add_argument("--n", type=int, default=1, help="samples per item (default 1)")
     parser.add_argument("--k", default="1", help="comma-separated k values for pass@k, each <= n (default 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -200,6 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(length)
         except ValueError as exc:
             raise RequestError(f"bad Content-Length {length!r}") from exc
+        if size < 0:
+            self.close_connection = True
+            raise RequestError(f"bad Content-Length {length!r}")
         if size > limit:
             self.close_connection = True
             raise RequestError(f"the request body has {size} bytes; the limit is {limit}", status=413)
