@@ -40,6 +40,10 @@ def outcome(prompts, completions, kind, **_):
     return [1.0 if k == "solved" else float(len(c) % 2) for c, k in zip(completions, kind, strict=True)]
 
 
+def digits(prompts, completions, **_):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
 @pytest.fixture(scope="module")
 def policy():
     return _small_policy()
@@ -79,14 +83,22 @@ def test_uniform_groups_dropped_until_the_batch_is_full(policy, tmp_path):
 def test_round_limit_and_shaping_does_not_hide_a_uniform_outcome(policy, tmp_path, caplog):
     model, tok = policy
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # every group's outcome is uniform; overlong shaping (buffer 4 of 5 tokens) makes the totals vary by length,
-    # and still every group is dropped: the decision reads the outcome, not the shaped total
+    # every group's outcome is uniform; a shaping reward makes the totals vary, and still every group is dropped:
+    # the decision reads the outcome, not the shaped total. Overlong shaping (buffer 4 of 5 tokens) is added too.
+    shaping = RewardSet([WeightedReward("outcome", outcome), WeightedReward("shape", digits, 0.1)])
     trainer = GrpoTrainer(_config(tmp_path, max_rounds=2, overlong=4), model=model, tokenizer=tok,
-                          rows=_rows(["solved"] * 8), reward_set=RewardSet([WeightedReward("outcome", outcome)]))
+                          rows=_rows(["solved"] * 8), reward_set=shaping)
     with caplog.at_level(logging.WARNING):
         m = trainer.step()
     assert m["dynamic_sampling/rounds"] == 2 and m["dynamic_sampling/generated_groups"] == 8
     assert m["dynamic_sampling/dropped_groups"] == 8 and m["dynamic_sampling/kept_groups"] == 0
-    assert m["rewards/overlong/std"] > 0  # the shaped reward did vary
+    assert m["rewards/shape/std"] > 0  # the shaped total did vary
+    # every completion has 1..5 tokens, inside the penalty band [5 - 4, 5]: penalty (1 - L) / 4, linear in L
+    assert m["rewards/overlong/mean"] == pytest.approx((1 - m["completions/mean_length"]) / 4)
     assert m["optim/updates"] == 0 and "0 of 4 groups after 2 generation rounds" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    config = _config(tmp_path, max_rounds=2)
+    config.dynamic_sampling.metric = "accuracy"
+    with pytest.raises(ValueError, match="dynamic_sampling.metric 'accuracy' is not the label of a reward"):
+        GrpoTrainer(config, model=model, tokenizer=tok, rows=_rows(["solved"]),
+                    reward_set=RewardSet([WeightedReward("outcome", outcome)]))

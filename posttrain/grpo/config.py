@@ -190,13 +190,3 @@ class GrpoConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        labels = [s.label or s.name for s in self.rewards.rewards]
-        if self.dynamic_sampling.metric is not None and self.dynamic_sampling.metric not in labels:
-            raise ValueError(f"dynamic_sampling.metric {self.dynamic_sampling.metric!r} is not a reward label "
-                             f"(labels: {labels})")
-
-    @property
-    def outcome_reward(self) -> str:
-        """The label of the reward whose values are the outcome (accuracy, dynamic sampling)."""
-        first = self.rewards.rewards[0]
-        return self.dynamic_sampling.metric or first.label or first.name

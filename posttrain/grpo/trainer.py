@@ -122,8 +122,11 @@ class GrpoTrainer:
             overlong = get("overlong", max_len=c.rollout.max_new_tokens, cache_len=c.overlong.buffer)
             self.reward_set = RewardSet([*self.reward_set.rewards,
                                          WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
-        self.outcome = c.outcome_reward if reward_set is None else (c.dynamic_sampling.metric
-                                                                    or self.reward_set.rewards[0].name)
+        labels = [r.name for r in self.reward_set.rewards]
+        self.outcome = c.dynamic_sampling.metric or labels[0]  # the verifier: accuracy and dynamic sampling
+        if self.outcome not in labels:
+            raise ValueError(f"dynamic_sampling.metric {self.outcome!r} is not the label of a reward "
+                             f"(labels: {labels})")
         self._pool = None
 
         model.train()
