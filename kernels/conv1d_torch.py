@@ -40,17 +40,19 @@ def causal_conv1d_torch(
     else:
         history = initial_states.to(cdtype)
     full = torch.cat([history, xc], dim=-1)  # (b, d, width - 1 + T)
-    if seq_idx is None:
-        out = F.conv1d(full, w[:, None, :], None, groups=dim)
-    else:
-        # Sum the shifted inputs tap by tap, dropping taps that land in another sequence.
+    # Sum the shifted inputs tap by tap (in a packed row, dropping taps that land in another sequence). For the
+    # short widths Mamba uses this beats the CPU's depthwise convolution by an order of magnitude in backward.
+    same = None
+    if seq_idx is not None:
         seq = seq_idx.long()
         seq_full = torch.cat([seq[:, :1].expand(batch, width - 1), seq], dim=1)  # history belongs to sequence 1
-        out = xc.new_zeros(batch, dim, seqlen)
-        for k in range(width):
-            tap = full[:, :, k : k + seqlen]
+    out = None
+    for k in range(width):
+        tap = w[None, :, k, None] * full[:, :, k : k + seqlen]
+        if seq_idx is not None:
             same = (seq_full[:, k : k + seqlen] == seq)[:, None, :].to(cdtype)
-            out = out + w[None, :, k, None] * tap * same
+            tap = tap * same
+        out = tap if out is None else out + tap
     if bias is not None:
         out = out + bias.to(cdtype)[None, :, None]
     out = _activate(out, activation).to(x.dtype)
