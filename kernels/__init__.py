@@ -255,8 +255,8 @@ def fused_linear_logprobs(
 
     hidden (N, H) (or (..., H)), weight (V, H), targets (N,) (or (...)). Returns float32 log-probs shaped like
     targets (0 where target == ignore_index), and the entropy of each token's distribution (also 0 there) if
-    ``return_entropy``. Forward and backward run over ``chunk_size`` tokens at a time (None: about 16M logits
-    per chunk, 167 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never exist at once.
+    ``return_entropy``. Forward and backward run over ``chunk_size`` tokens at a time (None: at most 48M logits
+    per chunk, 448 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never exist at once.
     Gradients reach hidden and weight.
     """
     impl = chunked_linear_logprobs_torch
