@@ -45,6 +45,8 @@ class DataSettings:
     # row format: "messages" (chat, tool calls allowed), "prompt_completion", "text" (pre-training), "auto": by fields
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     text_field: str = "text"  # the field holding plain text for format "text"
+    prompt_field: str = "prompt"  # prompt/completion rows: read the prompt from this field (GSM8K: "question")
+    completion_field: str = "completion"  # ... and the completion from this one (GSM8K: "answer")
     max_length: int = 1024  # longest sequence (tokens); with packing, the length of one packed bin
     packing: bool = True  # padding-free: bins of whole sequences, flattened into one row per micro-batch
     assistant_only_loss: bool = True  # chat rows: loss on the template's {% generation %} tokens only

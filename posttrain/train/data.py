@@ -253,11 +253,16 @@ def _render_chat(tokenizer, messages, tools, assistant_only: bool) -> tuple[list
 
 def load_segments(paths: Sequence[str | os.PathLike], tokenizer, *, task: Literal["sft", "pretrain"],
                   fmt: str = "auto", text_field: str = "text", max_length: int = 1024, truncate: bool = True,
-                  assistant_only: bool = True, completion_only: bool = True,
-                  max_rows: int | None = None) -> list[Segment]:
+                  assistant_only: bool = True, completion_only: bool = True, max_rows: int | None = None,
+                  prompt_field: str = "prompt", completion_field: str = "completion") -> list[Segment]:
     """Read, check every row, then tokenize: SFT rows are cut at ``max_length`` (or rejected when ``truncate`` is
-    false); pre-training documents are split into ``max_length`` pieces so no token is lost."""
+    false); pre-training documents are split into ``max_length`` pieces so no token is lost. ``prompt_field`` and
+    ``completion_field`` name the prompt/completion columns of data sets that call them otherwise."""
     rows = read_rows(paths, max_rows)
+    if (prompt_field, completion_field) != ("prompt", "completion"):
+        for row in rows:
+            if prompt_field in row.data and completion_field in row.data:
+                row.data = {**row.data, "prompt": row.data[prompt_field], "completion": row.data[completion_field]}
     formats = [detect_format(r, fmt, text_field) for r in rows]
     chat = False
     for row, f in zip(rows, formats):

@@ -96,7 +96,8 @@ def build_items(config: TrainConfig, tokenizer, task: Literal["sft", "pretrain"]
     d = config.data
     segments = load_segments(d.train_files, tokenizer, task=task, fmt=d.format, text_field=d.text_field,
                              max_length=d.max_length, truncate=d.truncate, assistant_only=d.assistant_only_loss,
-                             completion_only=d.completion_only_loss, max_rows=d.max_samples)
+                             completion_only=d.completion_only_loss, max_rows=d.max_samples,
+                             prompt_field=d.prompt_field, completion_field=d.completion_field)
     items = pack_segments(segments, d.max_length) if d.packing else [[s] for s in segments]
     return segments, items
 
