@@ -27,7 +27,7 @@ WORKER = textwrap.dedent('''
                                        LoggingConfig, ModelConfig, DataConfig)
     from posttrain.grpo.loss import LossConfig
     from posttrain.grpo.trainer import GrpoTrainer
-    from posttrain.rewards import RewardSet, WeightedReward
+    from posttrain.rewards import RewardSet, RewardsConfig, WeightedReward
 
     def length_reward(prompts, completions, **_):
         return [float(len(c) % 5) for c in completions]
@@ -37,10 +37,11 @@ WORKER = textwrap.dedent('''
     config = GrpoConfig(
         model=ModelConfig(path=model_dir), data=DataConfig(path=data, shuffle=True),
         rollout=RolloutConfig(prompts_per_step=4, num_generations=4, max_new_tokens=6, prompts_per_call=2),
-        dynamic_sampling=DynamicSamplingConfig(max_rounds=2), loss=LossConfig("dapo"),
+        dynamic_sampling=DynamicSamplingConfig(max_rounds=2), loss=LossConfig("dapo"), rewards=RewardsConfig(num_workers=0),
         optim=OptimConfig(lr=1e-2, mini_batches=4, micro_batch_tokens=budget, max_grad_norm=0.0),
         run=RunConfig(output_dir=out, steps=1, seed=3), logging=LoggingConfig(progress=False))
     acc = Accelerator(cpu=True)
+    assert acc.num_processes == int(sys.argv[5]), acc.state
     trainer = GrpoTrainer(config, reward_set=RewardSet([WeightedReward("length", length_reward)]), accelerator=acc)
     grads = {}
     def capture(t):
@@ -90,11 +91,12 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     one.mkdir()
     two.mkdir()
     # one process: a 20-token budget splits each 4-completion mini-batch into several packed micro-batches
-    _run([sys.executable, str(worker), str(model_dir), str(data), str(one), "20"], tmp_path)
+    _run([sys.executable, str(worker), str(model_dir), str(data), str(one), "20", "1"], tmp_path)
     launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    _run([launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+    # --multi_gpu with no GPU and Accelerator(cpu=True): two processes in one gloo group (``--cpu`` alone starts one)
+    _run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", "--main_process_port", "29533", str(worker), str(model_dir), str(data),
-          str(two), "100000"], tmp_path)
+          str(two), "100000", "2"], tmp_path)
     a = json.loads((one / "result.json").read_text())
     b = json.loads((two / "result.json").read_text())
     assert [s["ids"] for s in a["samples"]] == [s["ids"] for s in b["samples"]]  # the same rollouts

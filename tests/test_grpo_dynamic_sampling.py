@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from posttrain.rewards import RewardSet, WeightedReward
+from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
 from posttrain.grpo.config import (
     DynamicSamplingConfig,
@@ -53,7 +53,7 @@ def _config(tmp_path, max_rounds, overlong=0, steps=1):
     return GrpoConfig(
         rollout=RolloutConfig(prompts_per_step=4, num_generations=4, max_new_tokens=5),
         dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=max_rounds, metric="outcome"),
-        overlong=OverlongConfig(buffer=overlong),
+        overlong=OverlongConfig(buffer=overlong), rewards=RewardsConfig(num_workers=0),
         optim=OptimConfig(lr=1e-3, mini_batches=2),
         run=RunConfig(output_dir=str(tmp_path), steps=steps, seed=1), logging=LoggingConfig(progress=False))
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from posttrain.rewards import RewardSet, WeightedReward
+from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
 from posttrain.config import ConfigError, load_config
 from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
@@ -40,6 +40,7 @@ ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in
 def _config(tmp_path, **run):
     return GrpoConfig(rollout=RolloutConfig(prompts_per_step=2, num_generations=4, max_new_tokens=5),
                       optim=OptimConfig(lr=5e-3, mini_batches=2, micro_batch_tokens=64),
+                      rewards=RewardsConfig(num_workers=0),
                       run=RunConfig(output_dir=str(tmp_path), seed=2, **run), logging=LoggingConfig(progress=False))
 
 
@@ -158,7 +159,7 @@ def test_cli_runs_a_step_from_files(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     rc = main(["grpo", "--config", "recipes/grpo_dapo.yaml", "--model.path", str(tmp_path / "m"),
                "--data.path", str(data), "--rollout.prompts_per_step", "2", "--rollout.num_generations", "2",
-               "--rollout.max_new_tokens", "4", "--overlong.buffer", "2", "--rewards.num_workers", "0",
+               "--rollout.max_new_tokens", "4", "--overlong.buffer", "2", "--rewards.num_workers", "1",
                "--run.steps", "1", "--run.output_dir", str(tmp_path / "run"), "--eval.path", str(data),
                "--eval.max_prompts", "4", "--logging.progress", "false"])
     assert rc == 0

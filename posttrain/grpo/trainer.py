@@ -90,8 +90,10 @@ class GrpoTrainer:
 
         self.config = c = config
         self.output_dir = Path(c.run.output_dir)
+        # cpu=True without CUDA: under ``accelerate launch --multi_gpu`` that makes the processes one gloo group
         self.accelerator = accelerator or Accelerator(log_with=c.logging.report_to or None,
-                                                      project_dir=str(self.output_dir))
+                                                      project_dir=str(self.output_dir),
+                                                      cpu=not torch.cuda.is_available())
         acc = self.accelerator
         if c.rollout.prompts_per_step % acc.num_processes:
             raise ValueError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be a multiple of the "
@@ -454,11 +456,12 @@ class GrpoTrainer:
             m["kl"] = s["kl"] / tokens
         if s["mismatch_tokens"]:
             m["rollout/logprob_mismatch_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
-        m["optim/updates"] = s["updates"]
-        m["optim/skipped"] = s["skipped"]
-        m["optim/grad_norm"] = s["grad_norm"] / max(s["updates"], 1) / acc.num_processes
+        updates = s["updates"] / acc.num_processes  # every process counts each optimizer step
+        m["optim/updates"] = updates
+        m["optim/skipped"] = s["skipped"] / acc.num_processes
+        m["optim/grad_norm"] = s["grad_norm"] / max(s["updates"], 1)  # the same norm on every process
         m["optim/lr"] = self.scheduler.get_last_lr()[0]
-        m["loss"] = s["loss"] / max(s["updates"], 1)
+        m["loss"] = s["loss"] / max(updates, 1)  # each process holds its share of the step's loss
         m["micro_batches"] = s["micro_batches"]
         m["time/generate_s"] = times.get("generate", 0.0)
         m["time/reward_s"] = times.get("reward", 0.0)
