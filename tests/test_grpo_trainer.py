@@ -166,3 +166,18 @@ def test_cli_runs_a_step_from_files(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "eval/accuracy" in lines[0] and "rewards/math/mean" in lines[-1] and "rewards/overlong/mean" in lines[-1]
     assert (tmp_path / "run" / "latest").read_text() == "checkpoint-1"
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and CUDA are here: tests/gpu/test_vllm_grpo.py runs the engine")
+    from posttrain.grpo.vllm_engine import VllmUnavailableError
+
+    model, tok = _small_policy()
+    config = _config(tmp_path, steps=1)
+    config.rollout.engine = "vllm"
+    with pytest.raises(VllmUnavailableError, match=r"rollout.engine: vllm needs"):
+        GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS,
+                    reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
