@@ -119,8 +119,8 @@ def test_exact_resume(tmp_path):
     a, b = straight.core.state_dict(), resumed.core.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["rewards/digits/mean"] for h in straight.history] == [h["rewards/digits/mean"] for h in resumed.history]
-    assert (tmp_path / "b" / "checkpoint-3" / "model.safetensors").exists() or any(
-        (tmp_path / "b" / "checkpoint-3").glob("*.safetensors"))
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()
+    assert any((tmp_path / "b" / "final").glob("*.safetensors")) and (tmp_path / "b" / "final" / "config.json").exists()
 
 
 def test_packing_and_sampler():
@@ -165,7 +165,11 @@ def test_cli_runs_a_step_from_files(tmp_path):
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "eval/accuracy" in lines[0] and "rewards/math/mean" in lines[-1] and "rewards/overlong/mean" in lines[-1]
-    assert (tmp_path / "run" / "latest").read_text() == "checkpoint-1"
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+    from posttrain.models.hybrid import HybridForCausalLM
+
+    trained = HybridForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert trained.config.vocab_size == model.config.vocab_size
 
 
 def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path):

@@ -43,8 +43,6 @@ from posttrain.rewards import RewardSet, WeightedReward, get
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
-
 
 @dataclass
 class Rollout:
@@ -86,6 +84,7 @@ class GrpoTrainer:
 
         from posttrain.models.hybrid import HybridForCausalLM
         from posttrain.tokenizer import load_tokenizer
+        from posttrain.train.checkpointing import CheckpointManager
         from posttrain.train.schedules import build_scheduler
 
         self.config = c = config
@@ -150,6 +149,8 @@ class GrpoTrainer:
         self.round_count = 0
         self.skipped_updates = 0
         self.history: list[dict[str, float]] = []
+        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", keep_last=2)
+        self.checkpoints.register(self.scheduler, self.sampler)
         self.last_batch: list[Rollout] = []  # the last step's groups after dynamic sampling, with advantages
         self.before_optimizer_step: Callable[[GrpoTrainer], None] | None = None
         if c.run.resume:
@@ -492,47 +493,33 @@ class GrpoTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{self.step_count}"
-        if acc.is_main_process:
-            tmp = self.output_dir / f".checkpoint-{self.step_count}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.core.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(str(tmp))
-            torch.save({"step": self.step_count, "round": self.round_count, "sampler": self.sampler.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "skipped_updates": self.skipped_updates, "history": self.history,
-                        "config": config_to_dict(self.config)}, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            latest_tmp = self.output_dir / ".latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, self.output_dir / "latest")
-        acc.wait_for_everyone()
-        return final
+        """Model, optimizer, scheduler, prompt order, RNG states and counters (posttrain.train's CheckpointManager)."""
+        return self.checkpoints.save(self.step_count, {"round": self.round_count,
+                                                       "skipped_updates": self.skipped_updates,
+                                                       "history": self.history})
 
     def load_checkpoint(self, where: str | Path) -> None:
-        from posttrain.models.hybrid import HybridForCausalLM
-
-        path = Path(where)
-        if str(where) == "latest":
-            pointer = self.output_dir / "latest"
-            if not pointer.is_file():
-                raise FileNotFoundError(f"run.resume=latest: no checkpoint in {self.output_dir}")
-            path = self.output_dir / pointer.read_text().strip()
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"run.resume: {path} is not a GRPO checkpoint (no {STATE_FILE})")
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        weights = HybridForCausalLM.from_pretrained(path, dtype=self.core.dtype).state_dict()
-        with torch.no_grad():
-            self.core.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        path = self.checkpoints.latest() if str(where) == "latest" else Path(where)
+        if path is None:
+            raise FileNotFoundError(f"run.resume=latest: no checkpoint in {self.checkpoints.folder}")
+        state = self.checkpoints.load(path)
         self.step_count, self.round_count = int(state["step"]), int(state["round"])
         self.skipped_updates = int(state["skipped_updates"])
         self.history = list(state["history"])
+
+    def save_final(self) -> Path:
+        """The trained policy in the checkpoint layout (safetensors + config + tokenizer), for the next stage."""
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        if acc.is_main_process:
+            tmp = self.output_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.core.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
 
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -558,6 +545,8 @@ class GrpoTrainer:
                     self._log(metrics)
                 if (c.run.save_every and self.step_count % c.run.save_every == 0) or last:
                     self.save_checkpoint()
+                if last:
+                    self.save_final()
                 bar.update(1)
                 bar.set_postfix(acc=f"{metrics.get('accuracy', math.nan):.3f}",
                                 clip_hi=f"{metrics.get('clip/high_frac', 0):.3f}")
