@@ -185,3 +185,26 @@ def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
     with pytest.raises(VllmUnavailableError, match=r"rollout.engine: vllm needs"):
         GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS,
                     reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
+
+
+def test_grpo_kl_to_reference_and_masked_truncations(tmp_path):
+    from posttrain.grpo.loss import LossConfig
+
+    model, tok = _small_policy()
+    config = _config(tmp_path, steps=1)
+    config.loss = LossConfig("grpo", beta=0.1)
+    trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS,
+                          reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    m = trainer.step()
+    # the first mini-batch sees policy == reference (k3 = 0); the second, after one update, a positive KL
+    assert 0 < m["kl"] < 1
+    config = _config(tmp_path / "mask", steps=1)
+    config.loss = LossConfig("dapo", mask_truncated=True)
+    trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS,
+                          reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
+    trained = []
+    trainer.update = lambda samples, stats: trained.extend(samples)
+    trainer.step()
+    assert all(s.finish_reason == "stop" for s in trained)
+    assert len(trained) == sum(s.finish_reason == "stop" for s in trainer.last_batch) < len(trainer.last_batch)
