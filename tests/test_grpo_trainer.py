@@ -53,6 +53,7 @@ def _trainer(tmp_path, model=None, tok=None, **run):
 
 def test_step_metrics_and_packed_logprobs_match_the_engine(tmp_path):
     trainer = _trainer(tmp_path, steps=1)
+    trainer.config.rollout.recompute_old_logprobs = True  # to compare the two paths
     m = trainer.step()
     # the old log-probs come from packed training rows (fused kernel); the engine's from prefill + decode
     assert m["rollout/logprob_mismatch_mean"] < 1e-4

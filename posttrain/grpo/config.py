@@ -53,6 +53,9 @@ class RolloutConfig:
     prompts_per_call: at most this many prompts per engine call (0: a process's whole share). Each call's
         sampling seed derives from the run seed, the generation round and its first prompt's global index, so
         rollouts do not depend on the process count when this divides each process's share.
+    recompute_old_logprobs: compute the importance ratio's old log-probs with a training forward pass before the
+        update (None: yes, except for the native engine in float32, whose sampling log-probs come from the same
+        weights and agree with the training path to ~1e-7, so that pass is skipped).
     vllm_gpu_memory_utilization: fraction of the GPU vLLM may take (colocated with training).
     vllm_sleep: put vLLM to sleep (free its KV cache) while training.
     """
@@ -65,6 +68,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     prompts_per_call: int = 0
+    recompute_old_logprobs: bool | None = None
     vllm_gpu_memory_utilization: float = 0.3
     vllm_sleep: bool = True
 

@@ -321,11 +321,17 @@ class GrpoTrainer:
         local = [self._shard(mini, W, rank) for mini in minis]
         flat_local = [s for part in local for s in part]
         need_old = c.optim.mini_batches * c.optim.num_iterations > 1 or self.tis_cap is not None
+        recompute = c.rollout.recompute_old_logprobs
+        if recompute is None:
+            recompute = not (c.rollout.engine == "native" and self.core.dtype == torch.float32)
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
-        old = self._frozen_logprobs(flat_local, "old") if need_old and flat_local else None
+        old = None
+        if need_old and flat_local:
+            old = (self._frozen_logprobs(flat_local, "old") if recompute else
+                   [torch.tensor(s.sampler_logprobs, dtype=torch.float32, device=self.core.device) for s in flat_local])
         ref = self._frozen_logprobs(flat_local, "ref") if c.loss.beta > 0 and flat_local else None
         self.model.train()
-        if old is not None:
+        if old is not None and recompute:
             for s, lp in zip(flat_local, old, strict=True):
                 diff = (lp.double() - torch.tensor(s.sampler_logprobs, dtype=torch.float64)).abs()
                 stats.add(mismatch_sum=diff.sum().item(), mismatch_tokens=diff.numel())
