@@ -68,7 +68,16 @@ def backend_for(tensor: torch.Tensor) -> str:
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 
 
-def _triton_module(name: str) -> ModuleType:
+def _check_triton_device(tensor: torch.Tensor) -> None:
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"{ENV_BACKEND}=triton on a {tensor.device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported, or use CUDA tensors"
+        )
+
+
+def _triton_module(name: str, tensor: torch.Tensor) -> ModuleType:
+    _check_triton_device(tensor)
     return importlib.import_module(f"posttrain.kernels.{name}")
 
 
@@ -105,7 +114,7 @@ def mamba_chunk_scan_combined(
     """
     impl = ssd_chunked_torch
     if backend_for(x) == "triton":
-        impl = _triton_module("ssd_triton").ssd_chunked_triton
+        impl = _triton_module("ssd_triton", x).ssd_chunked_triton
     return impl(
         x,
         dt,
@@ -148,7 +157,7 @@ def selective_state_update(
     """
     impl = selective_state_update_torch
     if backend_for(x) == "triton":
-        impl = _triton_module("ssd_triton").selective_state_update_triton
+        impl = _triton_module("ssd_triton", x).selective_state_update_triton
     return impl(
         state,
         x,
@@ -183,7 +192,7 @@ def causal_conv1d_fn(
     """
     impl = causal_conv1d_torch
     if backend_for(x) == "triton":
-        impl = _triton_module("conv1d_triton").causal_conv1d_triton
+        impl = _triton_module("conv1d_triton", x).causal_conv1d_triton
     return impl(
         x,
         weight,
@@ -213,7 +222,7 @@ def causal_conv1d_update(
     """
     impl = causal_conv1d_update_torch
     if backend_for(x) == "triton":
-        impl = _triton_module("conv1d_triton").causal_conv1d_update_triton
+        impl = _triton_module("conv1d_triton", x).causal_conv1d_update_triton
     return impl(
         x,
         conv_state,
@@ -237,7 +246,7 @@ def rms_norm_gated(
     times ``weight`` (``norm_before_gate=True``: gate after the norm). Float32 inside, returned in x's dtype."""
     impl = rms_norm_gated_torch
     if backend_for(x) == "triton":
-        impl = _triton_module("rmsnorm_triton").rms_norm_gated_triton
+        impl = _triton_module("rmsnorm_triton", x).rms_norm_gated_triton
     return impl(x, weight, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
@@ -261,7 +270,7 @@ def fused_linear_logprobs(
     """
     impl = chunked_linear_logprobs_torch
     if backend_for(hidden) == "triton":
-        impl = _triton_module("logprobs_triton").fused_linear_logprobs_triton
+        impl = _triton_module("logprobs_triton", hidden).fused_linear_logprobs_triton
     return impl(
         hidden,
         weight,

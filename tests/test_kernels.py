@@ -15,6 +15,8 @@ import posttrain.kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from posttrain.kernels.ssd_reference import ssd_sequential_reference
 
 F64 = torch.float64
@@ -361,6 +363,37 @@ def test_fused_linear_logprobs_gradcheck_and_leading_dims():
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    seqlen=st.integers(1, 70),
+    ngroups=st.sampled_from([1, 2]),
+    heads_per_group=st.integers(1, 3),
+    headdim=st.integers(1, 5),
+    dstate=st.integers(1, 6),
+    chunk=st.sampled_from([4, 7, 16, 64]),
+    with_init=st.booleans(),
+    cuts=st.lists(st.integers(1, 69), max_size=4),
+    seed=st.integers(0, 10_000),
+)
+def test_ssd_torch_randomised_shapes(batch, seqlen, ngroups, heads_per_group, headdim, dstate, chunk, with_init,
+                                     cuts, seed):  # fmt: skip
+    nheads = ngroups * heads_per_group
+    inp = ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, seed=seed, d_per_channel=seed % 2 == 0)
+    cu = sorted({0, seqlen, *[c for c in cuts if c < seqlen]}) if batch == 1 and cuts else None
+    seq = seq_idx_from(cu) if cu else None
+    cu_t = torch.tensor(cu, dtype=torch.int32) if cu else None
+    init = torch.randn(batch, nheads, headdim, dstate, dtype=F64) if with_init else None
+    kw = {"initial_states": init, "seq_idx": seq, "cu_seqlens": cu_t, "dt_softplus": True}
+    ref = ssd_sequential_reference(**inp, **kw)
+    res = K.mamba_chunk_scan_combined(**inp, chunk_size=chunk, return_final_states=True,
+                                      return_varlen_states=cu is not None, **kw)  # fmt: skip
+    assert rel_err(res[0], ref[0]) < 1e-10 and rel_err(res[1], ref[1]) < 1e-10
+    if cu:
+        assert rel_err(res[2], ref[2]) < 1e-10
+
+
 def test_dispatch_env_var(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("POSTTRAIN_KERNELS")
@@ -370,6 +403,12 @@ def test_dispatch_env_var(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_KERNELS", "cuda")
     with pytest.raises(ValueError, match="POSTTRAIN_KERNELS"):
         K.backend_for(cpu)
+    if K.triton_available():
+        # forcing triton on CPU without the interpreter is a clear error, not a driver crash
+        monkeypatch.setenv("POSTTRAIN_KERNELS", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            K.rms_norm_gated(torch.ones(2, 4), torch.ones(4))
 
 
 def test_package_imports_without_triton(tmp_path):
