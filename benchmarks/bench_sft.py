@@ -35,6 +35,13 @@ def make_data(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def _reset_accelerate() -> None:
+    """Each trainer builds its own Accelerator in this one process; forget the previous one's settings."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
 def run_ours(folder: Path, data_file: Path, tok_dir: Path, steps: int, batch: int, packed: bool, max_length: int):
     from posttrain.models.hybrid import HybridForCausalLM
     from posttrain.train.config import (
@@ -48,6 +55,7 @@ def run_ours(folder: Path, data_file: Path, tok_dir: Path, steps: int, batch: in
     from posttrain.train.loop import Trainer
     from posttrain.train.run import build_items
 
+    _reset_accelerate()
     out = Path(tempfile.mkdtemp(dir=folder))
     cfg = TrainConfig(model=ModelSettings(path=str(folder / "base")),
                       data=DataSettings(train_files=[str(data_file)], max_length=max_length, packing=packed),
@@ -74,6 +82,7 @@ def run_trl(folder: Path, rows: list[dict], tok_dir: Path, steps: int, batch: in
     from transformers import AutoTokenizer, GraniteMoeHybridForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    _reset_accelerate()
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     tok.padding_side = "right"
     model = GraniteMoeHybridForCausalLM.from_pretrained(str(folder / "base"), dtype=torch.float32)
@@ -81,7 +90,10 @@ def run_trl(folder: Path, rows: list[dict], tok_dir: Path, steps: int, batch: in
     args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
                      lr_scheduler_type="constant", assistant_only_loss=True, packing=False, max_length=max_length,
                      report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True, dataloader_num_workers=0,
-                     disable_tqdm=True, seed=0)
+                     disable_tqdm=True, seed=0, bf16=False, fp16=False,  # float32, as ours on CPU
+                     # TRL's fused loss reads config.num_experts, which GraniteMoeHybridConfig lacks: without this it
+                     # crashes on the hybrid (the dense tiny model has no experts, so nothing is lost)
+                     router_aux_loss_coef=0.0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     counted = {"tokens": 0}
     collate = trainer.data_collator
