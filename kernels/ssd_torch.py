@@ -224,6 +224,10 @@ def selective_state_update_torch(
         D = None if D is None else D[None]
         z = None if z is None else z[:, None]
         dt_bias = None if dt_bias is None else dt_bias[None]
+    if dt.stride(-1) == 0 and A.stride(-1) == 0 and A.stride(-2) == 0 and (dt_bias is None or dt_bias.stride(-1) == 0):
+        # Mamba-2 passes per-head dt and A expanded over (p, n): compute per head and broadcast
+        dt, A = dt[..., :1], A[:, :1, :1]
+        dt_bias = None if dt_bias is None else dt_bias[..., :1]
     nheads = x.shape[1]
     ngroups = B.shape[1]
     hg = nheads // ngroups
@@ -235,7 +239,7 @@ def selective_state_update_torch(
     Bh = B.float().repeat_interleave(hg, dim=1)  # (b, h, n)
     Ch = C.float().repeat_interleave(hg, dim=1)
     xf = x.float()
-    decay = torch.exp(dt[..., None] * A.float())  # (b, h, p, n)
+    decay = torch.exp(dt[..., None] * A.float())  # (b, h, p, n), or (b, h, 1, 1) per head
     inject = (dt * xf)[..., None] * Bh[:, :, None, :]
     if state_batch_indices is not None:
         idx = state_batch_indices.long()

@@ -23,6 +23,7 @@ def trained(request, tmp_path_factory):
     tokenizer, model = tiny_model(steps=40, rope=request.param == "rope")
     folder = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return tokenizer, model, folder
 
 
@@ -116,3 +117,18 @@ def test_bad_prompts_are_clear_errors(trained):
         NativeEngine(model).generate([[10**6]], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_generate_command_matches_the_engine(trained, capsys):
+    import json
+
+    from posttrain.cli import main
+
+    tokenizer, model, folder = trained
+    assert main(["generate", str(folder), PROMPTS[0], "--max-new-tokens", "12", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    expected = NativeEngine(model).generate([ids], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                   eos_token_id=tokenizer.eos_token_id))[0]
+    assert row["text"] == tokenizer.decode(expected.token_ids, skip_special_tokens=True)
+    assert row["num_tokens"] == len(expected.token_ids)
