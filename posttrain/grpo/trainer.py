@@ -182,6 +182,8 @@ class GrpoTrainer:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if hasattr(self.engine, "close"):  # vLLM: its temporary weights folder
+            self.engine.close()
 
     def _completion_for_reward(self, row: dict, ids: list[int]):
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
