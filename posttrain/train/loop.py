@@ -66,12 +66,8 @@ def build_accelerator(logging: LoggingSettings, output_dir: str | os.PathLike, d
 
     trackers = check_trackers(logging.report_to)
     on_gpu = torch.cuda.is_available()
-    if dtype == "bfloat16" and not on_gpu:
-        mixed = "bf16"  # explicit request: honoured on CPU too
-    elif dtype == "bfloat16" or (dtype == "auto" and on_gpu):
-        mixed = "bf16"
-    else:
-        mixed = "no"
+    # bf16 autocast over float32 master weights on GPU (or when asked for); plain float32 on CPU
+    mixed = "bf16" if dtype == "bfloat16" or (dtype == "auto" and on_gpu) else "no"
     # cpu=True on a machine without CUDA: under torchrun (accelerate launch) that selects gloo and MULTI_CPU
     return Accelerator(log_with=trackers or None, project_dir=str(output_dir), mixed_precision=mixed,
                        cpu=not on_gpu)
@@ -180,6 +176,10 @@ class Trainer:
         self.on_step = on_step
         acc = self.accelerator
         o = config.optim
+        if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
+            # accelerate's DeepSpeed backward also steps the engine, so micro-batches would each take a step
+            raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
+                                "raise per_device_batch_size or use FSDP2 (recipes/accelerate/fsdp2_8gpu.yaml)")
         self.plan = BatchPlan(len(self.items), o.per_device_batch_size, o.grad_accumulation_steps,
                               acc.num_processes, seed=config.seed, shuffle=config.data.shuffle)
         self.total_steps = max_steps or o.max_steps or o.epochs * self.plan.steps_per_epoch
