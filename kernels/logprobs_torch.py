@@ -61,14 +61,17 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             stop = min(start + chunk, n)
             # the logit scale goes on the (chunk, H) side of the product, not on the (chunk, V) logits
             z = ((hidden[start:stop] * scale) @ weight.T).to(acc)  # (c, V)
-            c_lse = torch.logsumexp(z, dim=-1)
-            lse[start:stop] = c_lse
-            logp[start:stop] = z.gather(-1, safe[start:stop, None])[:, 0] - c_lse
-            if with_entropy:  # H = lse - sum_v p_v z_v
-                p = torch.exp(z.sub_(c_lse[:, None]))  # z now holds log p
-                entropy[start:stop] = -torch.bmm(p[:, None, :], z[:, :, None])[:, 0, 0]
-                del p
+            tgt = safe[start:stop, None]
+            z_t = z.gather(-1, tgt)[:, 0]
+            log_p = torch.log_softmax(z, dim=-1)  # one fused pass, faster on CPU than logsumexp's three
             del z
+            logp[start:stop] = log_p.gather(-1, tgt)[:, 0]
+            lse[start:stop] = z_t - logp[start:stop]
+            if with_entropy:  # H = -sum_v p_v log p_v
+                p = torch.exp(log_p)
+                entropy[start:stop] = -torch.bmm(p[:, None, :], log_p[:, :, None])[:, 0, 0]
+                del p
+            del log_p
         logp = logp * valid
         entropy = entropy * valid
         ctx.save_for_backward(hidden, weight, safe, valid, lse, entropy)
