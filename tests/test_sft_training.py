@@ -153,3 +153,38 @@ def test_lora_trains_adapters_on_mamba_and_attention_projections(tok, segments, 
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(k.rsplit(".", 2)[-2] in {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"}
                            for k in changed)
+
+
+def test_lora_run_writes_merged_final_and_adapter(tok, tmp_path):
+    import random
+
+    from posttrain.config import load_config
+    from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.synthetic import arithmetic_problem
+    from posttrain.train.run import run_training
+
+    rng = random.Random(2)
+    rows = [arithmetic_problem(rng) for _ in range(8)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = tiny(tok)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(str(tmp_path / "base"))
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(
+        f"model: {{path: {tmp_path / 'base'}}}\n"
+        "lora: {enabled: true, r: 4, alpha: 8}\n"
+        f"data: {{train_files: [{tmp_path / 'pc.jsonl'}], prompt_field: question, completion_field: answer, "
+        "max_length: 128, packing: false}\n"
+        "optim: {lr: 1.0e-2, per_device_batch_size: 2, max_steps: 2}\n"
+        f"checkpoint: {{output_dir: {tmp_path / 'run'}, every_steps: 0}}\n"
+        "logging: {progress: false}\n")
+    run_training(load_config(TrainConfig, recipe), "sft")
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = HybridForCausalLM.from_pretrained(final).state_dict()
+    before = base.state_dict()
+    changed = {k for k in before if not torch.equal(merged[k], before[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"}
+                           for k in changed)
+    manifest = json.loads((final / "training_manifest.json").read_text())
+    assert len(manifest["base"]["sha256"]) == 64 and manifest["config"]["lora"]["enabled"] is True
