@@ -1,126 +1,321 @@
-"""``posttrain demo``: the pipeline end to end on a tiny model, on a CPU, with no network.
+"""``posttrain demo``: the whole pipeline on a tiny model, on a CPU, with no network.
 
-Stages, each writing into its own folder under ``--out`` so a person can open what it made, and each rerunnable
-alone with ``--stage``:
+Stages, each writing into its own folder under ``--out`` so a person can open what it made, each rerunnable
+alone with ``--stage`` (earlier stages' outputs must exist):
 
-  data      synthetic corpus (GSM8K-format arithmetic) and the byte-level BPE tokenizer with the chat template
-  pretrain  the ``tiny`` hybrid trained briefly on the corpus, saved as a Hugging Face checkpoint
-  generate  greedy answers from the native engine on held-out questions, with their accuracy
+  data      tokenizer and pre-training corpus; SFT candidates with injected bad samples (wrong answers, malformed
+            chats, duplicates); GRPO prompts; held-out items disjoint from every training item
+  pretrain  the ``tiny`` hybrid pre-trained on the corpus (``posttrain pretrain``)
+  filter    rules, answer verification and dedup (``posttrain filter``); the LLM judge runs when ``--judge-url``
+            names an OpenAI-compatible endpoint, and is skipped with a line saying so otherwise
+  sft       supervised fine-tuning on the kept samples (``posttrain sft``)
+  grpo      GRPO with the DAPO loss and the math verifier (``posttrain grpo``)
+  export    signed instruct checkpoint (``posttrain export``), then ``posttrain verify``
+  eval      held-out accuracy of base / SFT / GRPO with 95% intervals and one-sided paired tests; a picture of
+            the GRPO reward and accuracy curves
 
-This module wires stages together; the work itself lives in the components it calls.
+The task is addition of a two-digit and a one-digit number, answered in chat. This module wires stages together
+and writes recipes; the work itself is done by the commands it calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
 
-STAGES = ["data", "pretrain", "generate"]
+import yaml
+
+STAGES = ["data", "pretrain", "filter", "sft", "grpo", "export", "eval"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="folder for every stage's output (default: demo_out)")
     parser.add_argument("--stage", choices=STAGES, action="append",
                         help="run only this stage (repeatable); earlier stages' outputs must exist")
-    parser.add_argument("--quick", action="store_true", help="fewer steps (what CI runs)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, same stages (what CI runs)")
+    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint for the LLM-judge filter stage")
+    parser.add_argument("--judge-model", default="judge", help="model name at --judge-url")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stages = args.stage or STAGES
+    started = time.perf_counter()
     for stage in STAGES:
         if stage not in stages:
             continue
         start = time.perf_counter()
-        print(f"== {stage} ==", flush=True)
+        print(f"\n== {stage} ==", flush=True)
         summary = globals()[f"stage_{stage}"](out, args)
-        print(f"   {stage} done in {time.perf_counter() - start:.1f}s: {json.dumps(summary)}", flush=True)
+        (out / f"{stage}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"== {stage} done in {time.perf_counter() - start:.0f}s: {json.dumps(summary)}", flush=True)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; everything is in {out}")
     return 0
 
 
-def _held_out(n: int, seed: int) -> list[dict[str, str]]:
-    from posttrain.synthetic import arithmetic_problem
+def _cli(*argv: str) -> None:
+    from posttrain.cli import main
 
-    rng = random.Random(10_000 + seed)  # a different stream from the training corpus
-    return [arithmetic_problem(rng) for _ in range(n)]
+    code = main([str(a) for a in argv])
+    if code:
+        raise SystemExit(f"posttrain demo: `posttrain {' '.join(map(str, argv))}` failed with exit code {code}")
+
+
+def _write_recipe(out: Path, name: str, recipe: dict) -> Path:
+    folder = out / "recipes"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _split_pairs(seed: int):
+    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:250], pairs[250:]  # held out, train
+
+
+def _chat(a: int, b: int, answer: str | None) -> list[dict]:
+    turns = [{"role": "user", "content": f"{a}+{b}="}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return turns
 
 
 def stage_data(out: Path, args: argparse.Namespace) -> dict:
-    from posttrain.synthetic import arithmetic_corpus
     from posttrain.tokenizer import build_tokenizer
 
+    rng = random.Random(args.seed)
     folder = out / "data"
     folder.mkdir(exist_ok=True)
-    corpus = arithmetic_corpus(2000 if args.quick else 8000, seed=args.seed)
-    held_out = {p["question"] for p in _held_out(200, args.seed)}
-    corpus = [t for t in corpus if t.split("\n")[0].removeprefix("Question: ") not in held_out]
-    (folder / "corpus.txt").write_text("\n\n".join(corpus) + "\n")
-    tokenizer = build_tokenizer(corpus, vocab_size=512)
+    held_out, train = _split_pairs(args.seed)
+    # pre-training corpus: counting and number words, never a sum of a held-out pair
+    corpus = []
+    for _ in range(3000):
+        start = rng.randint(0, 95)
+        corpus.append({"text": " ".join(str(start + i) for i in range(rng.randint(3, 8)))})
+    for a, b in train[:300]:
+        corpus.append({"text": f"{a} plus {b} is {a + b}."})
+    rng.shuffle(corpus)
+    _jsonl(folder / "pretrain.jsonl", corpus)
+    tokenizer = build_tokenizer([r["text"] for r in corpus] + [f"{a}+{b}={a + b}" for a, b in train], vocab_size=400)
     tokenizer.save_pretrained(folder / "tokenizer")
-    return {"documents": len(corpus), "vocab": len(tokenizer), "folder": str(folder)}
+    # SFT candidates: every training pair once, correct; then the injected bad ones
+    sft_pairs = train[:450]
+    rows = [{"messages": _chat(a, b, str(a + b)), "answer": str(a + b), "demo_kind": "clean"} for a, b in sft_pairs]
+    bad = []
+    for a, b in rng.sample(sft_pairs, 90):  # wrong answers, as unfiltered data has
+        bad.append({"messages": _chat(a, b, str(a + b + rng.choice([-1, 1, 10]))), "answer": str(a + b),
+                    "demo_kind": "wrong_answer"})
+    for i, (a, b) in enumerate(rng.sample(sft_pairs, 30)):  # malformed chats
+        broken = [_chat(a, b, "")[0] | {"role": "user"}, {"role": "assistant", "content": ""}] if i % 3 == 0 else (
+            [{"role": "assistant", "content": str(a + b)}, {"role": "user", "content": f"{a}+{b}="}] if i % 3 == 1
+            else [{"role": "assistant", "content": str(a + b)}])
+        bad.append({"messages": broken, "answer": str(a + b), "demo_kind": "malformed"})
+    for row in rng.sample(rows, 60):  # exact copies
+        bad.append(dict(row, demo_kind="duplicate"))
+    candidates = rows + bad
+    rng.shuffle(candidates)
+    seen = set()
+    for row in candidates:  # of two identical rows, the later one in the file is the duplicate
+        key = json.dumps(row["messages"], sort_keys=True)
+        if row["demo_kind"] in ("clean", "duplicate"):
+            row["demo_kind"] = "duplicate" if key in seen else "clean"
+        seen.add(key)
+    _jsonl(folder / "sft_candidates.jsonl", candidates)
+    # GRPO prompts: the training pairs not used for SFT, then all training pairs; held-out items for evaluation
+    grpo_pairs = train[450:] + train[:450]
+    _jsonl(folder / "grpo_prompts.jsonl", [{"prompt": _chat(a, b, None), "answer": str(a + b)} for a, b in grpo_pairs])
+    _jsonl(folder / "held_out.jsonl", [{"prompt": _chat(a, b, None), "answer": str(a + b)} for a, b in held_out])
+    train_set = set(train)
+    assert not train_set & set(held_out)
+    return {"tokenizer_vocab": len(tokenizer), "pretrain_docs": len(corpus), "sft_candidates": len(candidates),
+            "injected_bad": len(bad), "grpo_prompts": len(grpo_pairs), "held_out": len(held_out)}
 
 
 def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
-    import torch
-
-    from posttrain.models.hybrid import HybridForCausalLM, preset
-    from posttrain.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(out / "data" / "tokenizer")
-    corpus = (out / "data" / "corpus.txt").read_text().split("\n\n")
-    torch.manual_seed(args.seed)
-    config = preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = HybridForCausalLM(config)
-    eos = tokenizer.eos_token_id
-    stream = [t for text in corpus for t in tokenizer(text.strip())["input_ids"] + [eos]]
-    seq = 128
-    data = torch.tensor(stream[: len(stream) // seq * seq]).view(-1, seq)
-    steps = 60 if args.quick else 300
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for _ in range(steps):
-        rows = data[torch.randint(0, data.shape[0], (16,), generator=gen)]
-        loss = model(rows, labels=rows, return_logits=False).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss))
-    folder = out / "pretrain"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return {"steps": steps, "loss_first": round(losses[0], 3), "loss_last": round(sum(losses[-10:]) / 10, 3),
-            "parameters": model.num_parameters(), "folder": str(folder)}
+    recipe = {
+        "model": {"preset": "tiny", "tokenizer": str(out / "data" / "tokenizer")},
+        "data": {"train_files": [str(out / "data" / "pretrain.jsonl")], "format": "text", "max_length": 128,
+                 "packing": True},
+        "optim": {"lr": 3.0e-3, "weight_decay": 0.01, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 150,
+                  "schedule": "wsd", "warmup_steps": 10, "decay_fraction": 0.2},
+        "checkpoint": {"output_dir": str(out / "pretrain"), "every_steps": 0, "resume": False},
+        "logging": {"progress": False},
+        "seed": args.seed,
+    }
+    _cli("pretrain", "--config", _write_recipe(out, "pretrain", recipe))
+    return {"checkpoint": str(out / "pretrain" / "final")}
 
 
-def stage_generate(out: Path, args: argparse.Namespace) -> dict:
+def stage_filter(out: Path, args: argparse.Namespace) -> dict:
+    config: dict = {
+        "rules": [
+            {"name": "chat_structure"},
+            {"name": "verify_answer", "reward": "math", "reward_options": {"answer_column": "answer"},
+             "min_score": 1.0},
+        ],
+        "dedup": {"exact": True, "near": {"ngram": 3, "threshold": 0.8}},
+    }
+    if args.judge_url:
+        config["judge"] = {"mode": "pointwise", "backend": {"kind": "openai", "base_url": args.judge_url,
+                                                            "model": args.judge_model}}
+    else:
+        print("   LLM judge: skipped (no --judge-url given); rules, answer verification and dedup only")
+    recipe = _write_recipe(out, "filter", config)
+    _cli("filter", "--config", recipe, "--input", out / "data" / "sft_candidates.jsonl", "--output", out / "filter",
+         "--no-progress")
+    kept = _read_jsonl(out / "filter" / "kept.jsonl")
+    rejected = _read_jsonl(out / "filter" / "rejected.jsonl")
+    bad_total = sum(r["demo_kind"] != "clean" for r in kept + rejected)
+    clean_total = len(kept) + len(rejected) - bad_total
+    bad_removed = sum(r["demo_kind"] != "clean" for r in rejected)
+    clean_lost = sum(r["demo_kind"] == "clean" for r in rejected)
+    summary = {"kept": len(kept), "rejected": len(rejected), "injected_bad_removed": f"{bad_removed}/{bad_total}",
+               "injected_bad_removed_pct": round(100 * bad_removed / max(bad_total, 1), 1),
+               "clean_lost": f"{clean_lost}/{clean_total}",
+               "clean_lost_pct": round(100 * clean_lost / max(clean_total, 1), 2)}
+    print(f"   filter removed {bad_removed} of {bad_total} injected bad samples and lost {clean_lost} of "
+          f"{clean_total} clean ones")
+    return summary
+
+
+def stage_sft(out: Path, args: argparse.Namespace) -> dict:
+    recipe = {
+        "model": {"path": str(out / "pretrain" / "final")},
+        "data": {"train_files": [str(out / "filter" / "kept.jsonl")], "format": "messages", "max_length": 256,
+                 "packing": True},
+        "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 120,
+                  "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
+        "checkpoint": {"output_dir": str(out / "sft"), "every_steps": 0, "resume": False},
+        "logging": {"progress": False},
+        "seed": args.seed,
+    }
+    _cli("sft", "--config", _write_recipe(out, "sft", recipe))
+    return {"checkpoint": str(out / "sft" / "final")}
+
+
+def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
+    recipe = {
+        "model": {"path": str(out / "sft" / "final")},
+        "data": {"path": str(out / "data" / "grpo_prompts.jsonl"), "prompt_column": "prompt", "max_prompt_tokens": 64},
+        "rollout": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 6, "temperature": 1.0},
+        "dynamic_sampling": {"enabled": True, "max_rounds": 2},
+        "loss": {"type": "dapo"},
+        "rewards": {"rewards": [{"name": "math", "weight": 1.0}], "num_workers": 0},
+        "optim": {"lr": 2.0e-3, "mini_batches": 2, "micro_batch_tokens": 4096},
+        "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 5, "max_prompts": 64, "num_samples": 1,
+                 "temperature": 0.0},
+        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 40, "seed": args.seed},
+        "logging": {"progress": False},
+    }
+    _cli("grpo", "--config", _write_recipe(out, "grpo", recipe))
+    return {"checkpoint": str(out / "grpo" / "final")}
+
+
+def stage_export(out: Path, args: argparse.Namespace) -> dict:
+    key = out / "signing_key.pem"
+    extra = [] if key.exists() else ["--generate-key"]
+    _cli("export", "--model", out / "grpo" / "final", "--out", out / "export", "--key", key,
+         "--recipe", out / "recipes" / "grpo.yaml", *extra)
+    _cli("verify", out / "export")
+    return {"checkpoint": str(out / "export"), "signed_with": str(key)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _accuracy(folder: Path, items: list[dict]) -> list[bool]:
     from posttrain.engine import NativeEngine, SamplingParams
     from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.rewards import get
     from posttrain.tokenizer import load_tokenizer
 
-    folder = out / "pretrain"
     tokenizer = load_tokenizer(folder)
     model = HybridForCausalLM.from_pretrained(folder)
-    problems = _held_out(50 if args.quick else 200, args.seed)
-    prompts = [tokenizer(f"Question: {p['question']}\nAnswer:")["input_ids"] for p in problems]
-    params = SamplingParams(max_new_tokens=40, temperature=0, eos_token_id=tokenizer.eos_token_id)
-    completions = NativeEngine(model).generate(prompts, params)
-    rows, correct = [], 0
-    for p, c in zip(problems, completions):
-        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-        gold = p["answer"].rsplit("####", 1)[1].strip()
-        got = text.rsplit("####", 1)[1].strip() if "####" in text else None
-        correct += got == gold
-        rows.append({"question": p["question"], "completion": text, "gold": gold, "correct": got == gold})
-    (out / "generate.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for r in rows[:3]:
-        print(f"   Q: {r['question']}\n   A:{r['completion']!r}")
-    return {"held_out": len(rows), "accuracy": round(correct / len(rows), 3), "file": str(out / "generate.jsonl")}
+    prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for r in items]
+    params = SamplingParams(max_new_tokens=6, temperature=0, eos_token_id=tokenizer.eos_token_id)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in NativeEngine(model).generate(prompts, params)]
+    scores = get("math")([r["prompt"] for r in items], texts, answer=[r["answer"] for r in items])
+    return [s == 1.0 for s in scores]
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_one_sided_p(better: list[bool], worse: list[bool]) -> float:
+    """Exact one-sided McNemar (sign) test on the discordant items: P(at least this many wins | no difference)."""
+    wins = sum(b and not w for b, w in zip(better, worse))
+    losses = sum(w and not b for b, w in zip(better, worse))
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def stage_eval(out: Path, args: argparse.Namespace) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    items = _read_jsonl(out / "data" / "held_out.jsonl")
+    stages = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "grpo": out / "export"}
+    correct = {name: _accuracy(folder, items) for name, folder in stages.items()}
+    table = Table(title=f"held-out accuracy, {len(items)} additions disjoint from every training item (greedy)")
+    for column in ("model", "accuracy", "95% interval", "one-sided p vs previous"):
+        table.add_column(column)
+    summary: dict = {"held_out": len(items)}
+    previous = None
+    for name, hits in correct.items():
+        k = sum(hits)
+        lo, hi = _wilson(k, len(hits))
+        p = paired_one_sided_p(hits, correct[previous]) if previous else None
+        table.add_row(name, f"{k / len(hits):.3f}", f"[{lo:.3f}, {hi:.3f}]", "" if p is None else f"{p:.2g}")
+        summary[name] = {"accuracy": round(k / len(hits), 4), "ci95": [round(lo, 4), round(hi, 4)],
+                         "p_vs_previous": p}
+        previous = name
+    Console().print(table)
+    summary["curves"] = _plot_curves(out)
+    return summary
+
+
+def _plot_curves(out: Path) -> str | None:
+    metrics = out / "grpo" / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_jsonl(metrics)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("reward/mean", "train reward"), ("accuracy", "train accuracy"),
+                       ("eval/accuracy", "held-out accuracy")):
+        points = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("GRPO step")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "grpo_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
