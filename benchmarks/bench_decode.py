@@ -15,10 +15,10 @@ import torch
 from transformers import GraniteMoeHybridForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, machine  # noqa: E402
+from report import emit, machine
 
-from posttrain.engine import NativeEngine, SamplingParams  # noqa: E402
-from posttrain.synthetic import arithmetic_corpus, tiny_model  # noqa: E402
+from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.synthetic import arithmetic_corpus, tiny_model
 
 BATCH, PROMPT, NEW = 16, 64, 128
 

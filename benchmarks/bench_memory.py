@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit  # noqa: E402
+from report import emit
 
-from posttrain.models.hybrid import HybridCache, preset  # noqa: E402
+from posttrain.models.hybrid import HybridCache, preset
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import torch
 from transformers import GraniteMoeHybridForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, machine  # noqa: E402
+from report import emit, machine
 
-from posttrain.models.hybrid import HybridForCausalLM, preset  # noqa: E402
+from posttrain.models.hybrid import HybridForCausalLM, preset
 
 SEQ, BATCH, REPEATS = 2048, 2, 3
 

@@ -20,9 +20,9 @@ from posttrain.models.hybrid import (
     preset,
 )
 
-SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
-             num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8,
-             num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24)
+SMALL = {"vocab_size": 61, "hidden_size": 32, "num_hidden_layers": 3, "layer_types": ["mamba", "attention", "mamba"],
+             "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_chunk_size": 8,
+             "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16, "shared_intermediate_size": 24}
 
 
 @pytest.mark.parametrize("extra", [{}, {"position_embedding_type": "rope"}, {"mamba_n_groups": 2}])
@@ -61,7 +61,7 @@ def test_packed_gradients_equal_unpacked():
 
 def _tensor_shapes(folder) -> dict[str, list[int]]:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -8,19 +8,19 @@ from transformers import GraniteMoeHybridForCausalLM
 
 from posttrain.models.hybrid import HybridConfig, HybridForCausalLM
 
-BASE = dict(
-    vocab_size=97, hidden_size=32, num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"],
-    num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8,
-    shared_intermediate_size=24, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0,
-    attention_multiplier=0.2, pad_token_id=0,
-)
+BASE = {
+    "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"],
+    "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_chunk_size": 8,
+    "shared_intermediate_size": 24, "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 3.0,
+    "attention_multiplier": 0.2, "pad_token_id": 0,
+}
 CONFIGS = {
-    "dense-nope": dict(num_local_experts=0, num_experts_per_tok=1, intermediate_size=0),
-    "moe-nope": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
-    "dense-rope": dict(num_local_experts=0, num_experts_per_tok=1, intermediate_size=0,
-                       position_embedding_type="rope", rope_theta=500.0),
-    "moe-rope-groups": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
-                            position_embedding_type="rope", mamba_n_groups=2),
+    "dense-nope": {"num_local_experts": 0, "num_experts_per_tok": 1, "intermediate_size": 0},
+    "moe-nope": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16},
+    "dense-rope": {"num_local_experts": 0, "num_experts_per_tok": 1, "intermediate_size": 0,
+                       "position_embedding_type": "rope", "rope_theta": 500.0},
+    "moe-rope-groups": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16,
+                            "position_embedding_type": "rope", "mamba_n_groups": 2},
 }
 
 

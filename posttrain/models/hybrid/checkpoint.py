@@ -84,7 +84,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: folder / fname for name, fname in index["weight_map"].items()}
     if (folder / SINGLE_FILE).is_file():
         with safe_open(str(folder / SINGLE_FILE), "pt") as f:
-            return {name: folder / SINGLE_FILE for name in f.keys()}
+            return {name: folder / SINGLE_FILE for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
 
 

@@ -87,9 +87,9 @@ class HybridConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.position_embedding_type == "nope":
             self.position_embedding_type = None
-        if self.mamba_d_head == "auto":
-            if self.mamba_n_heads and (self.mamba_expand * self.hidden_size) % self.mamba_n_heads == 0:
-                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
+        if self.mamba_d_head == "auto" and self.mamba_n_heads and \
+                (self.mamba_expand * self.hidden_size) % self.mamba_n_heads == 0:
+            self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
         self.time_step_limit = tuple(float(x) for x in self.time_step_limit)  # type: ignore[assignment]
         self.validate()
 
