@@ -246,10 +246,12 @@ def selective_state_update_torch(
         old = state[idx].float()
         new = decay * old + inject
         state[idx] = new.to(state.dtype)
+    elif state.dtype == torch.float32:  # in place: no new state tensor per step
+        new = state.mul_(decay).add_(inject)
     else:
         new = decay * state.float() + inject
         state.copy_(new.to(state.dtype))
-    out = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    out = (new * Ch[:, :, None, :]).sum(-1)  # C . state over the state dimension (a batched matmul is slower here)
     if D is not None:
         out = out + xf * D.float()
     if z is not None:
