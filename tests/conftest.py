@@ -9,6 +9,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Subprocesses started by the tests (``python -m posttrain.cli ...``, ``accelerate launch``) must import the
+# installed package, not the checkout: with the working directory on sys.path, the checkout's ``posttrain/`` would
+# shadow the installed one (which alone holds posttrain.judges/rewards/kernels). Python 3.11's safe-path mode
+# keeps the working directory off sys.path for every child that inherits this environment.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def shared_data_dir() -> Path:
     """The folder of real data sets: $POSTTRAIN_SHARED_DATA, else ../shared/data beside the checkout."""
