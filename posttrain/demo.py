@@ -218,10 +218,10 @@ def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
         "dynamic_sampling": {"enabled": True, "max_rounds": 2},
         "loss": {"type": "dapo"},
         "rewards": {"rewards": [{"name": "math", "weight": 1.0}], "num_workers": 0},
-        "optim": {"lr": 2.0e-3, "mini_batches": 2, "micro_batch_tokens": 4096},
-        "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 5, "max_prompts": 64, "num_samples": 1,
+        "optim": {"lr": 3.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
+        "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
-        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 40, "seed": args.seed},
+        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 200, "seed": args.seed},
         "logging": {"progress": False},
     }
     _cli("grpo", "--config", _write_recipe(out, "grpo", recipe))
