@@ -1,0 +1,54 @@
+"""One DPO run from a recipe: tokenizer, preference data, model (+ LoRA), ``DpoTrainer``, the final checkpoint.
+
+The data are read and checked before any model is loaded, so a bad row fails in seconds. The model, tokenizer
+and LoRA set-up are SFT's (``posttrain.train.run``); so is the final folder: ``final/`` holds an HF-format
+checkpoint (LoRA merged; the adapter in ``final/adapter``), the tokenizer and ``training_manifest.json`` (recipe,
+data files with their sha256, the base checkpoint's hash, steps, last loss, held-out metrics). This module never
+signs or exports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.config import config_to_dict, save_config
+from posttrain.dpo.config import DpoConfig
+from posttrain.dpo.data import load_pairs
+from posttrain.dpo.trainer import DpoResult, DpoTrainer
+from posttrain.train.loop import TrainingError
+from posttrain.train.run import _data_provenance, _versions, apply_lora, load_model, load_tokenizer, save_final
+
+
+def run_dpo(config: DpoConfig, recipe: str | None = None) -> DpoResult:
+    d = config.data
+    if "lm_head" in config.lora.target_modules and config.lora.enabled:
+        raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
+                            "base output weights)")
+    tokenizer = load_tokenizer(config)  # type: ignore[arg-type]
+    fields = {"prompt_field": d.prompt_field, "chosen_field": d.chosen_field, "rejected_field": d.rejected_field}
+    train = load_pairs(d.train_files, tokenizer, max_length=d.max_length, max_rows=d.max_samples, **fields)
+    held_out = load_pairs(d.eval_files, tokenizer, max_length=d.max_length, **fields) if d.eval_files else []
+    model, base = load_model(config, tokenizer)  # type: ignore[arg-type]
+    if config.lora.enabled:
+        model = apply_lora(model, config)  # type: ignore[arg-type]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))
+    trainer = DpoTrainer(config, model, train, held_out, pad_token_id=pad, run_config=config_to_dict(config),
+                         reference_id=reference)
+    acc = trainer.accelerator
+    out = Path(config.checkpoint.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    acc.print(f"dpo ({config.loss.type}): {len(train)} pairs, {len(held_out)} held out, global batch "
+              f"{trainer.plan.global_batch}, {trainer.total_steps} steps on {acc.num_processes} process(es)")
+    result = trainer.train()
+    manifest = {
+        "task": "dpo", "recipe": recipe, "config": config_to_dict(config), "base": base,
+        "data": [_data_provenance(p) for p in d.train_files],
+        "eval_data": [_data_provenance(p) for p in d.eval_files],
+        "steps": result.steps, "final_loss": result.final_loss, "eval": result.eval_metrics,
+        "pairs": len(train), "processes": acc.num_processes, "versions": _versions(),
+    }
+    save_final(acc, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    return result

@@ -1,0 +1,385 @@
+"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on SFT's machinery.
+
+What is reused rather than rewritten: ``build_accelerator``/``build_optimizer``/``MetricsLog`` from
+``posttrain.train.loop``, the schedules, ``BatchPlan`` (which pairs each process takes at each step and micro-step,
+a pure function of the step, so resuming draws exactly what an uninterrupted run would) and ``CheckpointManager``
+(model, optimizer, scheduler, RNG, atomic folders). One step:
+
+  1. each process collates its micro-batches of pairs: the chosen and rejected sequences of every pair packed in
+     one padding-free row (the hybrid resets its state where ``position_ids`` restart) or padded rows;
+  2. the policy's summed log-probability of each completion comes from the model's fused chunked kernel
+     (``token_logprobs`` on the final hidden states at the completion positions; full logits never exist);
+  3. the reference's come from the precomputed table (``ReferenceTable``: computed once before training, stored
+     in the run folder as JSON lines, resumed if cut short), or on the fly from a frozen copy, or from the LoRA
+     model with its adapter disabled; SimPO needs none;
+  4. loss = sum over the global batch of the per-pair losses / global pair count, so one process with
+     accumulation and several processes give the same step; each process scales by ``world_size`` because DDP
+     averages gradients.
+
+Metrics (train and held-out): loss, reward accuracy, chosen/rejected rewards and their margin, the chosen and
+rejected completions' mean summed log-probabilities and the difference between them. This module never reads
+data files and never writes outside ``checkpoint.output_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.dpo.config import DpoConfig
+from posttrain.dpo.data import PreferencePair, collate_pairs
+from posttrain.dpo.loss import PairLogps, preference_loss
+from posttrain.train.checkpointing import CheckpointManager
+from posttrain.train.data import BatchPlan
+from posttrain.train.loop import MetricsLog, TrainingError, _Progress, build_accelerator, build_optimizer
+from posttrain.train.schedules import build_scheduler
+
+REFERENCE_FILE = "reference_logps.jsonl"
+_STATS = ("loss", "chosen_reward", "rejected_reward", "correct", "chosen_logps", "rejected_logps")
+
+
+def core_model(model):
+    """The ``HybridForCausalLM`` (or transformers model) inside DDP/FSDP and peft wrappers."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def sequence_logps(model, batch: dict[str, Any], device) -> torch.Tensor:
+    """Summed log-probability of each sequence's completion tokens, shape (n_seqs,), through ``model``'s forward.
+
+    The in-tree hybrid returns its final hidden states and the fused chunked kernel scores the targets; any other
+    causal LM (padded rows only) goes through its logits."""
+    core = core_model(model)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    index, targets = batch["target_index"].to(device), batch["targets"].to(device)
+    if type(core).__name__ == "HybridForCausalLM":
+        out = model(**inputs, return_logits=False, output_router_logits=False)
+        hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])[index]
+        lp = core.token_logprobs(hidden, targets)
+    else:
+        logits = model(**inputs).logits
+        lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[index].float(), dim=-1)
+        lp = lp.gather(1, targets[:, None])[:, 0]
+    sums = torch.zeros(batch["n_seqs"], dtype=lp.dtype, device=device)
+    return sums.index_add(0, batch["target_seq"].to(device), lp)
+
+
+def pair_logps(seq: torch.Tensor, lengths: torch.Tensor) -> PairLogps:
+    lengths = lengths.to(seq)
+    return PairLogps(seq[0::2], seq[1::2], lengths[0::2], lengths[1::2])
+
+
+# -- the reference's log-probabilities, computed once ---------------------------------------------------------------
+class ReferenceTable:
+    """Reference log-probs of every pair (train and eval), computed before training and stored as JSON lines.
+
+    The file starts with a header naming what it was computed from (data fingerprint, reference identity); the
+    rows follow in chunks, appended as they are computed, so a run killed during the precomputation continues
+    where it stopped. A header that does not match the run means the file is recomputed from scratch.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.values: dict[tuple[str, int], tuple[float, float]] = {}
+
+    @staticmethod
+    def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for name, pairs in splits.items():
+            for p in pairs:
+                h.update(json.dumps([name, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference}
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if header != self.fingerprint:
+            return
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: recompute from there
+            self.values[(row["split"], row["index"])] = (row["chosen"], row["rejected"])
+
+    def compute(self, acc, score: Callable[[list[PreferencePair]], PairLogps],
+                splits: dict[str, Sequence[PreferencePair]], chunk: int) -> None:
+        """Fill the table, each process scoring its share of every chunk; the main process appends to the file."""
+        self._read()
+        if acc.is_main_process:  # rewrite what was read (drops a cut last line and a stale file)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self.fingerprint) + "\n")
+                f.writelines(json.dumps({"split": split, "index": i, "chosen": c, "rejected": r}) + "\n" for (split, i), (c, r) in self.values.items())
+            os.replace(tmp, self.path)
+        acc.wait_for_everyone()
+        todo = [(name, i) for name, pairs in splits.items() for i in range(len(pairs)) if (name, i) not in self.values]
+        step = chunk * acc.num_processes
+        for start in range(0, len(todo), step):
+            mine = todo[start:start + step][acc.process_index::acc.num_processes]
+            rows = []
+            if mine:
+                with torch.no_grad():
+                    logps = score([splits[name][i] for name, i in mine])
+                rows = [{"split": name, "index": i, "chosen": float(c), "rejected": float(r)}
+                        for (name, i), c, r in zip(mine, logps.chosen.tolist(), logps.rejected.tolist())]
+            if acc.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                rows = gather_object(rows)
+            for row in rows:
+                self.values[(row["split"], row["index"])] = (row["chosen"], row["rejected"])
+            if acc.is_main_process:
+                with open(self.path, "a") as f:
+                    f.write("".join(json.dumps(row) + "\n" for row in rows))
+                    f.flush()
+                    os.fsync(f.fileno())
+        acc.wait_for_everyone()
+
+    def lookup(self, split: str, indices: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        vals = torch.tensor([self.values[(split, i)] for i in indices], dtype=torch.float64, device=device)
+        return vals[:, 0], vals[:, 1]
+
+
+@dataclass
+class DpoResult:
+    steps: int
+    final_loss: float
+    metrics_path: Path
+    eval_metrics: dict[str, float]
+    model: Any
+
+
+class DpoTrainer:
+    """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss.
+
+    The reference is the model as given (precomputed table or a frozen copy), or, for a peft model, the same model
+    with its adapter disabled. ``train()`` resumes from ``output_dir/checkpoints`` when ``checkpoint.resume`` is
+    set and a checkpoint is there.
+    """
+
+    def __init__(self, config: DpoConfig, model, train_pairs: Sequence[PreferencePair],
+                 eval_pairs: Sequence[PreferencePair] = (), *, pad_token_id: int = 0, accelerator=None,
+                 run_config: dict[str, Any] | None = None, reference_id: str = "initial weights",
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None):
+        self.config = config
+        self.train_pairs = list(train_pairs)
+        self.eval_pairs = list(eval_pairs)
+        self.pad_token_id = pad_token_id
+        self.output_dir = Path(config.checkpoint.output_dir)
+        self.accelerator = acc = accelerator or build_accelerator(config.logging, self.output_dir, config.model.dtype)
+        self.run_config = run_config or {}
+        self.on_step = on_step
+        self.packed = config.data.packing
+        if self.packed and type(core_model(model)).__name__ != "HybridForCausalLM":
+            raise TrainingError("data.packing: padding-free packing needs a model that resets its state at sequence "
+                                "starts (the in-tree hybrid); set data.packing: false for this model")
+        o = config.optim
+        if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
+            raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
+                                "raise per_device_batch_size or use FSDP2")
+        self.plan = BatchPlan(len(self.train_pairs), o.per_device_batch_size, o.grad_accumulation_steps,
+                              acc.num_processes, seed=config.seed, shuffle=config.data.shuffle)
+        self.total_steps = o.max_steps or o.epochs * self.plan.steps_per_epoch
+        self.lora = hasattr(model, "disable_adapter")
+        model = model.to(acc.device)
+        self.ref_model = None
+        self.table: ReferenceTable | None = None
+        loss = config.loss
+        if loss.needs_reference and loss.reference == "precomputed":
+            splits = {"train": self.train_pairs, "eval": self.eval_pairs}
+            self.table = ReferenceTable(self.output_dir / REFERENCE_FILE,
+                                        ReferenceTable.fingerprint_of(splits, reference_id))
+            model.eval()
+            self.table.compute(acc, lambda pairs: self._reference_logps(model, pairs), splits,
+                               config.eval.batch_size)
+        elif loss.needs_reference and not self.lora:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model.parameters(), o)
+        self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
+                                         o.decay_fraction)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", config.checkpoint.keep_last)
+        self.checkpoints.register(self.scheduler)
+        self.metrics = MetricsLog(acc, self.output_dir / "metrics.jsonl")
+
+    # -- log-probabilities --------------------------------------------------------------------------------------
+    def _logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
+        batch = collate_pairs(pairs, self.packed, self.pad_token_id)
+        seq = sequence_logps(model, batch, self.accelerator.device)
+        return pair_logps(seq, batch["lengths"])
+
+    @torch.no_grad()
+    def _reference_logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
+        if self.lora:
+            unwrapped = model
+            while hasattr(unwrapped, "module"):
+                unwrapped = unwrapped.module
+            with unwrapped.disable_adapter():
+                return self._logps(model, pairs)
+        return self._logps(model, pairs)
+
+    def _reference(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair],
+                   policy: PairLogps) -> PairLogps | None:
+        if not self.config.loss.needs_reference:
+            return None
+        if self.table is not None:
+            chosen, rejected = self.table.lookup(split, indices, policy.chosen.device)
+            return PairLogps(chosen.to(policy.chosen.dtype), rejected.to(policy.chosen.dtype), policy.chosen_tokens,
+                             policy.rejected_tokens)
+        return self._reference_logps(self.ref_model if self.ref_model is not None else self.model, pairs)
+
+    def _pair_stats(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pair losses, a (6,) float64 tensor of summed statistics, in the order of ``_STATS``)."""
+        policy = self._logps(self.model, pairs)
+        reference = self._reference(split, indices, pairs, policy)
+        losses, chosen_r, rejected_r = preference_loss(self.config.loss, policy, reference)
+        stats = torch.stack([losses.detach().sum(), chosen_r.sum(), rejected_r.sum(),
+                             (chosen_r > rejected_r).sum(), policy.chosen.detach().sum(),
+                             policy.rejected.detach().sum()]).double()
+        return losses, stats
+
+    @staticmethod
+    def _named(prefix: str, stats: torch.Tensor, n: int) -> dict[str, float]:
+        mean = dict(zip(_STATS, (stats / n).tolist()))
+        return {f"{prefix}loss": mean["loss"], f"{prefix}rewards/accuracy": mean["correct"],
+                f"{prefix}rewards/chosen": mean["chosen_reward"], f"{prefix}rewards/rejected": mean["rejected_reward"],
+                f"{prefix}rewards/margin": mean["chosen_reward"] - mean["rejected_reward"],
+                f"{prefix}logps/chosen": mean["chosen_logps"], f"{prefix}logps/rejected": mean["rejected_logps"],
+                f"{prefix}logps/margin": mean["chosen_logps"] - mean["rejected_logps"]}
+
+    # -- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, Any]:
+        acc = self.accelerator
+        self.model.train()
+        n_global = self.plan.global_batch
+        scale = acc.num_processes / n_global
+        totals = torch.zeros(len(_STATS), dtype=torch.float64, device=acc.device)
+        tokens = 0
+        for m in range(self.plan.accum):
+            indices = self.plan.micro_indices(step, acc.process_index, m)
+            pairs = [self.train_pairs[i] for i in indices]
+            ctx = acc.no_sync(self.model) if m < self.plan.accum - 1 else contextlib.nullcontext()
+            with ctx:
+                with acc.autocast():
+                    losses, stats = self._pair_stats("train", indices, pairs)
+                acc.backward(losses.sum().float() * scale)
+            totals += stats
+            tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        grad_norm = None
+        if self.config.optim.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.cat([totals, torch.tensor([float(tokens)], dtype=torch.float64, device=acc.device)])
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        metrics: dict[str, Any] = self._named("", totals[:-1], n_global)
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(f"step {step + 1}: the loss is {metrics['loss']}")
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": int(totals[-1]),
+                        "epoch": self.plan.epoch_of(step)})
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out preference metrics (``eval/...``), each process scoring its share of the pairs."""
+        if not self.eval_pairs:
+            return {}
+        acc = self.accelerator
+        self.model.eval()
+        mine = list(range(acc.process_index, len(self.eval_pairs), acc.num_processes))
+        totals = torch.zeros(len(_STATS), dtype=torch.float64, device=acc.device)
+        size = self.config.eval.batch_size
+        for start in range(0, len(mine), size):
+            idx = mine[start:start + size]
+            totals += self._pair_stats("eval", idx, [self.eval_pairs[i] for i in idx])[1]
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        self.model.train()
+        return self._named("eval/", totals, len(self.eval_pairs))
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def _trainer_state(self, step: int) -> dict[str, Any]:
+        return {"epoch": self.plan.epoch_of(step), "global_batch": self.plan.global_batch,
+                "n_items": self.plan.n_items, "world_size": self.accelerator.num_processes,
+                "total_steps": self.total_steps}
+
+    def train(self) -> DpoResult:
+        acc = self.accelerator
+        start = 0
+        if self.config.checkpoint.resume:
+            state = self.checkpoints.resume()
+            if state is not None:
+                if state.get("n_items") != self.plan.n_items or state.get("global_batch") != self.plan.global_batch:
+                    raise TrainingError(
+                        f"cannot resume from {self.checkpoints.latest()}: it was written for {state.get('n_items')} "
+                        f"pairs in global batches of {state.get('global_batch')}, this run has {self.plan.n_items} "
+                        f"in batches of {self.plan.global_batch}; use another checkpoint.output_dir or "
+                        "checkpoint.resume: false")
+                start = int(state["step"])
+                acc.print(f"resuming from {self.checkpoints.latest()} at step {start}")
+        self.metrics.truncate_after(start)
+        if self.config.logging.report_to:
+            from posttrain.train.loop import _flat
+
+            acc.init_trackers(self.config.logging.project, config=_flat(self.run_config))
+        if start == 0 and self.eval_pairs:
+            self.metrics.log(0, self.evaluate())
+        progress = _Progress(acc.is_main_process and self.config.logging.progress, self.total_steps, start)
+        loss, every, eval_every = float("nan"), self.config.checkpoint.every_steps, self.config.eval.every_steps
+        eval_metrics: dict[str, float] = {}
+        t_last = time.perf_counter()
+        with progress:
+            for step in range(start, self.total_steps):
+                metrics = self.train_step(step)
+                done = step + 1
+                loss = metrics["loss"]
+                if self.eval_pairs and ((eval_every and done % eval_every == 0) or done == self.total_steps):
+                    eval_metrics = self.evaluate()
+                    metrics.update(eval_metrics)
+                if done % self.config.logging.every_steps == 0 or done == self.total_steps:
+                    now = time.perf_counter()
+                    metrics["step_time_s"] = (now - t_last) / self.config.logging.every_steps
+                    t_last = now
+                    if self.config.logging.record_samples:
+                        metrics["samples"] = sorted(self.train_pairs[i].pair_id for i in self.plan.global_indices(step))
+                    self.metrics.log(done, metrics)
+                if self.on_step is not None:
+                    self.on_step(done, metrics)
+                progress.advance(loss, None)
+                if every and done % every == 0 and done < self.total_steps:
+                    self.checkpoints.save(done, self._trainer_state(done))
+        if self.total_steps > start:
+            self.checkpoints.save(self.total_steps, self._trainer_state(self.total_steps))
+        for tracker in acc.trackers:
+            tracker.finish()
+        return DpoResult(self.total_steps, loss, self.metrics.path, eval_metrics, acc.unwrap_model(self.model))
