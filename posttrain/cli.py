@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("posttrain.grpo.cli", "on-policy GRPO with the DAPO loss on verifiable rewards"),
     "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
     "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
+    "pairs": ("posttrain.dpo.pairs_cli", "sample answers and turn a pairwise judge's or a reward's verdicts into preference pairs"),
+    "dpo": ("posttrain.dpo.cli", "preference optimisation (DPO, IPO, SimPO; full or LoRA) from a recipe, under accelerate"),
     "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),
     "verify": ("posttrain.verify", "check an exported checkpoint's hashes and signature"),
     "merge": ("posttrain.merge", "linear or SLERP merge of checkpoints of one architecture"),

@@ -1,0 +1,208 @@
+"""Preference pairs from verdicts: sample several answers per prompt, then let a judge or a reward pick.
+
+``sample_answers`` draws ``num_samples`` answers per prompt from the in-tree hybrid with the native engine (each
+prompt prefilled once, its state copied n ways). Two ways to turn them into ``prompt``/``chosen``/``rejected``:
+
+- ``pairs_from_judge``: every two distinct answers of a prompt are judged by ``posttrain filter``'s pairwise
+  judge in both orders (``Judge.compare`` / ``combine_orders``); only a pair whose winner is the same in both
+  orders is kept, so a judge that prefers a position gives no pair at all;
+- ``pairs_from_rewards``: a verifiable reward (``posttrain.rewards``, e.g. ``math``) scores each answer; a
+  verified answer (score >= ``chosen_min``) is paired with a refuted one (score <= ``rejected_max``); an answer
+  the reward cannot score (None) is in no pair.
+
+Each row carries its provenance (which answers, the verdicts or scores, the judge's model and rubric or the
+reward's name, the sampling model and seed). ``run_pairs`` writes the rows to a temporary name and renames it,
+with a ``.manifest.json`` beside. This module never trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.dpo.config import PairSamplingSettings, PairsConfig
+from posttrain.train.data import DataError, check_messages, read_rows
+
+
+def _as_completion(prompt: Any, text: str) -> Any:
+    """An answer in the prompt's format: a string, or one assistant turn for chat prompts."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def prompt_ids(tokenizer, prompt: Any) -> list[int]:
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def sample_answers(model, tokenizer, prompts: Sequence[Any], sampling: PairSamplingSettings) -> list[list[str]]:
+    """``num_samples`` decoded answers per prompt (EOS and special tokens dropped)."""
+    from posttrain.engine import NativeEngine, SamplingParams
+
+    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_p=sampling.top_p, n=sampling.num_samples, eos_token_id=tokenizer.eos_token_id,
+                            seed=sampling.seed)
+    completions = NativeEngine(model).generate([prompt_ids(tokenizer, p) for p in prompts], params)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    n = sampling.num_samples
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _distinct(answers: Sequence[str]) -> list[int]:
+    """Indices of the first occurrence of each distinct, non-blank answer."""
+    seen, keep = set(), []
+    for i, a in enumerate(answers):
+        key = a.strip()
+        if key and key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def pairs_from_judge(judge, prompts: Sequence[Any], answers: Sequence[Sequence[str]], max_pairs_per_prompt: int = 1,
+                     provenance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows for the answer pairs that ``judge`` prefers one way in both orders; ties and disagreements are dropped."""
+    jobs = [(p, i, j) for p, group in enumerate(answers) for i, j in itertools.combinations(_distinct(group), 2)]
+    outcomes = judge.compare([prompts[p] for p, _, _ in jobs],
+                             [_as_completion(prompts[p], answers[p][i]) for p, i, _ in jobs],
+                             [_as_completion(prompts[p], answers[p][j]) for p, _, j in jobs])
+    rows: list[dict[str, Any]] = []
+    kept: dict[int, int] = {}
+    for (p, i, j), outcome in zip(jobs, outcomes, strict=True):
+        if outcome.winner not in ("a", "b") or kept.get(p, 0) >= max_pairs_per_prompt:
+            continue
+        win, lose = (i, j) if outcome.winner == "a" else (j, i)
+        kept[p] = kept.get(p, 0) + 1
+        rows.append({
+            "prompt": prompts[p], "chosen": _as_completion(prompts[p], answers[p][win]),
+            "rejected": _as_completion(prompts[p], answers[p][lose]),
+            "provenance": {**(provenance or {}), "source": "judge", "prompt_index": p, "chosen_sample": win,
+                           "rejected_sample": lose, "judge_model": judge.model, "rubric": judge.rubric_source,
+                           "verdicts": [outcome.first_order.winner, outcome.second_order.winner],
+                           "rationales": [outcome.first_order.rationale, outcome.second_order.rationale]},
+        })
+    return rows
+
+
+def pairs_from_rewards(prompts: Sequence[Any], answers: Sequence[Sequence[str]],
+                       scores: Sequence[Sequence[float | None]], *, chosen_min: float = 1.0,
+                       rejected_max: float = 0.0, max_pairs_per_prompt: int = 1, reward_name: str = "reward",
+                       provenance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows pairing verified answers (score >= chosen_min) with refuted ones (score <= rejected_max)."""
+    if rejected_max >= chosen_min:
+        raise ValueError(f"verdict.rejected_max ({rejected_max}) must be below verdict.chosen_min ({chosen_min})")
+    rows: list[dict[str, Any]] = []
+    for p, (group, group_scores) in enumerate(zip(answers, scores, strict=True)):
+        distinct = _distinct(group)
+        good = [i for i in distinct if group_scores[i] is not None and group_scores[i] >= chosen_min]
+        bad = [i for i in distinct if group_scores[i] is not None and group_scores[i] <= rejected_max]
+        for win, lose in list(itertools.product(good, bad))[:max_pairs_per_prompt]:
+            rows.append({
+                "prompt": prompts[p], "chosen": _as_completion(prompts[p], group[win]),
+                "rejected": _as_completion(prompts[p], group[lose]),
+                "provenance": {**(provenance or {}), "source": "reward", "reward": reward_name, "prompt_index": p,
+                               "chosen_sample": win, "rejected_sample": lose,
+                               "scores": [group_scores[win], group_scores[lose]]},
+            })
+    return rows
+
+
+def score_answers(reward_name: str, reward_options: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  prompt_field: str, answers: Sequence[Sequence[str]]) -> list[list[float | None]]:
+    """The reward's score of every answer; the prompt row's other columns go to the reward (TRL's convention)."""
+    from posttrain.rewards import call_reward, get
+
+    reward = get(reward_name, **reward_options)
+    flat_prompts, flat_answers, columns = [], [], {}
+    names = sorted({k for r in rows for k in r if k != prompt_field})
+    for row, group in zip(rows, answers, strict=True):
+        for text in group:
+            flat_prompts.append(row[prompt_field])
+            flat_answers.append(_as_completion(row[prompt_field], text))
+            for name in names:
+                columns.setdefault(name, []).append(row.get(name))
+    flat = call_reward(reward_name, reward, flat_prompts, flat_answers, columns)
+    n = len(answers[0]) if answers else 0
+    return [list(flat[i * n:(i + 1) * n]) for i in range(len(answers))]
+
+
+@dataclass
+class PairsReport:
+    prompts: int
+    answers: int
+    pairs: int
+    output: Path
+
+
+def _load_prompt_rows(config: PairsConfig) -> list[dict[str, Any]]:
+    rows = read_rows([config.prompts_file], config.max_prompts)
+    for row in rows:
+        if config.prompt_field not in row.data:
+            raise DataError(f"{row.source}: missing field `{config.prompt_field}`")
+        value = row.data[config.prompt_field]
+        if isinstance(value, list):
+            check_messages(value, row.source, config.prompt_field)
+        elif not isinstance(value, str) or not value:
+            raise DataError(f"{row.source}: field `{config.prompt_field}` must be a non-empty string or chat turns")
+    return [r.data for r in rows]
+
+
+def run_pairs(config: PairsConfig) -> PairsReport:
+    """Sample, judge or score, and write the preference rows and their manifest (atomically)."""
+    from transformers import AutoTokenizer
+
+    from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.train.run import weights_digest
+
+    if not config.prompts_file:
+        raise DataError("prompts_file: name the JSONL/Parquet file of prompts")
+    rows = _load_prompt_rows(config)
+    v, s = config.verdict, config.sampling
+    judge = None
+    out = Path(config.output)
+    if v.source == "judge":  # build (and so check) the judge before any sampling
+        from posttrain.judges.config import config_from_dict
+        from posttrain.judges.judge import Judge
+
+        judge_cfg = config_from_dict({"judge": {**v.judge, "enabled": True, "mode": "pairwise",
+                                                "rubric": v.judge.get("rubric", "pairwise")}}, "verdict.judge").judge
+        judge = Judge(judge_cfg, v.judge_cache or str(out) + ".judge_cache.sqlite")
+    tokenizer = AutoTokenizer.from_pretrained(s.tokenizer or s.model)
+    model = HybridForCausalLM.from_pretrained(s.model).eval()
+    prompts = [r[config.prompt_field] for r in rows]
+    answers = sample_answers(model, tokenizer, prompts, s)
+    provenance = {"generator": str(Path(s.model).resolve()), "generator_sha256": weights_digest(s.model),
+                  "sampling_seed": s.seed, "temperature": s.temperature}
+    try:
+        if judge is not None:
+            pairs = pairs_from_judge(judge, prompts, answers, v.max_pairs_per_prompt, provenance)
+        else:
+            scores = score_answers(v.reward, v.reward_options, rows, config.prompt_field, answers)
+            pairs = pairs_from_rewards(prompts, answers, scores, chosen_min=v.chosen_min, rejected_max=v.rejected_max,
+                                       max_pairs_per_prompt=v.max_pairs_per_prompt, reward_name=v.reward,
+                                       provenance=provenance)
+    finally:
+        if judge is not None:
+            judge.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs)
+    tmp.write_text(payload, encoding="utf-8")
+    os.replace(tmp, out)
+    from posttrain.config import config_to_dict
+
+    manifest = {"output": str(out.resolve()), "sha256": hashlib.sha256(payload.encode()).hexdigest(),
+                "prompts": len(rows), "answers": sum(len(a) for a in answers), "pairs": len(pairs),
+                "config": config_to_dict(config), **provenance}
+    man = out.with_name(out.name + ".manifest.json")
+    man_tmp = man.with_name(man.name + ".tmp")
+    man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(man_tmp, man)
+    return PairsReport(len(rows), sum(len(a) for a in answers), len(pairs), out)

@@ -1,0 +1,36 @@
+"""``posttrain pairs``: sample answers, judge them pairwise (both orders) or score them, write preference rows.
+
+``posttrain pairs --config recipes/pairs_x.yaml --verdict.source reward``. This module only parses arguments and
+reports errors; the work is ``posttrain.dpo.pairs.run_pairs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="the recipe (YAML); override any field with --group.field V")
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.config import ConfigError, load_config
+    from posttrain.dpo.config import PairsConfig
+    from posttrain.dpo.pairs import run_pairs
+    from posttrain.judges.backends import JudgeBackendError
+    from posttrain.judges.config import ConfigError as JudgeConfigError
+    from posttrain.rewards import RewardError
+    from posttrain.train.data import DataError
+
+    try:
+        config = load_config(PairsConfig, args.config, getattr(args, "overrides", []))
+        report = run_pairs(config)
+    except (ConfigError, JudgeConfigError, JudgeBackendError, DataError, RewardError, FileNotFoundError) as e:
+        print(f"posttrain pairs: {e}", file=sys.stderr)
+        return 2
+    print(f"posttrain pairs: {report.pairs} pairs from {report.answers} answers to {report.prompts} prompts "
+          f"in {report.output}")
+    return 0
