@@ -9,7 +9,9 @@ signs or exports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from posttrain.config import config_to_dict, save_config
 from posttrain.dpo.config import DpoConfig
@@ -19,7 +21,9 @@ from posttrain.train.loop import TrainingError
 from posttrain.train.run import _data_provenance, _versions, apply_lora, load_model, load_tokenizer, save_final
 
 
-def run_dpo(config: DpoConfig, recipe: str | None = None) -> DpoResult:
+def run_dpo(config: DpoConfig, recipe: str | None = None,
+            on_step: Callable[[int, dict[str, Any]], None] | None = None) -> DpoResult:
+    """Train from ``config``; ``on_step(step, metrics)`` is called after every optimizer step."""
     d = config.data
     if "lm_head" in config.lora.target_modules and config.lora.enabled:
         raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
@@ -34,7 +38,7 @@ def run_dpo(config: DpoConfig, recipe: str | None = None) -> DpoResult:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))
     trainer = DpoTrainer(config, model, train, held_out, pad_token_id=pad, run_config=config_to_dict(config),
-                         reference_id=reference)
+                         reference_id=reference, on_step=on_step)
     acc = trainer.accelerator
     out = Path(config.checkpoint.output_dir)
     if acc.is_main_process:
