@@ -75,14 +75,17 @@ def causal_conv1d_update_torch(
     conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See ``posttrain.kernels.causal_conv1d_update``; ``conv_state`` is updated in place."""
-    squeeze = x.dim() == 2
-    if squeeze:
-        x = x[:, :, None]
-    batch, dim, seqlen = x.shape
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
     if state_len < width - 1:
         raise ValueError(f"conv_state holds {state_len} steps, the kernel width {width} needs at least {width - 1}")
+    if (x.dim() == 2 and cache_seqlens is None and conv_state_indices is None and state_len == width - 1
+            and x.dtype == conv_state.dtype == weight.dtype == torch.float32):
+        return _conv_step_float32(x, conv_state, weight, bias, activation)
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[:, :, None]
+    batch, dim, seqlen = x.shape
     idx = None if conv_state_indices is None else conv_state_indices.long()
     state = conv_state if idx is None else conv_state[idx]  # (b, d, state_len); a copy when indexed
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -112,3 +115,17 @@ def causal_conv1d_update_torch(
     else:
         conv_state[idx] = new_state.to(conv_state.dtype)
     return out[:, :, 0] if squeeze else out
+
+
+def _conv_step_float32(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       activation: str | None) -> torch.Tensor:
+    """One float32 decode step with a shift-left window of exactly width - 1 inputs: x (batch, dim) -> (batch, dim).
+
+    ``out[b, d] = bias[d] + sum_k weight[d, k] * [conv_state, x][b, d, k]``, then the window drops its oldest input.
+    """
+    window = torch.cat([conv_state, x[:, :, None]], dim=-1)  # (b, d, width)
+    conv_state.copy_(window[:, :, 1:])
+    out = (window * weight).sum(-1)
+    if bias is not None:
+        out += bias
+    return _activate(out, activation)

@@ -121,6 +121,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same formula, fused
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -184,15 +186,21 @@ class Mamba2Mixer(nn.Module):
             xbc = xbc * pad_mask[..., None].to(xbc.dtype)
         x, B, C = self._ssm_inputs(xbc)
         A = -torch.exp(self.A_log.float())
+        packed_prefill = cache is not None and cu_seqlens is not None
         result = mamba_chunk_scan_combined(
             x, dt, A, B, C, self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias, seq_idx=seq_idx,
             cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
-            return_varlen_states=cache is not None,
+            return_varlen_states=packed_prefill, return_final_states=cache is not None and not packed_prefill,
         )
-        if cache is not None:  # prefill of packed prompts: keep each sequence's final SSM state and conv window
+        if packed_prefill:  # prefill of packed prompts: keep each sequence's final SSM state and conv window
             y, varlen_states = result
             cache.ssm[layer].copy_(varlen_states)
             cache.conv[layer].copy_(_last_windows(conv_in[0], cu_seqlens, self.d_conv - 1))
+        elif cache is not None:  # prefill of equal-length prompts, one per row: the same, batched
+            y, final_states = result
+            cache.ssm[layer][:b].copy_(final_states)
+            width = self.d_conv - 1
+            cache.conv[layer][:b].copy_(F.pad(conv_in, (0, 0, max(0, width - l), 0))[:, -width:].transpose(1, 2))
         else:
             y = result
         y = self.norm(y.reshape(b, l, self.inner), z)
@@ -257,7 +265,10 @@ class Attention(nn.Module):
                 layer: int = -1, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         b, l, _ = h.shape
         q, k, v = self._qkv(h, rope)  # (b, heads, l, d)
-        if cache is not None:  # prefill: scatter each packed sequence's keys and values into its row
+        if cache is not None and cu_seqlens is None:  # prefill of equal-length prompts, one per row
+            cache.key[layer][:b, :, :l] = k
+            cache.value[layer][:b, :, :l] = v
+        elif cache is not None:  # prefill of packed prompts: scatter each sequence's keys and values into its row
             for row, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
                 cache.key[layer][row, :, : e - s] = k[0, :, s:e]
                 cache.value[layer][row, :, : e - s] = v[0, :, s:e]
@@ -268,13 +279,19 @@ class Attention(nn.Module):
     def step(self, h: torch.Tensor, cache: HybridCache, layer: int, rope=None) -> torch.Tensor:
         b = h.shape[0]
         q, k, v = self._qkv(h[:, None, :], rope)  # (b, heads, 1, d)
-        rows = torch.arange(b, device=h.device)
         pos = cache.lengths
-        cache.key[layer][rows, :, pos] = k[:, :, 0]
-        cache.value[layer][rows, :, pos] = v[:, :, 0]
-        span = int(pos.max()) + 1
+        first, last = (int(p) for p in torch.aminmax(pos))
+        span = last + 1
+        if first == last:  # every row at the same position: plain slices, no mask
+            cache.key[layer][:, :, last] = k[:, :, 0]
+            cache.value[layer][:, :, last] = v[:, :, 0]
+            mask = None
+        else:
+            rows = torch.arange(b, device=h.device)
+            cache.key[layer][rows, :, pos] = k[:, :, 0]
+            cache.value[layer][rows, :, pos] = v[:, :, 0]
+            mask = (torch.arange(span, device=h.device)[None, :] <= pos[:, None])[:, None, None, :]
         keys, values = cache.key[layer][:, :, :span], cache.value[layer][:, :, :span]
-        mask = (torch.arange(span, device=h.device)[None, :] <= pos[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.reshape(b, -1))
@@ -391,7 +408,12 @@ class HybridBlock(nn.Module):
             x = self.mamba.step(x, cache, self.layer)
         else:
             x = self.self_attn.step(x, cache, self.layer, rope)
-        return self._feed_forward(h + x * self.residual_multiplier)[0]
+        h = torch.add(h, x, alpha=self.residual_multiplier)  # h + x * multiplier in one op
+        x = self.post_attention_layernorm(h)
+        out = self.shared_mlp(x)
+        if self.block_sparse_moe is not None:
+            out = out + self.block_sparse_moe(x)[0]
+        return torch.add(h, out, alpha=self.residual_multiplier)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -557,6 +579,8 @@ class HybridForCausalLM(nn.Module):
             raise ValueError("every prompt needs at least one token")
         if max(lengths) > cache.max_len:
             raise ValueError(f"a prompt of {max(lengths)} tokens does not fit a cache of {cache.max_len}")
+        if len(set(lengths)) == 1:  # equal lengths: one prompt per row, no packing masks
+            return self._prefill_rows(torch.tensor(prompts, device=device), cache)
         ids = torch.tensor([t for p in prompts for t in p], device=device)[None, :]
         cu = cu_seqlens_from_lengths(lengths, device)
         seq_idx = torch.repeat_interleave(torch.arange(len(prompts), device=device, dtype=torch.int32),
@@ -570,6 +594,16 @@ class HybridForCausalLM(nn.Module):
         cache.lengths[: len(prompts)] = torch.tensor(lengths, device=device)
         last = self.model.norm(h[0, cu[1:].long() - 1])
         return self.lm_head(last) / self.config.logits_scaling
+
+    def _prefill_rows(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """``prefill`` for prompts of one length, as a plain (n, length) batch filling rows 0..n-1."""
+        n, length = ids.shape
+        h = self.model.embed_tokens(ids) * self.config.embedding_multiplier
+        rope = self._rope(torch.arange(length, device=ids.device)[None, :].expand(n, length), h.dtype)
+        for block in self.model.layers:
+            h, _ = block(h, None, rope, None, None, cache=cache)
+        cache.lengths[:n] = length
+        return self.lm_head(self.model.norm(h[:, -1])) / self.config.logits_scaling
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
