@@ -34,6 +34,9 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
     held_out = load_pairs(d.eval_files, tokenizer, max_length=d.max_length, **fields) if d.eval_files else []
     model, base = load_model(config, tokenizer)  # type: ignore[arg-type]
     if config.lora.enabled:
+        import torch
+
+        torch.manual_seed(config.seed)  # the adapter's initialisation is a function of the recipe
         model = apply_lora(model, config)  # type: ignore[arg-type]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))

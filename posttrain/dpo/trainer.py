@@ -125,27 +125,35 @@ class ReferenceTable:
 
     def compute(self, acc, score: Callable[[list[PreferencePair]], PairLogps],
                 splits: dict[str, Sequence[PreferencePair]], chunk: int) -> None:
-        """Fill the table, each process scoring its share of every chunk; the main process appends to the file."""
+        """Fill the table in fixed chunks of ``chunk`` pairs (the same chunks whatever the process count or an
+        interruption, so the values are too): round k gives chunk k * W + r to process r; the main process appends
+        every finished round to the file."""
         self._read()
-        if acc.is_main_process:  # rewrite what was read (drops a cut last line and a stale file)
+        keys = [(name, i) for name, pairs in splits.items() for i in range(len(pairs))]
+        chunks = [keys[k:k + chunk] for k in range(0, len(keys), chunk)]
+        todo = [c for c in chunks if any(key not in self.values for key in c)]
+        for c in todo:  # a chunk cut short is recomputed whole
+            for key in c:
+                self.values.pop(key, None)
+        if acc.is_main_process:  # rewrite what is kept (drops a cut last line, a partial chunk, a stale file)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             with open(tmp, "w") as f:
                 f.write(json.dumps(self.fingerprint) + "\n")
-                f.writelines(json.dumps({"split": split, "index": i, "chosen": c, "rejected": r}) + "\n" for (split, i), (c, r) in self.values.items())
+                f.writelines(json.dumps({"split": split, "index": i, "chosen": c, "rejected": r}) + "\n"
+                             for (split, i), (c, r) in self.values.items())
             os.replace(tmp, self.path)
         acc.wait_for_everyone()
-        todo = [(name, i) for name, pairs in splits.items() for i in range(len(pairs)) if (name, i) not in self.values]
-        step = chunk * acc.num_processes
-        for start in range(0, len(todo), step):
-            mine = todo[start:start + step][acc.process_index::acc.num_processes]
+        W = acc.num_processes
+        for start in range(0, len(todo), W):
+            mine = todo[start:start + W][acc.process_index] if start + acc.process_index < len(todo) else []
             rows = []
             if mine:
                 with torch.no_grad():
                     logps = score([splits[name][i] for name, i in mine])
                 rows = [{"split": name, "index": i, "chosen": float(c), "rejected": float(r)}
                         for (name, i), c, r in zip(mine, logps.chosen.tolist(), logps.rejected.tolist())]
-            if acc.num_processes > 1:
+            if W > 1:
                 from accelerate.utils import gather_object
 
                 rows = gather_object(rows)

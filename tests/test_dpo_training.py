@@ -1,0 +1,159 @@
+"""DPO learns, resumes exactly and uses the right reference.
+
+Learning: pairs come from a verifiable task through the reward path of pair building: for each arithmetic
+question two candidate answers (the right operation, and the wrong one), the math reward verifies one and refutes
+the other, and ``pairs_from_rewards`` turns the verdicts into rows. DPO on 128 such pairs must lift the held-out
+reward accuracy well above chance (0.5) and raise the chosen answers' log-probability relative to the rejected
+ones on the held-out pairs. Resume: a run stopped after its step-2 checkpoint and restarted equals an
+uninterrupted run, metrics and weights. Reference: on-the-fly and precomputed give the same step; with LoRA the
+reference is the adapter-disabled model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.config import load_config
+from posttrain.dpo.config import DpoConfig
+from posttrain.dpo.pairs import pairs_from_rewards, score_answers
+from posttrain.dpo.run import run_dpo
+from posttrain.dpo.trainer import REFERENCE_FILE
+from posttrain.models.hybrid import HybridForCausalLM, preset
+from posttrain.synthetic import arithmetic_corpus
+from posttrain.tokenizer import build_tokenizer
+
+
+def candidates(rng: random.Random) -> tuple[dict, list[str]]:
+    """A question with its gold answer, and two answers: the right operation and the wrong one (shuffled)."""
+    a, b = rng.randint(0, 49), rng.randint(1, 49)
+    name, noun = rng.choice(["Ada", "Ben", "Cleo"]), rng.choice(["apples", "coins"])
+    if rng.random() < 0.5:
+        q, gold = f"{name} has {a} {noun} and gets {b} more. How many {noun} does {name} have?", a + b
+        right, wrong = f"{name} has {a} + {b} = {a + b} {noun}.\n#### {a + b}", f"{name} has {a} - {b} = {a - b} {noun}.\n#### {a - b}"
+    else:
+        q, gold = f"{name} has {a} {noun} and gives away {b}. How many {noun} are left?", a - b
+        right, wrong = f"{name} has {a} - {b} = {a - b} {noun} left.\n#### {a - b}", f"{name} has {a} + {b} = {a + b} {noun} left.\n#### {a + b}"
+    answers = [" " + right, " " + wrong]
+    rng.shuffle(answers)
+    return {"prompt": f"Question: {q}\nAnswer:", "answer": str(gold)}, answers
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dpo")
+    tok = build_tokenizer(arithmetic_corpus(300), vocab_size=300)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=None))
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(str(root / "base"))
+    rng = random.Random(0)
+    prompts, answers = zip(*(candidates(rng) for _ in range(160)))
+    scores = score_answers("math", {}, prompts, "prompt", answers)
+    rows = pairs_from_rewards([p["prompt"] for p in prompts], answers, scores, reward_name="math")
+    assert len(rows) == 160 and all(r["provenance"]["scores"] == [1.0, 0.0] for r in rows)
+    assert all(r["chosen"].split("= ")[1].split(" ")[0] == p["answer"] for r, p in zip(rows, prompts))
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:128]))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[128:]))
+    return root
+
+
+def config(root: Path, out: str, *overrides: str) -> DpoConfig:
+    return load_config(DpoConfig, None, [
+        f"--model.path={root / 'base'}", f"--data.train_files=[{root / 'train.jsonl'}]", "--data.max_length=96",
+        "--optim.lr=1e-3", "--optim.per_device_batch_size=8", "--optim.schedule=constant", "--loss.beta=0.1",
+        f"--checkpoint.output_dir={root / out}", "--checkpoint.every_steps=0", "--logging.progress=false",
+        "--eval.batch_size=32", *overrides])
+
+
+def metrics(root: Path, out: str) -> list[dict]:
+    return [json.loads(line) for line in (root / out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_dpo_on_verified_pairs_beats_chance_on_held_out_pairs(setup):
+    result = run_dpo(config(setup, "learn", f"--data.eval_files=[{setup / 'eval.jsonl'}]", "--optim.max_steps=16"))
+    log = metrics(setup, "learn")
+    before, after = log[0], log[-1]
+    assert before["step"] == 0 and after["step"] == 16
+    assert before["eval/rewards/accuracy"] == 0.0 and before["eval/rewards/margin"] == 0.0  # policy == reference
+    assert after["eval/rewards/accuracy"] >= 0.75, after  # chance is 0.5 (32 held-out pairs)
+    assert after["eval/rewards/margin"] > 0.2
+    # the rejected answers' log-probability falls relative to the chosen ones (nats, summed over the answer)
+    assert after["eval/logps/margin"] - before["eval/logps/margin"] > 3.0
+    assert after["eval/loss"] < before["eval/loss"] - 0.1
+    manifest = json.loads((setup / "learn" / "final" / "training_manifest.json").read_text())
+    assert manifest["eval"]["eval/rewards/accuracy"] == result.eval_metrics["eval/rewards/accuracy"]
+    table = (setup / "learn" / REFERENCE_FILE).read_text().splitlines()
+    assert len(table) == 1 + 128 + 32  # a header, then every train and held-out pair once
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_run_resumes_exactly(setup):
+    common = ("--optim.max_steps=4", "--checkpoint.every_steps=2", "--logging.record_samples=true",
+              "--optim.per_device_batch_size=4", "--optim.grad_accumulation_steps=2", "--data.max_samples=32",
+              "--eval.batch_size=8")
+    run_dpo(config(setup, "straight", *common))
+
+    def stop_after_three(step, _):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_dpo(config(setup, "stopped", *common), on_step=stop_after_three)
+    assert [m["step"] for m in metrics(setup, "stopped")] == [1, 2, 3]
+    # the reference table was cut mid-line by the "kill": the restart recomputes only what is missing
+    table = setup / "stopped" / REFERENCE_FILE
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(lines[:20]) + "\n" + lines[20][:20])
+    run_dpo(config(setup, "stopped", *common))
+    assert table.read_text() == (setup / "straight" / REFERENCE_FILE).read_text()
+    a, b = metrics(setup, "straight"), metrics(setup, "stopped")
+    assert [m["step"] for m in b] == list(range(1, 5))  # step 3's line was logged past the checkpoint: cut, not doubled
+    for x, y in zip(a, b):
+        assert y["samples"] == x["samples"], x["step"]
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6), x["step"]
+    wa = load_file(str(setup / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(setup / "stopped" / "final" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], load_file(str(setup / "base" / "model.safetensors"))[k]) for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adapter(setup):
+    common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--checkpoint.resume=false",
+              "--data.max_samples=8")
+    run_dpo(config(setup, "pre", *common))
+    run_dpo(config(setup, "fly", *common, "--loss.reference=on_the_fly"))
+    for x, y in zip(metrics(setup, "pre"), metrics(setup, "fly")):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["rewards/margin"] == pytest.approx(x["rewards/margin"], abs=1e-5)
+    assert metrics(setup, "fly")[1]["rewards/margin"] != 0.0
+    lora = ("--lora.enabled=true", "--lora.r=4", "--optim.lr=1e-2")
+    run_dpo(config(setup, "lora", *common, *lora))
+    run_dpo(config(setup, "lora_fly", *common, *lora, "--loss.reference=on_the_fly"))
+    first = metrics(setup, "lora")[0]
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # a fresh adapter is the identity: policy == ref
+    # the precomputed table with adapters disabled equals the base model's (the same pairs, the same weights)
+    assert (setup / "lora" / REFERENCE_FILE).read_text().splitlines()[1:] == \
+        (setup / "pre" / REFERENCE_FILE).read_text().splitlines()[1:]
+    for x, y in zip(metrics(setup, "lora"), metrics(setup, "lora_fly")):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+    assert metrics(setup, "lora_fly")[1]["rewards/margin"] != 0.0  # the adapter moved the policy off the reference
+    assert (setup / "lora" / "final" / "adapter" / "adapter_config.json").is_file()
