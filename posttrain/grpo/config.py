@@ -136,6 +136,39 @@ class EvalConfig:
 
 
 @dataclass
+class ToolsConfig:
+    """Multi-turn tool use (posttrain.grpo.tools, posttrain.grpo.multiturn); off while ``names`` is empty.
+
+    names: the tools the model may call: built-ins (``calculator``, ``python``: sandboxed) or ``module:attribute``
+        naming a ``Tool`` (or a function returning one). Their JSON schemas are rendered into the prompt by the chat
+        template, so prompts must be chat messages.
+    max_turns: most assistant turns per trajectory; each turn is limited by ``rollout.max_new_tokens``.
+    max_tokens: most tokens after the prompt (the model's and the tool answers'), the trajectory's length limit.
+    max_output_chars: a tool's answer is cut to this many characters.
+    """
+
+    names: list[str] = field(default_factory=list)
+    max_turns: int = 4
+    max_tokens: int = 1024
+    max_output_chars: int = 2000
+
+
+@dataclass
+class AsyncConfig:
+    """Asynchronous, off-policy rollouts (posttrain.grpo.async_rollout).
+
+    enabled: generate the next batches in a background thread, on a copy of the policy that receives the weights
+        after every step, while the trainer trains on the current batch.
+    max_staleness: how many optimizer steps (generation steps) the policy that generated a batch may be behind the
+        policy it trains: 0 is on-policy, 1 is one-step off-policy. The importance ratio always uses the
+        log-probabilities of the generating policy; each sample's staleness is logged.
+    """
+
+    enabled: bool = False
+    max_staleness: int = 1
+
+
+@dataclass
 class RunConfig:
     """output_dir: checkpoints, metrics.jsonl and the config.  steps: generation steps.  seed: everything's seed.
     save_every: checkpoint every this many steps (0: only at the end).  resume: a checkpoint folder or ``latest``.
@@ -171,6 +204,8 @@ class GrpoConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    async_rollout: AsyncConfig = field(default_factory=AsyncConfig)
 
     def __post_init__(self) -> None:
         r, o = self.rollout, self.optim
@@ -190,6 +225,13 @@ class GrpoConfig:
             (self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
             (self.run.steps >= 0 and self.run.save_every >= 0, "run.steps and run.save_every must be >= 0"),
             (self.eval.num_samples >= 1 and self.eval.every >= 0, "eval.num_samples >= 1 and eval.every >= 0"),
+            (self.tools.max_turns >= 1, "tools.max_turns must be >= 1"),
+            (self.tools.max_tokens >= 1, "tools.max_tokens must be >= 1"),
+            (self.tools.max_output_chars >= 1, "tools.max_output_chars must be >= 1"),
+            (self.async_rollout.max_staleness >= 0, "async_rollout.max_staleness must be >= 0"),
+            (not (self.async_rollout.enabled and r.engine == "vllm"),
+             ("async_rollout.enabled needs a rollout engine apart from the trainer's weights (native); colocated "
+              "vllm shares the trainer's GPU and weights")),
         ]
         for ok, message in checks:
             if not ok:

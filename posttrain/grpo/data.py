@@ -59,16 +59,21 @@ def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[di
 
 
 def tokenize_prompts(rows: list[dict[str, Any]], tokenizer, prompt_column: str, max_prompt_tokens: int,
-                     long_prompts: str = "error") -> tuple[list[dict[str, Any]], list[list[int]], int]:
-    """Token ids of every prompt; returns (kept rows, their ids, how many were dropped for length)."""
+                     long_prompts: str = "error", tools: list[dict[str, Any]] | None = None
+                     ) -> tuple[list[dict[str, Any]], list[list[int]], int]:
+    """Token ids of every prompt; returns (kept rows, their ids, how many were dropped for length). ``tools``: JSON
+    schemas the chat template renders into conversational prompts (multi-turn tool use needs chat messages)."""
     kept, ids, dropped = [], [], 0
     for i, row in enumerate(rows):
         prompt = row[prompt_column]
+        if isinstance(prompt, str) and tools:
+            raise PromptDataError(f"{row.get('_where', f'row {i}')}: with tools, {prompt_column} must be a list of "
+                                  "chat messages (the chat template renders the tools), got a string")
         if isinstance(prompt, str):
             tokens = list(tokenizer.encode(prompt, add_special_tokens=False))
         elif isinstance(prompt, list):
-            tokens = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
+            tokens = list(tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=True,
+                                                        tokenize=True, return_dict=False))
         else:
             raise PromptDataError(f"{row.get('_where', f'row {i}')}: {prompt_column} must be a string or a list of "
                                   f"chat messages, got {type(prompt).__name__}")

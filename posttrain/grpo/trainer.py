@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import math
@@ -57,6 +58,21 @@ class Rollout:
     rewards: dict[str, float | None]
     total: float | None
     advantage: float = 0.0
+    completion_mask: list[int] | None = None  # multi-turn: 1 on the model's tokens, 0 on tool/template tokens
+    messages: list[dict] | None = None  # multi-turn: the assistant and tool messages after the prompt
+    policy_version: int = 0  # optimizer steps (generation steps) the generating policy had taken
+    staleness: int = 0  # steps between the generating policy and the one trained on this sample
+
+    @property
+    def trained_ids(self) -> list[int]:
+        """The completion tokens the loss is computed on (all of them, except tool answers in multi-turn)."""
+        if self.completion_mask is None:
+            return self.completion_ids
+        return [t for t, m in zip(self.completion_ids, self.completion_mask, strict=True) if m]
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.completion_ids) if self.completion_mask is None else sum(self.completion_mask)
 
 
 @dataclass
@@ -79,7 +95,8 @@ class GrpoTrainer:
     (``model``, ``tokenizer``, ``rows``, ``eval_rows``, ``reward_set``) for tests and notebooks."""
 
     def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
-                 eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None):
+                 eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None,
+                 env=None):
         from accelerate import Accelerator
 
         from posttrain.models.hybrid import HybridForCausalLM
@@ -105,18 +122,25 @@ class GrpoTrainer:
         if tokenizer is None:
             tokenizer = load_tokenizer(c.model.tokenizer or c.model.path)
         self.tokenizer = tokenizer
+        self.env = env  # multi-turn tool use: a posttrain.grpo.tools.ToolEnvironment (or built from tools.names)
+        if self.env is None and c.tools.names:
+            from posttrain.grpo.tools import ToolEnvironment, load_tool
+
+            self.env = ToolEnvironment([load_tool(name) for name in c.tools.names], c.tools.max_output_chars)
+        tools = self.env.schemas if self.env is not None else None
         if rows is None:
             if not c.data.path:
                 raise ValueError("data.path: no prompts given")
             rows = load_prompt_rows(c.data.path, c.data.prompt_column)
         self.rows, self.prompt_ids, self.dropped_long_prompts = tokenize_prompts(
-            rows, tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, c.data.long_prompts)
+            rows, tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, c.data.long_prompts, tools=tools)
         if eval_rows is None and c.eval.path:
             eval_rows = load_prompt_rows(c.eval.path, c.data.prompt_column)
         self.eval_rows, self.eval_prompt_ids = [], []
         if eval_rows:
             self.eval_rows, self.eval_prompt_ids, _ = tokenize_prompts(
-                eval_rows[: c.eval.max_prompts], tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, "drop")
+                eval_rows[: c.eval.max_prompts], tokenizer, c.data.prompt_column, c.data.max_prompt_tokens, "drop",
+                tools=tools)
 
         self.reward_set = reward_set or RewardSet.from_specs(c.rewards.rewards)
         if c.overlong.buffer > 0:
@@ -140,7 +164,16 @@ class GrpoTrainer:
         total_updates = max(1, c.run.steps * c.optim.mini_batches * c.optim.num_iterations)
         self.scheduler = build_scheduler(optimizer, c.optim.schedule, total_updates, c.optim.warmup_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.rollout_model = None  # async: the producer's own copy of the policy
+        self.async_rollouts = None
+        if c.async_rollout.enabled:
+            from posttrain.grpo.async_rollout import AsyncRollouts
+
+            self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False)
+            self.async_rollouts = AsyncRollouts(self._produce_batch, self._load_rollout_weights,
+                                                c.async_rollout.max_staleness)
         self.engine = self._build_engine()
+        self._tool_template = None
         self.tis_cap = c.loss.truncated_is_cap
         if self.tis_cap is None and c.rollout.engine == "vllm":
             self.tis_cap = 2.0  # hybrids: vLLM's Mamba prefill/decode kernels differ from training's, by design
@@ -165,7 +198,8 @@ class GrpoTrainer:
 
     def _build_engine(self):
         if self.config.rollout.engine == "native":
-            return NativeEngine(self.accelerator.unwrap_model(self.model))
+            return NativeEngine(self.rollout_model if self.rollout_model is not None
+                                else self.accelerator.unwrap_model(self.model))
         from posttrain.grpo.vllm_engine import VllmEngine
 
         return VllmEngine(self.core, self.config, self.tokenizer)
@@ -179,6 +213,8 @@ class GrpoTrainer:
         return self._pool
 
     def close(self) -> None:
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -197,9 +233,11 @@ class GrpoTrainer:
                               n=n, eos_token_id=self.tokenizer.eos_token_id, seed=seed)
 
     def _generate_and_score(self, prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict], n: int,
-                            temperature: float, round_index: int, times: dict[str, float]) -> list[Rollout]:
+                            temperature: float, round_index: int, times: dict[str, float],
+                            engine=None) -> list[Rollout]:
         """This process's share of ``prompt_rows`` generated and scored, then everyone's gathered (in order)."""
         acc = self.accelerator
+        engine = engine or self.engine
         share = len(prompt_rows) // acc.num_processes
         lo, hi = acc.process_index * share, (acc.process_index + 1) * share
         chunk = self.config.rollout.prompts_per_call or max(share, 1)
@@ -208,7 +246,10 @@ class GrpoTrainer:
         for start in range(lo, hi, chunk):
             idx = list(range(start, min(start + chunk, hi)))
             params = self._sampling(n, temperature, _seed_for(self.config.run.seed, round_index, start))
-            outs = self.engine.generate([prompt_ids[prompt_rows[i]] for i in idx], params)
+            if self.env is not None:
+                local += self._multi_turn(engine, idx, prompt_rows, prompt_ids, rows, params)
+                continue
+            outs = engine.generate([prompt_ids[prompt_rows[i]] for i in idx], params)
             for o in outs:
                 g = idx[o.prompt_index]
                 local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], o.token_ids, o.logprobs,
@@ -221,7 +262,8 @@ class GrpoTrainer:
                        if k not in (self.config.data.prompt_column, "_where")}
             columns["completion_ids"] = [r.completion_ids for r in local]
             result = self.reward_set.score([row[self.config.data.prompt_column] for row in batch_rows],
-                                           [self._completion_for_reward(row, r.completion_ids)
+                                           [r.messages if r.messages is not None  # the whole trajectory
+                                            else self._completion_for_reward(row, r.completion_ids)
                                             for row, r in zip(batch_rows, local, strict=True)],
                                            pool=self.pool, **columns)
             errors = len(result.errors)
@@ -237,6 +279,35 @@ class GrpoTrainer:
 
             local = gather_object(local)
         return local
+
+    def _multi_turn(self, engine, idx: list[int], prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict],
+                    params: SamplingParams) -> list[Rollout]:
+        """Multi-turn rollouts with the tool environment for the prompts ``idx``, many trajectories per engine call."""
+        from posttrain.grpo.multiturn import ToolTurnTemplate, multi_turn_rollout
+
+        c = self.config
+        if self._tool_template is None:
+            self._tool_template = ToolTurnTemplate(self.tokenizer)
+        messages = [rows[prompt_rows[i]][c.data.prompt_column] for i in idx]
+        trajs = multi_turn_rollout(engine, self.tokenizer, self.env, [prompt_ids[prompt_rows[i]] for i in idx],
+                                   messages, params, c.tools.max_turns, c.tools.max_tokens, self._tool_template)
+        out = []
+        for t in trajs:
+            g = idx[t.prompt_index]
+            out.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], t.completion_ids, t.logprobs,
+                               "length" if t.finish_reason == "length" else "stop", {}, None,
+                               completion_mask=t.loss_mask, messages=t.messages))
+        return out
+
+    def _produce_batch(self):
+        """One step's generation (the producer thread's job in async mode)."""
+        times: dict[str, float] = {}
+        groups, generated, counts = self.collect(times)
+        return groups, generated, counts, times
+
+    @torch.no_grad()
+    def _load_rollout_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.rollout_model.load_state_dict(state_dict)
 
     def _uniform(self, group: list[Rollout]) -> bool:
         values = {r.rewards.get(self.outcome) for r in group}
@@ -281,17 +352,20 @@ class GrpoTrainer:
         ids = torch.tensor([t for s in seqs for t in s[:-1]], device=device)[None]
         positions = torch.cat([torch.arange(len(s) - 1, device=device) for s in seqs])[None]
         target_pos, offset = [], 0
-        for s in samples:
+        for s in samples:  # the positions predicting the trained tokens (tool answers are context, never targets)
             lp, lc = len(s.prompt_ids), len(s.completion_ids)
-            target_pos.append(torch.arange(offset + lp - 1, offset + lp - 1 + lc))
+            pos = torch.arange(offset + lp - 1, offset + lp - 1 + lc)
+            if s.completion_mask is not None:
+                pos = pos[torch.tensor(s.completion_mask, dtype=torch.bool)]
+            target_pos.append(pos)
             offset += lp + lc - 1
         target_pos = torch.cat(target_pos).to(device)
-        targets = torch.tensor([t for s in samples for t in s.completion_ids], device=device)
+        targets = torch.tensor([t for s in samples for t in s.trained_ids], device=device)
         hidden = model(ids, position_ids=positions, return_logits=False).hidden_states[0, target_pos]
         result = self.core.token_logprobs(hidden, targets, temperature=self.config.rollout.temperature,
                                           return_entropy=entropy)
         seq_ids = torch.repeat_interleave(torch.arange(len(samples), device=device),
-                                          torch.tensor([len(s.completion_ids) for s in samples], device=device))
+                                          torch.tensor([s.num_trained for s in samples], device=device))
         return result, seq_ids
 
     @torch.no_grad()
@@ -306,7 +380,7 @@ class GrpoTrainer:
                     lp, _ = self._logprobs(self.model, part)
             else:
                 lp, _ = self._logprobs(self.ref_model if which == "ref" else self.model, part)
-            for i, chunk in zip(idxs, lp.float().split([len(s.completion_ids) for s in part]), strict=True):
+            for i, chunk in zip(idxs, lp.float().split([s.num_trained for s in part]), strict=True):
                 out[i] = chunk
         return out  # type: ignore[return-value]
 
@@ -322,10 +396,13 @@ class GrpoTrainer:
         minis = [self._shard(samples, c.optim.mini_batches, m) for m in range(c.optim.mini_batches)]
         local = [self._shard(mini, W, rank) for mini in minis]
         flat_local = [s for part in local for s in part]
-        need_old = c.optim.mini_batches * c.optim.num_iterations > 1 or self.tis_cap is not None
+        off_policy = self.async_rollouts is not None
+        need_old = c.optim.mini_batches * c.optim.num_iterations > 1 or self.tis_cap is not None or off_policy
         recompute = c.rollout.recompute_old_logprobs
         if recompute is None:
             recompute = not (c.rollout.engine == "native" and self.core.dtype == torch.float32)
+        if off_policy:  # the ratio is against the generating policy, whose log-probs only the sampler has
+            recompute = False
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
         old = None
         if need_old and flat_local:
@@ -340,8 +417,13 @@ class GrpoTrainer:
         position = {id(s): i for i, s in enumerate(flat_local)}
         for _ in range(c.optim.num_iterations):
             for mini, mine in zip(minis, local, strict=True):
-                norm = loss_normalizer(c.loss.type, [len(s.completion_ids) for s in mini], c.rollout.max_new_tokens)
+                norm = loss_normalizer(c.loss.type, [s.num_trained for s in mini], self._max_completion_tokens)
                 self._optimizer_step(mine, norm, old, ref, position, stats)
+
+    @property
+    def _max_completion_tokens(self) -> int:
+        """L of dr_grpo's constant normaliser: a turn's limit, or a trajectory's with tools."""
+        return self.config.tools.max_tokens if self.env is not None else self.config.rollout.max_new_tokens
 
     def _optimizer_step(self, mine: list[Rollout], norm: float, old, ref, position, stats: StepStats) -> None:
         c, acc = self.config, self.accelerator
@@ -400,9 +482,17 @@ class GrpoTrainer:
     # -- one step -----------------------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         c = self.config
-        times: dict[str, float] = {}
-        groups, generated, counts = self.collect(times)
         G = c.rollout.num_generations
+        if self.async_rollouts is not None:
+            version, (groups, generated, counts, times) = self.async_rollouts.next_batch(self.step_count)
+            times = dict(times)
+            for r in generated:
+                r.policy_version, r.staleness = version, self.step_count - version
+        else:
+            times = {}
+            groups, generated, counts = self.collect(times)
+            for r in generated:
+                r.policy_version = self.step_count
         samples = [r for g in groups for r in g]
         if samples:
             rewards = torch.tensor([r.total if r.total is not None else 0.0 for r in samples], dtype=torch.float64)
@@ -422,6 +512,8 @@ class GrpoTrainer:
         if c.rollout.engine == "vllm":
             self.engine.sync_weights(self.core)
         self.step_count += 1
+        if self.async_rollouts is not None:
+            self.async_rollouts.publish(self.step_count, self.core.state_dict())
         metrics = self._metrics(generated, samples, counts, stats, times)
         self.history.append(metrics)
         return metrics
@@ -475,6 +567,19 @@ class GrpoTrainer:
         m["time/generate_s"] = times.get("generate", 0.0)
         m["time/reward_s"] = times.get("reward", 0.0)
         m["time/train_s"] = times.get("train", 0.0)
+        if self.async_rollouts is not None and generated:  # per-sample staleness, summarised
+            stale = [r.staleness for r in generated]
+            m["async/staleness_mean"] = sum(stale) / len(stale)
+            m["async/staleness_max"] = float(max(stale))
+            m["async/staleness_min"] = float(min(stale))
+            m["async/policy_version"] = float(generated[0].policy_version)
+        if self.env is not None and generated:
+            masks = [r.completion_mask or [] for r in generated]
+            m["tools/turns_mean"] = sum(1 + sum(1 for a, b in itertools.pairwise(k) if a == 0 and b == 1)
+                                        for k in masks) / len(masks)
+            m["tools/calls_mean"] = sum(sum(msg["role"] == "tool" for msg in (r.messages or []))
+                                        for r in generated) / len(generated)
+            m["tools/masked_tokens_frac"] = (sum(len(k) - sum(k) for k in masks) / max(sum(len(k) for k in masks), 1))
         return m
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -487,8 +592,11 @@ class GrpoTrainer:
         W = self.accelerator.num_processes
         padded = list(range(n)) + [n - 1] * ((-n) % W)  # every process gets the same count; repeats not counted
         times: dict[str, float] = {}
+        engine = self.engine
+        if self.async_rollouts is not None:  # the producer owns self.engine; evaluate the trained policy itself
+            engine = NativeEngine(self.accelerator.unwrap_model(self.model))
         outs = self._generate_and_score(padded, self.eval_prompt_ids, self.eval_rows, e.num_samples, e.temperature,
-                                        -1, times)
+                                        -1, times, engine=engine)
         outs = outs[: n * e.num_samples]
         vals = [r.rewards.get(self.outcome) for r in outs]
         scored = [v for v in vals if v is not None]

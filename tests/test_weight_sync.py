@@ -1,0 +1,129 @@
+"""The server-mode weight sync between two real processes on gloo: weights arrive exactly, and a peer that never
+joins or dies mid-sync gives a clear error within the time-out instead of a hang."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from posttrain.grpo.weight_sync import SyncGroupConfig, WeightSender, WeightSyncError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digest(named) -> str:
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(list(t.shape)).encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# The worker: joins as rank 1, loads what it receives into its own tiny model (other initial weights), prints the
+# version and a digest of its model's state after each sync; ``die`` exits in the middle of the first sync.
+_WORKER = textwrap.dedent("""
+    import hashlib, os, sys, torch
+    from posttrain.grpo.weight_sync import SyncGroupConfig, WeightReceiver
+    from posttrain.models.hybrid import HybridForCausalLM, preset
+    port, mode = int(sys.argv[1]), sys.argv[2]
+    torch.manual_seed(123)
+    model = HybridForCausalLM(preset("tiny", vocab_size=64, hidden_size=32, mamba_n_heads=2, mamba_d_head=32,
+                                     num_hidden_layers=2, layer_types=["mamba", "attention"],
+                                     shared_intermediate_size=64))
+    receiver = WeightReceiver(SyncGroupConfig(port=port, timeout_s=20), rank=1)
+    def apply(items):
+        if mode == "die":
+            os._exit(3)
+        model.load_state_dict(dict(items), strict=True)
+    while True:
+        version = receiver.receive(apply)
+        if version is None:
+            break
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode()); h.update(str(t.dtype).encode()); h.update(str(list(t.shape)).encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        print(version, h.hexdigest(), flush=True)
+""")
+
+
+def _tiny_model(seed: int):
+    from posttrain.models.hybrid import HybridForCausalLM, preset
+
+    torch.manual_seed(seed)
+    return HybridForCausalLM(preset("tiny", vocab_size=64, hidden_size=32, mamba_n_heads=2, mamba_d_head=32,
+                                    num_hidden_layers=2, layer_types=["mamba", "attention"],
+                                    shared_intermediate_size=64))
+
+
+def _start_worker(port: int, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(port), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_weights_reach_the_worker_exactly_over_two_syncs():
+    port = _free_port()
+    worker = _start_worker(port, "apply")
+    try:
+        sender = WeightSender(SyncGroupConfig(port=port, timeout_s=60, bucket_bytes=4096))  # several buckets
+        model = _tiny_model(0)
+        sent = sender.send(model.state_dict().items())
+        assert sent == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        first = _digest(model.state_dict().items())
+        with torch.no_grad():  # an "optimizer step", then the second sync
+            for p in model.parameters():
+                p.add_(0.01)
+        sender.send(model.state_dict().items())
+        second = _digest(model.state_dict().items())
+        sender.close()
+        out, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert out.split() == ["1", first, "2", second]
+    assert first != second
+
+
+def test_a_worker_that_never_joins_is_a_clear_error_within_the_timeout():
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"not every rollout worker joined within 2 s"):
+        WeightSender(SyncGroupConfig(port=port, timeout_s=2))
+    assert time.monotonic() - t0 < 2 + 5
+
+
+def test_a_worker_that_dies_mid_sync_is_a_clear_error_within_the_timeout():
+    port = _free_port()
+    worker = _start_worker(port, "die")
+    try:
+        sender = WeightSender(SyncGroupConfig(port=port, timeout_s=30))
+        model = _tiny_model(0)
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"failed during .*a peer died or stopped answering"):
+            sender.send(model.state_dict().items())
+        assert time.monotonic() - t0 < 30 + 5
+        assert worker.wait(timeout=30) == 3  # it died where the test made it die
+    finally:
+        worker.kill()
+
+
+def test_a_trainer_that_never_starts_is_a_clear_error_for_the_worker():
+    from posttrain.grpo.weight_sync import WeightReceiver
+
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"rendezvous did not answer within 2 s"):
+        WeightReceiver(SyncGroupConfig(port=_free_port(), timeout_s=2), rank=1)
+    assert time.monotonic() - t0 < 2 + 5
