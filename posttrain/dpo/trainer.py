@@ -125,12 +125,12 @@ class ReferenceTable:
 
     def compute(self, acc, score: Callable[[list[PreferencePair]], PairLogps],
                 splits: dict[str, Sequence[PreferencePair]], chunk: int) -> None:
-        """Fill the table in fixed chunks of ``chunk`` pairs (the same chunks whatever the process count or an
+        """Fill the table in fixed chunks of ``chunk`` pairs of a split (the same chunks whatever the process count or an
         interruption, so the values are too): round k gives chunk k * W + r to process r; the main process appends
         every finished round to the file."""
         self._read()
-        keys = [(name, i) for name, pairs in splits.items() for i in range(len(pairs))]
-        chunks = [keys[k:k + chunk] for k in range(0, len(keys), chunk)]
+        chunks = [[(name, i) for i in range(k, min(k + chunk, len(pairs)))]
+                  for name, pairs in splits.items() for k in range(0, len(pairs), chunk)]
         todo = [c for c in chunks if any(key not in self.values for key in c)]
         for c in todo:  # a chunk cut short is recomputed whole
             for key in c:
@@ -324,11 +324,11 @@ class DpoTrainer:
             return {}
         acc = self.accelerator
         self.model.eval()
-        mine = list(range(acc.process_index, len(self.eval_pairs), acc.num_processes))
+        size, n = self.config.eval.batch_size, len(self.eval_pairs)
+        # the reference table's chunks, chunk k on process k % W: the same batches whatever the process count
+        chunks = [list(range(k, min(k + size, n))) for k in range(0, n, size)][acc.process_index::acc.num_processes]
         totals = torch.zeros(len(_STATS), dtype=torch.float64, device=acc.device)
-        size = self.config.eval.batch_size
-        for start in range(0, len(mine), size):
-            idx = mine[start:start + size]
+        for idx in chunks:
             totals += self._pair_stats("eval", idx, [self.eval_pairs[i] for i in idx])[1]
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
