@@ -10,6 +10,7 @@ This module never trains and never changes the model's weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +58,25 @@ class Completion:
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens
+    # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens; "abort": the
+    # ``on_step`` callback asked for the row to stop
+    finish_reason: str
+
+
+@dataclass
+class StepTokens:
+    """The tokens one decoding step produced, for streaming: ``rows[i]`` (an index into ``generate``'s result,
+    prompt-major) got ``token_ids[i]``; ``finish_reasons[i]`` is ``"stop"`` or ``"length"`` if that token is the
+    row's last, else None. Rows that finished earlier are absent."""
+
+    rows: list[int]
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+
+
+# Called after every step with what it produced; may return result indices whose rows should stop now (a client
+# went away): they finish with "abort" and leave the batch.
+StepCallback = Callable[[StepTokens], Iterable[int] | None]
 
 
 @dataclass
@@ -75,8 +94,11 @@ class NativeEngine:
         self.stats = EngineStats()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_step: StepCallback | None = None) -> list[Completion]:
+        """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j).
+
+        ``on_step``, if given, sees each step's tokens as soon as they are sampled (see :data:`StepCallback`)."""
         if not prompts:
             return []
         for i, p in enumerate(prompts):
@@ -96,12 +118,12 @@ class NativeEngine:
         self.model.eval()
         try:
             for start in range(0, len(prompts), per_wave):
-                out += self._generate_wave(prompts[start:start + per_wave], start, params, generator)
+                out += self._generate_wave(prompts[start:start + per_wave], start, params, generator, on_step)
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_wave(self, prompts, offset, params: SamplingParams, generator) -> list[Completion]:
+    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, on_step=None) -> list[Completion]:
         model, device = self.model, self.model.device
         n_prompts, n = len(prompts), params.n
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
@@ -116,26 +138,43 @@ class NativeEngine:
         tokens: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
         reasons = ["length"] * total
-        active = torch.arange(total, device=device)  # which output each cache row writes to
-        stop = torch.tensor(params.stop_ids() or [-1], device=device)
+        active = list(range(total))  # which output each cache row writes to
+        stop_ids = params.stop_ids()
+        stop = torch.tensor(stop_ids, device=device) if stop_ids else None
         for step in range(params.max_new_tokens):
             next_tokens, next_logprobs = sample(logits, params, generator)
-            for row, tok, lp in zip(active.tolist(), next_tokens.tolist(), next_logprobs.tolist()):
+            step_tokens = next_tokens.tolist()
+            for row, tok, lp in zip(active, step_tokens, next_logprobs.tolist()):
                 tokens[row].append(tok)
                 logprobs[row].append(lp)
-            stopped = torch.isin(next_tokens, stop)
-            for row in active[stopped].tolist():
-                reasons[row] = "stop"
-            if step + 1 == params.max_new_tokens:
+            last = step + 1 == params.max_new_tokens
+            stopped = [] if stop is None else torch.isin(next_tokens, stop).nonzero()[:, 0].tolist()
+            for i in stopped:
+                reasons[active[i]] = "stop"
+            if on_step is not None:
+                finish: list[str | None] = ["length" if last else None] * len(active)
+                for i in stopped:
+                    finish[i] = "stop"
+                aborted = on_step(StepTokens([offset * n + row for row in active], step_tokens, finish))
+                if aborted and not last:
+                    aborted = {a - offset * n for a in aborted}
+                    more = [i for i, row in enumerate(active) if row in aborted and finish[i] is None]
+                    for i in more:
+                        reasons[active[i]] = "abort"
+                    stopped = sorted(set(stopped) | set(more))
+            if last:
                 break
-            if bool(stopped.any()):
-                keep = (~stopped).nonzero().squeeze(1)
-                if keep.numel() == 0:
+            if stopped:  # finished rows leave the batch
+                gone = set(stopped)
+                keep_rows = [i for i in range(len(active)) if i not in gone]
+                if not keep_rows:
                     break
-                cache, active, next_tokens = cache.index_select(keep), active[keep], next_tokens[keep]
+                keep = torch.tensor(keep_rows, device=device)
+                cache, next_tokens = cache.index_select(keep), next_tokens[keep]
+                active = [active[i] for i in keep_rows]
             logits = model.step(next_tokens, cache)
             self.stats.steps += 1
-            self.stats.rows_forwarded += int(next_tokens.shape[0])
+            self.stats.rows_forwarded += len(active)
         return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
 
 

@@ -7,7 +7,11 @@ wait in the queue and form the next batch.
 Jobs whose sampling parameters agree run as one ``engine.generate`` call, their prompts concatenated and the
 token limit the largest of theirs (each job's completions are cut back to its own limit). A job with a seed
 never shares a call, so its samples depend on its seed alone. If a merged call fails, its jobs are retried one
-by one so that one bad request does not fail the others.
+by one so that one bad request does not fail the others (except jobs that already streamed tokens: those fail).
+
+A streaming job gives ``on_tokens``: after every engine step it receives its own new tokens, as
+``(choice index, token id, finish reason or None)`` triples, already cut to its own token limit. ``cancel`` a
+job's handle (its client went away) and its rows leave the running batch at the next step.
 
 This module must never call the engine from any thread but the worker's.
 """
@@ -20,10 +24,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from posttrain.engine import Completion, SamplingParams
+from posttrain.engine import Completion, SamplingParams, StepTokens
+
+TokenSink = Callable[[list[tuple[int, int, str | None]]], None]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ class _Job:
     params: SamplingParams
     future: Future
     key: tuple
+    on_tokens: TokenSink | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # some tokens already went to on_tokens
 
     @property
     def seqs(self) -> int:
@@ -78,15 +88,27 @@ class BatchScheduler:
         self._worker = threading.Thread(target=self._run, name="posttrain-batch-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Future:
-        """Queue a job; the future resolves to its completions (prompt-major, ``prompt_index`` local to the job)."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, on_tokens: TokenSink | None = None) -> Future:
+        """Queue a job; the future resolves to its completions (prompt-major, ``prompt_index`` local to the job).
+
+        ``on_tokens`` (called from the worker thread, so it must be quick: put into a queue) streams the job's
+        tokens as they are sampled. ``cancel(future)`` stops the job's rows early."""
         future: Future = Future()
+        job = _Job([list(p) for p in prompts], params, future, merge_key(params), on_tokens)
+        future.job = job  # for cancel()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batch scheduler is closed")
-            self._queue.append(_Job([list(p) for p in prompts], params, future, merge_key(params)))
+            self._queue.append(job)
             self._cond.notify()
         return future
+
+    @staticmethod
+    def cancel(future: Future) -> None:
+        """Stop a submitted job: dropped if still queued, its rows aborted at the next step if running (its
+        completions then end with finish reason "abort")."""
+        future.job.cancelled.set()
+        future.cancel()  # succeeds only while the job waits in the queue
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Blocking form of :meth:`submit`, with ``NativeEngine.generate``'s signature."""
@@ -157,7 +179,10 @@ class BatchScheduler:
                 return
             logger.warning("a merged batch of %d jobs failed (%s); retrying them one by one", len(jobs), exc)
             for job in jobs:
-                self._run_group([job])
+                if job.streamed:  # its client has seen tokens: a rerun would send them twice
+                    job.future.set_exception(exc)
+                else:
+                    self._run_group([job])
             return
         for job, completions in zip(jobs, results, strict=True):
             job.future.set_result(completions)
@@ -165,7 +190,10 @@ class BatchScheduler:
     def _generate(self, jobs: list[_Job]) -> list[list[Completion]]:
         params = dataclasses.replace(jobs[0].params, max_new_tokens=max(j.params.max_new_tokens for j in jobs))
         prompts = [p for job in jobs for p in job.prompts]
-        completions = self.engine.generate(prompts, params)
+        if any(job.on_tokens is not None or job.cancelled.is_set() for job in jobs):
+            completions = self.engine.generate(prompts, params, on_step=_StepRouter(jobs))
+        else:
+            completions = self.engine.generate(prompts, params)
         self.stats.engine_calls += 1
         out, start = [], 0
         for job in jobs:
@@ -175,8 +203,49 @@ class BatchScheduler:
         return out
 
 
+class _StepRouter:
+    """The engine's step callback for one merged call: hands each job its own tokens (cut to its own limit) and
+    returns the rows of cancelled jobs, and of jobs past their own limit, so that they stop costing compute."""
+
+    def __init__(self, jobs: list[_Job]):
+        self.owner: list[tuple[_Job, int]] = []  # result index -> (job, choice index in the job)
+        for job in jobs:
+            self.owner += [(job, i) for i in range(job.seqs)]
+        self.counts = [0] * len(self.owner)
+
+    def __call__(self, step: StepTokens) -> list[int]:
+        per_job: dict[int, tuple[_Job, list]] = {}
+        done = []
+        for row, token, reason in zip(step.rows, step.token_ids, step.finish_reasons, strict=True):
+            job, choice = self.owner[row]
+            if job.cancelled.is_set():
+                done.append(row)
+                continue
+            self.counts[row] += 1
+            limit = job.params.max_new_tokens
+            if self.counts[row] > limit:
+                done.append(row)
+                continue
+            if self.counts[row] == limit:
+                reason = reason or "length"
+                done.append(row)
+            if job.on_tokens is not None:
+                per_job.setdefault(id(job), (job, []))[1].append((choice, token, reason))
+        for job, items in per_job.values():
+            job.streamed = True
+            try:
+                job.on_tokens(items)
+            except Exception:  # one request's sink must not break the batch
+                logger.exception("a streaming callback failed; cancelling its request")
+                job.cancelled.set()
+        return done
+
+
 def _cut(completion: Completion, prompt_index: int, max_new_tokens: int) -> Completion:
     if len(completion.token_ids) <= max_new_tokens:
-        return dataclasses.replace(completion, prompt_index=prompt_index)
+        reason = completion.finish_reason
+        if reason == "abort" and len(completion.token_ids) == max_new_tokens:  # stopped at its own limit
+            reason = "length"
+        return dataclasses.replace(completion, prompt_index=prompt_index, finish_reason=reason)
     return Completion(prompt_index, completion.token_ids[:max_new_tokens], completion.logprobs[:max_new_tokens],
                       "length")

@@ -162,20 +162,72 @@ class TextGenerator:
                 return ids[:end]
         return ids
 
-    def text_deltas(self, completion: TextCompletion) -> list[str]:
-        """``completion.text`` split at token boundaries (never inside a multi-byte character), for streaming."""
-        deltas, sent = [], 0
-        for end in range(1, len(completion.token_ids) + 1):
-            text = self.decode(completion.token_ids[:end])
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            text = text[: len(completion.text)]
-            if len(text) > sent:
-                deltas.append(text[sent:])
-                sent = len(text)
-        if sent < len(completion.text):
-            deltas.append(completion.text[sent:])
-        return deltas
+    def text_stream(self, params: SamplingParams, stop: Sequence[str] = (), hold: Sequence[str] = ()) -> TextStream:
+        """An incremental decoder for one choice streamed with ``params`` (see :class:`TextStream`)."""
+        return TextStream(self, params.stop_ids(), stop, hold)
+
+
+class TextStream:
+    """One choice's text, decoded as its tokens arrive, by the rules of :meth:`TextGenerator.finish`.
+
+    ``push`` takes each new token and returns the text that is now certain: never half of a multi-byte character,
+    never text that could still turn out to begin a stop string (it is held back until the next tokens decide),
+    nothing from a stop string on, and no closing stop token. ``hold`` names more markers held back the same
+    way, and where one appears whole the stream stops sending (a tool call: the whole message decides how it is
+    sent). Whitespace is held back until something else follows it when ``hold`` is given (an assistant message
+    that is only a tool call has no content). ``rest(final)`` returns what is left of the final text."""
+
+    def __init__(self, generator: TextGenerator, stop_ids: Sequence[int], stop: Sequence[str] = (),
+                 hold: Sequence[str] = ()):
+        self.generator = generator
+        self.stop_ids = set(stop_ids)
+        self.stop = [s for s in stop if s]
+        self.hold = [h for h in hold if h]
+        self.ids: list[int] = []
+        self.sent = ""
+        self.closed = False  # a stop string or a held marker appeared: nothing more is sent before the end
+
+    def push(self, token_id: int, finish_reason: str | None = None) -> str:
+        if self.closed:
+            return ""
+        if not (finish_reason == "stop" and token_id in self.stop_ids):
+            self.ids.append(token_id)
+        text = self.generator.decode(self.ids)
+        if finish_reason is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
+            return ""
+        cut = _first_stop(text, self.stop)
+        if cut is not None:
+            text, self.closed = text[:cut], True
+        marker = _first_stop(text, self.hold)
+        if marker is not None:
+            text, self.closed = text[:marker], True
+        safe = len(text)
+        if not self.closed and finish_reason is None:
+            safe -= _partial_suffix(text, [*self.stop, *self.hold])
+        if self.hold and not text[:safe].strip():
+            safe = 0
+        if safe <= len(self.sent):
+            return ""
+        delta = text[len(self.sent):safe]
+        self.sent = text[:safe]
+        return delta
+
+    def rest(self, final_text: str) -> str:
+        """What of ``final_text`` has not been sent (it always begins with what was)."""
+        if not final_text.startswith(self.sent):  # would be a bug in push: say so rather than garble the text
+            raise RuntimeError(f"streamed text {self.sent!r} is not a prefix of the final text {final_text!r}")
+        return final_text[len(self.sent):]
+
+
+def _partial_suffix(text: str, markers: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that is a proper beginning of one of ``markers``."""
+    longest = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:k]):
+                longest = k
+                break
+    return longest
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,7 +328,7 @@ def chat_message(request: GenerationRequest, completion: TextCompletion) -> tupl
     if not calls:
         return {"role": "assistant", "content": text}, completion.finish_reason
     cut = text.find("<tool_call>")
-    content = text[:cut].strip() if cut > 0 else ""
+    content = text[:cut] if cut > 0 and text[:cut].strip() else ""  # as streamed: whitespace alone is no content
     tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                    "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
     return {"role": "assistant", "content": content or None, "tool_calls": tool_calls}, "tool_calls"
@@ -356,42 +357,70 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
             "usage": usage(request, completions)}
 
 
-def stream_events(request: GenerationRequest, completions: list[TextCompletion], model: str,
-                  deltas: list[list[str]]) -> list[dict[str, Any]]:
-    """The chunks of a streamed response (each one SSE ``data:`` event), ``deltas[i]`` the text pieces of choice i."""
-    rid, created = new_id(request.kind), int(time.time())
-    chat = request.kind == "chat"
-    obj = "chat.completion.chunk" if chat else "text_completion"
+class StreamEvents:
+    """The chunks of one streamed response (each sent as an SSE ``data:`` event), built as the text arrives."""
 
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        event = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-        if request.include_usage:
+    def __init__(self, request: GenerationRequest, model: str):
+        self.request = request
+        self.model = model
+        self.id, self.created = new_id(request.kind), int(time.time())
+        self.chat = request.kind == "chat"
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        event = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.model, "choices": choices}
+        if self.request.include_usage:
             event["usage"] = None
         return event
 
-    events = []
-    for i, (c, pieces) in enumerate(zip(completions, deltas, strict=True)):
-        if chat:
-            message, reason = chat_message(request, c)
-            events.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+    def _delta(self, index: int, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            return self._chunk([{"index": index, "delta": delta, "finish_reason": reason}])
+        return self._chunk([{"index": index, "text": delta.get("content", ""), "finish_reason": reason,
+                             "logprobs": None}])
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Before any text: the assistant role of each chat choice, the echoed prompt of each completion choice."""
+        request = self.request
+        choices = range(len(request.prompts) * request.n)
+        if self.chat:
+            return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                    for i in choices]
+        if request.echo:
+            return [self._delta(i, {"content": request.prompt_texts[i // request.n]}) for i in choices]
+        return []
+
+    def text(self, index: int, piece: str) -> dict[str, Any]:
+        return self._delta(index, {"content": piece})
+
+    def closing(self, index: int, completion: TextCompletion, rest: Callable[[str], str]) -> list[dict[str, Any]]:
+        """The end of choice ``index``: the text not yet sent (``rest(final text)`` says what it is), its tool
+        calls, and its finish reason."""
+        events = []
+        if self.chat:
+            message, reason = chat_message(self.request, completion)
+            piece = rest(message["content"] or "")
+            if piece:
+                events.append(self.text(index, piece))
             if "tool_calls" in message:
-                if message["content"]:
-                    events.append(chunk([{"index": i, "delta": {"content": message["content"]},
-                                          "finish_reason": None}]))
                 calls = [dict(call, index=j) for j, call in enumerate(message["tool_calls"])]
-                events.append(chunk([{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}]))
-            else:
-                events.extend(chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
-                              for piece in pieces)
-            events.append(chunk([{"index": i, "delta": {}, "finish_reason": reason}]))
+                events.append(self._delta(index, {"tool_calls": calls}))
+            events.append(self._delta(index, {}, reason))
         else:
-            if request.echo:
-                pieces = [request.prompt_texts[c.prompt_index], *pieces]
-            events.extend(chunk([{"index": i, "text": piece, "finish_reason": None, "logprobs": None}])
-                          for piece in pieces)
-            events.append(chunk([{"index": i, "text": "", "finish_reason": c.finish_reason, "logprobs": None}]))
-    if request.include_usage:
-        final = chunk([])
-        final["usage"] = usage(request, completions)
-        events.append(final)
-    return events
+            piece = rest(completion.text)
+            if piece:
+                events.append(self.text(index, piece))
+            events.append(self._delta(index, {}, completion.finish_reason))
+        return events
+
+    def usage(self, completions: list[TextCompletion]) -> list[dict[str, Any]]:
+        """The usage chunk, if the request asked for one."""
+        if not self.request.include_usage:
+            return []
+        final = self._chunk([])
+        final["usage"] = usage(self.request, completions)
+        return [final]
+
+    def error(self, error: RequestError) -> dict[str, Any]:
+        """An error after the stream began (the status line is already sent): OpenAI's error object as an event."""
+        return error.body()
