@@ -1,0 +1,111 @@
+"""Preference pairs from a real judge server on 127.0.0.1 (the scripted OpenAI-compatible one), judged in both
+orders: a clear verdict makes a pair, a judge that always prefers the first position makes none; ``posttrain
+pairs`` samples answers from a tiny hybrid with the native engine and writes the rows, their provenance and a
+manifest; bad input stops it with an error naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from posttrain.judges.config import config_from_dict
+from posttrain.judges.judge import Judge
+from posttrain.judges.rubrics import load_rubric, render
+from posttrain.judges.scripted_server import ScriptedJudgeServer, prompt_key
+
+from posttrain.cli import main
+from posttrain.dpo.config import PairSamplingSettings, PairsConfig, PairVerdictSettings
+from posttrain.dpo.pairs import pairs_from_judge, run_pairs
+from posttrain.models.hybrid import HybridForCausalLM, preset
+from posttrain.synthetic import arithmetic_corpus
+from posttrain.tokenizer import build_tokenizer
+
+
+@pytest.fixture
+def server():
+    with ScriptedJudgeServer() as s:
+        yield s
+
+
+def judge_section(server) -> dict:
+    return {"backend": {"type": "openai", "base_url": server.base_url, "model": "scripted", "api_key_env": None,
+                        "concurrency": 4, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5.0}}
+
+
+def make_judge(server, tmp_path) -> Judge:
+    cfg = config_from_dict({"judge": {**judge_section(server), "enabled": True, "mode": "pairwise",
+                                      "rubric": "pairwise"}}).judge
+    return Judge(cfg, tmp_path / "cache.sqlite")
+
+
+def test_pairs_need_the_same_verdict_in_both_orders(server, tmp_path):
+    prompts = ["What is 2 + 2?", "Name a colour."]
+    answers = [["4", "2 + 2 = 4, so the answer is 4.", "4 "], ["red", "tan"]]
+    judge = make_judge(server, tmp_path)
+    rows = pairs_from_judge(judge, prompts, answers, provenance={"generator": "test"})
+    # the scripted judge prefers the longer answer and calls equal lengths a tie: prompt 0 has two distinct answers
+    # ("4 " repeats "4"), prompt 1 two of equal length (a tie: no pair)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("2 + 2 = 4, so the answer is 4.", "4")]
+    prov = rows[0]["provenance"]
+    assert prov["verdicts"] == ["B", "A"] and prov["chosen_sample"] == 1 and prov["rejected_sample"] == 0
+    assert prov["judge_model"] == "scripted" and prov["generator"] == "test"
+    _, rubric = load_rubric("pairwise")
+    for a, b in (("4", "2 + 2 = 4, so the answer is 4."), ("2 + 2 = 4, so the answer is 4.", "4")):
+        assert server.requests[prompt_key(render(rubric, prompt=prompts[0], response_a=a, response_b=b))] == 1
+    assert sum(server.requests.values()) == 4  # two pairs (one per prompt), each judged in both orders
+    judge.close()
+
+    server.always_first = True  # a position-biased judge: each order picks a different answer, so no pair
+    biased = Judge(make_judge(server, tmp_path).config, tmp_path / "cache2.sqlite")
+    assert pairs_from_judge(biased, prompts, answers) == []
+    biased.close()
+
+
+def test_posttrain_pairs_samples_judges_and_writes_rows_with_provenance(server, tmp_path):
+    tok = build_tokenizer(arithmetic_corpus(200), vocab_size=300)
+    torch.manual_seed(0)
+    HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(str(tmp_path / "m"))
+    prompts = [{"prompt": f"Question: Ada has {a} coins and gets 2 more. How many?\nAnswer:", "answer": str(a + 2)}
+               for a in (3, 10, 21)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    config = PairsConfig(prompts_file=str(tmp_path / "prompts.jsonl"), output=str(tmp_path / "out" / "pairs.jsonl"),
+                         sampling=PairSamplingSettings(model=str(tmp_path / "m"), num_samples=3, max_new_tokens=12),
+                         verdict=PairVerdictSettings(source="judge", judge=judge_section(server), max_pairs_per_prompt=3))
+    report = run_pairs(config)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert report.answers == 9 and report.pairs == len(rows) > 0
+    for row in rows:
+        assert row["prompt"] in [p["prompt"] for p in prompts]
+        assert len(row["chosen"]) > len(row["rejected"])  # what the scripted judge prefers, in both orders
+        assert row["provenance"]["verdicts"] in (["A", "B"], ["B", "A"])
+        assert row["provenance"]["sampling_seed"] == 0 and len(row["provenance"]["generator_sha256"]) == 64
+    manifest = json.loads((tmp_path / "out" / "pairs.jsonl.manifest.json").read_text())
+    assert manifest["pairs"] == len(rows) and manifest["answers"] == 9
+    assert sum(server.requests.values()) % 2 == 0 and sum(server.requests.values()) >= 2 * len(rows)
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+    # the same prompts through the reward path: a random model's answers are refuted, so no pair and no crash
+    code = main(["pairs", "--prompts_file", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "r.jsonl"),
+                 "--sampling.model", str(tmp_path / "m"), "--sampling.num_samples", "2", "--sampling.max_new_tokens",
+                 "4", "--verdict.source", "reward"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "r.jsonl.manifest.json").read_text())
+    assert manifest["answers"] == 6 and manifest["pairs"] == (tmp_path / "r.jsonl").read_text().count("\n")
+
+
+def test_posttrain_pairs_bad_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    code = main(["pairs", "--prompts_file", str(tmp_path / "prompts.jsonl"), "--sampling.model", str(tmp_path)])
+    assert code == 2
+    assert f"{tmp_path / 'prompts.jsonl'}:2: missing field `prompt`" in capsys.readouterr().err
+    code = main(["pairs", "--prompts_file", str(tmp_path / "prompts.jsonl"), "--verdict.source", "oracle"])
+    assert code == 2 and "verdict.source must be one of ['judge', 'reward']" in capsys.readouterr().err
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "ok"}\n')
+    code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), "--verdict.judge",
+                 "{backend: {type: carrier-pigeon}}"])
+    assert code == 2 and "verdict.judge" in capsys.readouterr().err
+    code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), "--sampling.num_samples", "1"])
+    assert code == 2 and "sampling.num_samples must be at least 2" in capsys.readouterr().err
