@@ -78,3 +78,11 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_config(DpoConfig, recipe, ["--loss.type", "ipo", "--loss.label_smoothing", "0.1"])
     with pytest.raises(ConfigError, match=r"loss\.reference must be one of"):
         load_config(DpoConfig, recipe, ["--loss.type", "ipo", "--loss.reference", "cached"])
+
+
+def test_the_shipped_recipe_loads():
+    from pathlib import Path
+
+    config = load_config(DpoConfig, Path(__file__).resolve().parents[1] / "recipes" / "dpo_tiny.yaml",
+                         ["--loss.type", "simpo", "--loss.beta", "2.0"])
+    assert config.loss.type == "simpo" and not config.loss.needs_reference and config.data.packing
