@@ -132,3 +132,52 @@ def test_generate_command_matches_the_engine(trained, capsys):
                                                                    eos_token_id=tokenizer.eos_token_id))[0]
     assert row["text"] == tokenizer.decode(expected.token_ids, skip_special_tokens=True)
     assert row["num_tokens"] == len(expected.token_ids)
+
+
+def test_equal_length_prompts_prefilled_as_a_batch_equal_transformers(trained):
+    """Prompts of one length take the unpacked prefill and the unmasked attention step: still transformers'."""
+    tokenizer, model, folder = trained
+    theirs = GraniteMoeHybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None
+    stream = [t for p in PROMPTS[:2] for t in tokenizer(p)["input_ids"]]
+    prompts = [stream[i * 9:(i + 1) * 9] for i in range(4)]
+    ours = NativeEngine(model).generate(prompts, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True))
+    ref = theirs.generate(torch.tensor(prompts), max_new_tokens=16, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id)[:, 9:].tolist()
+    assert [c.token_ids for c in ours] == ref
+
+
+def test_step_callback_streams_every_token_and_can_abort_rows(trained):
+    tokenizer, model, _ = trained
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=5, ignore_eos=True)
+    seen: dict[int, list[int]] = {}
+    last_reason: dict[int, str | None] = {}
+
+    def record(step):
+        for row, token, reason in zip(step.rows, step.token_ids, step.finish_reasons):
+            assert last_reason.get(row) is None, f"row {row} got a token after it finished"
+            seen.setdefault(row, []).append(token)
+            last_reason[row] = reason
+
+    outs = NativeEngine(model).generate(prompts, params, on_step=record)
+    assert {row: o.token_ids for row, o in enumerate(outs)} == seen  # the same tokens, as they came
+    assert all(last_reason[row] == "length" for row in range(len(outs)))
+    # the callback asks rows 1 and 4 to stop after their third token: they leave the batch there
+    steps = []
+
+    def abort_after_three(step):
+        steps.append(step)
+        return [1, 4] if len(steps) == 3 else None
+
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, n=2, ignore_eos=True)  # rows independent of others
+    outs = NativeEngine(model).generate(prompts, greedy)
+    engine = NativeEngine(model)
+    outs_aborted = engine.generate(prompts, greedy, on_step=abort_after_three)
+    for row, (full, cut) in enumerate(zip(outs, outs_aborted)):
+        if row in (1, 4):
+            assert cut.finish_reason == "abort" and cut.token_ids == full.token_ids[:3]
+        else:
+            assert cut.token_ids == full.token_ids and cut.finish_reason == "length"
+    assert engine.stats.rows_forwarded == 4 * 11 + 2 * 2  # 4 rows for all 11 steps, the aborted two for 2
+    assert all(len(s.rows) == 4 for s in steps[3:])
