@@ -11,6 +11,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,9 @@ class Rule:
         raise NotImplementedError
 
     def result(self, scores: dict[str, float], reasons: list[str]) -> RuleResult:
-        return RuleResult(
-            passed=not reasons,
-            scores={f"{self.id}.{k}": v for k, v in scores.items()},
-            reasons=[f"{self.id}: {r}" for r in reasons],
-        )
+        key, why = f"{self.id}.", f"{self.id}: "
+        return RuleResult(passed=not reasons, scores={key + k: v for k, v in scores.items()},
+                          reasons=[why + r for r in reasons])
 
 
 # ---------------------------------------------------------------------------------------------------- length
@@ -114,20 +113,12 @@ class LengthFilter(Rule):
 
 def duplicate_line_fractions(text: str) -> tuple[float, float]:
     """(fraction of non-empty lines that repeat an earlier one, fraction of characters in those lines)."""
-    lines = [line.strip() for line in text.split("\n")]
-    lines = [line for line in lines if line]
+    lines = list(filter(None, map(str.strip, text.split("\n"))))
     if not lines:
         return 0.0, 0.0
-    seen: set[str] = set()
-    dup_lines = dup_chars = total_chars = 0
-    for line in lines:
-        total_chars += len(line)
-        if line in seen:
-            dup_lines += 1
-            dup_chars += len(line)
-        else:
-            seen.add(line)
-    return dup_lines / len(lines), dup_chars / max(total_chars, 1)
+    distinct = set(lines)  # each distinct line counts once, the rest repeat an earlier line
+    total_chars = sum(map(len, lines))
+    return (len(lines) - len(distinct)) / len(lines), (total_chars - sum(map(len, distinct))) / max(total_chars, 1)
 
 
 def top_ngram_char_fraction(words: list[str], n: int, total_chars: int) -> float:
@@ -155,12 +146,104 @@ def duplicate_ngram_char_fraction(words: list[str], n: int, total_chars: int) ->
     return float(lengths[covered].sum()) / total_chars
 
 
+def ngram_repetition(docs: list[list[str]], top_ns: list[int], dup_ns: list[int]) -> list[dict[str, float]]:
+    """``top_ngram_char_fraction`` for each n in ``top_ns`` (as ``top_<n>``) and ``duplicate_ngram_char_fraction``
+    for each n in ``dup_ns`` (as ``dup_<n>``) of many word lists at once, value for value (tested); a fraction that
+    is 0 may be left out.
+
+    Every n-gram gets an exact integer id, level by level: the id of an n-gram is the rank of the pair (id of its
+    first n-1 words, id of its last word), and word ids are ranks of (document, word) pairs, so equal ids mean equal
+    n-grams of one document. An n-gram can repeat only where the (n-1)-grams at its position and at the next one
+    repeat, so each level after the first looks only at those positions, usually few.
+    """
+    out: list[dict[str, float]] = [{} for _ in docs]
+    wanted = set(top_ns) | set(dup_ns)
+    words = list(chain.from_iterable(docs))
+    if not words or not wanted:
+        return out
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    n_words = len(words)
+    vocabulary = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    doc_of = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
+    end_of = np.repeat(np.cumsum(lengths), lengths)  # one past the last word of each position's document
+    cum_chars = np.zeros(n_words + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=n_words), out=cum_chars[1:])
+    totals = [sum(map(len, doc)) or 1 for doc in docs]
+
+    word_ids = np.fromiter(map(vocabulary.__getitem__, words), dtype=np.int64, count=n_words)
+    _, first_ids, counts = np.unique(doc_of * len(vocabulary) + word_ids, return_inverse=True, return_counts=True)
+    n_first = len(counts)
+    # the positions where the current n-gram occurs more than once, sorted, with that n-gram's id and count
+    rep = np.flatnonzero(counts[first_ids] > 1)
+    ids, count = first_ids[rep], counts[first_ids[rep]]
+    for n in range(1, max(wanted) + 1):
+        if n > 1:
+            # the n-gram at p can repeat only if the (n-1)-grams at p and p+1 do, and p + n stays in p's document
+            nxt = np.minimum(np.searchsorted(rep, rep + 1), max(len(rep) - 1, 0))
+            ok = (rep[nxt] == rep + 1) & (rep + n <= end_of[rep])
+            cand = rep[ok]
+            _, inverse, counts = np.unique(ids[ok] * n_first + first_ids[cand + n - 1], return_inverse=True,
+                                           return_counts=True)
+            keep = counts[inverse] > 1
+            rep, ids, count = cand[keep], inverse[keep], counts[inverse][keep]
+        if len(rep) == 0:
+            break  # nothing repeats at this length, nor at any longer one: every later fraction is 0
+        if n in top_ns:
+            # the most frequent n-gram of each document; among ties, the one that occurs first (Counter order)
+            order = np.lexsort((rep, -count, doc_of[rep]))
+            in_doc = doc_of[rep][order]
+            first = np.ones(len(order), dtype=bool)
+            first[1:] = in_doc[1:] != in_doc[:-1]
+            for d, p, c in zip(in_doc[first].tolist(), rep[order][first].tolist(), count[order][first].tolist()):
+                out[d][f"top_{n}"] = int(cum_chars[p + n] - cum_chars[p]) * c / totals[d]
+        if n in dup_ns:
+            # characters of the union of the windows [p, p + n): each adds what the previous one did not cover
+            previous_end = np.concatenate(([0], rep[:-1] + n))
+            added = cum_chars[rep + n] - cum_chars[np.maximum(rep, previous_end)]
+            covered = np.bincount(doc_of[rep], weights=added, minlength=len(docs))
+            for d in np.unique(doc_of[rep]).tolist():
+                out[d][f"dup_{n}"] = float(covered[d]) / totals[d]
+    return out
+
+
 class RepetitionFilter(Rule):
+    """``check_one`` is the definition, one text at a time; ``check`` measures a batch at once, value for value."""
+
     options: RepetitionRule
 
     def check_one(self, sample: Sample) -> RuleResult:
         o = self.options
         text = target_text(sample, o.target)
+        words = text.split()
+        if len(words) < o.min_words:
+            return self.judge(text, None)
+        total = sum(map(len, words)) or 1
+        stats: dict[str, float] = {}
+        for n in sorted(o.max_top_ngram_char_fraction):
+            stats[f"top_{n}"] = top_ngram_char_fraction(words, n, total)
+        none_repeated = False
+        for n in sorted(o.max_duplicate_ngram_char_fraction):
+            # A repeated (n+1)-gram contains a repeated n-gram: once none repeats, longer ones cannot.
+            stats[f"dup_{n}"] = 0.0 if none_repeated else duplicate_ngram_char_fraction(words, n, total)
+            none_repeated = none_repeated or stats[f"dup_{n}"] == 0.0
+        return self.judge(text, stats)
+
+    def check(self, samples: list[Sample]) -> list[RuleResult]:
+        o = self.options
+        texts = [target_text(s, o.target) for s in samples]
+        words = [t.split() for t in texts]
+        long = [i for i, w in enumerate(words) if len(w) >= o.min_words]
+        measured = ngram_repetition([words[i] for i in long], sorted(o.max_top_ngram_char_fraction),
+                                    sorted(o.max_duplicate_ngram_char_fraction))
+        stats: list[dict[str, float] | None] = [None] * len(samples)
+        for i, found in zip(long, measured):
+            stats[i] = found
+        return [self.judge(text, st) for text, st in zip(texts, stats)]
+
+    def judge(self, text: str, stats: dict[str, float] | None) -> RuleResult:
+        """The result from the line fractions and, for texts of at least min_words words, the n-gram fractions
+        (``top_<n>`` and ``dup_<n>``; a missing one is 0)."""
+        o = self.options
         scores: dict[str, float] = {}
         reasons = []
         line_frac, line_char_frac = duplicate_line_fractions(text)
@@ -170,19 +253,14 @@ class RepetitionFilter(Rule):
             reasons.append(f"duplicate-line fraction {line_frac:.3f} > {o.max_duplicate_line_fraction}")
         if o.max_duplicate_line_char_fraction is not None and line_char_frac > o.max_duplicate_line_char_fraction:
             reasons.append(f"duplicate-line char fraction {line_char_frac:.3f} > {o.max_duplicate_line_char_fraction}")
-        words = text.split()
-        if len(words) >= o.min_words:
-            total = sum(map(len, words)) or 1
+        if stats is not None:
             for n, limit in sorted(o.max_top_ngram_char_fraction.items()):
-                frac = top_ngram_char_fraction(words, n, total)
+                frac = stats.get(f"top_{n}", 0.0)
                 scores[f"top_{n}gram_frac"] = frac
                 if frac > limit:
                     reasons.append(f"top {n}-gram char fraction {frac:.3f} > {limit}")
-            none_repeated = False
             for n, limit in sorted(o.max_duplicate_ngram_char_fraction.items()):
-                # A repeated (n+1)-gram contains a repeated n-gram: once none repeats, longer ones cannot.
-                frac = 0.0 if none_repeated else duplicate_ngram_char_fraction(words, n, total)
-                none_repeated = none_repeated or frac == 0.0
+                frac = stats.get(f"dup_{n}", 0.0)
                 scores[f"dup_{n}gram_frac"] = frac
                 if frac > limit:
                     reasons.append(f"duplicate {n}-gram char fraction {frac:.3f} > {limit}")
