@@ -454,7 +454,8 @@ class GrpoTrainer:
                 finite = finite and bool(torch.isfinite(loss))
                 loss_total += loss.item()
                 stats.add(clip_low=st["clip_low"], clip_high=st["clip_high"], tokens=st["tokens"], kl=st["kl"],
-                          entropy=entropy.detach().sum(), micro_batches=1)
+                          entropy=entropy.detach().sum(), micro_batches=1,
+                          log_ratio_abs=(logp.detach() - old_lp).abs().sum())
                 acc.backward(loss * W)  # DDP averages gradients over processes; the normaliser is already global
         if self.before_optimizer_step is not None:
             self.before_optimizer_step(self)
@@ -522,7 +523,7 @@ class GrpoTrainer:
                  times: dict[str, float]) -> dict[str, float]:
         acc, G = self.accelerator, self.config.rollout.num_generations
         keys = ["clip_low", "clip_high", "tokens", "kl", "entropy", "micro_batches", "updates", "skipped",
-                "grad_norm", "loss", "mismatch_sum", "mismatch_tokens", "reward_errors"]
+                "grad_norm", "loss", "mismatch_sum", "mismatch_tokens", "reward_errors", "log_ratio_abs"]
         local = dict(stats.values, reward_errors=times.get("reward_errors", 0.0))
         vec = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)
         if acc.num_processes > 1:
@@ -553,6 +554,7 @@ class GrpoTrainer:
         m["clip/low_frac"] = s["clip_low"] / tokens
         m["clip/high_frac"] = s["clip_high"] / tokens
         m["entropy"] = s["entropy"] / tokens
+        m["ratio/log_abs_mean"] = s["log_ratio_abs"] / tokens  # |log pi/pi_old|: 0 on-policy in the first pass
         if self.config.loss.beta > 0:
             m["kl"] = s["kl"] / tokens
         if s["mismatch_tokens"]:
