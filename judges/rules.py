@@ -280,7 +280,9 @@ class CharactersFilter(Rule):
         o = self.options
         text = target_text(sample, o.target)
         n = max(len(text), 1)
-        controls = 0 if text.isascii() and text.isprintable() else len(_CONTROL.findall(text))
+        # every control character is unprintable, so a text printable apart from tab/LF/CR has none
+        printable = text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable()
+        controls = 0 if printable else len(_CONTROL.findall(text))
         replacement = text.count("\ufffd")
         scores: dict[str, float] = {"control_frac": controls / n, "replacement_chars": replacement}
         reasons = []
@@ -289,12 +291,12 @@ class CharactersFilter(Rule):
         if o.max_replacement_chars is not None and replacement > o.max_replacement_chars:
             reasons.append(f"{replacement} U+FFFD replacement characters > {o.max_replacement_chars}")
         if o.min_alpha_fraction is not None:
-            alpha = sum(ch.isalpha() for ch in text) / n
+            alpha = sum(map(str.isalpha, text)) / n
             scores["alpha_frac"] = alpha
             if alpha < o.min_alpha_fraction:
                 reasons.append(f"letter fraction {alpha:.3f} < {o.min_alpha_fraction}")
         if o.max_non_ascii_fraction is not None:
-            non_ascii = 0 if text.isascii() else sum(ord(ch) > 127 for ch in text)
+            non_ascii = 0 if text.isascii() else len(text) - len(text.encode("ascii", "ignore"))
             scores["non_ascii_frac"] = non_ascii / n
             if non_ascii / n > o.max_non_ascii_fraction:
                 reasons.append(f"non-ASCII fraction {non_ascii / n:.3f} > {o.max_non_ascii_fraction}")
@@ -400,7 +402,8 @@ class ChatStructureFilter(Rule):
         elif o.nonempty_assistant and not sample.completion.strip():
             reasons.append("completion is empty")
         if o.balanced_code_fences:
-            fences = len(_FENCE.findall(sample.completion))
+            completion = sample.completion
+            fences = len(_FENCE.findall(completion)) if "```" in completion or "~~~" in completion else 0
             scores["code_fences"] = fences
             if fences % 2:
                 reasons.append(f"unbalanced code fences ({fences} fence lines)")
@@ -469,11 +472,26 @@ class ForbiddenPatternsFilter(Rule):
         super().__init__(rule_id, options)
         flags = re.IGNORECASE if options.ignore_case else 0
         self.patterns = [re.compile(p, flags) for p in options.patterns]
+        # Patterns without regex syntax are plain substrings; case-folded ASCII ones are tested on an ASCII text's
+        # lower case, where re.IGNORECASE matches exactly what lower() equates.
+        self.literal = [p.isascii() and _REGEX_SYNTAX.isdisjoint(p) for p in options.patterns]
 
     def check_one(self, sample: Sample) -> RuleResult:
         text = target_text(sample, self.options.target)
-        reasons = [f"matches forbidden pattern {p.pattern!r}" for p in self.patterns if p.search(text)]
+        ignore_case = self.options.ignore_case
+        lowered = text.lower() if ignore_case and text.isascii() else None
+        reasons = []
+        for pattern, literal in zip(self.patterns, self.literal):
+            if not literal or (ignore_case and lowered is None):
+                found = pattern.search(text) is not None
+            else:
+                found = pattern.pattern.lower() in lowered if ignore_case else pattern.pattern in text
+            if found:
+                reasons.append(f"matches forbidden pattern {pattern.pattern!r}")
         return self.result({"matches": len(reasons)}, reasons)
+
+
+_REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
 
 
 # ------------------------------------------------------------------------------------------ answer verified

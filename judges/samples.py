@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +35,9 @@ class Sample:
     prompt: str  # the text before the answer: every turn but the final assistant one
     completion: str  # the answer: the final assistant turn, or the completion column
 
-    @property
+    @cached_property
     def text(self) -> str:
+        """All turns: the prompt, a newline, the completion (the completion alone when there is no prompt)."""
         return f"{self.prompt}\n{self.completion}" if self.prompt else self.completion
 
 
