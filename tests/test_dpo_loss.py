@@ -86,3 +86,22 @@ def test_the_shipped_recipe_loads():
     config = load_config(DpoConfig, Path(__file__).resolve().parents[1] / "recipes" / "dpo_tiny.yaml",
                          ["--loss.type", "simpo", "--loss.beta", "2.0"])
     assert config.loss.type == "simpo" and not config.loss.needs_reference and config.data.packing
+
+
+def test_posttrain_dpo_reports_bad_recipes_and_rows_with_exit_code_2(tmp_path, capsys):
+    from posttrain.cli import main
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("model: {path: somewhere}\nloss: {type: kto}\n")
+    assert main(["dpo", "--config", str(recipe)]) == 2
+    assert "unknown loss 'kto'; known: sigmoid, ipo, simpo" in capsys.readouterr().err
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text('{"prompt": "q", "chosen": " a", "rejected": " b"}\n{"prompt": "q", "rejected": " b"}\n')
+    (tmp_path / "tok").mkdir()
+    from posttrain.synthetic import arithmetic_corpus
+    from posttrain.tokenizer import build_tokenizer
+
+    build_tokenizer(arithmetic_corpus(50), vocab_size=260).save_pretrained(str(tmp_path / "tok"))
+    recipe.write_text(f"model: {{path: {tmp_path / 'tok'}}}\ndata: {{train_files: [{rows}]}}\n")
+    assert main(["dpo", "--config", str(recipe)]) == 2  # the rows fail before any model is loaded
+    assert f"{rows}:2: missing field `chosen`" in capsys.readouterr().err

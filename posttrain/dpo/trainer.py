@@ -99,12 +99,12 @@ class ReferenceTable:
         self.values: dict[tuple[str, int], tuple[float, float]] = {}
 
     @staticmethod
-    def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str) -> dict[str, Any]:
+    def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str, chunk: int) -> dict[str, Any]:
         h = hashlib.sha256()
         for name, pairs in splits.items():
             for p in pairs:
                 h.update(json.dumps([name, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference}
+        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference, "chunk": chunk}
 
     def _read(self) -> None:
         if not self.path.is_file():
@@ -219,7 +219,8 @@ class DpoTrainer:
         if loss.needs_reference and loss.reference == "precomputed":
             splits = {"train": self.train_pairs, "eval": self.eval_pairs}
             self.table = ReferenceTable(self.output_dir / REFERENCE_FILE,
-                                        ReferenceTable.fingerprint_of(splits, reference_id))
+                                        ReferenceTable.fingerprint_of(splits, reference_id,
+                                                                    config.eval.batch_size))
             model.eval()
             self.table.compute(acc, lambda pairs: self._reference_logps(model, pairs), splits,
                                config.eval.batch_size)
