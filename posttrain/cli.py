@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
     "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),
     "grpo": ("posttrain.grpo.cli", "on-policy GRPO with the DAPO loss on verifiable rewards"),
+    "vllm-serve": ("posttrain.grpo.server", "rollout server for GRPO's server mode (vLLM or native), weights by broadcast"),
     "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
     "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
     "pairs": ("posttrain.dpo.pairs_cli", "sample answers and turn a pairwise judge's or a reward's verdicts into preference pairs"),

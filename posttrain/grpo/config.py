@@ -45,7 +45,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """engine: ``native`` (the in-tree engine, CPU and GPU) or ``vllm`` (colocated, GPU, ``posttrain[vllm]``).
+    """engine: ``native`` (the in-tree engine, CPU and GPU), ``vllm`` (colocated, GPU, ``posttrain[vllm]``) or
+        ``server`` (a ``posttrain vllm-serve`` at ``server_url``, on other GPUs; weights pushed by broadcast).
     prompts_per_step: groups in one generation batch (all processes together; a multiple of the process count).
     num_generations: G, completions sampled per prompt.
     max_new_tokens: completion length limit (L_max of the overlong shaping).
@@ -58,9 +59,13 @@ class RolloutConfig:
         weights and agree with the training path to ~1e-7, so that pass is skipped).
     vllm_gpu_memory_utilization: fraction of the GPU vLLM may take (colocated with training).
     vllm_sleep: put vLLM to sleep (free its KV cache) while training.
+    server_url: server mode: the rollout server's address.
+    sync_host, sync_port: server mode: where this trainer hosts the weight-sync rendezvous (the server joins it).
+    sync_backend: ``nccl`` (GPUs) or ``gloo`` (CPU tensors); None: nccl when CUDA is available.
+    sync_timeout_s: server mode: the longest a weight sync (or the server joining) may take before a clear error.
     """
 
-    engine: Literal["native", "vllm"] = "native"
+    engine: Literal["native", "vllm", "server"] = "native"
     prompts_per_step: int = 8
     num_generations: int = 8
     max_new_tokens: int = 256
@@ -71,6 +76,11 @@ class RolloutConfig:
     recompute_old_logprobs: bool | None = None
     vllm_gpu_memory_utilization: float = 0.3
     vllm_sleep: bool = True
+    server_url: str = "http://127.0.0.1:8000"
+    sync_host: str = "127.0.0.1"
+    sync_port: int = 51216
+    sync_backend: Literal["nccl", "gloo"] | None = None
+    sync_timeout_s: float = 120.0
 
 
 @dataclass
@@ -229,9 +239,10 @@ class GrpoConfig:
             (self.tools.max_tokens >= 1, "tools.max_tokens must be >= 1"),
             (self.tools.max_output_chars >= 1, "tools.max_output_chars must be >= 1"),
             (self.async_rollout.max_staleness >= 0, "async_rollout.max_staleness must be >= 0"),
-            (not (self.async_rollout.enabled and r.engine == "vllm"),
-             ("async_rollout.enabled needs a rollout engine apart from the trainer's weights (native); colocated "
-              "vllm shares the trainer's GPU and weights")),
+            (r.sync_timeout_s > 0, "rollout.sync_timeout_s must be > 0"),
+            (not (self.async_rollout.enabled and r.engine != "native"),
+             ("async_rollout.enabled runs the native engine on a copy of the policy in a background thread; "
+              "rollout.engine must be native")),
         ]
         for ok, message in checks:
             if not ok:

@@ -175,7 +175,7 @@ class GrpoTrainer:
         self.engine = self._build_engine()
         self._tool_template = None
         self.tis_cap = c.loss.truncated_is_cap
-        if self.tis_cap is None and c.rollout.engine == "vllm":
+        if self.tis_cap is None and c.rollout.engine in ("vllm", "server"):
             self.tis_cap = 2.0  # hybrids: vLLM's Mamba prefill/decode kernels differ from training's, by design
         self.sampler = PromptSampler(len(self.rows), seed=c.run.seed, shuffle=c.data.shuffle)
         self.step_count = 0
@@ -200,6 +200,19 @@ class GrpoTrainer:
         if self.config.rollout.engine == "native":
             return NativeEngine(self.rollout_model if self.rollout_model is not None
                                 else self.accelerator.unwrap_model(self.model))
+        if self.config.rollout.engine == "server":
+            from posttrain.grpo.server import RemoteEngine
+            from posttrain.grpo.weight_sync import SyncGroupConfig
+
+            r = self.config.rollout
+            if self.accelerator.num_processes > 1:
+                raise ValueError("rollout.engine: server supports one training process for now")
+            engine = RemoteEngine(r.server_url)
+            backend = r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            engine.init_weight_sync(SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2,
+                                                    backend=backend, timeout_s=r.sync_timeout_s))
+            engine.sync_weights(self.core)  # the server starts from the trainer's weights
+            return engine
         from posttrain.grpo.vllm_engine import VllmEngine
 
         return VllmEngine(self.core, self.config, self.tokenizer)
@@ -510,7 +523,7 @@ class GrpoTrainer:
         if train_samples:
             self.update(train_samples, stats)
         times["train"] = time.perf_counter() - t0
-        if c.rollout.engine == "vllm":
+        if c.rollout.engine in ("vllm", "server"):
             self.engine.sync_weights(self.core)
         self.step_count += 1
         if self.async_rollouts is not None:

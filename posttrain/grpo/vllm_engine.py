@@ -69,6 +69,25 @@ class VllmEngine:
         self.sleeping = False
         self.sync_weights(model)
 
+    @classmethod
+    def from_checkpoint(cls, path: str, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.9,
+                        max_model_len: int = 4096, seed: int = 0) -> VllmEngine:
+        """vLLM on a checkpoint folder, for ``posttrain vllm-serve`` (weights then arrive by ``load_named_tensors``)."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model object must be in this process
+        vllm = _import_vllm()
+        self = cls.__new__(cls)
+        self._vllm, self._folder, self.sleeping = vllm, None, False
+        self.llm = vllm.LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=max_model_len, enable_prefix_caching=False,
+                            mamba_ssm_cache_dtype="float32", logprobs_mode="processed_logprobs", seed=seed)
+        return self
+
+    @torch.no_grad()
+    def load_named_tensors(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Load ``(checkpoint name, tensor)`` pairs into vLLM's model (what the server mode's sync received)."""
+        self._model().load_weights(weights=iter(items))
+        self.llm.reset_prefix_cache()
+
     def _model(self) -> Any:
         engine = self.llm.llm_engine
         executor = getattr(engine, "model_executor", None)
@@ -120,4 +139,5 @@ class VllmEngine:
         return result
 
     def close(self) -> None:
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)

@@ -1,0 +1,248 @@
+"""Server mode: ``posttrain vllm-serve`` runs rollouts in its own process (on its own GPUs), the trainer drives it
+over HTTP and pushes weights to it with the collective broadcast of ``posttrain.grpo.weight_sync``.
+
+The server (``run``): vLLM (``--engine vllm``, in-process so the received tensors go straight to its model's
+``load_weights``; one GPU per server, so tensor parallelism > 1 is not supported here) or the native engine
+(``--engine native``, CPU or GPU: the same protocol, tested on the CPU with gloo). Endpoints, JSON in and out:
+    GET  /health             {"status", "engine", "weights_version", "sync": "none|joining|ready|receiving|failed",
+                              "sync_error"}
+    POST /generate           {"prompts": [[ids]], "sampling": {SamplingParams fields}} -> {"completions": [...]}
+                             (prompt-major, token ids, sampler log-probs, finish reasons: the engine interface)
+    POST /init_weight_sync   {"host", "port", "world_size", "rank", "backend", "timeout_s"}: join the trainer's
+                             group (in a background thread; answers at once, the trainer's rendezvous waits)
+    POST /update_weights     {}: receive one broadcast (background thread, generation paused meanwhile)
+    POST /close_weight_sync  {}
+A failed or timed-out sync leaves the server serving the weights it had and reports ``sync: failed`` with the
+error; the trainer sees its own :class:`~posttrain.grpo.weight_sync.WeightSyncError` within the time-out.
+
+The client (:class:`RemoteEngine`) has the rollout-engine interface (``generate``), plus ``sync_weights(model)``.
+The server binds 127.0.0.1 unless told otherwise and has no authentication: never expose it to an untrusted network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from posttrain.engine import Completion, SamplingParams
+from posttrain.grpo.weight_sync import SyncGroupConfig, WeightReceiver, WeightSender, WeightSyncError
+
+logger = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "eos_token_id",
+                    "ignore_eos", "seed")
+
+
+class RolloutServer:
+    """The engine, its lock (generation and weight loading never overlap) and the weight-sync state."""
+
+    def __init__(self, engine, apply_weights, engine_name: str):
+        self.engine, self.apply_weights, self.engine_name = engine, apply_weights, engine_name
+        self.lock = threading.Lock()
+        self.receiver: WeightReceiver | None = None
+        self.sync_state, self.sync_error, self.weights_version = "none", "", 0
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "engine": self.engine_name, "weights_version": self.weights_version,
+                "sync": self.sync_state, "sync_error": self.sync_error}
+
+    def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompts = body.get("prompts")
+        if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+            raise ValueError("generate: 'prompts' must be a list of token-id lists")
+        sampling = body.get("sampling", {})
+        unknown = set(sampling) - set(_SAMPLING_FIELDS)
+        if unknown:
+            raise ValueError(f"generate: unknown sampling fields {sorted(unknown)} (known: {list(_SAMPLING_FIELDS)})")
+        params = SamplingParams(**sampling)
+        with self.lock:
+            outs = self.engine.generate(prompts, params)
+        return {"completions": [{"prompt_index": o.prompt_index, "token_ids": o.token_ids, "logprobs": o.logprobs,
+                                 "finish_reason": o.finish_reason} for o in outs]}
+
+    def _in_background(self, state: str, job) -> None:
+        def run():
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - reported through /health; the trainer has its own error
+                logger.error("weight sync failed: %s", e)
+                self.sync_state, self.sync_error = "failed", str(e)
+
+        self.sync_state, self.sync_error = state, ""
+        threading.Thread(target=run, daemon=True, name=f"posttrain-sync-{state}").start()
+
+    def init_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
+        fields = {k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body}
+        cfg = SyncGroupConfig(**fields)
+        rank = int(body.get("rank", 1))
+
+        def join():
+            self.receiver = WeightReceiver(cfg, rank=rank)
+            self.sync_state = "ready"
+
+        self._in_background("joining", join)
+        return {"joining": True}
+
+    def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.receiver is None:
+            raise ValueError("update_weights: no weight-sync group; POST /init_weight_sync first")
+
+        def receive():
+            with self.lock:
+                version = self.receiver.receive(self.apply_weights)
+            if version is not None:
+                self.weights_version = version
+            self.sync_state = "ready"
+
+        self._in_background("receiving", receive)
+        return {"receiving": True}
+
+    def close_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.receiver, self.sync_state = None, "none"
+        return {"closed": True}
+
+
+def _handler(server: RolloutServer):
+    routes = {"/generate": server.generate, "/init_weight_sync": server.init_weight_sync,
+              "/update_weights": server.update_weights, "/close_weight_sync": server.close_weight_sync}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt, *args):  # requests are not worth a line each
+            logger.debug(fmt, *args)
+
+        def _send(self, code: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(200, server.health())
+            else:
+                self._send(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self):
+            route = routes.get(self.path)
+            if route is None:
+                self._send(404, {"error": f"no route {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise TypeError("the request body must be a JSON object")
+                self._send(200, route(body))
+            except (ValueError, TypeError, json.JSONDecodeError) as e:
+                self._send(400, {"error": str(e)})
+
+    return Handler
+
+
+def build_server(model_path: str, engine: str, dtype: str = "float32", gpu_memory_utilization: float = 0.9,
+                 max_model_len: int = 4096, seed: int = 0) -> RolloutServer:
+    if engine == "native":
+        from posttrain.engine import NativeEngine
+        from posttrain.models.hybrid import HybridForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = HybridForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+
+        def apply(items):
+            model.load_state_dict(dict(items), strict=True)
+
+        return RolloutServer(NativeEngine(model), apply, "native")
+    from posttrain.grpo.vllm_engine import VllmEngine
+
+    vllm_engine = VllmEngine.from_checkpoint(model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                             max_model_len=max_model_len, seed=seed)
+    return RolloutServer(vllm_engine, vllm_engine.load_named_tensors, "vllm")
+
+
+class RemoteEngine:
+    """The rollout-engine interface over HTTP to a ``posttrain vllm-serve``, and the trainer's side of the sync."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(timeout=timeout_s)
+        self.sender: WeightSender | None = None
+
+    def _post(self, path: str, body: dict) -> dict:
+        import httpx
+
+        try:
+            r = self.client.post(self.url + path, json=body)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"rollout server {self.url}{path}: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise RuntimeError(f"rollout server {self.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
+        return r.json()
+
+    def health(self) -> dict:
+        return self.client.get(self.url + "/health").json()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        sampling = {k: getattr(params, k) for k in _SAMPLING_FIELDS}
+        out = self._post("/generate", {"prompts": prompts, "sampling": sampling})
+        return [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"])
+                for c in out["completions"]]
+
+    def init_weight_sync(self, cfg: SyncGroupConfig) -> None:
+        """Ask the server to join, then host the rendezvous (waits at most cfg.timeout_s for it)."""
+        self._post("/init_weight_sync", {"host": cfg.host, "port": cfg.port, "world_size": cfg.world_size,
+                                         "rank": 1, "backend": cfg.backend, "timeout_s": cfg.timeout_s})
+        self.sender = WeightSender(cfg)
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> int:
+        if self.sender is None:
+            raise WeightSyncError("sync_weights before init_weight_sync")
+        self._post("/update_weights", {})
+        return self.sender.send(model.state_dict().items())
+
+    def close(self) -> None:
+        if self.sender is not None:
+            try:
+                self._post("/update_weights", {})
+                self.sender.close()
+            except (WeightSyncError, RuntimeError) as e:
+                logger.warning("closing the weight sync: %s", e)
+            self.sender = None
+        self.client.close()
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (safetensors + config.json)")
+    parser.add_argument("--engine", choices=["vllm", "native"], default="vllm")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = build_server(args.model, args.engine, args.dtype, args.gpu_memory_utilization, args.max_model_len,
+                          args.seed)
+    httpd = ThreadingHTTPServer((args.host, args.port), _handler(server))
+    print(f"posttrain vllm-serve: {args.engine} engine on http://{args.host}:{httpd.server_address[1]}", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
