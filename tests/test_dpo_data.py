@@ -89,4 +89,4 @@ def test_packed_and_padded_batches_score_like_single_sequences(tmp_path, tokeniz
 
 def _scored(model, pairs, packed):
     batch = collate_pairs(pairs, packed, pad_token_id=0)
-    return sequence_logps(model, batch, torch.device("cpu")), batch["lengths"]
+    return sequence_logps(model, batch, torch.device("cpu"))[0], batch["lengths"]

@@ -157,3 +157,25 @@ def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adap
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
     assert metrics(setup, "lora_fly")[1]["rewards/margin"] != 0.0  # the adapter moved the policy off the reference
     assert (setup / "lora" / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(setup / "base"))
+    torch.manual_seed(0)
+    moe = HybridForCausalLM(preset("tiny-moe", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, bos_token_id=None))
+    moe.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(str(tmp_path / "moe"))
+    overrides = (f"--model.path={tmp_path / 'moe'}", "--optim.max_steps=1", "--optim.per_device_batch_size=4",
+                 "--data.max_samples=4")
+    run_dpo(config(setup, "moe", *overrides))
+    run_dpo(config(setup, "moe_off", *overrides, "--model.moe_aux_loss=false"))
+    on, off = metrics(setup, "moe")[0], metrics(setup, "moe_off")[0]
+    assert on["aux_loss"] > 0 and "aux_loss" not in off
+    assert on["loss"] == pytest.approx(off["loss"], abs=1e-6)  # the preference loss itself is the same ...
+    w_on = load_file(str(setup / "moe" / "final" / "model.safetensors"))
+    w_off = load_file(str(setup / "moe_off" / "final" / "model.safetensors"))
+    routers = [k for k in w_on if "router" in k]
+    assert routers and any(not torch.equal(w_on[k], w_off[k]) for k in routers)  # ... the router's gradient is not

@@ -59,8 +59,10 @@ def core_model(model):
     return inner
 
 
-def sequence_logps(model, batch: dict[str, Any], device) -> torch.Tensor:
-    """Summed log-probability of each sequence's completion tokens, shape (n_seqs,), through ``model``'s forward.
+def sequence_logps(model, batch: dict[str, Any], device, router_aux: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed log-probability of each sequence's completion tokens, shape (n_seqs,); the MoE load-balancing loss
+    when ``router_aux`` and the model has experts, else None), through ``model``'s forward.
 
     The in-tree hybrid returns its final hidden states and the fused chunked kernel scores the targets; any other
     causal LM (padded rows only) goes through its logits."""
@@ -68,15 +70,17 @@ def sequence_logps(model, batch: dict[str, Any], device) -> torch.Tensor:
     inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     index, targets = batch["target_index"].to(device), batch["targets"].to(device)
     if type(core).__name__ == "HybridForCausalLM":
-        out = model(**inputs, return_logits=False, output_router_logits=False)
+        out = model(**inputs, return_logits=False, output_router_logits=router_aux)
         hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])[index]
         lp = core.token_logprobs(hidden, targets)
+        aux = out.aux_loss if router_aux else None
     else:
+        aux = None
         logits = model(**inputs).logits
         lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[index].float(), dim=-1)
         lp = lp.gather(1, targets[:, None])[:, 0]
     sums = torch.zeros(batch["n_seqs"], dtype=lp.dtype, device=device)
-    return sums.index_add(0, batch["target_seq"].to(device), lp)
+    return sums.index_add(0, batch["target_seq"].to(device), lp), aux
 
 
 def pair_logps(seq: torch.Tensor, lengths: torch.Tensor) -> PairLogps:
@@ -212,6 +216,9 @@ class DpoTrainer:
                               acc.num_processes, seed=config.seed, shuffle=config.data.shuffle)
         self.total_steps = o.max_steps or o.epochs * self.plan.steps_per_epoch
         self.lora = hasattr(model, "disable_adapter")
+        core = core_model(model)
+        self.moe_aux = bool(config.model.moe_aux_loss and type(core).__name__ == "HybridForCausalLM"
+                            and getattr(core.config, "num_local_experts", 0))
         model = model.to(acc.device)
         self.ref_model = None
         self.table: ReferenceTable | None = None
@@ -237,10 +244,11 @@ class DpoTrainer:
         self.metrics = MetricsLog(acc, self.output_dir / "metrics.jsonl")
 
     # -- log-probabilities --------------------------------------------------------------------------------------
-    def _logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
+    def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
+               ) -> tuple[PairLogps, torch.Tensor | None]:
         batch = collate_pairs(pairs, self.packed, self.pad_token_id)
-        seq = sequence_logps(model, batch, self.accelerator.device)
-        return pair_logps(seq, batch["lengths"])
+        seq, aux = sequence_logps(model, batch, self.accelerator.device, router_aux)
+        return pair_logps(seq, batch["lengths"]), aux
 
     @torch.no_grad()
     def _reference_logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
@@ -249,8 +257,8 @@ class DpoTrainer:
             while hasattr(unwrapped, "module"):
                 unwrapped = unwrapped.module
             with unwrapped.disable_adapter():
-                return self._logps(model, pairs)
-        return self._logps(model, pairs)
+                return self._logps(model, pairs)[0]
+        return self._logps(model, pairs)[0]
 
     def _reference(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair],
                    policy: PairLogps) -> PairLogps | None:
@@ -263,15 +271,16 @@ class DpoTrainer:
         return self._reference_logps(self.ref_model if self.ref_model is not None else self.model, pairs)
 
     def _pair_stats(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-pair losses, a (6,) float64 tensor of summed statistics, in the order of ``_STATS``)."""
-        policy = self._logps(self.model, pairs)
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(per-pair losses, a (6,) float64 tensor of summed statistics in the order of ``_STATS``, the MoE
+        load-balancing loss when training a model with experts)."""
+        policy, aux = self._logps(self.model, pairs, router_aux=self.moe_aux and split == "train")
         reference = self._reference(split, indices, pairs, policy)
         losses, chosen_r, rejected_r = preference_loss(self.config.loss, policy, reference)
         stats = torch.stack([losses.detach().sum(), chosen_r.sum(), rejected_r.sum(),
                              (chosen_r > rejected_r).sum(), policy.chosen.detach().sum(),
                              policy.rejected.detach().sum()]).double()
-        return losses, stats
+        return losses, stats, aux
 
     @staticmethod
     def _named(prefix: str, stats: torch.Tensor, n: int) -> dict[str, float]:
@@ -289,6 +298,7 @@ class DpoTrainer:
         n_global = self.plan.global_batch
         scale = acc.num_processes / n_global
         totals = torch.zeros(len(_STATS), dtype=torch.float64, device=acc.device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = 0
         for m in range(self.plan.accum):
             indices = self.plan.micro_indices(step, acc.process_index, m)
@@ -296,8 +306,12 @@ class DpoTrainer:
             ctx = acc.no_sync(self.model) if m < self.plan.accum - 1 else contextlib.nullcontext()
             with ctx:
                 with acc.autocast():
-                    losses, stats = self._pair_stats("train", indices, pairs)
-                acc.backward(losses.sum().float() * scale)
+                    losses, stats, aux = self._pair_stats("train", indices, pairs)
+                loss = losses.sum().float() * scale
+                if aux is not None:  # as SFT: the router's coefficient, averaged over micro-batches
+                    loss = loss + core_model(self.model).config.router_aux_loss_coef * aux / self.plan.accum
+                    aux_total += aux.detach().double()
+                acc.backward(loss)
             totals += stats
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         grad_norm = None
@@ -306,10 +320,13 @@ class DpoTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.cat([totals, torch.tensor([float(tokens)], dtype=torch.float64, device=acc.device)])
+        totals = torch.cat([totals, aux_total[None], torch.tensor([float(tokens)], dtype=torch.float64,
+                                                                   device=acc.device)])
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
-        metrics: dict[str, Any] = self._named("", totals[:-1], n_global)
+        metrics: dict[str, Any] = self._named("", totals[:-2], n_global)
+        if self.moe_aux:
+            metrics["aux_loss"] = float(totals[-2]) / (self.plan.accum * acc.num_processes)
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(f"step {step + 1}: the loss is {metrics['loss']}")
         metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": int(totals[-1]),
