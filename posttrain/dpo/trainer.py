@@ -17,7 +17,8 @@ a pure function of the step, so resuming draws exactly what an uninterrupted run
      averages gradients.
 
 Metrics (train and held-out): loss, reward accuracy, chosen/rejected rewards and their margin, the chosen and
-rejected completions' mean summed log-probabilities and the difference between them. This module never reads
+rejected completions' mean summed log-probabilities and the difference between them; for a mixture of experts the
+router's load-balancing loss is added to the training loss (as in SFT) and logged as ``aux_loss``. This module never reads
 data files and never writes outside ``checkpoint.output_dir``.
 """
 
