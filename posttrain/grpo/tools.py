@@ -180,6 +180,33 @@ def python_tool(limits=None) -> Tool:
     }, "Run a Python program in a sandbox and return what it prints.")
 
 
+def final_answer_reward(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 when a trajectory's last assistant message makes no tool call and its text equals ``answer`` (after
+    stripping; numbers compared as numbers), else 0.0; ``None`` without an answer. The reward of the tool-use recipe:
+    it sees the whole trajectory (the assistant and tool messages), and an unfinished one scores 0."""
+    answers = answer if answer is not None else [None] * len(completions)
+    out: list[float | None] = []
+    for completion, expected in zip(completions, answers, strict=True):
+        if expected is None:
+            out.append(None)
+            continue
+        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        last = messages[-1] if messages else {}
+        text = str(last.get("content") or "").strip() if last.get("role") == "assistant" else ""
+        if not text or find_tool_calls(text).calls or "<tool_call>" in text:
+            out.append(0.0)
+            continue
+        out.append(1.0 if _same_number(text, str(expected).strip()) else 0.0)
+    return out
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a.replace(",", "")) == float(b.replace(",", ""))
+    except ValueError:
+        return a == b
+
+
 BUILTIN_TOOLS: dict[str, Callable[[], Tool]] = {"calculator": calculator_tool, "python": python_tool}
 
 
