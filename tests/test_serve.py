@@ -182,6 +182,92 @@ def test_streaming_equals_the_plain_answer(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
 
 
+def test_streaming_sends_tokens_as_they_are_generated(client):
+    """The first chunk arrives long before the last token is generated; the streamed text is the plain text,
+    with and without a stop string (held back while it could begin one)."""
+    body = {"prompt": PROMPT, "max_tokens": 160, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/completions", json=body).json()["choices"][0]["text"]
+    start = time.perf_counter()
+    arrivals, pieces = [], []
+    with client.stream("POST", "/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[len("data: "):])["choices"][0]
+                if choice["text"]:
+                    arrivals.append(time.perf_counter() - start)
+                    pieces.append(choice["text"])
+    total = time.perf_counter() - start
+    print(f"first chunk after {arrivals[0]:.3f}s, last after {arrivals[-1]:.3f}s, {len(pieces)} chunks")
+    assert "".join(pieces) == plain
+    assert len(pieces) > 100  # token by token
+    assert arrivals[0] < 0.2 * total, (arrivals[0], total)
+    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.2 * total  # spread over the generation, not one burst
+    stop = plain[40:44]
+    cut = plain[: plain.index(stop)]
+    with client.stream("POST", "/completions", json={**body, "stream": True, "stop": [stop]}) as response:
+        events = sse_events(response)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_text_stream_never_splits_a_character_and_matches_finish(checkpoint):
+    from posttrain.engine import Completion
+
+    tokenizer, model, _ = checkpoint
+    generator = TextGenerator.for_model(tokenizer, model)
+    text = "Prix: 12€ pour un café naïve ✓ — fin ünd 𝛑"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stop in ([], ["café"], ["fin ü"]):
+        params = generator.sampling_params(max_new_tokens=len(ids), stop=stop)
+        stream = generator.text_stream(params, stop)
+        deltas = [stream.push(t, "length" if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+        final = generator.finish(Completion(0, ids, [0.0] * len(ids), "length"), params, stop).text
+        assert not any("\ufffd" in d for d in deltas)
+        assert "".join(deltas) + stream.rest(final) == final
+        assert stream.rest(final) == ""  # everything was sent by the time the tokens ended
+        assert final == (text if not stop else text[: text.index(stop[0])])
+        assert sum(1 for d in deltas if d) < len(ids)  # multi-byte characters spanned several tokens
+    # a stop string is held back while it may still be forming: the text sent never ends with "c", "ca", "caf"
+    params = generator.sampling_params(max_new_tokens=len(ids), stop=["café"])
+    stream = generator.text_stream(params, ["café"])
+    sent = []
+    for t in ids:
+        sent.append(sent[-1] + stream.push(t) if sent else stream.push(t))
+    assert not any(s.endswith(("c", "ca", "caf")) for s in sent)
+    assert sent[-1] == "Prix: 12€ pour un "
+
+
+def test_client_that_disconnects_mid_stream_spares_the_others(client, server):
+    body = {"prompt": PROMPT, "temperature": 0, "ignore_eos": True}
+    other = {**body, "max_tokens": 40}
+    alone = client.post("/completions", json=other).json()["choices"][0]["text"]
+    forwarded = server.scheduler.engine.stats.rows_forwarded
+
+    def leave_early() -> int:
+        chunks = 0
+        with httpx.Client(base_url=server.url + "/v1", timeout=300) as quitter, \
+                quitter.stream("POST", "/completions", json={**body, "max_tokens": 1000, "stream": True}) as r:
+            for line in r.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks == 3:
+                    break  # leaving the block closes the connection mid-stream
+        return chunks
+
+    with ThreadPoolExecutor(2) as pool:
+        left = pool.submit(leave_early)
+        time.sleep(0.005)
+        stayed = pool.submit(lambda: client.post("/completions", json=other).json()["choices"][0]["text"])
+        assert left.result() == 3
+        assert stayed.result() == alone
+    time.sleep(0.5)  # the server notices at its next write
+    # the abandoned request stopped costing compute long before its 1000 tokens
+    assert server.scheduler.engine.stats.rows_forwarded - forwarded < 400
+    # and the server goes on serving, streamed and not
+    with client.stream("POST", "/completions", json={**other, "stream": True}) as response:
+        events = sse_events(response)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == alone
+
+
 def test_streaming_chat_tool_calls(client):
     body = {"messages": TOOL_QUESTION, "tools": TOOLS, "temperature": 0, "max_tokens": 64, "stream": True}
     with client.stream("POST", "/chat/completions", json=body) as response:
@@ -237,15 +323,20 @@ def test_malformed_body(client):
     assert response.status_code == 400 and "JSON object" in response.json()["error"]["message"]
 
 
-def test_concurrent_requests_share_batches(client, server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_concurrent_requests_share_batches(client, server, stream):
     """8 concurrent requests finish in under 2x the time of one, and each gets what it would have got alone."""
     body = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
     client.post("/completions", json=body)  # warm up
 
     def one(_: int = 0) -> tuple[str, float]:
         start = time.perf_counter()
-        out = client.post("/completions", json=body).json()
-        return out["choices"][0]["text"], time.perf_counter() - start
+        if stream:
+            with client.stream("POST", "/completions", json={**body, "stream": True}) as response:
+                text = "".join(e["choices"][0]["text"] for e in sse_events(response)[:-1])
+        else:
+            text = client.post("/completions", json=body).json()["choices"][0]["text"]
+        return text, time.perf_counter() - start
 
     def eight() -> tuple[list[str], float, int]:
         batches_before = server.scheduler.stats.batches

@@ -184,6 +184,8 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.hold = [h for h in hold if h]
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:read], whole characters only
+        self.prefix = self.read = 0  # decode ids[prefix:] and drop the text of ids[prefix:read]: O(1) per token
         self.sent = ""
         self.closed = False  # a stop string or a held marker appeared: nothing more is sent before the end
 
@@ -192,9 +194,12 @@ class TextStream:
             return ""
         if not (finish_reason == "stop" and token_id in self.stop_ids):
             self.ids.append(token_id)
-        text = self.generator.decode(self.ids)
-        if finish_reason is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
+        window = self.generator.decode(self.ids[self.prefix:])
+        if finish_reason is None and window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
             return ""
+        self.text += window[len(self.generator.decode(self.ids[self.prefix:self.read])):]
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.text
         cut = _first_stop(text, self.stop)
         if cut is not None:
             text, self.closed = text[:cut], True

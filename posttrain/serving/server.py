@@ -238,10 +238,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self._events(events.opening())
-            while item is not None:
-                self._events(events.text(choice, piece) for choice, token, reason in item
+            done = item is None
+            while not done:
+                steps = [item]
+                while not done and not arrivals.empty():  # behind the engine: send what came in one write
+                    item = arrivals.get()
+                    done = item is None
+                    if not done:
+                        steps.append(item)
+                self._events(events.text(choice, piece) for step in steps for choice, token, reason in step
                              if (piece := streams[choice].push(token, reason)))
-                item = arrivals.get()
+                if not done:
+                    item = arrivals.get()
+                    done = item is None
             try:
                 completions = [app.generator.finish(c, params, request.stop) for c in future.result()]
             except Exception as exc:  # the status line is sent: report it in the stream
