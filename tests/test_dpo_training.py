@@ -179,3 +179,17 @@ def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path):
     w_off = load_file(str(setup / "moe_off" / "final" / "model.safetensors"))
     routers = [k for k in w_on if "router" in k]
     assert routers and any(not torch.equal(w_on[k], w_off[k]) for k in routers)  # ... the router's gradient is not
+
+
+def test_simpo_needs_no_reference_and_ipo_trains(setup):
+    common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--data.max_samples=8",
+              "--checkpoint.resume=false")
+    run_dpo(config(setup, "simpo", *common, "--loss.type=simpo", "--loss.beta=2.0", "--loss.gamma=0.5"))
+    assert not (setup / "simpo" / REFERENCE_FILE).exists()
+    first = metrics(setup, "simpo")[0]
+    # SimPO's rewards are beta times average log-probs: about -2 * ln(vocab) for an untrained model, never 0
+    assert -2 * 6.0 < first["rewards/chosen"] < -2 * 5.0 and first["loss"] > 0.5
+    run_dpo(config(setup, "ipo", *common, "--loss.type=ipo", "--optim.lr=1e-4"))
+    ipo = metrics(setup, "ipo")
+    assert ipo[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-4)  # policy == reference: (0 - 1/(2 beta))^2
+    assert ipo[1]["loss"] < ipo[0]["loss"]
