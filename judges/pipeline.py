@@ -14,18 +14,21 @@ import multiprocessing
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from posttrain.judges.config import FilterConfig
-from posttrain.judges.dedup import Signature, Signer, deduplicate
+from posttrain.judges.dedup import Deduplicator, Signature, Signer
 from posttrain.judges.judge import Judge, normalised_score
-from posttrain.judges.rules import Rule, RuleResult, build_rules, target_text
+from posttrain.judges.rules import Rule, build_rules, target_text
 from posttrain.judges.samples import (
     Format,
     Sample,
+    StdlibJsonRow,
     detect_format,
     file_sha256,
     output_name,
@@ -107,32 +110,33 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
 
     decisions = [Decision() for _ in samples]
     rejected_by: Counter[str] = Counter()
+    dedup_rejected_by: Counter[str] = Counter()
     dedup_cfg = config.dedup
     signer = Signer(dedup_cfg) if dedup_cfg.exact or dedup_cfg.near.enabled else None
+    dedup = Deduplicator(dedup_cfg) if signer is not None else None
 
-    # 1. rules (every rule sees every sample, so each rejection lists all its reasons), and the dedup signatures of
-    # the samples they keep; in `workers` processes when asked, results in input order either way
-    signatures: list[Signature | None] = []
-    for (results, signature), decision in zip(screen(samples, rules, signer, dedup_cfg.target, workers), decisions):
-        for rule, result in zip(rules, results):
-            decision.scores.update(result.scores)
-            if not result.passed:
-                decision.reject("rules", result.reasons)
-                rejected_by[rule.id] += 1
-        signatures.append(signature)
-
-    # 2. dedup over the samples the rules kept; the first occurrence stays
-    alive = [s for s, d in zip(samples, decisions) if d.kept]
-    if signer is not None:
-        duplicates = deduplicate([], dedup_cfg, [signatures[s.index] for s in alive])
-        for sample, dup in zip(alive, duplicates):
+    # 1. rules (every rule sees every sample, so each rejection lists all its reasons), with the dedup signatures of
+    # the samples they keep, chunk by chunk in input order (in `workers` processes when asked);
+    # 2. dedup of each chunk's survivors as it arrives, against all earlier survivors: the first occurrence stays
+    for chunk in screen(samples, rules, signer, dedup_cfg.target, workers):
+        for i, scores, reasons, failed in zip(range(chunk.start, chunk.stop), chunk.scores, chunk.reasons, chunk.failed):
+            decision = decisions[i]
+            decision.scores.update(scores)
+            if failed:
+                decision.reject("rules", reasons)
+                rejected_by.update(failed)
+        if dedup is None:
+            continue
+        keys = chunk.passed()
+        for key, dup in zip(keys, dedup.check_many(keys, chunk.signatures())):
             if dup is not None:
-                original = alive[dup.of]
-                decision = decisions[sample.index]
+                original = samples[dup.of]
+                decision = decisions[key]
                 decision.scores[f"dedup.{dup.kind}_jaccard"] = round(dup.jaccard, 6)
                 decision.reject("dedup", [(f"dedup: {dup.kind} duplicate of input row {original.index} "
                                           f"({original.where}), jaccard {dup.jaccard:.3f}")])
-                rejected_by[f"dedup_{dup.kind}"] += 1
+                dedup_rejected_by[f"dedup_{dup.kind}"] += 1
+    rejected_by.update(dedup_rejected_by)  # rules first, then dedup, as the report lists them
 
     # 3. the judge
     alive = [s for s, d in zip(samples, decisions) if d.kept]
@@ -149,14 +153,20 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
 
     # 4. outputs, each through a temporary name
     kept_rows, rejected_rows = [], []
+    stdlib_json: dict[bool, list[bool]] = {True: [], False: []}  # rows to write with Python's json, per set
     for sample, decision in zip(samples, decisions):
         if decision.kept and decision.judge is None and not decision.reasons:
             decision.reasons.append("passed all filters")
         row = {**sample.row, RESULT_COLUMN: decision.as_column()}
         (kept_rows if decision.kept else rejected_rows).append(row)
+        stdlib_json[decision.kept].append(isinstance(sample.row, StdlibJsonRow))
+    rejected_by_filter = dict(rejected_by)
+    picture = output_dir / "report.png"
+    drawing = _draw_picture_aside(total=len(samples), kept=len(kept_rows), rejected_by=rejected_by_filter,
+                                  judge_scores=judge_scores, path=picture)
     outputs = {"kept": output_dir / output_name("kept", fmt), "rejected": output_dir / output_name("rejected", fmt)}
-    write_rows(kept_rows, outputs["kept"], fmt)
-    write_rows(rejected_rows, outputs["rejected"], fmt)
+    write_rows(kept_rows, outputs["kept"], fmt, stdlib_json[True])
+    write_rows(rejected_rows, outputs["rejected"], fmt, stdlib_json[False])
     if pairwise:
         outputs["preferences"] = output_dir / output_name("preferences", fmt)
         write_rows(preferences, outputs["preferences"], fmt)
@@ -184,54 +194,116 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
     }
     manifest["outputs_sha256"] = {name: file_sha256(path) for name, path in outputs.items()}
     report = FilterReport(
-        total=len(samples), kept=len(kept_rows), rejected_by=dict(rejected_by),
+        total=len(samples), kept=len(kept_rows), rejected_by=rejected_by_filter,
         stage_rejections=dict(stage_rejections), judge_scores=judge_scores,
         outputs={k: str(v) for k, v in outputs.items()}, manifest=manifest,
         judge_requests_sent=judge.client.sent if judge else 0,
         judge_requests_cached=judge.client.cached if judge else 0,
     )
-    from posttrain.judges.report import print_summary, save_picture
+    from posttrain.judges.report import print_summary
 
-    picture = output_dir / "report.png"
-    save_picture(report, picture)
+    drawing.join()
+    if drawing.exitcode != 0:
+        raise RuntimeError(f"{picture}: drawing the report picture failed (exit code {drawing.exitcode})")
     manifest["outputs"]["report"] = str(picture)
     write_json(manifest, output_dir / "manifest.json")
     print_summary(report, console)
     return report
 
 
+def _draw_picture_aside(path: Path, **counts: Any) -> multiprocessing.process.BaseProcess:
+    """Draw the report picture in a forked process (matplotlib's import and drawing take about as long as writing
+    the outputs, which goes on meanwhile); the caller joins it."""
+    from types import SimpleNamespace
+
+    from posttrain.judges.report import save_picture
+
+    process = multiprocessing.get_context("fork").Process(target=save_picture, args=(SimpleNamespace(**counts), path))
+    process.start()
+    return process
+
+
+@dataclass
+class Screened:
+    """Rule verdicts for the samples ``start:stop``, and dedup signatures for those every rule passed.
+
+    Compact on purpose (it crosses a process boundary): per sample the scores of all rules in rule order, the
+    reasons and the ids of the rules that failed; the signatures as one digest list and two arrays.
+    """
+
+    start: int
+    stop: int
+    scores: list[dict[str, float]]
+    reasons: list[list[str]]
+    failed: list[list[str]]
+    digests: list[bytes] = field(default_factory=list)
+    shingles: np.ndarray | None = None  # every signed sample's shingles, one after the other
+    bounds: np.ndarray | None = None  # where each signed sample's shingles start, and the end
+    minhashes: np.ndarray | None = None  # one row per signed sample
+
+    def passed(self) -> list[int]:
+        """Input indices of the samples every rule passed, the ones signed."""
+        return [i for i, failed in zip(range(self.start, self.stop), self.failed) if not failed]
+
+    def signatures(self) -> list[Signature]:
+        if self.minhashes is None:
+            return [Signature(d, None, None) for d in self.digests]
+        assert self.shingles is not None and self.bounds is not None
+        bounds = self.bounds.tolist()
+        return [Signature(d, self.shingles[a:b], m)
+                for d, a, b, m in zip(self.digests, bounds[:-1], bounds[1:], self.minhashes)]
+
+
 _SCREEN_STATE: tuple[list[Sample], list[Rule], Signer | None, str] | None = None  # what forked workers inherit
 
 
-def _screen_chunk(bounds: tuple[int, int]) -> list[tuple[list[RuleResult], Signature | None]]:
+def _screen_chunk(bounds: tuple[int, int]) -> Screened:
     assert _SCREEN_STATE is not None
     samples, rules, signer, target = _SCREEN_STATE
-    chunk = samples[bounds[0] : bounds[1]]
+    start, stop = bounds
+    chunk = samples[start:stop]
     per_rule = [rule.check(chunk) for rule in rules]
-    results = [[r[j] for r in per_rule] for j in range(len(chunk))]
-    passing = [j for j, res in enumerate(results) if all(r.passed for r in res)]
-    signatures: list[Signature | None] = [None] * len(chunk)
+    out = Screened(start, stop, [], [], [])
+    for j in range(len(chunk)):
+        scores: dict[str, float] = {}
+        reasons: list[str] = []
+        failed: list[str] = []
+        for rule, results in zip(rules, per_rule):
+            result = results[j]
+            scores.update(result.scores)
+            if not result.passed:
+                reasons.extend(result.reasons)
+                failed.append(rule.id)
+        out.scores.append(scores)
+        out.reasons.append(reasons)
+        out.failed.append(failed)
     if signer is not None:
-        for j, signature in zip(passing, signer.sign_many([target_text(chunk[j], target) for j in passing])):
-            signatures[j] = signature
-    return list(zip(results, signatures))
+        signed = signer.sign_many([target_text(chunk[i - start], target) for i in out.passed()])
+        out.digests = [s.digest for s in signed]
+        if signer.config.near.enabled:
+            sets = [s.shingles for s in signed]
+            out.shingles = np.concatenate(sets) if sets else np.zeros(0, dtype=np.uint64)
+            out.bounds = np.concatenate(([0], np.cumsum([len(x) for x in sets], dtype=np.int64)))
+            out.minhashes = np.stack([s.minhash for s in signed]) if signed else np.zeros((0, 0), dtype=np.uint32)
+    return out
 
 
 def screen(samples: list[Sample], rules: list[Rule], signer: Signer | None, target: str,
-           workers: int = 1, chunk_size: int = 2000) -> list[tuple[list[RuleResult], Signature | None]]:
-    """Rule results for every sample and dedup signatures for those every rule passes, in input order."""
+           workers: int = 1, chunk_size: int = 1000) -> Iterator[Screened]:
+    """Rule verdicts for every sample and dedup signatures for those every rule passes, chunk by chunk in input
+    order; with ``workers`` > 1 the chunks are computed in that many forked processes while the caller consumes."""
     global _SCREEN_STATE
     bounds = [(i, min(i + chunk_size, len(samples))) for i in range(0, len(samples), chunk_size)]
     _SCREEN_STATE = (samples, rules, signer, target)
     try:
         if workers <= 1 or len(bounds) <= 1:
-            chunks = [_screen_chunk(b) for b in bounds]
+            for b in bounds:
+                yield _screen_chunk(b)
         else:
             with multiprocessing.get_context("fork").Pool(min(workers, len(bounds))) as pool:
-                chunks = pool.map(_screen_chunk, bounds, chunksize=1)
+                yield from pool.imap(_screen_chunk, bounds, chunksize=1)
     finally:
         _SCREEN_STATE = None
-    return [item for chunk in chunks for item in chunk]
 
 
 def _progress(total: int, label: str, show: bool, console: Any) -> Any:

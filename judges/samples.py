@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+
+import orjson
 
 Format = Literal["jsonl", "parquet", "datasets"]
 
@@ -68,8 +72,22 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+_LONG_NUMBER = re.compile(r"\d{19}")  # may be an integer beyond 64 bits, which orjson would turn into a float
+
+
+def parse_json_line(line: str) -> tuple[Any, bool]:
+    """(value, whether Python's json parsed it): orjson where it gives the same value as json, else json."""
+    if _LONG_NUMBER.search(line) is None:
+        try:
+            return orjson.loads(line), False
+        except orjson.JSONDecodeError:
+            pass  # NaN, Infinity, lone surrogates, or malformed: json accepts the first three and explains the last
+    return json.loads(line), True
+
+
 def iter_rows(path: Path, fmt: Format, split: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """All rows of a file with their location strings."""
+    """All rows of a file with their location strings (JSONL rows that needed Python's json parser are
+    ``StdlibJsonRow``s)."""
     if not path.exists():
         raise SampleError(f"{path}: no such file or folder")
     if fmt == "jsonl":
@@ -79,12 +97,12 @@ def iter_rows(path: Path, fmt: Format, split: str | None = None) -> list[tuple[s
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row, stdlib = parse_json_line(line)
                 except json.JSONDecodeError as exc:
                     raise SampleError(f"{path}:line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
                 if not isinstance(row, dict):
                     raise SampleError(f"{path}:line {lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append((f"{path}:line {lineno}", row))
+                rows.append((f"{path}:line {lineno}", StdlibJsonRow(row) if stdlib else row))
         return rows
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -109,6 +127,11 @@ def iter_rows(path: Path, fmt: Format, split: str | None = None) -> list[tuple[s
             raise SampleError(f"{path}: no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
     return [(f"{path}:row {i}", row) for i, row in enumerate(ds.to_list())]
+
+
+class StdlibJsonRow(dict):
+    """A row that needed Python's json parser (NaN, Infinity, integers beyond 64 bits, lone surrogates), to be
+    written back with it so that its values come out as they went in."""
 
 
 def _content_text(content: Any, where: str, field: str) -> str:
@@ -195,15 +218,20 @@ def output_name(stem: str, fmt: Format) -> str:
     return {"jsonl": f"{stem}.jsonl", "parquet": f"{stem}.parquet", "datasets": stem}[fmt]
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path, fmt: Format) -> None:
-    """Write rows to ``path`` through a temporary sibling, then rename (a folder is swapped whole)."""
+def write_rows(rows: list[dict[str, Any]], path: Path, fmt: Format, stdlib_json: Sequence[bool] | None = None) -> None:
+    """Write rows to ``path`` through a temporary sibling, then rename (a folder is swapped whole).
+
+    JSONL lines are written by orjson, except the rows flagged in ``stdlib_json`` and those orjson cannot write
+    (integers beyond 64 bits), which Python's json writes (orjson would turn NaN into null).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        flags = stdlib_json if stdlib_json is not None else [False] * len(rows)
+        with open(tmp, "wb") as fh:
+            fh.writelines(_json_line(row, stdlib) for row, stdlib in zip(rows, flags, strict=True))
             fh.flush()
             os.fsync(fh.fileno())
     elif fmt == "parquet":
@@ -222,6 +250,15 @@ def write_rows(rows: list[dict[str, Any]], path: Path, fmt: Format) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+def _json_line(row: dict[str, Any], stdlib: bool) -> bytes:
+    if not stdlib:
+        try:
+            return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, or a type JSON has no form for
+            pass
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def write_json(obj: Any, path: Path) -> None:

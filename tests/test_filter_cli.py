@@ -166,9 +166,13 @@ def test_screening_in_worker_processes_matches_one_process(shared_data):
     config = config_from_dict(__import__("yaml").safe_load(CONFIG))
     samples = [to_sample(i, f"mem:{i}", r) for i, r in enumerate(rows(shared_data, 30))]
     rules = build_rules(config.rules)
-    one = screen(samples, rules, Signer(config.dedup), "text", workers=1, chunk_size=7)
-    two = screen(samples, rules, Signer(config.dedup), "text", workers=2, chunk_size=7)
-    assert [[r.__dict__ for r in results] for results, _ in one] == [[r.__dict__ for r in results] for results, _ in two]
-    signed = [(s is None, s and s.digest, s and s.minhash.tolist()) for _, s in one]
-    assert signed == [(s is None, s and s.digest, s and s.minhash.tolist()) for _, s in two]
-    assert sum(s is None for _, s in one) == 3  # the three samples a rule rejected get no signature
+    one = list(screen(samples, rules, Signer(config.dedup), "text", workers=1, chunk_size=7))
+    two = list(screen(samples, rules, Signer(config.dedup), "text", workers=2, chunk_size=7))
+    assert [c.start for c in one] == [c.start for c in two] == list(range(0, len(samples), 7))
+    for a, b in zip(one, two):
+        assert (a.scores, a.reasons, a.failed, a.digests) == (b.scores, b.reasons, b.failed, b.digests)
+        assert all(x.shingles.tolist() == y.shingles.tolist() and x.minhash.tolist() == y.minhash.tolist()
+                   for x, y in zip(a.signatures(), b.signatures()))
+    signed = [i for c in one for i in c.passed()]
+    assert len(signed) == sum(len(c.signatures()) for c in one) == len(samples) - 3
+    assert sorted(set(range(len(samples))) - set(signed)) == [31, 32, 33]  # the three a rule rejected
