@@ -90,3 +90,20 @@ def test_packed_and_padded_batches_score_like_single_sequences(tmp_path, tokeniz
 def _scored(model, pairs, packed):
     batch = collate_pairs(pairs, packed, pad_token_id=0)
     return sequence_logps(model, batch, torch.device("cpu"))[0], batch["lengths"]
+
+
+def test_a_transformers_model_is_scored_through_its_logits_on_padded_rows(tmp_path, tokenizer):
+    from transformers import GraniteMoeHybridForCausalLM
+
+    torch.manual_seed(1)
+    ours = HybridForCausalLM(preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None)).eval()
+    ours.save_pretrained(tmp_path / "m")
+    theirs = GraniteMoeHybridForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
+    rows = [GOOD, {"prompt": "Question: 7 - 2?\nAnswer:", "chosen": " 7 - 2 = 5\n#### 5", "rejected": " 9"}]
+    pairs = load_pairs([write(tmp_path / "rows.jsonl", rows)], tokenizer, max_length=64)
+    with torch.no_grad():
+        packed = pair_logps(*_scored(ours, pairs, True))
+        padded = pair_logps(*_scored(theirs, pairs, False))
+    torch.testing.assert_close(padded.chosen, packed.chosen, atol=2e-4, rtol=0)
+    torch.testing.assert_close(padded.rejected, packed.rejected, atol=2e-4, rtol=0)
