@@ -258,7 +258,10 @@ def _json_line(row: dict[str, Any], stdlib: bool) -> bytes:
             return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, or a type JSON has no form for
             pass
-    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form; written as the \u escape it was read from
+        return (json.dumps(row) + "\n").encode("ascii")
 
 
 def write_json(obj: Any, path: Path) -> None:
