@@ -10,7 +10,12 @@ line per measure: ``name``, ``ours``, ``anchor``, ``unit``, ``ratio`` (ours/anch
 throughput, and throughput per CPU-second (this machine's two cores are shared, so wall time depends on the load,
 printed on stderr). Ours uses ``--workers`` processes (default 2); datatrove gets 2 workers where it has tasks.
 
-Run: ``python benchmarks/bench_filter.py [--samples 75000] [--no-anchor]``.
+Ours runs on all ``--samples`` (75,000, the target's size) and again on the first ``--anchor-samples`` (default
+10,000), which datatrove runs too: at its speed here (about 50 samples/s) 75,000 samples would take most of an
+hour. The anchor lines compare the two on that same subset; the 75,000-sample line gives datatrove's subset
+throughput as its anchor and says so (``anchor_samples``). Each line carries the load average around the runs.
+
+Run: ``python benchmarks/bench_filter.py [--samples 75000] [--anchor-samples 10000] [--no-anchor]``.
 """
 
 from __future__ import annotations
@@ -200,36 +205,55 @@ def measure(fn, *args) -> tuple[float, float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=75_000)
+    parser.add_argument("--anchor-samples", type=int, default=10_000, help="samples for the like-for-like runs")
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 2), help="our rule/signature processes")
     parser.add_argument("--no-anchor", action="store_true", help="skip datatrove")
     args = parser.parse_args()
-    n = args.samples
+    n, m = args.samples, min(args.anchor_samples, args.samples)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import emit
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "in").mkdir()
-        input_path = work / "in" / "samples.jsonl"
-        input_path.write_text("".join(json.dumps(s) + "\n" for s in build_samples(n)))
-        print(f"load average before: {os.getloadavg()}", file=sys.stderr)
-        ours_wall, ours_cpu, ours_kept = measure(run_ours, input_path, work, args.workers)
-        print(f"ours: {n} samples in {ours_wall:.1f}s wall, {ours_cpu:.1f}s CPU, {args.workers} workers, "
-              f"kept {ours_kept}", file=sys.stderr)
+        rows = build_samples(n)
+        paths = {}
+        for size in {n, m}:
+            (work / f"in{size}").mkdir()
+            paths[size] = work / f"in{size}" / "samples.jsonl"
+            paths[size].write_text("".join(json.dumps(s) + "\n" for s in rows[:size]))
+        load = [os.getloadavg()[0]]
+        ours = measure(run_ours, paths[n], work / "full", args.workers)
+        load.append(os.getloadavg()[0])
+        print(f"ours: {n} samples in {ours[0]:.1f}s wall, {ours[1]:.1f}s CPU, {args.workers} workers, kept {ours[2]}",
+              file=sys.stderr)
         anchor = None
         if not args.no_anchor:
             try:
-                with contextlib.redirect_stdout(sys.stderr):  # datatrove prints its stats
-                    anchor = measure(run_datatrove, input_path, work)
-                print(f"datatrove: {n} samples in {anchor[0]:.1f}s wall, {anchor[1]:.1f}s CPU, kept {anchor[2]}",
-                      file=sys.stderr)
+                import datatrove  # noqa: F401
             except ImportError as exc:
                 print(f"datatrove not available ({exc}); reporting ours alone", file=sys.stderr)
-        print(f"load average after: {os.getloadavg()}", file=sys.stderr)
-        for name, ours, theirs in [
-            ("filter_rules_exact_near_dedup_throughput", n / ours_wall, anchor and n / anchor[0]),
-            ("filter_rules_exact_near_dedup_throughput_per_cpu_second", n / ours_cpu, anchor and n / anchor[1]),
-        ]:
-            unit = "samples/s" if name.endswith("throughput") else "samples/CPU-s"
-            print(json.dumps({"name": name, "ours": round(ours, 1), "anchor": None if not theirs else round(theirs, 1),
-                              "unit": unit, "ratio": None if not theirs else round(ours / theirs, 3)}))
+            else:
+                ours_m = measure(run_ours, paths[m], work / "subset", args.workers)
+                load.append(os.getloadavg()[0])
+                with contextlib.redirect_stdout(sys.stderr):  # datatrove prints its stats
+                    anchor = measure(run_datatrove, paths[m], work)
+                load.append(os.getloadavg()[0])
+                print(f"ours: {m} samples in {ours_m[0]:.1f}s wall, {ours_m[1]:.1f}s CPU, kept {ours_m[2]}; "
+                      f"datatrove: {anchor[0]:.1f}s wall, {anchor[1]:.1f}s CPU, kept {anchor[2]}", file=sys.stderr)
+        loads = {"load_average_1min": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+        if anchor is None:
+            for name, value, unit in [("filter_rules_exact_near_dedup_throughput", n / ours[0], "samples/s"),
+                                      ("filter_rules_exact_near_dedup_throughput_per_cpu_second", n / ours[1],
+                                       "samples/CPU-s")]:
+                print(json.dumps({"name": name, "ours": round(value, 1), "anchor": None, "unit": unit, "ratio": None,
+                                  "samples": n, **loads}))
+            return 0
+        emit("filter_rules_exact_near_dedup_throughput", n / ours[0], m / anchor[0], "samples/s", True,
+             samples=n, anchor_samples=m, **loads)
+        emit(f"filter_rules_exact_near_dedup_throughput_{m}", m / ours_m[0], m / anchor[0], "samples/s", True,
+             samples=m, **loads)
+        emit(f"filter_rules_exact_near_dedup_throughput_per_cpu_second_{m}", m / ours_m[1], m / anchor[1],
+             "samples/CPU-s", True, samples=m, **loads)
     return 0
 
 

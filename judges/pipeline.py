@@ -11,6 +11,7 @@ A run killed midway resumes from the judge cache. This module orchestrates; it d
 from __future__ import annotations
 
 import multiprocessing
+import os
 import platform
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,18 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
 
     ``workers`` > 1 runs the rules and the dedup signatures in that many forked processes; the output is the same.
     """
+    drawer = _PictureDrawer()
+    try:
+        return _run_filter(config, input_path, output_dir, fmt=fmt, split=split, config_source=config_source,
+                           judge_backend=judge_backend, show_progress=show_progress, console=console,
+                           workers=workers, drawer=drawer)
+    finally:
+        drawer.close()
+
+
+def _run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | Path, *, fmt: Format | None,
+                split: str | None, config_source: str | None, judge_backend: Any, show_progress: bool,
+                console: Any, workers: int, drawer: _PictureDrawer) -> FilterReport:
     started = time.time()
     input_path, output_dir = Path(input_path), Path(output_dir)
     fmt = fmt or detect_format(input_path)
@@ -162,8 +176,8 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
         stdlib_json[decision.kept].append(isinstance(sample.row, StdlibJsonRow))
     rejected_by_filter = dict(rejected_by)
     picture = output_dir / "report.png"
-    drawing = _draw_picture_aside(total=len(samples), kept=len(kept_rows), rejected_by=rejected_by_filter,
-                                  judge_scores=judge_scores, path=picture)
+    drawer.draw(picture, total=len(samples), kept=len(kept_rows), rejected_by=rejected_by_filter,
+                judge_scores=judge_scores)
     outputs = {"kept": output_dir / output_name("kept", fmt), "rejected": output_dir / output_name("rejected", fmt)}
     write_rows(kept_rows, outputs["kept"], fmt, stdlib_json[True])
     write_rows(rejected_rows, outputs["rejected"], fmt, stdlib_json[False])
@@ -202,25 +216,54 @@ def run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | P
     )
     from posttrain.judges.report import print_summary
 
-    drawing.join()
-    if drawing.exitcode != 0:
-        raise RuntimeError(f"{picture}: drawing the report picture failed (exit code {drawing.exitcode})")
+    drawer.wait(picture)
     manifest["outputs"]["report"] = str(picture)
     write_json(manifest, output_dir / "manifest.json")
     print_summary(report, console)
     return report
 
 
-def _draw_picture_aside(path: Path, **counts: Any) -> multiprocessing.process.BaseProcess:
-    """Draw the report picture in a forked process (matplotlib's import and drawing take about as long as writing
-    the outputs, which goes on meanwhile); the caller joins it."""
-    from types import SimpleNamespace
+class _PictureDrawer:
+    """A forked process that imports matplotlib while the run reads its input (one core is idle then), and draws
+    the report picture from the counts it is sent while the outputs are written. Closed unsent, it draws nothing."""
 
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child_end = context.Pipe()
+        self.process = context.Process(target=_draw_when_told, args=(child_end, os.getpid()), daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def draw(self, path: Path, **counts: Any) -> None:
+        self._conn.send((str(path), counts))
+
+    def wait(self, path: Path) -> None:
+        self.process.join()
+        if self.process.exitcode != 0:
+            raise RuntimeError(f"{path}: drawing the report picture failed (exit code {self.process.exitcode})")
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self._conn.close()
+
+
+def _draw_when_told(conn: Any, parent: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # the slow import, done while the parent reads
     from posttrain.judges.report import save_picture
 
-    process = multiprocessing.get_context("fork").Process(target=save_picture, args=(SimpleNamespace(**counts), path))
-    process.start()
-    return process
+    while not conn.poll(1.0):
+        if os.getppid() != parent:  # the run was killed
+            return
+    try:
+        path, counts = conn.recv()
+    except EOFError:
+        return
+    save_picture(SimpleNamespace(**counts), Path(path))
 
 
 @dataclass
