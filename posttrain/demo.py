@@ -97,7 +97,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------------
 HELD_OUT_PAIRS = 250  # held-out items per task; the other 560 pairs are for training
 SFT_PAIRS = 450  # additions SFT sees (GRPO sees these and the other 110)
-SFT_TOOL_DEMOS = 100  # tool-call demonstrations among the SFT candidates: the format, not mastery
+SFT_TOOL_DEMOS = 30  # tool-call demonstrations among the SFT candidates: the format, not mastery (each costs SFT
+# as many tokens as six additions, and 100 of them left too few epochs of additions: SFT answered 0.4% of them)
+SFT_STEPS = 150
 GRPO_TOOL_PROMPTS = 190  # tool-call prompts among GRPO's (a quarter)
 TOKENIZER_VOCAB = 512
 TOOL_MAX_NEW_TOKENS = 32  # a call is 24 tokens with the demo's tokenizer; an addition's answer 3
@@ -289,7 +291,7 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
         "model": {"path": str(out / "pretrain" / "final")},
         "data": {"train_files": [str(out / "filter" / "kept.jsonl")], "format": "messages", "max_length": 256,
                  "packing": True},
-        "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 20 if args.quick else 120,
+        "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 20 if args.quick else SFT_STEPS,
                   "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
         "checkpoint": {"output_dir": str(out / "sft"), "every_steps": 0, "resume": False},
         "logging": {"progress": False},
