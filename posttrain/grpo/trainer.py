@@ -169,6 +169,9 @@ class GrpoTrainer:
         if c.async_rollout.enabled:
             from posttrain.grpo.async_rollout import AsyncRollouts
 
+            if acc.num_processes > 1:  # the producer's gathers would interleave with the trainer's all-reduces
+                raise ValueError("async_rollout.enabled supports one training process for now")
+
             self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False)
             self.async_rollouts = AsyncRollouts(self._produce_batch, self._load_rollout_weights,
                                                 c.async_rollout.max_staleness)
