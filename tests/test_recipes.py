@@ -103,7 +103,8 @@ def shrink_recipe(recipe: dict, command: str, env: dict) -> dict:
         data["train_files"] = [str(env["files"][command if command != "pretrain" else "text"])]
         if command == "sft" and data.get("prompt_field", "prompt") != "prompt":  # GSM8K-style question/answer rows
             data["train_files"] = [str(env["files"]["gsm8k"])]
-        data["max_length"] = min(int(data.get("max_length", 128)), 128)
+        cap = 512 if command == "dpo" else 128  # a preference row keeps its whole prompt (GSM8K: ~250 tokens here)
+        data["max_length"] = min(int(data.get("max_length", cap)), cap)
         data["max_samples"] = 16
         if data.get("eval_files"):
             data["eval_files"] = [str(env["files"]["dpo"])]
