@@ -99,7 +99,7 @@ HELD_OUT_PAIRS = 250  # held-out items per task; the other 560 pairs are for tra
 SFT_PAIRS = 450  # additions SFT sees (GRPO sees these and the other 110)
 SFT_TOOL_DEMOS = 30  # tool-call demonstrations among the SFT candidates: the format, not mastery. With 100 of them
 # SFT answered 0.4% of held-out additions, with 30 3.2%, with none 36%, at a similar number of epochs of additions
-# (19 to 29): the tool-call rows interfere with learning to add, for a reason not yet found.
+# (16 to 29): the tool-call rows interfere with learning to add, for a reason not yet found.
 SFT_STEPS = 150
 GRPO_TOOL_PROMPTS = 190  # tool-call prompts among GRPO's (a quarter)
 TOKENIZER_VOCAB = 512
