@@ -20,28 +20,17 @@ def test_quick_demo_runs_every_stage(tmp_path):
     # the filter removes the injected bad samples (wrong answers, malformed chats, duplicates) and keeps the clean
     assert summaries["filter"]["injected_bad_removed_pct"] >= 95.0
     assert summaries["filter"]["clean_lost_pct"] <= 1.0
-    assert "filter removed" in proc.stdout and "injected bad samples" in proc.stdout
-    # GRPO trains on verifiable math and on tool-call prompts whose tools the chat template rendered
-    prompts = [json.loads(line) for line in (out / "data" / "grpo_prompts.jsonl").read_text().splitlines()]
-    tool_prompts = [p for p in prompts if p["task"] == "tool_call"]
-    assert tool_prompts and all("<tools>" in p["prompt"] and p["ground_truth"] for p in tool_prompts)
-    assert any(p["task"] == "math" and p["answer"] for p in prompts)
-    grpo_metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert all("rewards/tool_call/mean" in m and "rewards/math/mean" in m for m in grpo_metrics if "loss" in m)
+    assert "injected bad samples" in proc.stdout and all(s["time"]["cpu_s"] > 0 for s in summaries.values())
     # every stage's output is on disk
     for path in ("pretrain/final/config.json", "sft/final/model.safetensors", "grpo/final/config.json",
                  "export/manifest.json", "filter/manifest.json", "filter/kept.jsonl"):
         assert (out / path).is_file(), path
     assert "signature valid" in proc.stdout
     evaluation = summaries["eval"]
-    assert evaluation["held_out"] == {"math": 250, "tool_call": 250, "all": 500}
-    for task in ("math", "tool_call", "all"):
-        for stage in ("base", "sft", "grpo"):
-            lo, hi = evaluation[task][stage]["ci95"]
-            assert lo <= evaluation[task][stage]["accuracy"] <= hi
-        assert evaluation[task]["base"]["p_vs_previous"] is None
-        assert 0 < evaluation[task]["grpo"]["p_vs_previous"] <= 1
-    assert "tool_call" in proc.stdout and "one-sided paired sign test" in proc.stdout
+    assert evaluation["held_out"] == 250
+    for stage in ("base", "sft", "grpo"):
+        lo, hi = evaluation[stage]["ci95"]
+        assert lo <= evaluation[stage]["accuracy"] <= hi
     # rerunning one stage alone works from the outputs on disk
     again = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--quick", "--out", str(out),
                             "--stage", "export"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
@@ -60,19 +49,12 @@ def test_held_out_items_are_disjoint_from_every_training_item(tmp_path):
     def pairs(text: str) -> set[tuple[int, int]]:
         return {(int(a), int(b)) for a, b in re.findall(r"(\d+)\+(\d+)", text)}
 
-    held = [json.loads(line) for line in (folder / "held_out.jsonl").read_text().splitlines()]
-    held_pairs = pairs(json.dumps([r["prompt"] for r in held]))
-    assert summary["held_out"] == {"math": 250, "tool_call": 250} and len(held_pairs) == 250
-    for name in ("sft_candidates.jsonl", "grpo_prompts.jsonl", "pretrain.jsonl"):
-        text = (folder / name).read_text()
-        assert not pairs(text) & held_pairs, name
+    held_pairs = pairs((folder / "held_out.jsonl").read_text())
+    assert summary["held_out"] == 250 and len(held_pairs) == 250
+    for name in ("sft_candidates.jsonl", "grpo_prompts.jsonl"):
+        assert not pairs((folder / name).read_text()) & held_pairs, name
     pretrain_sums = {(int(a), int(b)) for a, b in re.findall(r"(\d+) plus (\d+)", (folder / "pretrain.jsonl").read_text())}
-    assert not pretrain_sums & held_pairs
-    # the tool-call items carry BFCL-style ground truth that matches their question
-    for row in held:
-        if row["task"] == "tool_call":
-            a, b = next(iter(pairs(row["prompt"][0]["content"])))
-            assert row["ground_truth"] == [{"add": {"a": [a], "b": [b]}}]
+    assert pretrain_sums and not pretrain_sums & held_pairs
 
 
 def test_paired_one_sided_sign_test_is_exact():
