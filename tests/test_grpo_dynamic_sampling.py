@@ -102,3 +102,28 @@ def test_round_limit_and_shaping_does_not_hide_a_uniform_outcome(policy, tmp_pat
     with pytest.raises(ValueError, match="dynamic_sampling.metric 'accuracy' is not the label of a reward"):
         GrpoTrainer(config, model=model, tokenizer=tok, rows=_rows(["solved"]),
                     reward_set=RewardSet([WeightedReward("outcome", outcome)]))
+
+
+def math_like(prompts, completions, kind, **_):
+    """A verifier that does not apply to tool prompts (None there) and is uniform on "solved" prompts."""
+    return [None if k == "tool" else 1.0 for k in kind]
+
+
+def tool_like(prompts, completions, kind, **_):
+    """A checker that applies only to tool prompts, with varied outcomes there."""
+    return [float(len(c) % 2) if k == "tool" else None for c, k in zip(completions, kind, strict=True)]
+
+
+def test_outcome_is_each_samples_first_applicable_reward(policy, tmp_path):
+    # a mix of tasks, each scored by its own reward: with no metric configured, a tool prompt's outcome is the tool
+    # checker's value (the math verifier says None there), so its varied groups are kept, not dropped as uniform
+    model, tok = policy
+    config = _config(tmp_path, max_rounds=10)
+    config.dynamic_sampling.metric = None
+    mixed = RewardSet([WeightedReward("math", math_like), WeightedReward("tool", tool_like)])
+    trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=_rows(["solved", "tool"] * 6), reward_set=mixed)
+    m = trainer.step()
+    assert m["dynamic_sampling/kept_groups"] == 4 and m["dynamic_sampling/dropped_groups"] >= 2
+    assert {trainer.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"tool"}
+    assert all(r.rewards["math"] is None and trainer._outcome(r) == r.rewards["tool"] for r in trainer.last_batch)
+    assert len({trainer._outcome(r) for r in trainer.last_batch}) == 2

@@ -88,8 +88,9 @@ class DynamicSamplingConfig:
     """DAPO's dynamic sampling.
 
     enabled: drop groups whose outcome metric is the same for every completion and generate more.
-    metric: label of the reward whose values are the outcome (None: the first reward, e.g. the verifier); not the
-        shaped total, which overlong shaping makes look varied when it is not.
+    metric: label of the reward whose values are the outcome (None: for each sample, the first reward in the list that
+        scores it, e.g. the math verifier on math prompts and the tool-call checker on tool prompts); never the shaped
+        total, which overlong shaping makes look varied when it is not.
     max_rounds: most generation rounds per step; past it the step trains on the groups it has.
     """
 

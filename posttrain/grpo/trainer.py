@@ -143,15 +143,18 @@ class GrpoTrainer:
                 tools=tools)
 
         self.reward_set = reward_set or RewardSet.from_specs(c.rewards.rewards)
+        scored_by = [r.name for r in self.reward_set.rewards]  # the user's rewards, before shaping is appended
         if c.overlong.buffer > 0:
             overlong = get("overlong", max_len=c.rollout.max_new_tokens, cache_len=c.overlong.buffer)
             self.reward_set = RewardSet([*self.reward_set.rewards,
                                          WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
         labels = [r.name for r in self.reward_set.rewards]
-        self.outcome = c.dynamic_sampling.metric or labels[0]  # the verifier: accuracy and dynamic sampling
-        if self.outcome not in labels:
-            raise ValueError(f"dynamic_sampling.metric {self.outcome!r} is not the label of a reward "
-                             f"(labels: {labels})")
+        # The outcome (accuracy, dynamic sampling): the configured reward, or else, sample by sample, the first of the
+        # user's rewards that scores it (a math verifier on math prompts, a tool-call checker on tool prompts).
+        metric = c.dynamic_sampling.metric
+        if metric is not None and metric not in labels:
+            raise ValueError(f"dynamic_sampling.metric {metric!r} is not the label of a reward (labels: {labels})")
+        self.outcome_labels = [metric] if metric is not None else scored_by
         self._pool = None
 
         model.train()
@@ -325,8 +328,11 @@ class GrpoTrainer:
     def _load_rollout_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.rollout_model.load_state_dict(state_dict)
 
+    def _outcome(self, rollout: Rollout) -> float | None:
+        return next((v for v in (rollout.rewards.get(k) for k in self.outcome_labels) if v is not None), None)
+
     def _uniform(self, group: list[Rollout]) -> bool:
-        values = {r.rewards.get(self.outcome) for r in group}
+        values = {self._outcome(r) for r in group}
         values.discard(None)
         return len(values) <= 1
 
@@ -554,7 +560,7 @@ class GrpoTrainer:
             m[f"rewards/{name}/std"] = (torch.tensor(vals).std(correction=0).item() if len(vals) > 1 else 0.0)
         totals = [r.total for r in generated if r.total is not None]
         m["rewards/total/mean"] = sum(totals) / len(totals) if totals else math.nan
-        outcome = [r.rewards.get(self.outcome) for r in generated]
+        outcome = [self._outcome(r) for r in generated]
         outcome = [v for v in outcome if v is not None]
         m["accuracy"] = sum(outcome) / len(outcome) if outcome else math.nan
         m["rewards/unscored"] = float(sum(r.total is None for r in generated))
@@ -616,7 +622,7 @@ class GrpoTrainer:
         outs = self._generate_and_score(padded, self.eval_prompt_ids, self.eval_rows, e.num_samples, e.temperature,
                                         -1, times, engine=engine)
         outs = outs[: n * e.num_samples]
-        vals = [r.rewards.get(self.outcome) for r in outs]
+        vals = [self._outcome(r) for r in outs]
         scored = [v for v in vals if v is not None]
         return {"eval/accuracy": sum(scored) / len(scored) if scored else math.nan,
                 "eval/mean_length": sum(len(r.completion_ids) for r in outs) / max(len(outs), 1)}
