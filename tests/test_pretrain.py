@@ -97,3 +97,8 @@ def test_bad_rows_and_fields_fail_before_training(setup, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert cli(["pretrain", "--config", str(recipe), "--optim.lr", "fast"]) == 2
     assert "optim.lr must be a number" in capsys.readouterr().err
+    # a warmup longer than the whole run is a clear error naming the option, not a traceback
+    rc = cli(["pretrain", "--config", str(recipe), "--optim.max_steps", "3", "--optim.warmup_steps", "5",
+              "--checkpoint.output_dir", str(tmp_path / "warm")])
+    assert rc == 2
+    assert "optim: warmup_steps must be between 0 and the run's total steps (3), got 5" in capsys.readouterr().err

@@ -237,8 +237,11 @@ class DpoTrainer:
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         optimizer = build_optimizer(model.parameters(), o)
-        self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
-                                         o.decay_fraction)
+        try:
+            self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
+                                             o.decay_fraction)
+        except ValueError as exc:  # e.g. a warmup longer than the run
+            raise TrainingError(f"optim: {exc}") from None
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", config.checkpoint.keep_last)
         self.checkpoints.register(self.scheduler)

@@ -187,8 +187,11 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(_model_config(model), "num_local_experts", 0))
         optimizer = build_optimizer(model.parameters(), o)
-        self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
-                                         o.decay_fraction)
+        try:
+            self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
+                                             o.decay_fraction)
+        except ValueError as exc:  # e.g. a warmup longer than the run
+            raise TrainingError(f"optim: {exc}") from None
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", config.checkpoint.keep_last)
         self.checkpoints.register(self.scheduler)

@@ -31,7 +31,7 @@ def lr_lambda(kind: ScheduleKind, total_steps: int, warmup_steps: int = 0, min_l
     if total_steps < 1:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be between 0 and total_steps ({total_steps}), got {warmup_steps}")
+        raise ValueError(f"warmup_steps must be between 0 and the run's total steps ({total_steps}), got {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if not 0.0 <= decay_fraction <= 1.0:
