@@ -127,3 +127,20 @@ def test_outcome_is_each_samples_first_applicable_reward(policy, tmp_path):
     assert {trainer.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"tool"}
     assert all(r.rewards["math"] is None and trainer._outcome(r) == r.rewards["tool"] for r in trainer.last_batch)
     assert len({trainer._outcome(r) for r in trainer.last_batch}) == 2
+
+
+def test_rewards_see_the_tool_call_markup_the_model_wrote(policy, tmp_path):
+    # <tool_call> tags are special tokens: dropping them would merge two calls into text no parser reads as two
+    from posttrain.rewards.tool_call import parse_tool_calls
+
+    model, tok = policy
+    trainer = GrpoTrainer(_config(tmp_path, max_rounds=1), model=model, tokenizer=tok, rows=_rows(["open"]),
+                          reward_set=RewardSet([WeightedReward("outcome", outcome)]))
+    written = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+               '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
+    ids = tok(written, add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
+    text = trainer._completion_for_reward({"prompt": "1+2="}, ids)
+    assert text == tok.decode(ids[:-2], skip_special_tokens=False) and text.count("<tool_call>") == 2
+    assert [c["arguments"] for c in parse_tool_calls(text)] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+    chat = trainer._completion_for_reward({"prompt": [{"role": "user", "content": "1+2="}]}, ids)
+    assert chat == [{"role": "assistant", "content": text}]

@@ -241,7 +241,13 @@ class GrpoTrainer:
             self.engine.close()
 
     def _completion_for_reward(self, row: dict, ids: list[int]):
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # the text the model wrote, markup included (``<tool_call>`` tags are special tokens, and two calls in one
+        # answer do not parse without them), less the end-of-sequence and padding tokens that close it
+        closing = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
+        end = len(ids)
+        while end and ids[end - 1] in closing:
+            end -= 1
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
         prompt = row[self.config.data.prompt_column]
         return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
