@@ -102,3 +102,16 @@ def test_bad_rows_and_fields_fail_before_training(setup, tmp_path, capsys):
               "--checkpoint.output_dir", str(tmp_path / "warm")])
     assert rc == 2
     assert "optim: warmup_steps must be between 0 and the run's total steps (3), got 5" in capsys.readouterr().err
+
+
+def test_resuming_with_another_global_batch_is_a_clear_error(setup, tmp_path, capsys):
+    _, recipe = setup
+    out = tmp_path / "run"
+    common = ["pretrain", "--config", str(recipe), "--checkpoint.output_dir", str(out), "--optim.max_steps", "2",
+              "--optim.warmup_steps", "0", "--checkpoint.every_steps", "1", "--logging.progress", "false"]
+    assert cli(common) == 0
+    # the checkpoint's step counts batches of 2: with batches of 4 it would index other samples
+    assert cli([*common, "--optim.max_steps", "3", "--optim.per_device_batch_size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "in global batches of 2, this run has" in err and "batches of 4" in err
+    assert max(p.name for p in (out / "checkpoints").iterdir()) == "step-00000002"  # nothing overwritten

@@ -43,7 +43,14 @@ from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
 from posttrain.train.checkpointing import CheckpointManager
 from posttrain.train.data import BatchPlan
-from posttrain.train.loop import MetricsLog, TrainingError, _Progress, build_accelerator, build_optimizer
+from posttrain.train.loop import (
+    MetricsLog,
+    TrainingError,
+    _Progress,
+    build_accelerator,
+    build_optimizer,
+    resume_step,
+)
 from posttrain.train.schedules import build_scheduler
 
 REFERENCE_FILE = "reference_logps.jsonl"
@@ -365,18 +372,7 @@ class DpoTrainer:
 
     def train(self) -> DpoResult:
         acc = self.accelerator
-        start = 0
-        if self.config.checkpoint.resume:
-            state = self.checkpoints.resume()
-            if state is not None:
-                if state.get("n_items") != self.plan.n_items or state.get("global_batch") != self.plan.global_batch:
-                    raise TrainingError(
-                        f"cannot resume from {self.checkpoints.latest()}: it was written for {state.get('n_items')} "
-                        f"pairs in global batches of {state.get('global_batch')}, this run has {self.plan.n_items} "
-                        f"in batches of {self.plan.global_batch}; use another checkpoint.output_dir or "
-                        "checkpoint.resume: false")
-                start = int(state["step"])
-                acc.print(f"resuming from {self.checkpoints.latest()} at step {start}")
+        start = resume_step(acc, self.checkpoints, self.plan, "pairs") if self.config.checkpoint.resume else 0
         self.metrics.truncate_after(start)
         if self.config.logging.report_to:
             from posttrain.train.loop import _flat

@@ -145,6 +145,22 @@ class MetricsLog:
             self.accelerator.log(scalars, step=step)
 
 
+def resume_step(accelerator, checkpoints, plan: BatchPlan, unit: str) -> int:
+    """The step a resumed run starts at: the latest checkpoint's, or 0 when there is none. A checkpoint written for
+    other data or another global batch is an error (its step would index other samples)."""
+    state = checkpoints.resume()
+    if state is None:
+        return 0
+    if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
+        raise TrainingError(
+            f"cannot resume from {checkpoints.latest()}: it was written for {state.get('n_items')} {unit} in global "
+            f"batches of {state.get('global_batch')}, this run has {plan.n_items} in batches of {plan.global_batch}; "
+            "use another checkpoint.output_dir or checkpoint.resume: false")
+    start = int(state["step"])
+    accelerator.print(f"resuming from {checkpoints.latest()} at step {start}")
+    return start
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -267,18 +283,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         acc = self.accelerator
-        start = 0
-        if self.config.checkpoint.resume:
-            state = self.checkpoints.resume()
-            if state is not None:
-                if state.get("n_items") != self.plan.n_items or state.get("global_batch") != self.plan.global_batch:
-                    raise TrainingError(
-                        f"cannot resume from {self.checkpoints.latest()}: it was written for {state.get('n_items')} "
-                        f"items in global batches of {state.get('global_batch')}, this run has {self.plan.n_items} "
-                        f"in batches of {self.plan.global_batch}; use another checkpoint.output_dir or "
-                        "checkpoint.resume: false")
-                start = int(state["step"])
-                acc.print(f"resuming from {self.checkpoints.latest()} at step {start}")
+        start = resume_step(acc, self.checkpoints, self.plan, "items") if self.config.checkpoint.resume else 0
         self.metrics.truncate_after(start)
         if self.config.logging.report_to:
             acc.init_trackers(self.config.logging.project, config=_flat(self.run_config))
