@@ -252,7 +252,13 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _accuracy(folder: Path, items: list[dict]) -> list[bool]:
+SAMPLES_PER_ITEM = 8  # sampled evaluation: completions per held-out item at GRPO's training temperature
+SAMPLE_TEMPERATURE = 1.0
+
+
+def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: float = 0.0,
+              seed: int = 0) -> list[float]:
+    """Per held-out item, the share of ``samples`` answers the math verifier accepts (greedy: one answer, 0 or 1)."""
     from posttrain.engine import NativeEngine, SamplingParams
     from posttrain.models.hybrid import HybridForCausalLM
     from posttrain.rewards import get
@@ -262,10 +268,16 @@ def _accuracy(folder: Path, items: list[dict]) -> list[bool]:
     model = HybridForCausalLM.from_pretrained(folder)
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"] for r in items]
-    params = SamplingParams(max_new_tokens=6, temperature=0, eos_token_id=tokenizer.eos_token_id)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in NativeEngine(model).generate(prompts, params)]
-    scores = get("math")([r["prompt"] for r in items], texts, answer=[r["answer"] for r in items])
-    return [s == 1.0 for s in scores]
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, n=samples, seed=seed,
+                            eos_token_id=tokenizer.eos_token_id)
+    completions = NativeEngine(model).generate(prompts, params)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    owners = [items[c.prompt_index] for c in completions]
+    scores = get("math")([r["prompt"] for r in owners], texts, answer=[r["answer"] for r in owners])
+    hits = [0.0] * len(items)
+    for c, score in zip(completions, scores, strict=True):
+        hits[c.prompt_index] += (score == 1.0) / samples
+    return hits
 
 
 def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -275,39 +287,74 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_one_sided_p(better: list[bool], worse: list[bool]) -> float:
-    """Exact one-sided McNemar (sign) test on the discordant items: P(at least this many wins | no difference)."""
-    wins = sum(b and not w for b, w in zip(better, worse))
-    losses = sum(w and not b for b, w in zip(better, worse))
+def paired_one_sided_p(better: list[float], worse: list[float]) -> float:
+    """Exact one-sided sign test over items (McNemar's on 0/1 outcomes; with per-item success rates, the items where
+    the two differ): P(at least this many wins | no difference), ties left out."""
+    wins = sum(b > w for b, w in zip(better, worse, strict=True))
+    losses = sum(w > b for b, w in zip(better, worse, strict=True))
     n = wins + losses
     if n == 0:
         return 1.0
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
+def paired_permutation_p(better: list[float], worse: list[float], resamples: int = 20_000, seed: int = 0) -> float:
+    """One-sided paired sign-flip permutation test on per-item differences (their sum is the statistic, so unlike the
+    sign test it weighs how much each item moved): P(a sum at least this large | each difference's sign is a coin
+    flip). Monte Carlo over ``resamples`` flips, counting the observed one, so never 0."""
+    import torch
+
+    d = torch.tensor([b - w for b, w in zip(better, worse, strict=True)], dtype=torch.float64)
+    observed = d.sum().item()
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (resamples, len(d)), generator=generator, dtype=torch.float64) * 2 - 1
+    at_least = int((signs @ d >= observed - 1e-9).sum().item())
+    return (at_least + 1) / (resamples + 1)
+
+
 def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
     items = _read_jsonl(out / "data" / "held_out.jsonl")
     stages = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "grpo": out / "export"}
-    correct = {name: _accuracy(folder, items) for name, folder in stages.items()}
-    table = Table(title=f"held-out accuracy, {len(items)} additions disjoint from every training item (greedy)")
-    for column in ("model", "accuracy", "95% interval", "one-sided p vs previous"):
-        table.add_column(column)
     summary: dict = {"held_out": len(items)}
-    previous = None
-    for name, hits in correct.items():
-        k = sum(hits)
-        lo, hi = _wilson(k, len(hits))
-        p = paired_one_sided_p(hits, correct[previous]) if previous else None
-        table.add_row(name, f"{k / len(hits):.3f}", f"[{lo:.3f}, {hi:.3f}]", "" if p is None else f"{p:.2g}")
-        summary[name] = {"accuracy": round(k / len(hits), 4), "ci95": [round(lo, 4), round(hi, 4)],
-                         "p_vs_previous": p}
-        previous = name
-    Console().print(table)
+    greedy = {name: _accuracy(folder, items) for name, folder in stages.items()}
+    Console().print(_eval_table(f"held-out accuracy, {len(items)} additions disjoint from every training item (greedy)",
+                                greedy, summary))
+    sampled = {name: _accuracy(folder, items, SAMPLES_PER_ITEM, SAMPLE_TEMPERATURE, args.seed)
+               for name, folder in stages.items()}
+    summary["sampled"] = {"samples_per_item": SAMPLES_PER_ITEM, "temperature": SAMPLE_TEMPERATURE}
+    Console().print(_eval_table(f"the same items, {SAMPLES_PER_ITEM} sampled answers each at temperature "
+                                f"{SAMPLE_TEMPERATURE} (per-item success rates; paired permutation test)",
+                                sampled, summary["sampled"], paired_permutation_p))
     summary["curves"] = _plot_curves(out)
     return summary
+
+
+def _eval_table(title: str, results: dict[str, list[float]], summary: dict, test=None):
+    """Accuracy, a 95% interval and the one-sided paired test against the stage before, per stage, into ``summary``.
+    The interval is Wilson's for 0/1 outcomes and the normal one over per-item rates for sampled ones; the test is
+    ``test`` (default: the exact sign test), and the sign test's p is kept beside it either way."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("model", "accuracy", "95% interval", "one-sided p vs previous"):
+        table.add_column(column)
+    previous = None
+    for name, hits in results.items():
+        n, mean = len(hits), sum(hits) / len(hits)
+        if all(h in (0.0, 1.0) for h in hits):
+            lo, hi = _wilson(round(sum(hits)), n)
+        else:
+            half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in hits) / max(n - 1, 1) / n)
+            lo, hi = max(0.0, mean - half), min(1.0, mean + half)
+        sign_p = paired_one_sided_p(hits, results[previous]) if previous else None
+        p = (test or paired_one_sided_p)(hits, results[previous]) if previous else None
+        table.add_row(name, f"{mean:.3f}", f"[{lo:.3f}, {hi:.3f}]", "" if p is None else f"{p:.2g}")
+        summary[name] = {"accuracy": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "p_vs_previous": p,
+                         "sign_test_p": sign_p}
+        previous = name
+    return table
 
 
 def _plot_curves(out: Path) -> str | None:

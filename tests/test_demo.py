@@ -28,9 +28,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert "signature valid" in proc.stdout
     evaluation = summaries["eval"]
     assert evaluation["held_out"] == 250
-    for stage in ("base", "sft", "grpo"):
-        lo, hi = evaluation[stage]["ci95"]
-        assert lo <= evaluation[stage]["accuracy"] <= hi
+    for table in (evaluation, evaluation["sampled"]):  # greedy, then 8 sampled answers per item
+        for stage in ("base", "sft", "grpo"):
+            lo, hi = table[stage]["ci95"]
+            assert lo <= table[stage]["accuracy"] <= hi
+            assert (table[stage]["p_vs_previous"] is None) == (stage == "base")
+    assert evaluation["sampled"]["samples_per_item"] == 8 and "sampled answers each" in proc.stdout
     # rerunning one stage alone works from the outputs on disk
     again = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--quick", "--out", str(out),
                             "--stage", "export"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
@@ -67,3 +70,20 @@ def test_paired_one_sided_sign_test_is_exact():
     assert paired_one_sided_p(better, worse) == 5 / 16
     assert paired_one_sided_p(worse, better) == 15 / 16
     assert paired_one_sided_p([True], [True]) == 1.0
+    # per-item success rates: items where the rates differ count, the rest are ties
+    assert paired_one_sided_p([0.5, 0.25, 1.0, 0.0], [0.25, 0.25, 0.5, 0.0]) == 1 / 4
+
+
+def test_paired_permutation_test():
+    from posttrain.demo import paired_permutation_p
+
+    # every item improves by the same amount: only the all-positive flip reaches the observed sum, P = 2^-10
+    p = paired_permutation_p([0.5] * 10, [0.0] * 10, resamples=200_000)
+    assert abs(p - 2**-10) < 5e-4
+    # no change anywhere: every flip ties the observed sum of 0
+    assert paired_permutation_p([0.25, 1.0], [0.25, 1.0]) == 1.0
+    # a large gain on few items outweighs small losses on more: the sign test misses it, this test does not
+    better, worse = [1.0] * 12 + [0.0] * 20, [0.0] * 12 + [0.125] * 20
+    from posttrain.demo import paired_one_sided_p
+
+    assert paired_one_sided_p(better, worse) > 0.5 and paired_permutation_p(better, worse) < 0.01
