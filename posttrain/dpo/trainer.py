@@ -1,7 +1,7 @@
 """The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on SFT's machinery.
 
-What is reused rather than rewritten: ``build_accelerator``/``build_optimizer``/``MetricsLog`` from
-``posttrain.train.loop``, the schedules, ``BatchPlan`` (which pairs each process takes at each step and micro-step,
+What is reused rather than rewritten: ``build_accelerator``, ``prepare_training`` (optimizer, schedule, checkpoint
+manager, metrics log) and ``resume_step`` from ``posttrain.train.loop``, ``BatchPlan`` (which pairs each process takes at each step and micro-step,
 a pure function of the step, so resuming draws exactly what an uninterrupted run would) and ``CheckpointManager``
 (model, optimizer, scheduler, RNG, atomic folders). One step:
 
@@ -41,17 +41,14 @@ import torch
 from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
-from posttrain.train.checkpointing import CheckpointManager
 from posttrain.train.data import BatchPlan
 from posttrain.train.loop import (
-    MetricsLog,
     TrainingError,
     _Progress,
     build_accelerator,
-    build_optimizer,
+    prepare_training,
     resume_step,
 )
-from posttrain.train.schedules import build_scheduler
 
 REFERENCE_FILE = "reference_logps.jsonl"
 _STATS = ("loss", "chosen_reward", "rejected_reward", "correct", "chosen_logps", "rejected_logps")
@@ -243,16 +240,8 @@ class DpoTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        optimizer = build_optimizer(model.parameters(), o)
-        try:
-            self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
-                                             o.decay_fraction)
-        except ValueError as exc:  # e.g. a warmup longer than the run
-            raise TrainingError(f"optim: {exc}") from None
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", config.checkpoint.keep_last)
-        self.checkpoints.register(self.scheduler)
-        self.metrics = MetricsLog(acc, self.output_dir / "metrics.jsonl")
+        self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
+            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last)
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False

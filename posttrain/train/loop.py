@@ -145,6 +145,22 @@ class MetricsLog:
             self.accelerator.log(scalars, step=step)
 
 
+def prepare_training(accelerator, model, optim: OptimSettings, total_steps: int, output_dir: Path, keep_last: int):
+    """The optimizer and its schedule, the model and optimizer prepared by accelerate, a checkpoint manager that also
+    saves the schedule, and the metrics log: what every trainer here sets up the same way. A schedule that cannot
+    fit the run (a warmup longer than it) is a TrainingError naming ``optim``."""
+    optimizer = build_optimizer(model.parameters(), optim)
+    try:
+        scheduler = build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_steps, optim.min_lr_ratio,
+                                    optim.decay_fraction)
+    except ValueError as exc:
+        raise TrainingError(f"optim: {exc}") from None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", keep_last)
+    checkpoints.register(scheduler)
+    return model, optimizer, scheduler, checkpoints, MetricsLog(accelerator, Path(output_dir) / "metrics.jsonl")
+
+
 def resume_step(accelerator, checkpoints, plan: BatchPlan, unit: str) -> int:
     """The step a resumed run starts at: the latest checkpoint's, or 0 when there is none. A checkpoint written for
     other data or another global batch is an error (its step would index other samples)."""
@@ -202,16 +218,8 @@ class Trainer:
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(_model_config(model), "num_local_experts", 0))
-        optimizer = build_optimizer(model.parameters(), o)
-        try:
-            self.scheduler = build_scheduler(optimizer, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio,
-                                             o.decay_fraction)
-        except ValueError as exc:  # e.g. a warmup longer than the run
-            raise TrainingError(f"optim: {exc}") from None
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", config.checkpoint.keep_last)
-        self.checkpoints.register(self.scheduler)
-        self.metrics = MetricsLog(acc, self.output_dir / "metrics.jsonl")
+        self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
+            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], list[Sequence[Segment]]]]:
