@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ["data", "pretrain", "filter", "sft", "grpo", "export", "eval"]
+STAGES = ["data", "pretrain", "filter", "sft", "dpo", "grpo", "export", "eval"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,17 +95,51 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _split_pairs(seed: int):
-    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
-    random.Random(seed).shuffle(pairs)
-    return pairs[:250], pairs[250:]  # held out, train
+# The tasks. add: "a+b=" answered with the sum (the math verifier checks it). tool: "a*b=" answered by calling the
+# ``multiply`` tool that the prompt declares (the tool-call reward grades the call against the expected one).
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "The product of two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+TOOL_SYSTEM = "tool: multiply(a: integer, b: integer)"
+TOOL_REWARD_OPTIONS = {"ground_truth_column": "ground_truth", "tools_column": "tool_schema"}
+HELD_OUT = {"add": 300, "tool": 250}  # held-out items per task
+SFT_ITEMS = {"add": 400, "tool": 160}  # training items with an SFT demonstration (the rest are GRPO-only prompts)
 
 
-def _chat(a: int, b: int, answer: str | None) -> list[dict]:
-    turns = [{"role": "user", "content": f"{a}+{b}="}]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": answer})
-    return turns
+def _split_pairs(seed: int, task: str):
+    """(held out, train) operand pairs of ``task``; the two never share a pair."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(1 if task == "add" else 2, 10)]
+    random.Random(f"{seed}-{task}").shuffle(pairs)
+    return pairs[:HELD_OUT[task]], pairs[HELD_OUT[task]:]
+
+
+def _item(task: str, a: int, b: int) -> dict:
+    """A prompt row with every task's columns (a reward skips the rows whose column is None). The tool is declared
+    in a one-line system message rather than the chat template's tools block, which is ~100 tokens of JSON schema:
+    at this model's size that would make every tool sample 5x longer than an addition; ``tool_schema`` holds the
+    schema the tool-call reward checks the arguments' types against."""
+    if task == "add":
+        return {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b), "ground_truth": None,
+                "tool_schema": None, "task": "add"}
+    return {"prompt": [{"role": "system", "content": TOOL_SYSTEM}, {"role": "user", "content": f"{a}*{b}="}],
+            "answer": None, "ground_truth": [{"multiply": {"a": [a], "b": [b]}}], "tool_schema": [MULTIPLY],
+            "task": "tool"}
+
+
+def _call(a: int, b: int, name: str = "multiply") -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": {"a": a, "b": b}}}
+
+
+def _demonstration(task: str, a: int, b: int, answer: str | None = None, call: dict | None = None) -> dict:
+    """An SFT row: the item's prompt and an assistant turn (by default the right one)."""
+    row = _item(task, a, b)
+    messages = list(row.pop("prompt"))
+    if task == "add":
+        messages.append({"role": "assistant", "content": str(a + b) if answer is None else answer})
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call or _call(a, b)]})
+    return {"messages": messages, **row, "demo_kind": "clean"}
 
 
 def stage_data(out: Path, args: argparse.Namespace) -> dict:
@@ -114,30 +148,39 @@ def stage_data(out: Path, args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     folder = out / "data"
     folder.mkdir(exist_ok=True)
-    held_out, train = _split_pairs(args.seed)
-    # pre-training corpus: counting and number words, never a sum of a held-out pair
+    held_out, train = {}, {}
+    for task in ("add", "tool"):
+        held_out[task], train[task] = _split_pairs(args.seed, task)
+    # pre-training corpus: counting and number words, never a sum or product of a held-out pair
     corpus = []
     for _ in range(3000):
         start = rng.randint(0, 95)
         corpus.append({"text": " ".join(str(start + i) for i in range(rng.randint(3, 8)))})
-    for a, b in train[:300]:
+    for a, b in train["add"][:300]:
         corpus.append({"text": f"{a} plus {b} is {a + b}."})
     rng.shuffle(corpus)
     _jsonl(folder / "pretrain.jsonl", corpus)
-    tokenizer = build_tokenizer([r["text"] for r in corpus] + [f"{a}+{b}={a + b}" for a, b in train], vocab_size=400)
+    calls = [json.dumps({"name": "multiply", "arguments": {"a": a, "b": b}}) for a, b in train["tool"]]
+    tokenizer = build_tokenizer([r["text"] for r in corpus] + [f"{a}+{b}={a + b}" for a, b in train["add"]]
+                                + calls + [f"system {TOOL_SYSTEM} user assistant"] * 50, vocab_size=512)
     tokenizer.save_pretrained(folder / "tokenizer")
-    # SFT candidates: every training pair once, correct; then the injected bad ones
-    sft_pairs = train[:450]
-    rows = [{"messages": _chat(a, b, str(a + b)), "answer": str(a + b), "demo_kind": "clean"} for a, b in sft_pairs]
+    # SFT candidates: a demonstration of each SFT item, correct; then the injected bad ones
+    sft_items = [(task, a, b) for task in ("add", "tool") for a, b in train[task][:SFT_ITEMS[task]]]
+    rows = [_demonstration(*item) for item in sft_items]
     bad = []
-    for a, b in rng.sample(sft_pairs, 90):  # wrong answers, as unfiltered data has
-        bad.append({"messages": _chat(a, b, str(a + b + rng.choice([-1, 1, 10]))), "answer": str(a + b),
-                    "demo_kind": "wrong_answer"})
-    for i, (a, b) in enumerate(rng.sample(sft_pairs, 30)):  # malformed chats
-        broken = [_chat(a, b, "")[0] | {"role": "user"}, {"role": "assistant", "content": ""}] if i % 3 == 0 else (
-            [{"role": "assistant", "content": str(a + b)}, {"role": "user", "content": f"{a}+{b}="}] if i % 3 == 1
-            else [{"role": "assistant", "content": str(a + b)}])
-        bad.append({"messages": broken, "answer": str(a + b), "demo_kind": "malformed"})
+    for task, a, b in rng.sample(sft_items, 90):  # wrong answers and wrong calls, as unfiltered data has
+        if task == "add":
+            row = _demonstration(task, a, b, answer=str(a + b + rng.choice([-1, 1, 10])))
+        else:
+            row = _demonstration(task, a, b, call=_call(a + rng.choice([-1, 1]), b) if rng.random() < 0.7
+                                 else _call(a, b, name="add"))  # wrong operands, or a tool nobody declared
+        bad.append(row | {"demo_kind": "wrong_answer"})
+    for i, (task, a, b) in enumerate(rng.sample(sft_items, 30)):  # malformed chats
+        good = _demonstration(task, a, b)
+        *head, assistant = good["messages"]
+        broken = ([*head, {"role": "assistant", "content": ""}] if i % 3 == 0 else
+                  [assistant, *head] if i % 3 == 1 else [assistant])
+        bad.append(good | {"messages": broken, "demo_kind": "malformed"})
     for row in rng.sample(rows, 60):  # exact copies
         bad.append(dict(row, demo_kind="duplicate"))
     candidates = rows + bad
@@ -149,14 +192,19 @@ def stage_data(out: Path, args: argparse.Namespace) -> dict:
             row["demo_kind"] = "duplicate" if key in seen else "clean"
         seen.add(key)
     _jsonl(folder / "sft_candidates.jsonl", candidates)
-    # GRPO prompts: the training pairs not used for SFT, then all training pairs; held-out items for evaluation
-    grpo_pairs = train[450:] + train[:450]
-    _jsonl(folder / "grpo_prompts.jsonl", [{"prompt": _chat(a, b, None), "answer": str(a + b)} for a, b in grpo_pairs])
-    _jsonl(folder / "held_out.jsonl", [{"prompt": _chat(a, b, None), "answer": str(a + b)} for a, b in held_out])
-    train_set = set(train)
-    assert not train_set & set(held_out)
+    # GRPO prompts: every training item of both tasks (SFT's and the ones SFT never saw)
+    grpo = [_item(task, a, b) for task in ("add", "tool") for a, b in train[task]]
+    rng.shuffle(grpo)
+    _jsonl(folder / "grpo_prompts.jsonl", grpo)
+    # DPO: preference pairs are sampled on the training additions
+    _jsonl(folder / "dpo_prompts.jsonl", [_item("add", a, b) for a, b in train["add"]])
+    held = [_item(task, a, b) for task in ("add", "tool") for a, b in held_out[task]]
+    rng.shuffle(held)  # GRPO's periodic evaluation reads the first 64: both tasks
+    _jsonl(folder / "held_out.jsonl", held)
+    for task in ("add", "tool"):
+        assert not set(train[task]) & set(held_out[task])
     return {"tokenizer_vocab": len(tokenizer), "pretrain_docs": len(corpus), "sft_candidates": len(candidates),
-            "injected_bad": len(bad), "grpo_prompts": len(grpo_pairs), "held_out": len(held_out)}
+            "injected_bad": len(bad), "grpo_prompts": len(grpo), "held_out": {t: len(v) for t, v in held_out.items()}}
 
 
 def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
@@ -177,9 +225,13 @@ def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
 def stage_filter(out: Path, args: argparse.Namespace) -> dict:
     config: dict = {
         "rules": [
-            {"name": "chat_structure"},
-            {"name": "verify_answer", "reward": "math", "reward_options": {"answer_column": "answer"},
-             "min_score": 1.0},
+            {"name": "chat_structure", "tools_column": "tool_schema"},
+            # additions: the sum checked by the math verifier; tool calls: the call graded against the expected one
+            # (each reward gives None on the other task's rows, which this rule then keeps)
+            {"name": "verify_answer", "id": "verify_sum", "reward": "math", "reward_options": {"answer_column": "answer"},
+             "min_score": 1.0, "keep_unverifiable": True},
+            {"name": "verify_answer", "id": "verify_call", "reward": "tool_call", "reward_options": TOOL_REWARD_OPTIONS,
+             "min_score": 1.0, "keep_unverifiable": True},
         ],
         "dedup": {"exact": True, "near": {"ngram": 3, "threshold": 0.8}},
     }
@@ -224,14 +276,44 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
     return {"checkpoint": str(out / "sft" / "final")}
 
 
+def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
+    """Preference optimisation from the SFT checkpoint (a branch beside GRPO, which also starts from SFT): the SFT
+    model answers each training addition 4 times at temperature 1, the math verifier picks a right and a wrong
+    answer where it gave both (``posttrain pairs``), and DPO trains on those pairs (``posttrain dpo``)."""
+    pairs = out / "dpo" / "pairs.jsonl"
+    _cli("pairs", "--config", _write_recipe(out, "pairs", {
+        "prompts_file": str(out / "data" / "dpo_prompts.jsonl"), "prompt_field": "prompt", "output": str(pairs),
+        "sampling": {"model": str(out / "sft" / "final"), "num_samples": 4, "temperature": 1.0,
+                     "max_new_tokens": 6, "seed": args.seed},
+        "verdict": {"source": "reward", "reward": "math", "reward_options": {"answer_column": "answer"}},
+    }))
+    made = len(_read_jsonl(pairs))
+    recipe = {
+        "model": {"path": str(out / "sft" / "final")},
+        "data": {"train_files": [str(pairs)], "max_length": 64},
+        "loss": {"type": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1.0e-3, "per_device_batch_size": 8, "max_steps": 10 if args.quick else 60,
+                  "schedule": "cosine", "warmup_steps": 3},
+        "checkpoint": {"output_dir": str(out / "dpo"), "every_steps": 0, "resume": False},
+        "logging": {"progress": False},
+        "seed": args.seed,
+    }
+    _cli("dpo", "--config", _write_recipe(out, "dpo", recipe))
+    return {"pairs": made, "checkpoint": str(out / "dpo" / "final")}
+
+
 def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
     recipe = {
         "model": {"path": str(out / "sft" / "final")},
         "data": {"path": str(out / "data" / "grpo_prompts.jsonl"), "prompt_column": "prompt", "max_prompt_tokens": 64},
-        "rollout": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 6, "temperature": 1.0},
+        # a tool call is 24 tokens long, a sum 3; rows that finish leave the batch
+        "rollout": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 28, "temperature": 1.0},
         "dynamic_sampling": {"enabled": True, "max_rounds": 2},
         "loss": {"type": "dapo"},
-        "rewards": {"rewards": [{"name": "math", "weight": 1.0}], "num_workers": 0},
+        # each reward scores its own task's rows (None elsewhere); a sample's reward is the one that scored it
+        "rewards": {"rewards": [{"name": "math", "weight": 1.0},
+                                {"name": "tool_call", "weight": 1.0, "options": TOOL_REWARD_OPTIONS}],
+                    "num_workers": 0},
         "optim": {"lr": 3.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
         "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
@@ -258,7 +340,8 @@ SAMPLE_TEMPERATURE = 1.0
 
 def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: float = 0.0,
               seed: int = 0) -> list[float]:
-    """Per held-out item, the share of ``samples`` answers the math verifier accepts (greedy: one answer, 0 or 1)."""
+    """Per held-out item, the share of ``samples`` answers its task's reward accepts (greedy: one answer, 0 or 1):
+    the math verifier for additions, the tool-call reward for tool calls."""
     from posttrain.engine import NativeEngine, SamplingParams
     from posttrain.models.hybrid import HybridForCausalLM
     from posttrain.rewards import get
@@ -268,15 +351,20 @@ def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: fl
     model = HybridForCausalLM.from_pretrained(folder)
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"] for r in items]
-    params = SamplingParams(max_new_tokens=6, temperature=temperature, n=samples, seed=seed,
+    params = SamplingParams(max_new_tokens=28, temperature=temperature, n=samples, seed=seed,
                             eos_token_id=tokenizer.eos_token_id)
     completions = NativeEngine(model).generate(prompts, params)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    # markup kept (the tool call's tags are special tokens), the end-of-text token dropped
+    texts = [tokenizer.decode([t for t in c.token_ids if t != tokenizer.eos_token_id]) for c in completions]
     owners = [items[c.prompt_index] for c in completions]
-    scores = get("math")([r["prompt"] for r in owners], texts, answer=[r["answer"] for r in owners])
+    rewards = {"add": get("math"), "tool": get("tool_call", **TOOL_REWARD_OPTIONS)}
     hits = [0.0] * len(items)
-    for c, score in zip(completions, scores, strict=True):
-        hits[c.prompt_index] += (score == 1.0) / samples
+    for task, reward in rewards.items():
+        mine = [i for i, r in enumerate(owners) if r["task"] == task]
+        columns = {k: [owners[i][k] for i in mine] for k in ("answer", "ground_truth", "tool_schema")}
+        scores = reward([owners[i]["prompt"] for i in mine], [texts[i] for i in mine], **columns)
+        for i, score in zip(mine, scores, strict=True):
+            hits[completions[i].prompt_index] += (score == 1.0) / samples
     return hits
 
 
@@ -312,48 +400,63 @@ def paired_permutation_p(better: list[float], worse: list[float], resamples: int
     return (at_least + 1) / (resamples + 1)
 
 
+# which stage each one is tested against: DPO and GRPO both start from the SFT checkpoint
+BASELINE = {"sft": "base", "dpo": "sft", "grpo": "sft"}
+
+
 def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     from rich.console import Console
 
     items = _read_jsonl(out / "data" / "held_out.jsonl")
-    stages = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "grpo": out / "export"}
-    summary: dict = {"held_out": len(items)}
+    tasks = {"add": [i for i, r in enumerate(items) if r["task"] == "add"],
+             "tool": [i for i, r in enumerate(items) if r["task"] == "tool"], "all": list(range(len(items)))}
+    stages = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "dpo": out / "dpo" / "final",
+              "grpo": out / "export"}
+    summary: dict = {"held_out": {t: len(v) for t, v in tasks.items()}}
     greedy = {name: _accuracy(folder, items) for name, folder in stages.items()}
-    Console().print(_eval_table(f"held-out accuracy, {len(items)} additions disjoint from every training item (greedy)",
-                                greedy, summary))
+    Console().print(_eval_table(f"held-out accuracy (greedy): {len(tasks['add'])} additions and {len(tasks['tool'])} "
+                                "tool calls, disjoint from every training item", greedy, tasks, summary))
     sampled = {name: _accuracy(folder, items, SAMPLES_PER_ITEM, SAMPLE_TEMPERATURE, args.seed)
                for name, folder in stages.items()}
     summary["sampled"] = {"samples_per_item": SAMPLES_PER_ITEM, "temperature": SAMPLE_TEMPERATURE}
     Console().print(_eval_table(f"the same items, {SAMPLES_PER_ITEM} sampled answers each at temperature "
                                 f"{SAMPLE_TEMPERATURE} (per-item success rates; paired permutation test)",
-                                sampled, summary["sampled"], paired_permutation_p))
+                                sampled, tasks, summary["sampled"], paired_permutation_p))
     summary["curves"] = _plot_curves(out)
     return summary
 
 
-def _eval_table(title: str, results: dict[str, list[float]], summary: dict, test=None):
-    """Accuracy, a 95% interval and the one-sided paired test against the stage before, per stage, into ``summary``.
-    The interval is Wilson's for 0/1 outcomes and the normal one over per-item rates for sampled ones; the test is
-    ``test`` (default: the exact sign test), and the sign test's p is kept beside it either way."""
+def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, list[int]], summary: dict, test=None):
+    """Per stage and task: accuracy, a 95% interval and the one-sided paired test against the stage it started from
+    (``BASELINE``), into ``summary[stage][task]``. The interval is Wilson's for 0/1 outcomes and the normal one over
+    per-item rates for sampled ones; the test is ``test`` (default: the exact sign test), and the sign test's p is
+    kept beside it either way."""
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("model", "accuracy", "95% interval", "one-sided p vs previous"):
-        table.add_column(column)
-    previous = None
+    table.add_column("model")
+    for task, members in tasks.items():
+        table.add_column(f"{task} (n={len(members)})")
     for name, hits in results.items():
-        n, mean = len(hits), sum(hits) / len(hits)
-        if all(h in (0.0, 1.0) for h in hits):
-            lo, hi = _wilson(round(sum(hits)), n)
-        else:
-            half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in hits) / max(n - 1, 1) / n)
-            lo, hi = max(0.0, mean - half), min(1.0, mean + half)
-        sign_p = paired_one_sided_p(hits, results[previous]) if previous else None
-        p = (test or paired_one_sided_p)(hits, results[previous]) if previous else None
-        table.add_row(name, f"{mean:.3f}", f"[{lo:.3f}, {hi:.3f}]", "" if p is None else f"{p:.2g}")
-        summary[name] = {"accuracy": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "p_vs_previous": p,
-                         "sign_test_p": sign_p}
-        previous = name
+        cells, summary[name] = [], {}
+        baseline = BASELINE.get(name)
+        for task, members in tasks.items():
+            mine = [hits[i] for i in members]
+            n, mean = len(mine), sum(mine) / len(mine)
+            if all(h in (0.0, 1.0) for h in mine):
+                lo, hi = _wilson(round(sum(mine)), n)
+            else:
+                half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in mine) / max(n - 1, 1) / n)
+                lo, hi = max(0.0, mean - half), min(1.0, mean + half)
+            p = sign_p = None
+            if baseline:
+                theirs = [results[baseline][i] for i in members]
+                sign_p = paired_one_sided_p(mine, theirs)
+                p = (test or paired_one_sided_p)(mine, theirs)
+            cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if p is None else f" p={p:.2g} vs {baseline}"))
+            summary[name][task] = {"accuracy": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                                   "vs": baseline, "p": p, "sign_test_p": sign_p}
+        table.add_row(name, *cells)
     return table
 
 

@@ -370,5 +370,26 @@ class ToolCallReward(NamedReward):
             if truth is None or truth == "":
                 out.append(None)
                 continue
-            out.append(grade_tool_calls(completion_text(completion), truth, tool_list, self.mode).score)
+            out.append(grade_tool_calls(_calls_text(completion), truth, tool_list, self.mode).score)
         return out
+
+
+def _calls_text(completion: Any) -> str:
+    """The completion's text, with the structured ``tool_calls`` of its last assistant message (OpenAI's chat format,
+    what SFT data and chat APIs carry) written out as ``<tool_call>`` blocks after the content."""
+    text = completion_text(completion)
+    messages = [completion] if isinstance(completion, dict) else completion
+    if isinstance(messages, str):
+        return text
+    last = next((m for m in reversed(list(messages)) if isinstance(m, dict) and m.get("role", "assistant") == "assistant"),
+                None)
+    for call in (last or {}).get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):  # OpenAI sends the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # left as it is: the grader reports the call as malformed
+        text += "<tool_call>" + json.dumps({"name": function.get("name"), "arguments": arguments}) + "</tool_call>"
+    return text

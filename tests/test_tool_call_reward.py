@@ -275,3 +275,25 @@ def test_parser_formats() -> None:
     assert parse_tool_calls('{"answer": 4}') == []
     found = find_tool_calls('<tool_call>{"name": 3}</tool_call><tool_call>not json</tool_call>')
     assert found.calls == [] and len(found.malformed) == 2
+
+
+def test_structured_tool_calls_of_chat_completions_are_graded() -> None:
+    """A chat completion whose assistant turn carries OpenAI-style ``tool_calls`` (what SFT data and chat APIs hold)
+    is graded on those calls, with the arguments as an object or as a JSON string; the content alone is not a call."""
+    reward = get("tool_call", tools_column="schema")
+    schema = [{"name": "multiply", "parameters": {"type": "dict", "properties": {"a": {"type": "integer"},
+                                                                                  "b": {"type": "integer"}},
+                                                  "required": ["a", "b"]}}]
+    truth = [{"multiply": {"a": [47], "b": [6]}}]
+
+    def turn(arguments: Any, name: str = "multiply") -> list[dict[str, Any]]:
+        return [{"role": "user", "content": "47*6="},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": name, "arguments": arguments}}]}]
+
+    completions = [turn({"a": 47, "b": 6}), turn(json.dumps({"a": 47, "b": 6})), turn({"a": 46, "b": 6}),
+                   turn({"a": 47, "b": 6}, name="add"), turn("{not json"),
+                   [{"role": "assistant", "content": "282"}]]
+    scores = reward(["p"] * len(completions), completions, ground_truth=[truth] * len(completions),
+                    schema=[schema] * len(completions))
+    assert scores == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
