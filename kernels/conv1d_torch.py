@@ -81,7 +81,7 @@ def causal_conv1d_update_torch(
         raise ValueError(f"conv_state holds {state_len} steps, the kernel width {width} needs at least {width - 1}")
     if (x.dim() == 2 and cache_seqlens is None and conv_state_indices is None and state_len == width - 1
             and x.dtype == conv_state.dtype == weight.dtype == torch.float32):
-        return _conv_step_float32(x, conv_state, weight, bias, activation)
+        return conv_step_float32(x, conv_state, weight, bias, activation)
     squeeze = x.dim() == 2
     if squeeze:
         x = x[:, :, None]
@@ -117,7 +117,7 @@ def causal_conv1d_update_torch(
     return out[:, :, 0] if squeeze else out
 
 
-def _conv_step_float32(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def conv_step_float32(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        activation: str | None) -> torch.Tensor:
     """One float32 decode step with a shift-left window of exactly width - 1 inputs: x (batch, dim) -> (batch, dim).
 

@@ -228,7 +228,7 @@ def selective_state_update_torch(
         dt_bias is None or dt_bias.stride(-1) == 0)
     if (per_head and state_batch_indices is None and state.dtype == torch.float32 and x.dtype == torch.float32
             and state.is_contiguous() and (D is None or D.stride(-1) == 0)):
-        out = _mamba2_step_float32(state, x, dt[..., 0], A[:, 0, 0], B, C,
+        out = mamba2_step_float32(state, x, dt[..., 0], A[:, 0, 0], B, C,
                                    None if D is None else D[:, 0], None if dt_bias is None else dt_bias[:, 0],
                                    dt_softplus)
         if z is not None:
@@ -270,7 +270,7 @@ def selective_state_update_torch(
     return out[:, 0] if single_head else out
 
 
-def _mamba2_step_float32(state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> torch.Tensor:
+def mamba2_step_float32(state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> torch.Tensor:
     """The Mamba-2 decode step with per-head dt and A, float32 throughout, in as few ops as it takes (at decode
     sizes each op's dispatch costs about as much as its arithmetic).
 

@@ -117,13 +117,14 @@ class NativeEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            plan = self.model.decode_plan()  # from the weights as they are now: they change between calls in RL
             for start in range(0, len(prompts), per_wave):
-                out += self._generate_wave(prompts[start:start + per_wave], start, params, generator, on_step)
+                out += self._generate_wave(prompts[start:start + per_wave], start, params, generator, plan, on_step)
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, on_step=None) -> list[Completion]:
+    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, plan, on_step=None) -> list[Completion]:
         model, device = self.model, self.model.device
         n_prompts, n = len(prompts), params.n
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
@@ -172,7 +173,7 @@ class NativeEngine:
                 keep = torch.tensor(keep_rows, device=device)
                 cache, next_tokens = cache.index_select(keep), next_tokens[keep]
                 active = [active[i] for i in keep_rows]
-            logits = model.step(next_tokens, cache)
+            logits = model.step(next_tokens, cache, plan)
             self.stats.steps += 1
             self.stats.rows_forwarded += len(active)
         return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
