@@ -118,14 +118,23 @@ def causal_conv1d_update_torch(
 
 
 def conv_step_float32(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       activation: str | None) -> torch.Tensor:
+                      activation: str | None) -> torch.Tensor:
     """One float32 decode step with a shift-left window of exactly width - 1 inputs: x (batch, dim) -> (batch, dim).
 
     ``out[b, d] = bias[d] + sum_k weight[d, k] * [conv_state, x][b, d, k]``, then the window drops its oldest input.
+    A ``conv_state`` stored time-major (``conv_state.transpose(1, 2)`` contiguous, as ``HybridCache`` allocates it)
+    takes whole time slices: the concatenation and the sum over the window run over contiguous rows, about twice
+    as fast as over the innermost axis of width 4 (faster still if ``weight.t()`` is contiguous too).
     """
-    window = torch.cat([conv_state, x[:, :, None]], dim=-1)  # (b, d, width)
-    conv_state.copy_(window[:, :, 1:])
-    out = (window * weight).sum(-1)
+    if conv_state.transpose(1, 2).is_contiguous():
+        state = conv_state.transpose(1, 2)  # (b, width - 1, d)
+        window = torch.cat([state, x[:, None, :]], dim=1)  # (b, width, d)
+        state.copy_(window[:, 1:])
+        out = (window * weight.t()).sum(1)
+    else:
+        window = torch.cat([conv_state, x[:, :, None]], dim=-1)  # (b, d, width)
+        conv_state.copy_(window[:, :, 1:])
+        out = (window * weight).sum(-1)
     if bias is not None:
         out += bias
     return _activate(out, activation)

@@ -73,7 +73,8 @@ class HybridCache:
     @classmethod
     def allocate(cls, config: HybridConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> HybridCache:
         c = config
-        conv = {i: torch.zeros(batch, c.mamba_conv_dim, c.mamba_d_conv - 1, device=device, dtype=dtype)
+        # stored time-major, seen as (batch, conv_dim, d_conv - 1): the decode step reads whole time slices
+        conv = {i: torch.zeros(batch, c.mamba_d_conv - 1, c.mamba_conv_dim, device=device, dtype=dtype).transpose(1, 2)
                 for i in c.mamba_layers}
         ssm = {i: torch.zeros(batch, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state, device=device,
                               dtype=torch.float32) for i in c.mamba_layers}
@@ -103,9 +104,8 @@ class HybridCache:
     def index_select(self, rows: torch.Tensor) -> HybridCache:
         """A cache holding only ``rows`` (in that order, repeats allowed): drops finished rows or copies a
         prefilled prompt's state G ways."""
-        pick = {k: v.index_select(0, rows) for k, v in self.conv.items()}
         return HybridCache(
-            conv=pick,
+            conv={k: v.transpose(1, 2).index_select(0, rows).transpose(1, 2) for k, v in self.conv.items()},
             ssm={k: v.index_select(0, rows) for k, v in self.ssm.items()},
             key={k: v.index_select(0, rows) for k, v in self.key.items()},
             value={k: v.index_select(0, rows) for k, v in self.value.items()},
@@ -382,9 +382,18 @@ class HybridBlock(nn.Module):
 FOLD_MAX_BYTES = 256 * 1024**2
 
 
-def _rms_factor(h: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / RMS of each row of h (batch, hidden), as (batch, 1): RMSNorm(h) = h * factor * weight."""
-    return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+def _rms_factor(h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """1 / RMS of each row of h (batch, hidden), as (batch, 1): RMSNorm(h) = h * factor * weight; eps a 0-d tensor.
+
+    ``rsqrt(|h|^2 / n + eps)`` from the vector norm: three ops where ``pow, mean, add, rsqrt`` take five (mean is a
+    sum and a division), and at decode sizes every op costs several microseconds whatever its size."""
+    norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return torch.addcmul(eps, norm, norm, value=1.0 / h.shape[-1]).rsqrt_()
+
+
+def _eps_tensor(config: HybridConfig, module: nn.Module) -> torch.Tensor:
+    weight = next(module.parameters())
+    return torch.tensor(config.rms_norm_eps, dtype=weight.dtype, device=weight.device)
 
 
 class _NormedLinear:
@@ -430,7 +439,7 @@ class _MambaStep:
 
     def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
         m = block.mamba
-        self.layer, self.eps, self.alpha = block.layer, config.rms_norm_eps, block.residual_multiplier
+        self.layer, self.eps, self.alpha = block.layer, _eps_tensor(config, block), block.residual_multiplier
         self.inner, self.conv_dim, self.n_heads = m.inner, m.conv_dim, m.n_heads
         self.n_groups, self.d_head, self.d_state = m.n_groups, m.d_head, m.d_state
         bias = torch.zeros(m.in_proj.out_features, dtype=m.in_proj.weight.dtype, device=m.in_proj.weight.device)
@@ -438,14 +447,15 @@ class _MambaStep:
             bias += m.in_proj.bias
         bias[-m.n_heads:] += m.dt_bias  # dt + dt_bias comes out of the projection
         self.in_proj = _NormedLinear([m.in_proj.weight], block.input_layernorm.weight, bias, fold)
-        self.conv_weight, self.conv_bias = m.conv1d.weight[:, 0, :], m.conv1d.bias
+        # (conv_dim, width) with width-major memory, as the time-major conv window wants it (a small copy)
+        self.conv_weight, self.conv_bias = m.conv1d.weight[:, 0, :].t().contiguous().t(), m.conv1d.bias
         self.A = -torch.exp(m.A_log.float())
         self.D = m.D
         lo, hi = m.dt_limit
         self.dt_limit = None if lo <= 0.0 and hi == float("inf") else (lo, hi)
         self.fast = (backend_for(m.in_proj.weight) == "torch" and m.in_proj.weight.dtype == torch.float32
                      and m.D.dtype == torch.float32)
-        self.norm_weight, self.norm_group = m.norm.weight, m.norm.group_size
+        self.norm_weight, self.norm_group, self.norm_eps = m.norm.weight, m.norm.group_size, m.norm.eps
         if m.norm.group_size == m.inner:  # one norm group: a row factor, its weight folded into out_proj
             self.out_proj = _NormedLinear([m.out_proj.weight], m.norm.weight, m.out_proj.bias, fold)
         else:
@@ -479,7 +489,7 @@ class _MambaStep:
         if self.out_proj is not None:
             g = y * F.silu(z)
             return self.out_proj.residual(h, g, _rms_factor(g, self.eps), self.alpha)
-        g = rms_norm_gated(y, self.norm_weight, z, eps=self.eps, group_size=self.norm_group)
+        g = rms_norm_gated(y, self.norm_weight, z, eps=self.norm_eps, group_size=self.norm_group)
         return _residual_linear(h, g, self.out_weight_t, self.out_bias, self.alpha)
 
 
@@ -488,7 +498,7 @@ class _AttentionStep:
 
     def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
         a = block.self_attn
-        self.layer, self.eps, self.alpha = block.layer, config.rms_norm_eps, block.residual_multiplier
+        self.layer, self.eps, self.alpha = block.layer, _eps_tensor(config, block), block.residual_multiplier
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
         biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
         bias = None if a.q_proj.bias is None else torch.cat(
@@ -540,7 +550,7 @@ class _FeedForwardStep:
 
     def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
         mlp = block.shared_mlp
-        self.eps, self.alpha, self.moe = config.rms_norm_eps, block.residual_multiplier, block.block_sparse_moe
+        self.eps, self.alpha, self.moe = _eps_tensor(config, block), block.residual_multiplier, block.block_sparse_moe
         self.norm_weight = block.post_attention_layernorm.weight
         # with experts, the router and the experts read the normed input too: it is made once, nothing is folded
         self.up = _NormedLinear([mlp.input_linear.weight], None if self.moe else self.norm_weight, None,
@@ -573,7 +583,7 @@ class DecodePlan:
         for block in model.model.layers:
             mixer = (_MambaStep if block.kind == "mamba" else _AttentionStep)(block, c, fold)
             self.layers.append((mixer, _FeedForwardStep(block, c, fold)))
-        self.eps = c.rms_norm_eps
+        self.eps = _eps_tensor(c, model)
         self.head = _NormedLinear([model.lm_head.weight], model.model.norm.weight, None, fold,
                                   scale=1.0 / c.logits_scaling)
 
