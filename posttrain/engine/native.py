@@ -93,7 +93,7 @@ class NativeEngine:
         self.max_num_seqs = max_num_seqs
         self.stats = EngineStats()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not only no_grad: no version counters or view tracking, ~10% off each decode step
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  on_step: StepCallback | None = None) -> list[Completion]:
         """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j).
