@@ -181,3 +181,77 @@ def test_step_callback_streams_every_token_and_can_abort_rows(trained):
             assert cut.token_ids == full.token_ids and cut.finish_reason == "length"
     assert engine.stats.rows_forwarded == 4 * 11 + 2 * 2  # 4 rows for all 11 steps, the aborted two for 2
     assert all(len(s.rows) == 4 for s in steps[3:])
+
+
+def _odd_config(**overrides):
+    """A small hybrid exercising every decode-plan branch: RoPE, experts, biases, two B/C groups with a per-group
+    gated norm, a step-size limit, Granite's multipliers."""
+    from posttrain.models.hybrid import preset
+
+    fields = {"vocab_size": 97, "position_embedding_type": "rope", "mamba_n_groups": 2, "attention_bias": True,
+              "mamba_proj_bias": True, "time_step_limit": (0.01, 0.5), "embedding_multiplier": 3.0,
+              "residual_multiplier": 0.7, "logits_scaling": 2.5, "attention_multiplier": 0.3,
+              "initializer_range": 0.2, "tie_word_embeddings": False}
+    fields.update(overrides)
+    return preset("tiny-moe", **fields)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("overrides", [{}, {"mamba_n_groups": 1, "num_local_experts": 0,
+                                            "position_embedding_type": None, "time_step_limit": (0.0, float("inf"))}],
+                         ids=["rope-moe-groups-biases", "dense-nope"])
+def test_decode_plan_steps_equal_a_fresh_forward(fold, overrides):
+    """The decode plan (folded weights or the parameters as they are) gives a fresh forward's logits, with prompts of
+    different lengths (rows at different positions: the masked attention step)."""
+    from posttrain.models.hybrid import HybridForCausalLM
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(_odd_config(**overrides)).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that folding them in is tested
+        for name, p in model.named_parameters():
+            if name.endswith(("layernorm.weight", "norm.weight", "bias")):
+                p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    prompts = [[5, 17, 3, 44, 9, 1, 60], [8, 2, 71], [33, 12, 90, 4, 4]]
+    new = torch.tensor([[7, 11, 13, 2], [19, 23, 29, 31], [37, 41, 43, 47]])
+    cache = HybridCache.allocate(model.config, len(prompts), 16)
+    plan = model.decode_plan(fold=fold)
+    assert plan.fold == fold
+    with torch.no_grad():
+        model.prefill(prompts, cache)
+        stepped = [model.step(new[:, t], cache, plan) for t in range(new.shape[1])]
+        for i, p in enumerate(prompts):
+            full = model(torch.tensor([p + new[i].tolist()])).logits[0, len(p):]
+            torch.testing.assert_close(torch.stack([s[i] for s in stepped]), full, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_changed_between_generate_calls_are_used():
+    """The RL loop updates the weights in place between generate() calls: the next call must decode with them,
+    including weights the plan folds (norms) and a change made through ``.data`` (no version counter bump)."""
+    from posttrain.models.hybrid import HybridForCausalLM
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(_odd_config(num_local_experts=0, position_embedding_type=None)).eval()
+    engine = NativeEngine(model)
+    prompts = [[5, 17, 3, 44, 9], [8, 2, 71, 6, 6]]
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+
+    def assert_fresh(outs):  # greedy from the current weights: each token is the fresh forward's argmax
+        for prompt, o in zip(prompts, outs):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + o.token_ids])).logits[0, len(prompt) - 1:-1]
+            assert o.token_ids == logits.argmax(-1).tolist()
+            torch.testing.assert_close(torch.tensor(o.logprobs), torch.log_softmax(logits, -1).max(-1).values,
+                                       atol=1e-4, rtol=0)
+
+    before = engine.generate(prompts, params)
+    assert_fresh(before)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = -model(torch.tensor([prompts[0] + before[0].token_ids])).logits.float().std()
+    loss.backward()
+    optimizer.step()  # in place, as in the RL loop
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.data.mul_(3.0)  # folded into in_proj by the plan
+        model.model.norm.weight.data.mul_(-1.0)  # folded into the LM head
+    after = engine.generate(prompts, params)
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+    assert_fresh(after)
