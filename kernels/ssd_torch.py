@@ -112,40 +112,46 @@ def ssd_chunked_torch(
     chunk_states = torch.matmul((x_g * to_end[..., None]).transpose(-1, -2), B_g)  # (b, g, hg, c, p, n)
     chunk_states = chunk_states.reshape(batch, nheads, nchunks, headdim, dstate)
 
-    # 3. Inter-chunk recurrence: the state entering chunk c, a scan over chunks written as one masked matrix.
-    if initial_states is None:
-        init = chunk_states.new_zeros(batch, nheads, 1, headdim, dstate)
+    if nchunks == 1 and initial_states is None:
+        # One chunk and no initial state: nothing enters the chunk, so steps 3 and 4 add exact zeros (a prefill of
+        # short prompts, the common case); the state it leaves is its own.
+        entering = torch.zeros_like(chunk_states)
+        final_state = chunk_states[:, :, 0]
     else:
-        init = initial_states.to(cdtype)[:, :, None]
-    all_states = torch.cat([init, chunk_states], dim=2)  # (b, h, c+1, p, n): index 0 = before the first chunk
-    chunk_decay = F.pad(dA_cum[..., -1], (1, 0))  # (b, h, c+1)
-    chunk_cum = torch.cumsum(chunk_decay, dim=-1)
-    # carry[i, j]: how much of the state left at chunk border j survives at border i (i >= j).
-    carry_log = chunk_cum[..., :, None] - chunk_cum[..., None, :]
-    carry_mask = torch.ones(nchunks + 1, nchunks + 1, dtype=torch.bool, device=x.device).tril()
-    if seq_idx is not None:
-        seq_border = torch.cat([seq_first, seq_last], dim=1)  # (b, c+1)
-        carry_mask = carry_mask & (seq_border[:, :, None] == seq_border[:, None, :])
-        carry_mask = carry_mask[:, None]
-    carry = torch.exp(carry_log.masked_fill(~carry_mask, float("-inf")))  # (b, h, c+1, c+1)
-    border_states = torch.einsum("bhij,bhjpn->bhipn", carry, all_states)  # state at each border
-    entering = border_states[:, :, :-1]  # (b, h, c, p, n)
-    final_state = border_states[:, :, -1]
+        # 3. Inter-chunk recurrence: the state entering chunk c, a scan over chunks written as one masked matrix.
+        if initial_states is None:
+            init = chunk_states.new_zeros(batch, nheads, 1, headdim, dstate)
+        else:
+            init = initial_states.to(cdtype)[:, :, None]
+        all_states = torch.cat([init, chunk_states], dim=2)  # (b, h, c+1, p, n): index 0 = before the first chunk
+        chunk_decay = F.pad(dA_cum[..., -1], (1, 0))  # (b, h, c+1)
+        chunk_cum = torch.cumsum(chunk_decay, dim=-1)
+        # carry[i, j]: how much of the state left at chunk border j survives at border i (i >= j).
+        carry_log = chunk_cum[..., :, None] - chunk_cum[..., None, :]
+        carry_mask = torch.ones(nchunks + 1, nchunks + 1, dtype=torch.bool, device=x.device).tril()
+        if seq_idx is not None:
+            seq_border = torch.cat([seq_first, seq_last], dim=1)  # (b, c+1)
+            carry_mask = carry_mask & (seq_border[:, :, None] == seq_border[:, None, :])
+            carry_mask = carry_mask[:, None]
+        carry = torch.exp(carry_log.masked_fill(~carry_mask, float("-inf")))  # (b, h, c+1, c+1)
+        border_states = torch.einsum("bhij,bhjpn->bhipn", carry, all_states)  # state at each border
+        entering = border_states[:, :, :-1]  # (b, h, c, p, n)
+        final_state = border_states[:, :, -1]
 
-    # 4. State-to-output: y_l += exp(cum_l) C_l . state_entering (if l is in the state's sequence).
-    from_start = torch.exp(dA_cum)  # (b, h, c, l)
-    if seq_idx is not None:
-        from_start = from_start * (seq_pos == seq_enter[..., None])[:, None].to(cdtype)
-    entering_g = entering.view(batch, ngroups, heads_per_group, nchunks, headdim, dstate)
-    C_g = Cc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, l, n)
-    y_off = torch.matmul(C_g, entering_g.transpose(-1, -2))  # (b, g, hg, c, l, p)
-    from_start = from_start.view(batch, ngroups, heads_per_group, nchunks, Q, 1)
-    y = y + y_off * from_start
+        # 4. State-to-output: y_l += exp(cum_l) C_l . state_entering (if l is in the state's sequence).
+        from_start = torch.exp(dA_cum)  # (b, h, c, l)
+        if seq_idx is not None:
+            from_start = from_start * (seq_pos == seq_enter[..., None])[:, None].to(cdtype)
+        entering_g = entering.view(batch, ngroups, heads_per_group, nchunks, headdim, dstate)
+        C_g = Cc.permute(0, 3, 1, 2, 4)[:, :, None]  # (b, g, 1, c, l, n)
+        y_off = torch.matmul(C_g, entering_g.transpose(-1, -2))  # (b, g, hg, c, l, p)
+        from_start = from_start.view(batch, ngroups, heads_per_group, nchunks, Q, 1)
+        y = y + y_off * from_start
 
     out = y.permute(0, 3, 4, 1, 2, 5).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
     if D is not None:
         Dc = D.to(cdtype)
-        out = out + x.to(cdtype) * (Dc[:, None] if Dc.dim() == 1 else Dc)
+        out = torch.addcmul(out, x.to(cdtype), Dc[:, None] if Dc.dim() == 1 else Dc)  # out + x * D in one pass
     if z is not None:
         out = out * F.silu(z.to(cdtype))
     out = out.to(out_dtype)
