@@ -3,19 +3,24 @@
 Stages, each writing into its own folder under ``--out`` so a person can open what it made, each rerunnable
 alone with ``--stage`` (earlier stages' outputs must exist):
 
-  data      tokenizer and pre-training corpus; SFT candidates with injected bad samples (wrong answers, malformed
-            chats, duplicates); GRPO prompts; held-out items disjoint from every training item
+  data      tokenizer and pre-training corpus; SFT candidates with injected bad samples (wrong answers and wrong
+            calls, malformed chats, duplicates); GRPO and DPO prompts; held-out items disjoint from every training item
   pretrain  the ``tiny`` hybrid pre-trained on the corpus (``posttrain pretrain``)
-  filter    rules, answer verification and dedup (``posttrain filter``); the LLM judge runs when ``--judge-url``
+  filter    rules, answer and call verification, dedup (``posttrain filter``); the LLM judge runs when ``--judge-url``
             names an OpenAI-compatible endpoint, and is skipped with a line saying so otherwise
   sft       supervised fine-tuning on the kept samples (``posttrain sft``)
-  grpo      GRPO with the DAPO loss and the math verifier (``posttrain grpo``)
-  export    signed instruct checkpoint (``posttrain export``), then ``posttrain verify``
-  eval      held-out accuracy of base / SFT / GRPO with 95% intervals and one-sided paired tests; a picture of
-            the GRPO reward and accuracy curves
+  dpo       preference pairs sampled from the SFT model and verified by the math reward (``posttrain pairs``),
+            then DPO from the SFT checkpoint (``posttrain dpo``)
+  grpo      GRPO with the DAPO loss from the SFT checkpoint, on both tasks: the math verifier for additions, the
+            tool-call reward for calls (``posttrain grpo``)
+  export    signed instruct checkpoint of the GRPO model (``posttrain export``), then ``posttrain verify``
+  eval      held-out accuracy of base / SFT / DPO / GRPO per task with 95% intervals and one-sided paired tests
+            (SFT against base, DPO and GRPO against SFT); a picture of the GRPO reward and accuracy curves
 
-The task is addition of a two-digit and a one-digit number, answered in chat. This module wires stages together
-and writes recipes; the work itself is done by the commands it calls.
+Two tasks, both in chat: ``add``, a two-digit plus a one-digit number answered with the sum (``47+8=`` -> ``55``),
+and ``tool``, a product the model must hand to the ``multiply`` tool that the prompt declares (``47*6=`` -> a
+``<tool_call>`` with ``{"a": 47, "b": 6}``). This module wires stages together and writes recipes; the work itself
+is done by the commands it calls.
 """
 
 from __future__ import annotations
@@ -151,13 +156,18 @@ def stage_data(out: Path, args: argparse.Namespace) -> dict:
     held_out, train = {}, {}
     for task in ("add", "tool"):
         held_out[task], train[task] = _split_pairs(args.seed, task)
-    # pre-training corpus: counting and number words, never a sum or product of a held-out pair
+    # pre-training corpus: counting, sums written out, and operands copied into JSON (the skill a tool call needs);
+    # only training pairs, never a held-out sum or product, and no chat markup
     corpus = []
-    for _ in range(3000):
+    for _ in range(2000):
         start = rng.randint(0, 95)
         corpus.append({"text": " ".join(str(start + i) for i in range(rng.randint(3, 8)))})
-    for a, b in train["add"][:300]:
-        corpus.append({"text": f"{a} plus {b} is {a + b}."})
+    for _ in range(1500):
+        sums = rng.sample(train["add"], 4)
+        corpus.append({"text": " ".join(f"{a}+{b}={a + b}" for a, b in sums)})
+    for _ in range(1500):
+        a, b = rng.choice(train["tool"])
+        corpus.append({"text": f"{a} times {b}: " + json.dumps({"a": a, "b": b})})
     rng.shuffle(corpus)
     _jsonl(folder / "pretrain.jsonl", corpus)
     calls = [json.dumps({"name": "multiply", "arguments": {"a": a, "b": b}}) for a, b in train["tool"]]
@@ -310,11 +320,17 @@ def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
         "rollout": {"prompts_per_step": 16, "num_generations": 8, "max_new_tokens": 28, "temperature": 1.0},
         "dynamic_sampling": {"enabled": True, "max_rounds": 2},
         "loss": {"type": "dapo"},
-        # each reward scores its own task's rows (None elsewhere); a sample's reward is the one that scored it
+        # each reward scores its own task's rows (None elsewhere). A call is right or wrong as a whole (what the
+        # evaluation counts, and the sample's outcome for dynamic sampling), plus credit per right argument: a
+        # 24-token call sampled at temperature 1 is rarely right as a whole, and the binary reward alone left most
+        # groups without a signal
         "rewards": {"rewards": [{"name": "math", "weight": 1.0},
-                                {"name": "tool_call", "weight": 1.0, "options": TOOL_REWARD_OPTIONS}],
+                                {"name": "tool_call", "weight": 1.0, "options": TOOL_REWARD_OPTIONS},
+                                {"name": "tool_call", "label": "tool_args", "weight": 1.0,
+                                 "options": TOOL_REWARD_OPTIONS | {"mode": "arguments"}}],
                     "num_workers": 0},
-        "optim": {"lr": 3.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
+        # 3e-4 (the math-only demo's rate) collapsed both tasks within 5 steps once tool calls were in the batch
+        "optim": {"lr": 1.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
         "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
         "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 200, "seed": args.seed},
@@ -334,7 +350,7 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-SAMPLES_PER_ITEM = 8  # sampled evaluation: completions per held-out item at GRPO's training temperature
+SAMPLES_PER_ITEM = 8  # sampled evaluation: completions per held-out item at GRPO's training temperature (--quick: 2)
 SAMPLE_TEMPERATURE = 1.0
 
 
@@ -416,10 +432,10 @@ def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     greedy = {name: _accuracy(folder, items) for name, folder in stages.items()}
     Console().print(_eval_table(f"held-out accuracy (greedy): {len(tasks['add'])} additions and {len(tasks['tool'])} "
                                 "tool calls, disjoint from every training item", greedy, tasks, summary))
-    sampled = {name: _accuracy(folder, items, SAMPLES_PER_ITEM, SAMPLE_TEMPERATURE, args.seed)
-               for name, folder in stages.items()}
-    summary["sampled"] = {"samples_per_item": SAMPLES_PER_ITEM, "temperature": SAMPLE_TEMPERATURE}
-    Console().print(_eval_table(f"the same items, {SAMPLES_PER_ITEM} sampled answers each at temperature "
+    per_item = 2 if args.quick else SAMPLES_PER_ITEM
+    sampled = {name: _accuracy(folder, items, per_item, SAMPLE_TEMPERATURE, args.seed) for name, folder in stages.items()}
+    summary["sampled"] = {"samples_per_item": per_item, "temperature": SAMPLE_TEMPERATURE}
+    Console().print(_eval_table(f"the same items, {per_item} sampled answers each at temperature "
                                 f"{SAMPLE_TEMPERATURE} (per-item success rates; paired permutation test)",
                                 sampled, tasks, summary["sampled"], paired_permutation_p))
     summary["curves"] = _plot_curves(out)

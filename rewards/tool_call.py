@@ -302,7 +302,7 @@ class ToolCallGrade:
 
 
 def grade_tool_calls(
-    text: str, ground_truth: Any, tools: Any = None, mode: Literal["binary", "partial"] = "binary"
+    text: str, ground_truth: Any, tools: Any = None, mode: Literal["binary", "partial", "arguments"] = "binary"
 ) -> ToolCallGrade:
     """Grade the calls in ``text`` against ``ground_truth`` (list of ``{name: {param: [allowed]}}``)."""
     expected = _ground_truth(ground_truth)
@@ -323,9 +323,43 @@ def grade_tool_calls(
         problems.append(f"{given} calls given, {len(expected)} expected")
     if mode == "binary":
         score = float(matched == len(expected) == given)
-    else:
+    elif mode == "partial":
         score = matched / max(len(expected), given) if max(len(expected), given) else 1.0
+    else:  # arguments: credit per parameter, for RL shaping
+        unused = list(calls)
+        credit = 0.0
+        for exp in expected:
+            (name,) = exp.keys()
+            scored = [(argument_credit(call, exp, schemas.get(name)), i) for i, call in enumerate(unused)]
+            if scored:
+                best, at = max(scored)
+                credit += best
+                unused.pop(at)
+        score = credit / max(len(expected), given) if max(len(expected), given) else 1.0
     return ToolCallGrade(score, matched, len(expected), given, problems)
+
+
+def argument_credit(call: dict[str, Any], expected: dict[str, Any], schema: dict[str, Any] | None = None) -> float:
+    """The share of a call's parameters that are right: 0 for the wrong function, else (expected parameters given
+    with an allowed value, or optional and left out) / (expected parameters + parameters nobody expected). A call
+    that ``check_call`` accepts scores 1."""
+    ((expected_name, allowed_by_param),) = expected.items()
+    if call.get("name") != expected_name:
+        return 0.0
+    arguments = call.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        return 0.0
+    properties = ((schema or {}).get("parameters") or {}).get("properties") or {}
+    right = 0
+    for param, allowed in allowed_by_param.items():
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        if param in arguments:
+            right += _check_value(param, arguments[param], allowed, properties.get(param, {})) is None
+        else:
+            right += "" in allowed
+    unexpected = sum(param not in allowed_by_param for param in arguments)
+    total = len(allowed_by_param) + unexpected
+    return right / total if total else 1.0
 
 
 def _ground_truth(ground_truth: Any) -> list[dict[str, Any]]:
@@ -343,20 +377,22 @@ class ToolCallReward(NamedReward):
     """Grades tool calls against ground truth (see the module docstring).
 
     Options (``get("tool_call", ...)``):
-        mode: ``binary`` (1 only if all calls match, none extra) or ``partial`` (matched / max(expected, given)).
+        mode: ``binary`` (1 only if all calls match, none extra), ``partial`` (matched / max(expected, given)) or
+            ``arguments`` (a denser signal for RL: each expected call gets the ``argument_credit`` of its best
+            remaining call, summed and divided by max(expected, given); a fully right answer scores 1, as in binary).
         ground_truth_column: column with ``[{name: {param: [allowed]}}]`` (a JSON string is accepted).
         tools_column: column with the tool schemas (optional; without them only the ground truth is checked).
     """
 
     reward_name: ClassVar[str] = "tool_call"
 
-    mode: Literal["binary", "partial"] = "binary"
+    mode: Literal["binary", "partial", "arguments"] = "binary"
     ground_truth_column: str = "ground_truth"
     tools_column: str = "tools"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("binary", "partial"):
-            raise ValueError(f"tool_call reward: mode must be 'binary' or 'partial', got {self.mode!r}")
+        if self.mode not in ("binary", "partial", "arguments"):
+            raise ValueError(f"tool_call reward: mode must be 'binary', 'partial' or 'arguments', got {self.mode!r}")
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         if self.ground_truth_column not in columns:

@@ -297,3 +297,24 @@ def test_structured_tool_calls_of_chat_completions_are_graded() -> None:
     scores = reward(["p"] * len(completions), completions, ground_truth=[truth] * len(completions),
                     schema=[schema] * len(completions))
     assert scores == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_arguments_mode_credits_each_right_parameter() -> None:
+    """``arguments`` mode: 1 for a right call (as binary), the share of right parameters otherwise, 0 for the wrong
+    function; parameters nobody expected and extra calls dilute the credit."""
+    reward = get("tool_call", mode="arguments")
+    binary = get("tool_call")
+    truth = [{"multiply": {"a": [47], "b": [6]}}]
+
+    def call(arguments: dict[str, Any], name: str = "multiply") -> str:
+        return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+    texts = [call({"a": 47, "b": 6}), call({"a": 46, "b": 6}), call({"a": 46, "b": 5}),
+             call({"a": 47, "b": 6}, name="add"), call({"a": 47, "b": 6, "c": 1}), call({"a": 47}),
+             call({"a": 47, "b": 6}) + call({"a": 1, "b": 2}), "no call"]
+    scores = reward(["p"] * len(texts), texts, ground_truth=[truth] * len(texts))
+    assert scores == [1.0, 0.5, 0.0, 0.0, 2 / 3, 0.5, 0.5, 0.0]
+    # where binary gives 1, arguments mode gives 1 too
+    assert binary(["p"] * len(texts), texts, ground_truth=[truth] * len(texts)) == [1.0, 0, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="arguments"):
+        get("tool_call", mode="args")
