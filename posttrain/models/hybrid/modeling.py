@@ -10,7 +10,8 @@ Three ways in:
 - ``forward``: full sequences; a padded batch (attention mask with zeros) or packed rows (``position_ids``
   restarting at 0 at each sequence start, no padding); never both.
 - ``prefill``: packed prompts, writing per-sequence recurrent states and KV into a ``HybridCache``.
-- ``step``: one token per row against a ``HybridCache``, for decoding.
+- ``step``: one token per row against a ``HybridCache``, for decoding; it walks a ``DecodePlan`` of plain tensors
+  (see "Decoding" below) rather than the modules, whose per-call overhead dominates at decode sizes.
 This module never samples and never allocates caches on its own: the generation engine does both.
 """
 
