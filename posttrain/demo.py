@@ -302,7 +302,7 @@ def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
         "model": {"path": str(out / "sft" / "final")},
         "data": {"train_files": [str(pairs)], "max_length": 64},
         "loss": {"type": "sigmoid", "beta": 0.1},
-        "optim": {"lr": 1.0e-3, "per_device_batch_size": 8, "max_steps": 10 if args.quick else 60,
+        "optim": {"lr": 2.0e-5, "per_device_batch_size": 8, "max_steps": 10 if args.quick else 60,
                   "schedule": "cosine", "warmup_steps": 3},
         "checkpoint": {"output_dir": str(out / "dpo"), "every_steps": 0, "resume": False},
         "logging": {"progress": False},
@@ -333,7 +333,7 @@ def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
         "optim": {"lr": 1.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
         "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
-        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 200, "seed": args.seed},
+        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 150, "seed": args.seed},
         "logging": {"progress": False},
     }
     _cli("grpo", "--config", _write_recipe(out, "grpo", recipe))
@@ -350,7 +350,7 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-SAMPLES_PER_ITEM = 8  # sampled evaluation: completions per held-out item at GRPO's training temperature (--quick: 2)
+SAMPLES_PER_ITEM = 4  # sampled evaluation: completions per held-out item at GRPO's training temperature (--quick: 2)
 SAMPLE_TEMPERATURE = 1.0
 
 
