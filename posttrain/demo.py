@@ -109,7 +109,7 @@ MULTIPLY = {"type": "function", "function": {
 TOOL_SYSTEM = "tool: multiply(a: integer, b: integer)"
 TOOL_REWARD_OPTIONS = {"ground_truth_column": "ground_truth", "tools_column": "tool_schema"}
 HELD_OUT = {"add": 300, "tool": 250}  # held-out items per task
-SFT_ITEMS = {"add": 400, "tool": 160}  # training items with an SFT demonstration (the rest are GRPO-only prompts)
+SFT_ITEMS = {"add": 400, "tool": 240}  # training items with an SFT demonstration (the rest are GRPO-only prompts)
 
 
 def _split_pairs(seed: int, task: str):
@@ -276,7 +276,7 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
         "model": {"path": str(out / "pretrain" / "final")},
         "data": {"train_files": [str(out / "filter" / "kept.jsonl")], "format": "messages", "max_length": 256,
                  "packing": True},
-        "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 120,
+        "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 180,
                   "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
         "checkpoint": {"output_dir": str(out / "sft"), "every_steps": 0, "resume": False},
         "logging": {"progress": False},
@@ -333,7 +333,7 @@ def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
         "optim": {"lr": 1.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
         "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
-        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 150, "seed": args.seed},
+        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 200, "seed": args.seed},
         "logging": {"progress": False},
     }
     _cli("grpo", "--config", _write_recipe(out, "grpo", recipe))
