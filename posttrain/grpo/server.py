@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -96,8 +97,8 @@ class RolloutServer:
         def receive():
             with self.lock:
                 version = self.receiver.receive(self.apply_weights)
-            if version is not None:
-                self.weights_version = version
+                if version is not None:
+                    self.weights_version = version
             self.sync_state = "ready"
 
         self._in_background("receiving", receive)
@@ -189,7 +190,12 @@ class RemoteEngine:
         return r.json()
 
     def health(self) -> dict:
-        return self.client.get(self.url + "/health").json()
+        import httpx
+
+        try:
+            return self.client.get(self.url + "/health").json()
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"rollout server {self.url}/health: {type(e).__name__}: {e}") from None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         sampling = {k: getattr(params, k) for k in _SAMPLING_FIELDS}
@@ -208,7 +214,16 @@ class RemoteEngine:
         if self.sender is None:
             raise WeightSyncError("sync_weights before init_weight_sync")
         self._post("/update_weights", {})
-        return self.sender.send(model.state_dict().items())
+        sent = self.sender.send(model.state_dict().items())
+        # the server acknowledged the weights inside the collective; its version number is set just after: wait
+        # for it, so that /health never reports the old version once this returns
+        deadline = time.monotonic() + self.sender.cfg.timeout_s
+        while self.health().get("weights_version") != self.sender.version:
+            if time.monotonic() > deadline:
+                raise WeightSyncError(f"rollout server {self.url}: applied the weights but did not report version "
+                                      f"{self.sender.version} within {self.sender.cfg.timeout_s:g}s")
+            time.sleep(0.005)
+        return sent
 
     def close(self) -> None:
         if self.sender is not None:
