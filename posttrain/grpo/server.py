@@ -178,24 +178,23 @@ class RemoteEngine:
         self.client = httpx.Client(timeout=timeout_s)
         self.sender: WeightSender | None = None
 
-    def _post(self, path: str, body: dict) -> dict:
+    def _request(self, method: str, path: str, body: dict | None = None):
+        """One HTTP call to the server; a connection failure is a RuntimeError naming the server and the path."""
         import httpx
 
         try:
-            r = self.client.post(self.url + path, json=body)
+            return self.client.request(method, self.url + path, json=body)
         except httpx.HTTPError as e:
             raise RuntimeError(f"rollout server {self.url}{path}: {type(e).__name__}: {e}") from None
+
+    def _post(self, path: str, body: dict) -> dict:
+        r = self._request("POST", path, body)
         if r.status_code != 200:
             raise RuntimeError(f"rollout server {self.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
         return r.json()
 
     def health(self) -> dict:
-        import httpx
-
-        try:
-            return self.client.get(self.url + "/health").json()
-        except httpx.HTTPError as e:
-            raise RuntimeError(f"rollout server {self.url}/health: {type(e).__name__}: {e}") from None
+        return self._request("GET", "/health").json()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         sampling = {k: getattr(params, k) for k in _SAMPLING_FIELDS}
