@@ -61,6 +61,8 @@ class ScriptedJudgeServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True  # headers and body are two writes: the body must not wait for an ACK
+
             def log_message(self, *args: Any) -> None:
                 pass
 

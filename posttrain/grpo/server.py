@@ -114,6 +114,8 @@ def _handler(server: RolloutServer):
               "/update_weights": server.update_weights, "/close_weight_sync": server.close_weight_sync}
 
     class Handler(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True  # headers and body are two writes: the body must not wait for an ACK
+
         def log_message(self, fmt, *args):  # requests are not worth a line each
             logger.debug(fmt, *args)
 
