@@ -59,7 +59,9 @@ def ssd_chunked_torch(
     heads_per_group = nheads // ngroups
     cdtype = _compute_dtype(x.dtype)
     out_dtype = x.dtype
-    Q = chunk_size
+    # A sequence shorter than a chunk is one chunk of its own length: the same sums without the padding (the
+    # intra-chunk terms grow with the square of the chunk, so a 24-token prompt in 64-token chunks paid 7x).
+    Q = min(chunk_size, max(seqlen, 1))
     pad = (-seqlen) % Q
     nchunks = (seqlen + pad) // Q
 

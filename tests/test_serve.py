@@ -341,12 +341,17 @@ def server_process(checkpoint):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_concurrent_requests_share_batches(client, server, server_process, stream):
-    """8 concurrent requests finish in under half the time of 8 served one after another, and each gets what it
-    would have got alone. (64 tokens each, best of 3 on both sides.) The engine itself takes ~1.9x as long for a
-    batch of 8 as for one on this tiny model (its step is not free at batch 8 on a CPU), so the bound is 4x one
-    request: one after another would take ~8x. Plain requests go to the in-process server, whose scheduler shows
-    they shared a batch; streamed ones to a server process, so that reading 8 streams in this process does not
-    slow the server down."""
+    """8 concurrent requests finish in far less than 8 served one after another (~8x one), and each gets what it
+    would have got alone (64 tokens each). Plain requests go to the in-process server, whose scheduler shows they
+    shared a batch; streamed ones to a server process, so that reading 8 streams in this process does not slow
+    the server down.
+
+    The times are the best of 5 rounds, each round one request then 8, so that a slow spell of the shared machine
+    falls on both sides. Measured on the 2-core CI machine: 1.7-1.9x one request (plain), 1.9-2.3x (streamed). The
+    engine's own step costs ~1.5x as much at batch 8 as at batch 1 on this tiny model (its matmuls are
+    compute-bound on a CPU core), and a streamed answer also pays a wake-up, a decode and a write per interval for
+    each of the 8, in threads that share the server's GIL with the decode loop. The bounds (2.5x, 3x) leave room
+    for a noisy machine and still fail if requests were served one by one."""
     body = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "ignore_eos": True}
     local = client
     if stream:
@@ -373,19 +378,26 @@ def test_concurrent_requests_share_batches(client, server, server_process, strea
             elapsed = time.perf_counter() - start
         return [text for text, _ in results], elapsed, server.scheduler.stats.batches - batches_before
 
+    singles, eights = [], []
     try:
-        single_text, single = min((one() for _ in range(3)), key=lambda r: r[1])  # best of 3 on both sides
-        texts, together, batches = min((eight() for _ in range(3)), key=lambda r: r[1])
+        for _ in range(5):
+            singles.append(one())
+            eights.append(eight())
     finally:
         if stream:
             client.close()
-    print(f"one request {single:.3f}s, 8 concurrent {together:.3f}s")
-    assert texts == [single_text] * 8
+    single_text, single = min(singles, key=lambda r: r[1])
+    texts, together, batches = min(eights, key=lambda r: r[1])
+    print(f"one request {single:.3f}s, 8 concurrent {together:.3f}s (rounds: {[round(r[1], 3) for r in singles]}, "
+          f"{[round(r[1], 3) for r in eights]})")
+    assert all(text == single_text for text, _ in singles)
+    assert all(round_texts == [single_text] * 8 for round_texts, _, _ in eights)
     if stream:  # the same text as a plain answer from the in-process server
         assert single_text == local.post("/completions", json=body).json()["choices"][0]["text"]
     else:
         assert batches <= 2, batches  # 8 requests sent at once: one batch (two if one came in late)
-    assert together < 4 * single, f"8 concurrent requests took {together:.2f}s, one took {single:.2f}s"
+    bound = 3.0 if stream else 2.5
+    assert together < bound * single, f"8 concurrent requests took {together:.2f}s, one took {single:.2f}s"
 
 
 def test_cli_serves_until_sigterm(checkpoint, tmp_path):

@@ -22,7 +22,6 @@ import logging
 import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -234,7 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
         params = app.sampling_params(request)
         arrivals: queue.SimpleQueue = queue.SimpleQueue()  # lists of (choice, token, finish reason); None: done
         future = app.scheduler.submit(request.prompts, params, on_tokens=arrivals.put)
-        future.add_done_callback(lambda _: arrivals.put(None))
+        finished = threading.Event()  # wakes a writer waiting out its interval as soon as the generation ends
+        future.add_done_callback(lambda _: (arrivals.put(None), finished.set()))
         item = arrivals.get()
         if item is None and future.exception() is not None:  # failed before its first token: a plain error
             exc = future.exception()
@@ -262,8 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._events(events.text(choice, piece) for step in steps for choice, token, reason in step
                              if (piece := streams[choice].push(token, reason)))
                 if not done:
-                    if app.stream_interval_s and not future.done():
-                        time.sleep(app.stream_interval_s)  # let a few steps' tokens gather: one wake-up, one write
+                    if app.stream_interval_s:  # let a few steps' tokens gather: one wake-up, one write
+                        finished.wait(app.stream_interval_s)
                     item = arrivals.get()
                     done = item is None
             try:
