@@ -35,6 +35,23 @@ def test_sigmoid_dpo_with_label_smoothing_by_hand():
     assert loss == pytest.approx(0.5843552, abs=1e-6)
 
 
+def test_nll_term_by_hand():
+    # RPO adds nll_weight * (-log p(chosen) / tokens) = 0.5 * 10 / 4 = 1.25 to each loss; the rewards are unchanged
+    plain, sigmoid = loss_of(type="sigmoid", beta=0.1), loss_of(type="sigmoid", beta=0.1, nll_weight=0.5)
+    assert sigmoid[0] == pytest.approx(0.5543552 + 1.25, abs=1e-6) and sigmoid[1:] == plain[1:]
+    assert loss_of(type="ipo", beta=0.1, nll_weight=0.5)[0] == pytest.approx(18.9225 + 1.25, abs=1e-9)
+    losses, _, _ = preference_loss(PreferenceLossSettings(type="simpo", beta=2.0, gamma=0.5, nll_weight=0.5),
+                                   POLICY, None)
+    assert losses.item() == pytest.approx(0.6443967 + 1.25, abs=1e-6)
+    # its gradient raises the chosen answer's log-probability even when the margin term is saturated
+    chosen = torch.tensor([-10.0], requires_grad=True)
+    policy = PairLogps(chosen, torch.tensor([-100.0]), torch.tensor([4.0]), torch.tensor([5.0]))
+    preference_loss(PreferenceLossSettings(type="sigmoid", beta=1.0, nll_weight=1.0), policy,
+                    PairLogps(torch.tensor([-10.0]), torch.tensor([-10.0]), policy.chosen_tokens,
+                              policy.rejected_tokens))[0].sum().backward()
+    assert chosen.grad.item() == pytest.approx(-0.25, abs=1e-6)  # d/dc of -c/4; the saturated sigmoid adds ~0
+
+
 def test_ipo_by_hand():
     # per-token log-ratios: chosen 1/4 = 0.25, rejected -2/5 = -0.4; h = 0.65; target 1/(2 beta) = 5
     # (0.65 - 5)^2 = 18.9225
@@ -76,6 +93,8 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_config(DpoConfig, recipe, ["--loss.type", "simpo", "--loss.gama", "1"])
     with pytest.raises(ConfigError, match=r"label_smoothing applies to the sigmoid loss only"):
         load_config(DpoConfig, recipe, ["--loss.type", "ipo", "--loss.label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match=r"loss\.nll_weight must be >= 0, got -1"):
+        load_config(DpoConfig, recipe, ["--loss.type", "sigmoid", "--loss.nll_weight", "-1"])
     with pytest.raises(ConfigError, match=r"loss\.reference must be one of"):
         load_config(DpoConfig, recipe, ["--loss.type", "ipo", "--loss.reference", "cached"])
 

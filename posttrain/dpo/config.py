@@ -42,6 +42,9 @@ class PreferenceLossSettings:
     beta: float = 0.1  # sigmoid/ipo: the KL strength (ipo: tau); simpo: the reward scale (paper: 2.0-2.5)
     label_smoothing: float = 0.0  # sigmoid: assumed probability that a label is flipped, in [0, 0.5)
     gamma: float = 0.5  # simpo: the target reward margin gamma, in reward units (TRL's simpo_gamma)
+    # RPO (Pang et al. 2024): add nll_weight times the chosen completion's per-token negative log-likelihood, so
+    # the chosen answers' probabilities are held up while the margin grows (TRL's rpo_alpha; 0: off)
+    nll_weight: float = 0.0
     # where the reference log-probs come from: precomputed once before training (stored beside the run, resumable),
     # or on_the_fly in every micro-batch; simpo uses none
     reference: Literal["precomputed", "on_the_fly"] = "precomputed"
@@ -55,6 +58,8 @@ class PreferenceLossSettings:
             raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.type != "sigmoid":
             raise ValueError("loss.label_smoothing applies to the sigmoid loss only")
+        if not self.nll_weight >= 0:
+            raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
 
     @property
     def needs_reference(self) -> bool:

@@ -11,6 +11,10 @@ counts, and (except for SimPO) the reference model's summed log-probabilities. W
 - simpo (Meng et al. 2024, eq. 6): ``-log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - gamma)``,
   reference-free, average log-probabilities.
 
+With ``nll_weight`` = alpha > 0, every loss gains ``alpha * (-log pi(y_w) / |y_w|)``, the chosen completion's
+per-token negative log-likelihood (RPO, Pang et al. 2024, eq. 3; TRL's ``rpo_alpha``, which averages over the
+batch's chosen tokens where this averages per pair): DPO alone can widen the margin by lowering both answers.
+
 The implicit rewards reported beside the loss are ``beta (log pi - log ref)`` of each completion (SimPO: ``beta``
 times its average log-probability); reward accuracy is the share of pairs whose chosen reward is the larger. The
 caller averages the per-pair losses however its batch needs; this module never reduces over pairs and never
@@ -40,6 +44,14 @@ class PairLogps:
 def preference_loss(settings: PreferenceLossSettings, policy: PairLogps, reference: PairLogps | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair loss, chosen reward, rejected reward), each of shape (pairs,); the rewards carry no gradient."""
+    losses, chosen_reward, rejected_reward = _margin_loss(settings, policy, reference)
+    if settings.nll_weight:
+        losses = losses - settings.nll_weight * policy.chosen / policy.chosen_tokens
+    return losses, chosen_reward, rejected_reward
+
+
+def _margin_loss(settings: PreferenceLossSettings, policy: PairLogps, reference: PairLogps | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     beta = settings.beta
     if settings.type == "simpo":
         chosen = policy.chosen / policy.chosen_tokens
