@@ -17,6 +17,7 @@ not trust. It never changes the model's weights.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import json
 import logging
 import queue
@@ -233,8 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = app.sampling_params(request)
         arrivals: queue.SimpleQueue = queue.SimpleQueue()  # lists of (choice, token, finish reason); None: done
         future = app.scheduler.submit(request.prompts, params, on_tokens=arrivals.put)
-        finished = threading.Event()  # wakes a writer waiting out its interval as soon as the generation ends
-        future.add_done_callback(lambda _: (arrivals.put(None), finished.set()))
+        future.add_done_callback(lambda _: arrivals.put(None))
         item = arrivals.get()
         if item is None and future.exception() is not None:  # failed before its first token: a plain error
             exc = future.exception()
@@ -262,8 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._events(events.text(choice, piece) for step in steps for choice, token, reason in step
                              if (piece := streams[choice].push(token, reason)))
                 if not done:
-                    if app.stream_interval_s:  # let a few steps' tokens gather: one wake-up, one write
-                        finished.wait(app.stream_interval_s)
+                    if app.stream_interval_s:  # let a few steps' tokens gather (the end of generation cuts it short)
+                        futures.wait([future], timeout=app.stream_interval_s)
                     item = arrivals.get()
                     done = item is None
             try:
