@@ -188,3 +188,43 @@ def test_server_mode_generates_and_follows_the_trainer_weights(tmp_path):
     with pytest.raises(RuntimeError, match=f"rollout server {url}/update_weights"):
         remote.sync_weights(model)
     assert time.monotonic() - t0 < 5 + 10
+
+
+def test_an_update_that_arrives_while_the_server_is_still_joining_waits_for_the_join(monkeypatch):
+    """The trainer's rendezvous can complete before the server's join thread has stored its receiver (seen in CI:
+    the first /update_weights answered "no weight-sync group"). The update waits for the join instead; a join that
+    failed is named in the error."""
+    import threading
+
+    from posttrain.grpo import server as server_mod
+
+    joined = threading.Event()
+
+    class SlowReceiver:  # the group is formed, but the constructor returns late
+        def __init__(self, cfg, rank):
+            if cfg.port == 1:
+                raise WeightSyncError("weight sync: nobody at the rendezvous")
+            time.sleep(0.5)
+            joined.set()
+
+        def receive(self, apply):
+            apply([("w", torch.ones(1))])
+            return 1
+
+    applied = []
+    monkeypatch.setattr(server_mod, "WeightReceiver", SlowReceiver)
+    srv = server_mod.RolloutServer(engine=None, apply_weights=applied.extend, engine_name="test")
+    srv.init_weight_sync({"port": 12345, "timeout_s": 10})
+    assert srv.health()["sync"] == "joining" and not joined.is_set()
+    assert srv.update_weights({}) == {"receiving": True}
+    assert joined.is_set()
+    deadline = time.monotonic() + 10
+    while srv.health()["weights_version"] != 1:
+        assert time.monotonic() < deadline, srv.health()
+        time.sleep(0.01)
+    assert [n for n, _ in applied] == ["w"] and srv.health()["sync"] == "ready"
+    # a join that failed: the update says so instead of waiting
+    srv.close_weight_sync({})
+    srv.init_weight_sync({"port": 1, "timeout_s": 10})
+    with pytest.raises(ValueError, match="the join failed: weight sync: nobody at the rendezvous"):
+        srv.update_weights({})

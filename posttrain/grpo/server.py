@@ -48,6 +48,7 @@ class RolloutServer:
         self.lock = threading.Lock()
         self.receiver: WeightReceiver | None = None
         self.sync_state, self.sync_error, self.weights_version = "none", "", 0
+        self._joining: tuple[threading.Thread, float] | None = None  # the join in progress and its time-out
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "engine": self.engine_name, "weights_version": self.weights_version,
@@ -67,7 +68,7 @@ class RolloutServer:
         return {"completions": [{"prompt_index": o.prompt_index, "token_ids": o.token_ids, "logprobs": o.logprobs,
                                  "finish_reason": o.finish_reason} for o in outs]}
 
-    def _in_background(self, state: str, job) -> None:
+    def _in_background(self, state: str, job) -> threading.Thread:
         def run():
             try:
                 job()
@@ -76,7 +77,9 @@ class RolloutServer:
                 self.sync_state, self.sync_error = "failed", str(e)
 
         self.sync_state, self.sync_error = state, ""
-        threading.Thread(target=run, daemon=True, name=f"posttrain-sync-{state}").start()
+        thread = threading.Thread(target=run, daemon=True, name=f"posttrain-sync-{state}")
+        thread.start()
+        return thread
 
     def init_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
         fields = {k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body}
@@ -87,12 +90,18 @@ class RolloutServer:
             self.receiver = WeightReceiver(cfg, rank=rank)
             self.sync_state = "ready"
 
-        self._in_background("joining", join)
+        self._joining = (self._in_background("joining", join), cfg.timeout_s)
         return {"joining": True}
 
     def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.receiver is None and self._joining is not None:
+            # the trainer's rendezvous can return before this side's join thread has stored its receiver: the
+            # first update may arrive in that gap, so it waits for the join (at most the group's time-out)
+            thread, timeout_s = self._joining
+            thread.join(timeout_s)
         if self.receiver is None:
-            raise ValueError("update_weights: no weight-sync group; POST /init_weight_sync first")
+            detail = f" (the join failed: {self.sync_error})" if self.sync_state == "failed" else ""
+            raise ValueError(f"update_weights: no weight-sync group; POST /init_weight_sync first{detail}")
 
         def receive():
             with self.lock:
@@ -105,7 +114,7 @@ class RolloutServer:
         return {"receiving": True}
 
     def close_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.receiver, self.sync_state = None, "none"
+        self.receiver, self.sync_state, self._joining = None, "none", None
         return {"closed": True}
 
 
