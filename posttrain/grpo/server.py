@@ -10,7 +10,8 @@ The server (``run``): vLLM (``--engine vllm``, in-process so the received tensor
                              (prompt-major, token ids, sampler log-probs, finish reasons: the engine interface)
     POST /init_weight_sync   {"host", "port", "world_size", "rank", "backend", "timeout_s"}: join the trainer's
                              group (in a background thread; answers at once, the trainer's rendezvous waits)
-    POST /update_weights     {}: receive one broadcast (background thread, generation paused meanwhile)
+    POST /update_weights     {}: receive one broadcast (background thread, generation paused meanwhile); one that
+                             arrives while the join is still in progress waits for it
     POST /close_weight_sync  {}
 A failed or timed-out sync leaves the server serving the weights it had and reports ``sync: failed`` with the
 error; the trainer sees its own :class:`~posttrain.grpo.weight_sync.WeightSyncError` within the time-out.
