@@ -61,10 +61,37 @@ def test_string_and_chat_rows_tokenize_to_prompt_and_completions(tmp_path, token
     assert tokenizer.decode(plain.chosen_ids) == " 5" + tokenizer.eos_token
     assert plain.chosen_ids[:-1] != plain.rejected_ids[:-1]
     full = tokenizer.apply_chat_template(chat["prompt"] + chat["chosen"], tokenize=True, return_dict=True)["input_ids"]
-    assert turns.prompt_ids + turns.chosen_ids == list(full)
+    assert turns.prompt_ids + turns.chosen_ids == list(full)[: len(turns.prompt_ids) + len(turns.chosen_ids)]
     assert "5" in tokenizer.decode(turns.chosen_ids) and "6" in tokenizer.decode(turns.rejected_ids)
     cut = load_pairs([write(tmp_path / "cut.jsonl", [GOOD])], tokenizer, max_length=len(plain.prompt_ids) + 1)[0]
     assert cut.prompt_ids == plain.prompt_ids and len(cut.chosen_ids) == 1  # completions are cut, never the prompt
+
+
+def test_chat_completions_end_at_the_eos_the_model_generates(tmp_path, tokenizer):
+    """The template writes a newline after an assistant turn's EOS; generation stops at EOS, so the completion is
+    the answer's tokens and EOS, nothing after it (checked against tokenizing the answer text on its own)."""
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 4, "b": 6}}}
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+             "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "16"}]},
+            {"prompt": [{"role": "system", "content": "tool: multiply"}, {"role": "user", "content": "4*6="}],
+             "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+             "rejected": [{"role": "assistant", "content": "24"}]}]
+    rendered = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"], tokenize=False)
+    assert rendered.endswith(tokenizer.eos_token + "\n")  # the template does write past EOS
+    add, tool = load_pairs([write(tmp_path / "chat.jsonl", rows)], tokenizer, max_length=128)
+    eos = tokenizer.eos_token_id
+
+    def alone(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+    assert add.chosen_ids == alone("5") and add.rejected_ids == alone("16")
+    assert tool.chosen_ids == alone('<tool_call>{"name": "multiply", "arguments": {"a": 4, "b": 6}}</tool_call>')
+    assert tool.rejected_ids == alone("24")
+    for ids in (add.chosen_ids, add.rejected_ids, tool.chosen_ids, tool.rejected_ids):
+        assert ids[-1] == eos and ids.count(eos) == 1
+    head = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    assert add.prompt_ids == list(head)
 
 
 def test_packed_and_padded_batches_score_like_single_sequences(tmp_path, tokenizer):

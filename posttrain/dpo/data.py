@@ -3,14 +3,15 @@
 Rows are TRL's preference format, read through ``posttrain.train.data.read_rows`` (JSONL, Parquet, ``datasets``
 folders; a malformed line is an error naming the file and line). Either all three fields are strings, or the
 prompt is a list of chat turns and ``chosen``/``rejected`` are lists of assistant turns (rendered with the
-tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt). Every
-row is checked before any is tokenized; a bad one raises ``DataError`` naming the file, line and field.
+tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt, up to
+and including its last EOS token: what a template writes after EOS is never generated). Every row is checked
+before any is tokenized; a bad one raises ``DataError`` naming the file, line and field.
 
-A tokenized pair is a ``PreferencePair``: the prompt ids and both completions' ids (each ending with EOS for
-string rows). ``collate_pairs`` lays a micro-batch out as sequences ``[chosen_0, rejected_0, chosen_1, ...]``:
-packed (one row, ``position_ids`` restarting at 0 at each sequence: the hybrid treats that as a boundary) or
-right-padded rows with an attention mask; either way it lists where each completion token is predicted from, so
-the trainer takes log-probabilities at those positions only. This module never touches a model.
+A tokenized pair is a ``PreferencePair``: the prompt ids and both completions' ids (each ending with EOS; a chat
+row's where its template writes one). ``collate_pairs`` lays a micro-batch out as sequences ``[chosen_0,
+rejected_0, chosen_1, ...]``: packed (one row, ``position_ids`` restarting at 0 at each sequence: the hybrid treats
+that as a boundary) or right-padded rows with an attention mask; either way it lists where each completion token is
+predicted from, so the trainer takes log-probabilities at those positions only. This module never touches a model.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ def _chat_completion_ids(tokenizer, prompt: list[dict], completion: list[dict], 
     if full[: len(head)] != head:
         raise DataError(f"{where}: field `{field}`: the chat template does not render the prompt as a prefix of "
                         "prompt + completion, so the completion tokens cannot be told apart")
-    return head, full[len(head):]
+    completion_ids = full[len(head):]
+    # the completion ends with the EOS the model generates: what a template writes after it (a newline, the next
+    # turn's markup) is never generated and never trained by SFT, so it must not carry the preference
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in completion_ids:
+        completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(eos)]
+    return head, completion_ids
 
 
 def tokenize_pair(row: Row, tokenizer, chat: bool, max_length: int, prompt_field: str = "prompt",
