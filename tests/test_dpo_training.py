@@ -159,6 +159,50 @@ def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adap
     assert (setup / "lora" / "final" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.fixture
+def fresh_precision():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: forget it around a test that
+    switches precision, so that it and the tests after it start from none."""
+    from accelerate.state import AcceleratorState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    reset()
+    yield reset
+    reset()
+
+
+def test_under_bf16_autocast_the_precomputed_reference_starts_equal_to_the_policy(setup, fresh_precision):
+    """Mixed precision (bf16 autocast over float32 weights, as on every GPU; here on the CPU): before any update the
+    policy is the reference, so every implicit reward is 0, held out and in the first training step, whether the
+    reference was precomputed or is scored on the fly. The first micro-batch and the table's first chunk hold the
+    same pairs, so the two are scored in the same shapes."""
+    common = ("--model.dtype=bfloat16", "--optim.max_steps=1", "--optim.per_device_batch_size=8",
+              "--eval.batch_size=8", "--data.shuffle=false", "--data.max_samples=16",
+              f"--data.eval_files=[{setup / 'eval.jsonl'}]", "--checkpoint.resume=false")
+    for reference in ("precomputed", "on_the_fly"):
+        out = f"bf16_{reference}"
+        fresh_precision()
+        result = run_dpo(config(setup, out, *common, f"--loss.reference={reference}"))
+        assert str(result.model.dtype) == "torch.float32"  # float32 master weights: the bf16 is the autocast's
+        before, first = metrics(setup, out)[:2]
+        assert before["step"] == 0 and first["step"] == 1
+        for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margin"):
+            assert before[key] == 0.0, (reference, key, before[key])
+        for key in ("rewards/chosen", "rewards/rejected"):
+            assert abs(first[key]) < 1e-6, (reference, key, first[key])
+        assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # -log sigmoid(0)
+    header = json.loads((setup / "bf16_precomputed" / REFERENCE_FILE).read_text().splitlines()[0])
+    assert header["mixed_precision"] == "bf16"
+    # the scores are bf16's: they differ from float32's for the same pairs and weights
+    fresh_precision()
+    run_dpo(config(setup, "f32_precomputed", *common[1:]))
+    bf16_rows = (setup / "bf16_precomputed" / REFERENCE_FILE).read_text().splitlines()[1:]
+    f32_rows = (setup / "f32_precomputed" / REFERENCE_FILE).read_text().splitlines()[1:]
+    assert len(bf16_rows) == len(f32_rows) == 16 + 32 and bf16_rows != f32_rows
+
+
 def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path):
     from transformers import AutoTokenizer
 

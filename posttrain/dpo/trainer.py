@@ -9,9 +9,9 @@ a pure function of the step, so resuming draws exactly what an uninterrupted run
      one padding-free row (the hybrid resets its state where ``position_ids`` restart) or padded rows;
   2. the policy's summed log-probability of each completion comes from the model's fused chunked kernel
      (``token_logprobs`` on the final hidden states at the completion positions; full logits never exist);
-  3. the reference's come from the precomputed table (``ReferenceTable``: computed once before training, stored
-     in the run folder as JSON lines, resumed if cut short), or on the fly from a frozen copy, or from the LoRA
-     model with its adapter disabled; SimPO needs none;
+  3. the reference's come from the precomputed table (``ReferenceTable``: computed once before training, under
+     the same autocast as the policy, stored in the run folder as JSON lines, resumed if cut short), or on the fly
+     from a frozen copy, or from the LoRA model with its adapter disabled; SimPO needs none;
   4. loss = sum over the global batch of the per-pair losses / global pair count, so one process with
      accumulation and several processes give the same step; each process scales by ``world_size`` because DDP
      averages gradients.
@@ -108,12 +108,14 @@ class ReferenceTable:
         self.values: dict[tuple[str, int], tuple[float, float]] = {}
 
     @staticmethod
-    def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str, chunk: int) -> dict[str, Any]:
+    def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str, chunk: int,
+                       precision: str = "no") -> dict[str, Any]:
         h = hashlib.sha256()
         for name, pairs in splits.items():
             for p in pairs:
                 h.update(json.dumps([name, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference, "chunk": chunk}
+        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference, "chunk": chunk,
+                "mixed_precision": precision}
 
     def _read(self) -> None:
         if not self.path.is_file():
@@ -231,11 +233,13 @@ class DpoTrainer:
         if loss.needs_reference and loss.reference == "precomputed":
             splits = {"train": self.train_pairs, "eval": self.eval_pairs}
             self.table = ReferenceTable(self.output_dir / REFERENCE_FILE,
-                                        ReferenceTable.fingerprint_of(splits, reference_id,
-                                                                    config.eval.batch_size))
+                                        ReferenceTable.fingerprint_of(splits, reference_id, config.eval.batch_size,
+                                                                      str(acc.mixed_precision)))
             model.eval()
-            self.table.compute(acc, lambda pairs: self._reference_logps(model, pairs), splits,
-                               config.eval.batch_size)
+            with acc.autocast():  # the precision the policy is scored in (bf16 autocast on GPU), or the
+                # rewards start off zero by the rounding between the two
+                self.table.compute(acc, lambda pairs: self._reference_logps(model, pairs), splits,
+                                   config.eval.batch_size)
         elif loss.needs_reference and not self.lora:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -347,7 +351,8 @@ class DpoTrainer:
         chunks = [list(range(k, min(k + size, n))) for k in range(0, n, size)][acc.process_index::acc.num_processes]
         totals = torch.zeros(len(_STATS), dtype=torch.float64, device=acc.device)
         for idx in chunks:
-            totals += self._pair_stats("eval", idx, [self.eval_pairs[i] for i in idx])[1]
+            with acc.autocast():  # as in training: a frozen on-the-fly reference is not wrapped by prepare
+                totals += self._pair_stats("eval", idx, [self.eval_pairs[i] for i in idx])[1]
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
         self.model.train()
