@@ -1,10 +1,13 @@
 """The reward-function contract shared by every reward, the registry and the worker pool.
 
-A reward is a plain callable ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's signature):
-``completions`` are strings or chat message lists, extra dataset columns arrive as keyword lists, and ``None``
-means "does not apply / cannot judge". This module holds the helpers that turn a completion into text, call a
-reward (sync or ``async def``) and check what it returned. It must never import a concrete reward, the sandbox
-or the pool: everything else depends on it, not the other way round.
+A reward is a plain callable called by keyword, as TRL's ``GRPOTrainer`` calls it:
+``fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_metric=..., log_extra=..., **columns)
+-> list[float | None]``. ``completions`` are strings (standard data) or chat message lists (conversational data,
+tool turns included), extra dataset columns arrive as keyword lists, and ``None`` means "does not apply / cannot
+judge". A function that declares fewer keywords (no ``**kwargs``) gets only those it names; one that names a keyword
+the caller cannot give is a configuration error (:class:`RewardConfigError`). This module holds the helpers that turn
+a completion into text, call a reward (sync or ``async def``) and check what it returned. It must never import a
+concrete reward, the sandbox or the pool: everything else depends on it, not the other way round.
 """
 
 from __future__ import annotations
@@ -150,18 +153,61 @@ def _is_numpy_or_torch_scalar(value: Any) -> bool:
     return getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None))
 
 
-def call_reward(
-    name: str, fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, Sequence[Any]]
-) -> list[float | None]:
-    """Call ``fn`` on a batch, await it if it is async, and check the count and every value.
+def reward_keywords(name: str, fn: Any, offered: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of ``offered`` that ``fn`` accepts: all of them when it takes ``**kwargs``, else those it names.
 
-    Raises whatever ``fn`` raises (:class:`RewardConfigError` included), :class:`RewardCountError` for a wrong
-    number of values and
-    :class:`RewardValueError` for a value that is not a finite number or ``None``.
+    Raises :class:`RewardConfigError` when ``fn`` needs a keyword (a parameter without a default) that is not offered,
+    such as a data column the batch does not have.
     """
-    out = run_maybe_async(fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()}))
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a readable signature: offer everything, as TRL does
+        return offered
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in offered]
+    if missing:
+        raise RewardConfigError(
+            f"reward {name!r} needs keyword(s) {missing}, which this batch does not give; it gives "
+            f"{sorted(offered)} (every data column besides the prompt arrives under its own name)"
+        )
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return offered
+    accepted = {p.name for p in named}
+    return {k: v for k, v in offered.items() if k in accepted}
+
+
+def call_reward(
+    name: str,
+    fn: RewardFn,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: dict[str, Sequence[Any]],
+    **context: Any,
+) -> list[float | None]:
+    """Call ``fn`` by keyword on a batch, await it if it is async, and check the count and every value.
+
+    ``fn`` is offered ``prompts``, ``completions``, every column (``completion_ids`` among them when the caller has
+    token ids) and the ``context`` keywords that are not ``None`` (``trainer_state``, ``log_metric``,
+    ``log_extra``); see :func:`reward_keywords`. Raises whatever ``fn`` raises (:class:`RewardConfigError`
+    included), :class:`RewardCountError` for a wrong number of values and :class:`RewardValueError` for a value
+    that is not a finite number or ``None``.
+    """
+    offered: dict[str, Any] = {k: list(v) for k, v in columns.items()}
+    offered.update({k: v for k, v in context.items() if v is not None})
+    offered["prompts"], offered["completions"] = list(prompts), list(completions)
+    out = run_maybe_async(fn(**reward_keywords(name, fn, offered)))
     if out is None or isinstance(out, str | bytes) or not hasattr(out, "__len__"):
         raise RewardValueError(f"reward {name!r} returned {type(out).__name__}; expected a list of float | None")
     if len(out) != len(completions):
         raise RewardCountError(name, len(completions), len(out))
     return [check_value(name, v) for v in out]
+
+
+def reward_trainer_state(global_step: int, max_steps: int, epoch: float) -> Any:
+    """The ``trainer_state`` a reward is given: a transformers ``TrainerState``, as TRL passes its own.
+
+    Rewards shape themselves on training progress with ``global_step``, ``max_steps`` and ``epoch``.
+    """
+    from transformers import TrainerState
+
+    return TrainerState(global_step=global_step, max_steps=max_steps, epoch=epoch)

@@ -6,6 +6,12 @@ sum per sample over the rewards that could score it, the indices no reward could
 loop gives them advantage 0 and reports them, never a silent 0), the per-sample errors, and ``metrics()``
 (mean/std per reward) for the trackers. ``RewardSpec``/``RewardsConfig`` are the config-file form.
 
+Rewards are called by keyword, as TRL calls them (``prompts``, ``completions``, ``completion_ids``,
+``trainer_state``, ``log_metric``, ``log_extra`` and the data columns). What they log with ``log_metric`` and
+``log_extra`` is kept in the result (``logged_metrics``, ``logged_extra``), from worker processes too, and passed on
+to the caller's own functions when given. ``RewardResult.raise_for_errors`` turns a batch's failures into
+:class:`RewardFailedError` past ``rewards.max_error_fraction`` (default 0: any exception stops training, as in TRL).
+
 In-process scoring has no time limit: it is for tests, evaluation and rewards that manage their own limits
 (``in_process=True``). This module must never swallow a configuration error (unknown name, bad options,
 wrong number of values, ``RewardConfigError`` from a reward): those raise.
@@ -16,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+import threading
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +32,7 @@ from typing import Any
 from posttrain.rewards.base import (
     RewardConfigError,
     RewardCountError,
+    RewardError,
     RewardFn,
     RewardValueError,
     call_reward,
@@ -60,11 +69,15 @@ class RewardsConfig:
     rewards: the weighted rewards.
     num_workers: reward worker processes (0: score in the trainer's process, no time limits).
     timeout_s: time limit of one reward on one sample; the worker is killed and replaced past it.
+    max_error_fraction: the largest fraction of a batch's samples on which one reward may fail (raise, return a bad
+        value, kill its worker) before training stops with that reward's name and traceback; 0 (TRL's behaviour):
+        any failure stops it. A sample past its time limit scores None and never counts as a failure.
     """
 
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("math")])
     num_workers: int = 2
     timeout_s: float = 10.0
+    max_error_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
@@ -74,6 +87,8 @@ class RewardsConfig:
             raise ValueError(f"rewards.num_workers must be >= 0, got {self.num_workers}")
         if not self.timeout_s > 0:
             raise ValueError(f"rewards.timeout_s must be > 0, got {self.timeout_s}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"rewards.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
 
     def build(self) -> tuple[RewardSet, RewardPool | None]:
         """The reward set and, when ``num_workers`` > 0, a started pool (the caller closes it)."""
@@ -97,12 +112,16 @@ class RewardResult:
     values: raw values per reward name (``None`` where it did not apply or failed).
     total: weighted sum per sample over the rewards that scored it; ``None`` where none did.
     errors: why a reward failed on a sample (exceptions, timeouts, dead workers, bad values).
+    logged_metrics: every value the rewards gave ``log_metric``, by metric name.
+    logged_extra: every list the rewards gave ``log_extra``, concatenated by column name.
     """
 
     weights: dict[str, float]
     values: dict[str, list[float | None]]
     total: list[float | None]
     errors: list[SampleError]
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)
+    logged_extra: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def unscored(self) -> list[int]:
@@ -120,6 +139,28 @@ class RewardResult:
         out[f"{prefix}unscored"] = float(len(self.unscored))
         out[f"{prefix}errors"] = float(len(self.errors))
         return out
+
+    def raise_for_errors(self, max_fraction: float = 0.0) -> None:
+        """Raise :class:`RewardFailedError` for the first reward that failed on more than ``max_fraction`` of the
+        samples (a time-out is not a failure: the limit did its job); its message has the first failure's traceback.
+        """
+        n = len(self.total)
+        for name in self.values:
+            failed = [e for e in self.errors if e.reward == name and e.kind != "timeout"]
+            samples = len({e.sample for e in failed})
+            if failed and samples > max_fraction * n:
+                raise RewardFailedError(name, samples, n, max_fraction, failed[0])
+
+
+class RewardFailedError(RewardError):
+    """A reward failed on more of a batch's samples than ``rewards.max_error_fraction`` allows."""
+
+    def __init__(self, reward: str, failed: int, total: int, max_fraction: float, first: SampleError) -> None:
+        super().__init__(
+            f"reward {reward!r} failed on {failed} of {total} samples (rewards.max_error_fraction={max_fraction:g}); "
+            f"on sample {first.sample}: {first.message.rstrip()}"
+        )
+        self.reward, self.failed, self.total, self.first = reward, failed, total, first
 
 
 class RewardSet:
@@ -144,25 +185,56 @@ class RewardSet:
         return cls([WeightedReward(s.label or s.name, get(s.name, **s.options), s.weight, s.in_process) for s in specs])
 
     def score(
-        self, prompts: Sequence[Any], completions: Sequence[Any], pool: RewardPool | None = None, **columns: Any
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        pool: RewardPool | None = None,
+        *,
+        trainer_state: Any = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        log_extra: Callable[[str, list[Any]], None] | None = None,
+        **columns: Any,
     ) -> RewardResult:
-        """Score a batch; rewards not marked ``in_process`` go to ``pool`` when one is given."""
+        """Score a batch; rewards not marked ``in_process`` go to ``pool`` when one is given.
+
+        ``columns`` are the data columns (``completion_ids`` among them when there are token ids); ``trainer_state``
+        goes to the rewards that ask for it; ``log_metric``/``log_extra`` also receive what the rewards log.
+        """
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"RewardSet.score: {len(prompts)} prompts for {n} completions")
         values: dict[str, list[float | None]] = {}
         errors: list[SampleError] = []
+        logged_metrics: dict[str, list[float]] = {}
+        logged_extra: dict[str, list[Any]] = {}
+        lock = threading.Lock()  # the pool's replay runs in the helper thread below
+
+        def record_metric(name: str, value: float) -> None:
+            with lock:
+                logged_metrics.setdefault(name, []).append(value)
+            if log_metric is not None:
+                log_metric(name, value)
+
+        def record_extra(column: str, items: list[Any]) -> None:
+            with lock:
+                logged_extra.setdefault(column, []).extend(items)
+            if log_extra is not None:
+                log_extra(column, items)
+
+        context = {"trainer_state": trainer_state, "log_metric": record_metric, "log_extra": record_extra}
         pooled = {r.name: r.fn for r in self.rewards if pool is not None and not r.in_process}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-reward-pool") as executor:
             # the pool's workers score while this thread runs the in-process rewards
             pending = (
-                executor.submit(pool.run, pooled, prompts, completions, columns)
+                executor.submit(pool.run, pooled, prompts, completions, columns, **context)
                 if pool is not None and pooled
                 else None
             )
             for r in self.rewards:
                 if r.name not in pooled:
-                    values[r.name], batch_errors = score_in_process(r.name, r.fn, prompts, completions, columns)
+                    values[r.name], batch_errors = score_in_process(
+                        r.name, r.fn, prompts, completions, columns, **context
+                    )
                     errors.extend(batch_errors)
             if pending is not None:
                 pooled_values, pooled_errors = pending.result()
@@ -172,7 +244,7 @@ class RewardSet:
         weights = {r.name: r.weight for r in self.rewards}
         total = combine_values(values, weights)
         errors.sort(key=lambda e: (e.sample, e.reward))
-        return RewardResult(weights=weights, values=values, total=total, errors=errors)
+        return RewardResult(weights, values, total, errors, logged_metrics, logged_extra)
 
 
 def combine(*rewards: RewardFn | str | tuple[RewardFn | str, float]) -> RewardSet:
@@ -201,11 +273,19 @@ def combine_values(values: Mapping[str, Sequence[float | None]], weights: Mappin
 
 
 def score_in_process(
-    name: str, fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]
+    name: str,
+    fn: RewardFn,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: Mapping[str, Sequence[Any]],
+    **context: Any,
 ) -> tuple[list[float | None], list[SampleError]]:
-    """Call ``fn`` on the whole batch; if it raises, call it per sample so one bad sample costs only itself."""
+    """Call ``fn`` on the whole batch; if it raises, call it per sample so one bad sample costs only itself.
+
+    ``context``: the keywords besides the columns (``trainer_state``, ``log_metric``, ``log_extra``).
+    """
     try:
-        return call_reward(name, fn, prompts, completions, dict(columns)), []
+        return call_reward(name, fn, prompts, completions, dict(columns), **context), []
     except (RewardCountError, RewardConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure: find the sample(s) responsible
@@ -215,7 +295,7 @@ def score_in_process(
     for i in range(len(completions)):
         row = {column: [column_values[i]] for column, column_values in columns.items()}
         try:
-            values.append(call_reward(name, fn, [prompts[i]], [completions[i]], row)[0])
+            values.append(call_reward(name, fn, [prompts[i]], [completions[i]], row, **context)[0])
         except (RewardCountError, RewardConfigError):
             raise
         except RewardValueError as exc:
@@ -223,6 +303,7 @@ def score_in_process(
             errors.append(SampleError(i, name, "invalid_value", str(exc)))
         except Exception as exc:  # noqa: BLE001 - a reward's failure costs its sample, not the batch
             values.append(None)
-            errors.append(SampleError(i, name, "exception", f"{type(exc).__name__}: {exc}"))
+            text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
+            errors.append(SampleError(i, name, "exception", text))
             logger.warning("reward %r on sample %d: %s: %s", name, i, type(exc).__name__, exc)
     return values, errors

@@ -18,6 +18,11 @@ work: as in any spawn/forkserver program, workers re-import the script (so its e
 ``if __name__ == "__main__":``). Rewards may define ``warmup()``;
 a worker calls it when it loads the reward (heavy imports), outside any sample's time limit.
 
+Rewards are called by keyword (see :func:`~posttrain.rewards.base.call_reward`); ``trainer_state`` travels to the
+worker with each sample. ``log_metric`` and ``log_extra`` cannot cross a process boundary: a worker gives the reward
+recording stand-ins, sends the calls back with the value, and ``run`` replays them into the caller's functions once
+the batch is scored, reward by reward in sample order.
+
 The pool never scores anything itself, never uses signals or threads as time limits, and never leaves a
 worker behind: ``close()`` (or the context manager, or garbage collection, or interpreter exit) ends them.
 """
@@ -37,7 +42,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Self
@@ -133,8 +138,16 @@ class RewardPool:
         prompts: Sequence[Any],
         completions: Sequence[Any],
         columns: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        trainer_state: Any = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        log_extra: Callable[[str, list[Any]], None] | None = None,
     ) -> tuple[dict[str, list[float | None]], list[SampleError]]:
-        """Score every sample with every reward; returns the values by reward name and the per-sample errors."""
+        """Score every sample with every reward; returns the values by reward name and the per-sample errors.
+
+        ``trainer_state`` is given to the rewards that ask for it; their ``log_metric``/``log_extra`` calls are
+        replayed into ``log_metric``/``log_extra`` when given (else dropped).
+        """
         columns = dict(columns or {})
         n = len(completions)
         if len(prompts) != n:
@@ -146,14 +159,21 @@ class RewardPool:
         values: dict[str, list[float | None]] = {name: [None] * n for name in rewards}
         errors: list[SampleError] = []
         tasks = deque(_Task(next(self._task_ids), name, payloads[name][0], i) for i in range(n) for name in rewards)
+        logged: dict[tuple[str, int], list[tuple[str, str, Any]]] = {}
         with self._lock:
             if self._finalizer.alive is False:
                 raise RuntimeError("RewardPool.run on a closed pool")
             try:
-                self._drive(tasks, payloads, prompts, completions, columns, values, errors)
+                self._drive(tasks, payloads, prompts, completions, columns, values, errors, trainer_state, logged)
             except BaseException:
                 self._reset_busy_workers()
                 raise
+        for name in rewards:  # the workers' log calls, in the order an in-process call would have made them
+            for i in range(n):
+                for kind, key, value in logged.get((name, i), []):
+                    target = log_metric if kind == "metric" else log_extra
+                    if target is not None:
+                        target(key, value)
         errors.sort(key=lambda e: (e.sample, e.reward))
         return values, errors
 
@@ -183,6 +203,8 @@ class RewardPool:
         columns: dict[str, Sequence[Any]],
         values: dict[str, list[float | None]],
         errors: list[SampleError],
+        trainer_state: Any = None,
+        logged: dict[tuple[str, int], list[tuple[str, str, Any]]] | None = None,
     ) -> None:
         key_names = {key: name for name, (key, _) in payloads.items()}
         key_payloads = dict(payloads.values())
@@ -198,7 +220,16 @@ class RewardPool:
                     tasks.popleft()
                     i = task.sample
                     row = {column: column_values[i] for column, column_values in columns.items()}
-                    message = ("run", task.task_id, task.key, task.reward, prompts[i], completions[i], row)
+                    message = (
+                        "run",
+                        task.task_id,
+                        task.key,
+                        task.reward,
+                        prompts[i],
+                        completions[i],
+                        row,
+                        trainer_state,
+                    )
                     state, limit = "running", self.timeout_s
                 try:
                     worker.conn.send(message)
@@ -236,6 +267,8 @@ class RewardPool:
                         self._record(errors, values, task, "worker_died", f"worker process died (exit code {code})")
                         self._replace(slot, reason=f"died with exit code {code}")
                         continue
+                    if logged is not None and reply[0] == "result" and reply[-1]:
+                        logged[(task.reward, task.sample)] = reply[-1]
                     self._handle_reply(worker, reply, key_names, values, errors)
                 elif time.monotonic() >= worker.deadline:
                     if worker.state == "loading":
@@ -269,7 +302,7 @@ class RewardPool:
                 raise RewardLoadError(f"a worker could not load reward {key_names[key]!r}:\n{failure}")
             worker.loaded.add(key)
         elif reply[0] == "result":
-            _, task_id, value, kind, detail = reply
+            _, task_id, value, kind, detail, _logs = reply
             if task_id != task.task_id:  # cannot happen with one request in flight; never mis-attribute
                 raise RuntimeError(f"reward worker answered task {task_id}, expected {task.task_id}")
             if kind == "count":
@@ -420,9 +453,19 @@ def _worker_main(conn: Connection) -> None:
             except BaseException:  # noqa: BLE001 - reported to the parent, which raises RewardLoadError
                 conn.send(("loaded", key, traceback.format_exc()))
             continue
-        _, task_id, key, name, prompt, completion, row = message
+        _, task_id, key, name, prompt, completion, row, trainer_state = message
+        logs: list[tuple[str, str, Any]] = []  # the reward's log_metric/log_extra calls, replayed by the parent
         try:
-            value = call_reward(name, rewards[key], [prompt], [completion], {k: [v] for k, v in row.items()})[0]
+            value = call_reward(
+                name,
+                rewards[key],
+                [prompt],
+                [completion],
+                {k: [v] for k, v in row.items()},
+                trainer_state=trainer_state,
+                log_metric=lambda metric, number, record=logs.append: record(("metric", metric, number)),
+                log_extra=lambda column, items, record=logs.append: record(("extra", column, list(items))),
+            )[0]
             reply: tuple[Any, ...] = ("result", task_id, value, None, None)
         except RewardCountError as exc:
             reply = ("result", task_id, None, "count", exc.got)
@@ -433,4 +476,4 @@ def _worker_main(conn: Connection) -> None:
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: a reward's failure costs its sample
             text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
             reply = ("result", task_id, None, "exception", text)
-        conn.send(reply)
+        conn.send((*reply, logs if reply[3] is None else []))
