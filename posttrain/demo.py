@@ -345,8 +345,12 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
     extra = [] if key.exists() else ["--generate-key"]
     _cli("export", "--model", out / "grpo" / "final", "--out", out / "export", "--key", key,
          "--recipe", out / "recipes" / "grpo.yaml", *extra)
-    _cli("verify", out / "export")
-    return {"checkpoint": str(out / "export"), "signed_with": str(key)}
+    from posttrain.export import load_private_key, public_pem
+
+    public = out / "signing_key.pub.pem"  # the publisher's public key, kept apart from the export it checks
+    public.write_bytes(public_pem(load_private_key(key)))
+    _cli("verify", out / "export", "--public-key", public)
+    return {"checkpoint": str(out / "export"), "signed_with": str(key), "public_key": str(public)}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ plus:
   manifest: recipe, data files and the manifests beside them with their hashes, the base checkpoint's hash), the
   source checkpoint's and adapter's hashes;
 - ``manifest.sig``: an Ed25519 signature (``cryptography``) of ``manifest.json``'s exact bytes, base64;
-- ``signing_key.pub``: the public key (PEM). Verifying against this embedded key proves the files are the ones
-  signed; proving *who* signed needs the publisher's key given to ``posttrain verify --public-key``.
+- ``signing_key.pub``: the public key (PEM), named in the manifest by its fingerprint (SHA-256 of the raw 32-byte
+  key). Anyone can re-sign a folder with a key of their own, so this key proves only that the files are the ones
+  its holder signed; ``posttrain verify`` establishes who published the folder only against the publisher's key
+  (``--public-key`` or a trusted-keys file), and says so when it has none.
 
 A LoRA adapter (``--adapter``, a peft folder) is merged into the weights first. Everything is written under a
 temporary name and renamed. This module never trains and never overwrites a private key.
@@ -85,8 +87,15 @@ def public_pem(private_key) -> bytes:
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def key_fingerprint(public_key_pem: bytes) -> str:
-    return hashlib.sha256(public_key_pem).hexdigest()
+def key_fingerprint(public_key) -> str:
+    """The name of an Ed25519 public key (a key object or its PEM): SHA-256 of its raw 32 bytes, hex. The manifest
+    names its signing key by it and ``posttrain verify`` prints it."""
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(public_key, bytes):
+        public_key = serialization.load_pem_public_key(public_key)
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 # -- export ----------------------------------------------------------------------------------------------------
@@ -186,5 +195,7 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, FileNotFoundError) as e:
         print(f"posttrain export: {e}")
         return 2
-    print(f"exported and signed {out}; check it with: posttrain verify {out}")
+    print(f"exported and signed {out} with key {key_fingerprint((out / PUBLIC_KEY).read_bytes())}; check it with: "
+          f"posttrain verify {out} --public-key PUBLIC.pem (your public key; write it with "
+          "`openssl pkey -in KEY.pem -pubout`)")
     return 0

@@ -85,7 +85,8 @@ def test_verify_passes_and_names_the_file_that_differs(exported, tmp_path):
 
     root, _, _ = exported
     assert verify_checkpoint(root / "out") == []
-    assert cli(["verify", str(root / "out")]) == 0
+    assert cli(["verify", str(root / "out")]) == 3  # intact, but no trusted key: the publisher is not verified
+    assert cli(["verify", str(root / "out"), "--allow-untrusted"]) == 0
 
     copy = tmp_path / "copy"
     shutil.copytree(root / "out", copy)

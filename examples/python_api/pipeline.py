@@ -116,17 +116,18 @@ def main() -> None:
     )).train()
     print(f"GRPO: {len(history)} steps, last train accuracy {history[-1]['accuracy']:.3f}")
 
-    # 6. signed export, then verification of every hash and the signature
-    from posttrain.export import export_checkpoint, generate_key
+    # 6. signed export, then verification of every hash, the signature and the signer (our own public key)
+    from posttrain.export import export_checkpoint, generate_key, load_private_key, public_pem
     from posttrain.verify import verify_checkpoint
 
     if not (out / "signing_key.pem").exists():
         generate_key(out / "signing_key.pem")
+    (out / "signing_key.pub.pem").write_bytes(public_pem(load_private_key(out / "signing_key.pem")))
     exported = export_checkpoint(out / "grpo" / "final", out / "export", out / "signing_key.pem")
-    problems_found = verify_checkpoint(exported)
+    problems_found = verify_checkpoint(exported, public_key=out / "signing_key.pub.pem")
     if problems_found:
         raise SystemExit(f"verification failed: {problems_found}")
-    print(f"signed instruct checkpoint in {exported}; signature valid")
+    print(f"signed instruct checkpoint in {exported}; signature valid and made by our key")
 
 
 if __name__ == "__main__":
