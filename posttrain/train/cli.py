@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_task(args: argparse.Namespace, task: str) -> int:
     from posttrain.config import ConfigError, load_config
+    from posttrain.train.checkpointing import CheckpointError
     from posttrain.train.config import TrainConfig
     from posttrain.train.data import DataError
     from posttrain.train.loop import TrainingError
@@ -28,7 +29,7 @@ def run_task(args: argparse.Namespace, task: str) -> int:
     try:
         config = load_config(TrainConfig, args.config, getattr(args, "overrides", []))
         result = run_training(config, task, recipe=args.config)  # type: ignore[arg-type]
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError) as e:
         print(f"posttrain {task}: {e}", file=sys.stderr)
         return 2
     from accelerate import PartialState

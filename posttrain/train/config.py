@@ -86,7 +86,21 @@ class CheckpointSettings:
     output_dir: str = "runs/sft"  # the run's folder: checkpoints/, final/, metrics.jsonl, config.yaml
     every_steps: int = 100  # save a resumable checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2  # complete checkpoints kept
-    resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+    # true or "latest": continue from the newest valid checkpoint in output_dir (one that fails verification is
+    # named in a warning, set aside as step-N.rejected, and the one before it is used), or start at step 0 when
+    # there is none, so one command starts and resumes a job; a path: exactly that checkpoint, an error if it is
+    # not valid; false: always start at step 0
+    resume: bool | str = True
+    # how a checkpoint is checked against its manifest before resuming: "full" (size and sha256 of every file)
+    # or "size" (sizes only, for very large optimizer states: catches truncated and missing files, NOT a byte
+    # changed in place)
+    verify: Literal["full", "size"] = "full"
+
+    def __post_init__(self) -> None:
+        if self.verify not in ("full", "size"):
+            raise ValueError(f"checkpoint.verify must be 'full' or 'size', got {self.verify!r}")
+        if isinstance(self.resume, str) and not self.resume.strip():
+            raise ValueError("checkpoint.resume must be true, false, latest or a checkpoint folder, got ''")
 
 
 @dataclass

@@ -145,10 +145,12 @@ class MetricsLog:
             self.accelerator.log(scalars, step=step)
 
 
-def prepare_training(accelerator, model, optim: OptimSettings, total_steps: int, output_dir: Path, keep_last: int):
+def prepare_training(accelerator, model, optim: OptimSettings, total_steps: int, output_dir: Path, keep_last: int,
+                     verify: str = "full"):
     """The optimizer and its schedule, the model and optimizer prepared by accelerate, a checkpoint manager that also
-    saves the schedule, and the metrics log: what every trainer here sets up the same way. A schedule that cannot
-    fit the run (a warmup longer than it) is a TrainingError naming ``optim``."""
+    saves the schedule (``verify``: how it checks a checkpoint before resuming, ``checkpoint.verify``), and the
+    metrics log: what every trainer here sets up the same way. A schedule that cannot fit the run (a warmup longer
+    than it) is a TrainingError naming ``optim``."""
     optimizer = build_optimizer(model.parameters(), optim)
     try:
         scheduler = build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_steps, optim.min_lr_ratio,
@@ -156,24 +158,25 @@ def prepare_training(accelerator, model, optim: OptimSettings, total_steps: int,
     except ValueError as exc:
         raise TrainingError(f"optim: {exc}") from None
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", keep_last)
+    checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", keep_last, verify)
     checkpoints.register(scheduler)
     return model, optimizer, scheduler, checkpoints, MetricsLog(accelerator, Path(output_dir) / "metrics.jsonl")
 
 
-def resume_step(accelerator, checkpoints, plan: BatchPlan, unit: str) -> int:
-    """The step a resumed run starts at: the latest checkpoint's, or 0 when there is none. A checkpoint written for
-    other data or another global batch is an error (its step would index other samples)."""
-    state = checkpoints.resume()
+def resume_step(accelerator, checkpoints, plan: BatchPlan, unit: str, where: bool | str = "latest") -> int:
+    """The step a resumed run starts at: that of the checkpoint ``where`` names (``checkpoint.resume``: the latest
+    valid one, or a path; see ``CheckpointManager.resume``), or 0 when there is none. A checkpoint written for other
+    data or another global batch is an error (its step would index other samples)."""
+    state = checkpoints.resume(where)
     if state is None:
         return 0
     if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
         raise TrainingError(
-            f"cannot resume from {checkpoints.latest()}: it was written for {state.get('n_items')} {unit} in global "
-            f"batches of {state.get('global_batch')}, this run has {plan.n_items} in batches of {plan.global_batch}; "
-            "use another checkpoint.output_dir or checkpoint.resume: false")
+            f"cannot resume from {checkpoints.resumed_from}: it was written for {state.get('n_items')} {unit} in "
+            f"global batches of {state.get('global_batch')}, this run has {plan.n_items} in batches of "
+            f"{plan.global_batch}; use another checkpoint.output_dir or checkpoint.resume: false")
     start = int(state["step"])
-    accelerator.print(f"resuming from {checkpoints.latest()} at step {start}")
+    accelerator.print(f"resuming from {checkpoints.resumed_from} at step {start}")
     return start
 
 
@@ -189,8 +192,8 @@ class Trainer:
     """Trains ``model`` on ``items`` (lists of ``Segment``) under ``accelerator``.
 
     ``items`` are drawn by a ``BatchPlan``; ``packed`` picks ``collate_packed`` (one flat row per micro-batch) or
-    ``collate_padded``. Call ``train()``; it resumes from ``output_dir/checkpoints`` when ``checkpoint.resume`` is
-    set and a checkpoint is there, and returns the unwrapped model after the last step.
+    ``collate_padded``. Call ``train()``; it resumes as ``checkpoint.resume`` says (by default from the newest valid
+    checkpoint in ``output_dir/checkpoints``, if any), and returns the unwrapped model after the last step.
     """
 
     def __init__(self, config: TrainConfig, model, items: Sequence[Sequence[Segment]], *, packed: bool,
@@ -219,7 +222,8 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(_model_config(model), "num_local_experts", 0))
         self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
-            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last)
+            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last, config.checkpoint.verify)
+        self._start: int | None = None  # the step resume() found
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], list[Sequence[Segment]]]]:
@@ -289,9 +293,17 @@ class Trainer:
                 "global_batch": self.plan.global_batch, "n_items": self.plan.n_items,
                 "world_size": self.accelerator.num_processes, "total_steps": self.total_steps}
 
+    def resume(self) -> int:
+        """Restore the checkpoint ``checkpoint.resume`` names (once) and return the step training starts at; a bad
+        checkpoint is a ``CheckpointError`` before anything is written. ``train()`` calls it if nobody did."""
+        if self._start is None:
+            self._start = resume_step(self.accelerator, self.checkpoints, self.plan, "items",
+                                      self.config.checkpoint.resume)
+        return self._start
+
     def train(self) -> TrainResult:
         acc = self.accelerator
-        start = resume_step(acc, self.checkpoints, self.plan, "items") if self.config.checkpoint.resume else 0
+        start = self.resume()
         self.metrics.truncate_after(start)
         if self.config.logging.report_to:
             acc.init_trackers(self.config.logging.project, config=_flat(self.run_config))

@@ -121,6 +121,7 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                       else tokenizer.eos_token_id, run_config=config_to_dict(config))
     acc = trainer.accelerator
+    trainer.resume()  # a checkpoint that cannot be resumed from stops the run before anything is written
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
