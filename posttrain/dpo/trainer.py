@@ -245,7 +245,7 @@ class DpoTrainer:
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
-            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last)
+            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last, config.checkpoint.verify)
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
@@ -366,7 +366,7 @@ class DpoTrainer:
 
     def train(self) -> DpoResult:
         acc = self.accelerator
-        start = resume_step(acc, self.checkpoints, self.plan, "pairs") if self.config.checkpoint.resume else 0
+        start = resume_step(acc, self.checkpoints, self.plan, "pairs", self.config.checkpoint.resume)
         self.metrics.truncate_after(start)
         if self.config.logging.report_to:
             from posttrain.train.loop import _flat
