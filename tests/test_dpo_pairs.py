@@ -109,3 +109,98 @@ def test_posttrain_pairs_bad_input_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "verdict.judge" in capsys.readouterr().err
     code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), "--sampling.num_samples", "1"])
     assert code == 2 and "sampling.num_samples must be at least 2" in capsys.readouterr().err
+
+
+# -- on-policy pairs ---------------------------------------------------------------------------------------------
+MATCH_REWARD = '''
+def match(prompts, completions, target, want, **kwargs):
+    """1.0 when the answer equals `target` (want "equal") or differs from it (want "differ"), else 0.0."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float((t.strip() == g.strip()) == (w == "equal")) for t, g, w in zip(texts, target, want)]
+'''
+
+
+def argmax_answer(model, tok, prompt: list[dict], max_new_tokens: int) -> str:
+    """Greedy decoding as a plain loop: the whole sequence through the model at every step, the argmax appended."""
+    ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+               ["input_ids"])
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_on_policy_pairs_reject_the_models_greedy_answer(tmp_path, monkeypatch):
+    """A prompt the model gets wrong gives a pair whose rejected answer is the model's own greedy answer (decoded by
+    an argmax loop here); the chosen one is a verified sample, or, when no sample is verified, the reference answer
+    in the SFT format; a prompt the model gets right gives none."""
+    (tmp_path / "match_reward.py").write_text(MATCH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tok = build_tokenizer(arithmetic_corpus(200), vocab_size=300)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=None)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(str(tmp_path / "m"))
+    prompts = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in ((12, 3), (40, 7), (25, 5))]
+    greedy = [argmax_answer(model, tok, p, 6) for p in prompts]
+    assert all(g.strip() for g in greedy)
+    rows = [  # right (the target is its greedy answer); wrong, and only the reference is right; wrong, any other
+        {"prompt": prompts[0], "target": greedy[0], "want": "equal"},  # answer is right
+        {"prompt": prompts[1], "target": "47", "want": "equal"},
+        {"prompt": prompts[2], "target": greedy[2], "want": "differ"},
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = PairsConfig(prompts_file=str(tmp_path / "prompts.jsonl"), output=str(tmp_path / "pairs.jsonl"),
+                         pairing="on_policy",
+                         sampling=PairSamplingSettings(model=str(tmp_path / "m"), num_samples=4, max_new_tokens=6),
+                         verdict=PairVerdictSettings(source="reward", reward="match_reward:match",
+                                                     reference_answer="{target}", max_pairs_per_prompt=2))
+    report = run_pairs(config)
+    out = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    by_prompt: dict[int, list[dict]] = {}
+    for row in out:
+        by_prompt.setdefault(row["provenance"]["prompt_index"], []).append(row)
+    assert sorted(by_prompt) == [1, 2]  # the prompt answered right gives no pair
+    for p, mine in by_prompt.items():
+        for row in mine:
+            assert row["prompt"] == prompts[p]
+            assert row["rejected"] == [{"role": "assistant", "content": greedy[p]}]
+            assert row["provenance"]["rejected_from"] == "greedy" and row["provenance"]["scores"][1] == 0.0
+    (ref,) = by_prompt[1]  # a random model's samples are not "47": the reference answer, as written in SFT
+    assert ref["chosen"] == [{"role": "assistant", "content": "47"}]
+    assert ref["provenance"]["chosen_from"] == "reference" and ref["provenance"]["chosen_sample"] is None
+    assert 1 <= len(by_prompt[2]) <= 2
+    for row in by_prompt[2]:  # distinct samples that differ from the greedy answer
+        assert row["provenance"]["chosen_from"] == "sample" and row["provenance"]["scores"][0] == 1.0
+        assert row["chosen"][0]["content"].strip() not in ("", greedy[2].strip())
+    assert len({row["chosen"][0]["content"] for row in by_prompt[2]}) == len(by_prompt[2])
+    manifest = json.loads((tmp_path / "pairs.jsonl.manifest.json").read_text())
+    assert manifest["on_policy"] == report.on_policy == {
+        "greedy_refuted": 2, "greedy_verified": 1, "greedy_unscored": 0, "refuted_without_pair": 0,
+        "chosen_from_sample": len(by_prompt[2]), "chosen_from_reference": 1, "references_not_verified": 1}
+    # (the reference of prompt 2 is its greedy answer, which its reward refutes)
+
+    # without a reference answer, a wrong prompt with no verified sample gives no pair, and says so
+    code = main(["pairs", "--prompts_file", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "n.jsonl"),
+                 "--pairing", "on_policy", "--sampling.model", str(tmp_path / "m"), "--sampling.num_samples", "4",
+                 "--sampling.max_new_tokens", "6", "--verdict.source", "reward", "--verdict.reward",
+                 "match_reward:match"])
+    assert code == 0
+    counts = json.loads((tmp_path / "n.jsonl.manifest.json").read_text())["on_policy"]
+    assert counts["refuted_without_pair"] == 1 and counts["chosen_from_reference"] == 0
+
+
+def test_on_policy_pairing_needs_a_reward_and_a_reference_format_over_known_columns(tmp_path, capsys):
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), "--pairing", "on_policy"])
+    assert code == 2 and "pairing: on_policy needs verdict.source: reward" in capsys.readouterr().err
+    code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), "--pairing", "on_policy",
+                 "--verdict.source", "reward", "--verdict.reference_answer", "'{solution}'"])  # quoted: YAML
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'ok.jsonl'}:1: verdict.reference_answer '{{solution}}' names column " \
+        "`solution`" in err

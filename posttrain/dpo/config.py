@@ -113,6 +113,11 @@ class PairVerdictSettings:
     chosen_min: float = 1.0  # reward: a completion scoring at least this is verified (chosen)
     rejected_max: float = 0.0  # ... one scoring at most this is refuted (rejected); None (unscorable) is neither
     max_pairs_per_prompt: int = 1  # keep at most this many pairs per prompt (distinct answers, first found first)
+    # on_policy pairing: the data set's reference answer written as the SFT targets write it, a Python format string
+    # over the prompt row's columns ("{answer}", "The answer is {answer}."); it is the chosen answer of a prompt
+    # whose greedy answer is refuted and none of whose samples is verified (and only if the reward verifies it).
+    # None: such a prompt gives no pair
+    reference_answer: str | None = None
 
 
 @dataclass
@@ -121,5 +126,17 @@ class PairsConfig:
     prompt_field: str = "prompt"  # column with the prompt: a string or a list of chat turns
     output: str = "runs/pairs/pairs.jsonl"  # the preference rows (prompt/chosen/rejected/provenance) + manifest
     max_prompts: int | None = None
+    # how a pair is made:
+    # - samples: two of the sampled answers, the one the judge prefers in both orders (verdict.source: judge) or a
+    #   verified one against a refuted one (verdict.source: reward);
+    # - on_policy (verdict.source: reward): the model's own greedy answer, when the reward refutes it, is rejected;
+    #   a sampled answer the reward verifies is chosen, or, when none is, verdict.reference_answer. Every prompt the
+    #   model gets wrong gives a pair when a chosen answer exists; the provenance says where each chosen came from
+    pairing: Literal["samples", "on_policy"] = "samples"
     sampling: PairSamplingSettings = field(default_factory=PairSamplingSettings)
     verdict: PairVerdictSettings = field(default_factory=PairVerdictSettings)
+
+    def __post_init__(self) -> None:
+        if self.pairing == "on_policy" and self.verdict.source != "reward":
+            raise ValueError("pairing: on_policy needs verdict.source: reward (a reward refutes the greedy answer "
+                             f"and verifies the chosen one), got verdict.source: {self.verdict.source}")

@@ -1,14 +1,20 @@
-"""Preference pairs from verdicts: sample several answers per prompt, then let a judge or a reward pick.
+"""Preference pairs from verdicts: the model's own answers to each prompt, turned into ``prompt``/``chosen``/``rejected``.
 
 ``sample_answers`` draws ``num_samples`` answers per prompt from the in-tree hybrid with the native engine (each
-prompt prefilled once, its state copied n ways). Two ways to turn them into ``prompt``/``chosen``/``rejected``:
+prompt prefilled once, its state copied n ways); ``greedy_answers`` gives its greedy answer. Three ways to pair them
+(``PairsConfig.pairing`` and ``verdict.source``):
 
-- ``pairs_from_judge``: every two distinct answers of a prompt are judged by ``posttrain filter``'s pairwise
-  judge in both orders (``Judge.compare`` / ``combine_orders``); only a pair whose winner is the same in both
-  orders is kept, so a judge that prefers a position gives no pair at all;
-- ``pairs_from_rewards``: a verifiable reward (``posttrain.rewards``, e.g. ``math``) scores each answer; a
-  verified answer (score >= ``chosen_min``) is paired with a refuted one (score <= ``rejected_max``); an answer
-  the reward cannot score (None) is in no pair.
+- ``pairs_on_policy`` (pairing ``on_policy``, reward verdicts): the model's greedy answer, when the reward refutes
+  it (score <= ``rejected_max``), is the rejected answer, so DPO pushes down what the model actually says; the
+  chosen one is a sampled answer the reward verifies (score >= ``chosen_min``) or, when none is, the data set's
+  reference answer in the SFT targets' format (``verdict.reference_answer``), if the reward verifies it. Every prompt
+  the model gets wrong gives a pair when a chosen answer exists; ``chosen_from`` in the provenance says which;
+- ``pairs_from_judge`` (pairing ``samples``, judge verdicts): every two distinct sampled answers of a prompt are
+  judged by ``posttrain filter``'s pairwise judge in both orders (``Judge.compare`` / ``combine_orders``); only a
+  pair whose winner is the same in both orders is kept, so a judge that prefers a position gives no pair at all;
+- ``pairs_from_rewards`` (pairing ``samples``, reward verdicts): a verifiable reward (``posttrain.rewards``, e.g.
+  ``math``) scores each sampled answer; a verified answer is paired with a refuted one; an answer the reward cannot
+  score (None) is in no pair.
 
 Each row carries its provenance (which answers, the verdicts or scores, the judge's model and rubric or the
 reward's name, the sampling model and seed). ``run_pairs`` writes the rows to a temporary name and renames it,
@@ -22,12 +28,12 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.dpo.config import PairSamplingSettings, PairsConfig
-from posttrain.train.data import DataError, check_messages, read_rows
+from posttrain.train.data import DataError, Row, check_messages, read_rows
 
 
 def _as_completion(prompt: Any, text: str) -> Any:
@@ -53,6 +59,30 @@ def sample_answers(model, tokenizer, prompts: Sequence[Any], sampling: PairSampl
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     n = sampling.num_samples
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
+    """The model's greedy (temperature 0) answer to each prompt, decoded as ``sample_answers`` decodes."""
+    from posttrain.engine import NativeEngine, SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1, eos_token_id=tokenizer.eos_token_id)
+    completions = NativeEngine(model).generate([prompt_ids(tokenizer, p) for p in prompts], params)
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+
+
+def reference_answers(rows: Sequence[Row], template: str) -> list[str]:
+    """Each prompt row's reference answer in the SFT targets' format: ``template`` filled with the row's columns."""
+    out = []
+    for row in rows:
+        try:
+            out.append(template.format(**row.data))
+        except KeyError as e:
+            raise DataError(f"{row.source}: verdict.reference_answer {template!r} names column `{e.args[0]}`, which "
+                            f"the row does not have (it has: {', '.join(sorted(row.data))})") from None
+        except (IndexError, ValueError) as e:
+            raise DataError(f"verdict.reference_answer {template!r} is not a format string over the row's named "
+                            f"columns: {e}") from None
+    return out
 
 
 def _distinct(answers: Sequence[str]) -> list[int]:
@@ -114,6 +144,44 @@ def pairs_from_rewards(prompts: Sequence[Any], answers: Sequence[Sequence[str]],
     return rows
 
 
+def pairs_on_policy(prompts: Sequence[Any], greedy: Sequence[str], greedy_scores: Sequence[float | None],
+                    answers: Sequence[Sequence[str]], scores: Sequence[Sequence[float | None]],
+                    references: Sequence[str | None] | None = None,
+                    reference_scores: Sequence[float | None] | None = None, *, chosen_min: float = 1.0,
+                    rejected_max: float = 0.0, max_pairs_per_prompt: int = 1, reward_name: str = "reward",
+                    provenance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows whose rejected answer is the model's refuted greedy answer and whose chosen one is a verified sample
+    (distinct answers, first found first, at most ``max_pairs_per_prompt``) or else the verified reference answer."""
+    if rejected_max >= chosen_min:
+        raise ValueError(f"verdict.rejected_max ({rejected_max}) must be below verdict.chosen_min ({chosen_min})")
+    n = len(prompts)
+    references = references if references is not None else [None] * n
+    reference_scores = reference_scores if reference_scores is not None else [None] * n
+
+    def verified(score: float | None) -> bool:
+        return score is not None and score >= chosen_min
+
+    rows: list[dict[str, Any]] = []
+    for p in range(n):
+        score = greedy_scores[p]
+        if score is None or score > rejected_max:  # right, or nothing the reward can judge: no pair
+            continue
+        wrong = greedy[p].strip()
+        chosen = [(answers[p][i], "sample", i, scores[p][i]) for i in _distinct(answers[p])
+                  if verified(scores[p][i]) and answers[p][i].strip() != wrong][:max_pairs_per_prompt]
+        if not chosen and references[p] is not None and verified(reference_scores[p]):
+            chosen = [(references[p], "reference", None, reference_scores[p])]
+        for text, origin, sample, chosen_score in chosen:
+            rows.append({
+                "prompt": prompts[p], "chosen": _as_completion(prompts[p], text),
+                "rejected": _as_completion(prompts[p], greedy[p]),
+                "provenance": {**(provenance or {}), "source": "reward", "pairing": "on_policy",
+                               "reward": reward_name, "prompt_index": p, "rejected_from": "greedy",
+                               "chosen_from": origin, "chosen_sample": sample, "scores": [chosen_score, score]},
+            })
+    return rows
+
+
 def score_answers(reward_name: str, reward_options: dict[str, Any], rows: Sequence[dict[str, Any]],
                   prompt_field: str, answers: Sequence[Sequence[str]]) -> list[list[float | None]]:
     """The reward's score of every answer; the prompt row's other columns go to the reward (TRL's convention)."""
@@ -139,9 +207,10 @@ class PairsReport:
     answers: int
     pairs: int
     output: Path
+    on_policy: dict[str, int] = field(default_factory=dict)  # pairing on_policy: what became of the greedy answers
 
 
-def _load_prompt_rows(config: PairsConfig) -> list[dict[str, Any]]:
+def _load_prompt_rows(config: PairsConfig) -> list[Row]:
     rows = read_rows([config.prompts_file], config.max_prompts)
     for row in rows:
         if config.prompt_field not in row.data:
@@ -151,7 +220,7 @@ def _load_prompt_rows(config: PairsConfig) -> list[dict[str, Any]]:
             check_messages(value, row.source, config.prompt_field)
         elif not isinstance(value, str) or not value:
             raise DataError(f"{row.source}: field `{config.prompt_field}` must be a non-empty string or chat turns")
-    return [r.data for r in rows]
+    return rows
 
 
 def run_pairs(config: PairsConfig) -> PairsReport:
@@ -163,8 +232,11 @@ def run_pairs(config: PairsConfig) -> PairsReport:
 
     if not config.prompts_file:
         raise DataError("prompts_file: name the JSONL/Parquet file of prompts")
-    rows = _load_prompt_rows(config)
+    prompt_rows = _load_prompt_rows(config)
+    rows = [r.data for r in prompt_rows]
     v, s = config.verdict, config.sampling
+    on_policy = config.pairing == "on_policy"
+    references = reference_answers(prompt_rows, v.reference_answer) if on_policy and v.reference_answer else None
     judge = None
     out = Path(config.output)
     if v.source == "judge":  # build (and so check) the judge before any sampling
@@ -180,9 +252,33 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     answers = sample_answers(model, tokenizer, prompts, s)
     provenance = {"generator": str(Path(s.model).resolve()), "generator_sha256": weights_digest(s.model),
                   "sampling_seed": s.seed, "temperature": s.temperature}
+    counts: dict[str, int] = {}
     try:
         if judge is not None:
             pairs = pairs_from_judge(judge, prompts, answers, v.max_pairs_per_prompt, provenance)
+        elif on_policy:
+            greedy = greedy_answers(model, tokenizer, prompts, s.max_new_tokens)
+            greedy_scores = [g[0] for g in score_answers(v.reward, v.reward_options, rows, config.prompt_field,
+                                                         [[g] for g in greedy])]
+            scores = score_answers(v.reward, v.reward_options, rows, config.prompt_field, answers)
+            reference_scores = None
+            if references is not None:
+                reference_scores = [r[0] for r in score_answers(v.reward, v.reward_options, rows, config.prompt_field,
+                                                                [[r] for r in references])]
+            pairs = pairs_on_policy(prompts, greedy, greedy_scores, answers, scores, references, reference_scores,
+                                    chosen_min=v.chosen_min, rejected_max=v.rejected_max,
+                                    max_pairs_per_prompt=v.max_pairs_per_prompt, reward_name=v.reward,
+                                    provenance=provenance)
+            refuted = [p for p, g in enumerate(greedy_scores) if g is not None and g <= v.rejected_max]
+            paired = {r["provenance"]["prompt_index"] for r in pairs}
+            counts = {"greedy_refuted": len(refuted), "greedy_verified": sum(
+                          g is not None and g >= v.chosen_min for g in greedy_scores),
+                      "greedy_unscored": sum(g is None for g in greedy_scores),
+                      "refuted_without_pair": len(set(refuted) - paired),
+                      "chosen_from_sample": sum(r["provenance"]["chosen_from"] == "sample" for r in pairs),
+                      "chosen_from_reference": sum(r["provenance"]["chosen_from"] == "reference" for r in pairs),
+                      "references_not_verified": 0 if reference_scores is None else sum(
+                          g is None or g < v.chosen_min for g in reference_scores)}
         else:
             scores = score_answers(v.reward, v.reward_options, rows, config.prompt_field, answers)
             pairs = pairs_from_rewards(prompts, answers, scores, chosen_min=v.chosen_min, rejected_max=v.rejected_max,
@@ -200,9 +296,9 @@ def run_pairs(config: PairsConfig) -> PairsReport:
 
     manifest = {"output": str(out.resolve()), "sha256": hashlib.sha256(payload.encode()).hexdigest(),
                 "prompts": len(rows), "answers": sum(len(a) for a in answers), "pairs": len(pairs),
-                "config": config_to_dict(config), **provenance}
+                "config": config_to_dict(config), **provenance, **({"on_policy": counts} if counts else {})}
     man = out.with_name(out.name + ".manifest.json")
     man_tmp = man.with_name(man.name + ".tmp")
     man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(man_tmp, man)
-    return PairsReport(len(rows), sum(len(a) for a in answers), len(pairs), out)
+    return PairsReport(len(rows), sum(len(a) for a in answers), len(pairs), out, counts)

@@ -1,7 +1,7 @@
 """``posttrain pairs``: sample answers, judge them pairwise (both orders) or score them, write preference rows.
 
-``posttrain pairs --config recipes/pairs_x.yaml --verdict.source reward``. This module only parses arguments and
-reports errors; the work is ``posttrain.dpo.pairs.run_pairs``.
+``posttrain pairs --config recipes/pairs_x.yaml --verdict.source reward [--pairing on_policy]``. This module only
+parses arguments and reports errors; the work is ``posttrain.dpo.pairs.run_pairs``.
 """
 
 from __future__ import annotations
@@ -33,4 +33,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"posttrain pairs: {report.pairs} pairs from {report.answers} answers to {report.prompts} prompts "
           f"in {report.output}")
+    if report.on_policy:
+        c = report.on_policy
+        print(f"posttrain pairs: greedy answers refuted on {c['greedy_refuted']} prompts, verified on "
+              f"{c['greedy_verified']}; chosen answers sampled {c['chosen_from_sample']}, from the reference "
+              f"{c['chosen_from_reference']}; {c['refuted_without_pair']} refuted prompts without a pair")
     return 0
