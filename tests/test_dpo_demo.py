@@ -1,0 +1,63 @@
+"""The demo's DPO stage and its seed: the validation slice DPO's settings are chosen on holds training items only
+(never a held-out item, a pair's prompt or an SFT demonstration), and ``--seed`` reaches every stage's recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from posttrain import demo
+
+
+def operands(text: str, op: str) -> set[tuple[int, int]]:
+    return {(int(a), int(b)) for a, b in re.findall(r"(\d+)" + re.escape(op) + r"(\d+)=", text)}
+
+
+def test_the_validation_slice_is_training_items_that_no_pair_and_no_demonstration_uses(tmp_path):
+    args = argparse.Namespace(seed=5)
+    demo.stage_data(tmp_path, args)
+    pair_prompts, validation = demo._dpo_slices(args.seed)
+    held = (tmp_path / "data" / "held_out.jsonl").read_text()
+    training = (tmp_path / "data" / "grpo_prompts.jsonl").read_text()  # every training item of both tasks
+    demonstrations = (tmp_path / "data" / "sft_candidates.jsonl").read_text()
+    pairs_text, validation_text = json.dumps(pair_prompts), json.dumps(validation)
+    for op, task in (("+", "add"), ("*", "tool")):
+        mine = operands(validation_text, op)
+        assert len(mine) == demo.DPO_VALIDATION[task] == sum(r["task"] == task for r in validation)
+        assert mine <= operands(training, op)
+        assert not mine & operands(held, op) and not mine & operands(demonstrations, op)
+        assert not mine & operands(pairs_text, op)
+    # the pairs are built on every other training addition
+    assert operands(pairs_text, "+") == operands(training, "+") - operands(validation_text, "+")
+    assert all(r["task"] == "add" for r in pair_prompts)
+    assert demo._dpo_slices(6)[1] != validation  # another seed, another slice
+
+
+def test_seed_reaches_every_stage(tmp_path, monkeypatch):
+    """Every recipe the demo writes carries ``--seed`` (the commands themselves are not run here: each stage's
+    recipe is read back as the command would read it)."""
+    seen: dict[str, dict] = {}
+
+    def fake_cli(*argv):
+        command, recipe = argv[0], yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
+        seen[command] = recipe
+        if command == "pairs":  # what posttrain pairs leaves behind, for the stage to count
+            out = tmp_path / "dpo" / "pairs.jsonl"
+            out.write_text("")
+            (tmp_path / "dpo" / "pairs.jsonl.manifest.json").write_text(json.dumps({"on_policy": {
+                "chosen_from_sample": 0, "chosen_from_reference": 0, "greedy_refuted": 0}}))
+
+    monkeypatch.setattr(demo, "_cli", fake_cli)
+    monkeypatch.setattr(demo, "_accuracy", lambda folder, items, *a, **k: [0.0] * len(items))
+    args = argparse.Namespace(seed=7, quick=True, judge_url=None)
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        getattr(demo, f"stage_{stage}")(tmp_path, args)
+    assert seen["pretrain"]["seed"] == seen["sft"]["seed"] == seen["dpo"]["seed"] == 7
+    assert seen["pairs"]["sampling"]["seed"] == 7 and seen["grpo"]["run"]["seed"] == 7
+    assert seen["pairs"]["pairing"] == "on_policy" and seen["pairs"]["prompts_file"].endswith("pair_prompts.jsonl")
+    text = (tmp_path / "recipes" / "dpo.yaml").read_text()
+    assert text.startswith("# beta, nll_weight, lr and steps") and "validation slice" in text
