@@ -108,6 +108,10 @@ class VerifyAnswerRule:
     min_score: float = 1.0
     keep_unverifiable: bool = False  # the reward returned None: keep or reject the sample
     batch_size: int = 256
+    # time limit of the reward on one sample, enforced as in training by killing its worker process; a sample past
+    # it is rejected with the reason "timeout" (so is one the reward fails on, with the reason "error")
+    timeout_s: float = 10.0
+    workers: int | None = None  # reward worker processes, started on first need (default: the filter's --workers)
 
 
 RULE_TYPES: dict[str, type] = {

@@ -26,7 +26,7 @@ import numpy as np
 from posttrain.judges.config import FilterConfig
 from posttrain.judges.dedup import Deduplicator, Signature, Signer
 from posttrain.judges.judge import Judge, normalised_score
-from posttrain.judges.rules import Rule, build_rules, target_text
+from posttrain.judges.rules import Rule, RuleResult, build_rules, target_text
 from posttrain.judges.samples import (
     Format,
     Sample,
@@ -116,7 +116,22 @@ def _run_filter(config: FilterConfig, input_path: str | Path, output_dir: str | 
 
     # Everything that can fail on bad input or a bad config fails here, before any output is touched.
     samples, fmt = read_samples(input_path, fmt, split, need)
-    rules = build_rules(config.rules)
+    rules = build_rules(config.rules, workers=workers)
+    try:
+        return _filter_samples(config, samples, rules, input_path, output_dir, fmt=fmt, split=split,
+                               config_source=config_source, judge_backend=judge_backend, show_progress=show_progress,
+                               console=console, workers=workers, drawer=drawer, started=started)
+    finally:
+        for rule in rules:
+            rule.close()
+
+
+def _filter_samples(config: FilterConfig, samples: list[Sample], rules: list[Rule], input_path: Path,
+                    output_dir: Path, *, fmt: Format, split: str | None, config_source: str | None,
+                    judge_backend: Any, show_progress: bool, console: Any, workers: int, drawer: _PictureDrawer,
+                    started: float) -> FilterReport:
+    judge_cfg = config.judge
+    pairwise = judge_cfg.enabled and judge_cfg.mode == "pairwise"
     output_dir.mkdir(parents=True, exist_ok=True)
     judge = None
     if judge_cfg.enabled:
@@ -297,15 +312,16 @@ class Screened:
                 for d, a, b, m in zip(self.digests, bounds[:-1], bounds[1:], self.minhashes)]
 
 
-_SCREEN_STATE: tuple[list[Sample], list[Rule], Signer | None, str] | None = None  # what forked workers inherit
+# what forked workers inherit: samples, rules, signer, dedup target, and the results of the rules already checked
+_SCREEN_STATE: tuple[list[Sample], list[Rule], Signer | None, str, dict[int, list[RuleResult]]] | None = None
 
 
 def _screen_chunk(bounds: tuple[int, int]) -> Screened:
     assert _SCREEN_STATE is not None
-    samples, rules, signer, target = _SCREEN_STATE
+    samples, rules, signer, target, checked = _SCREEN_STATE
     start, stop = bounds
     chunk = samples[start:stop]
-    per_rule = [rule.check(chunk) for rule in rules]
+    per_rule = [checked[j][start:stop] if j in checked else rule.check(chunk) for j, rule in enumerate(rules)]
     out = Screened(start, stop, [], [], [])
     for j in range(len(chunk)):
         scores: dict[str, float] = {}
@@ -334,10 +350,13 @@ def _screen_chunk(bounds: tuple[int, int]) -> Screened:
 def screen(samples: list[Sample], rules: list[Rule], signer: Signer | None, target: str,
            workers: int = 1, chunk_size: int = 1000) -> Iterator[Screened]:
     """Rule verdicts for every sample and dedup signatures for those every rule passes, chunk by chunk in input
-    order; with ``workers`` > 1 the chunks are computed in that many forked processes while the caller consumes."""
+    order; with ``workers`` > 1 the chunks are computed in that many forked processes while the caller consumes.
+    Rules that run worker processes of their own (verify_answer's reward workers) check every sample here first:
+    a forked screening process is a daemon, which may not start processes."""
     global _SCREEN_STATE
     bounds = [(i, min(i + chunk_size, len(samples))) for i in range(0, len(samples), chunk_size)]
-    _SCREEN_STATE = (samples, rules, signer, target)
+    checked = {j: rule.check(samples) for j, rule in enumerate(rules) if rule.runs_workers}
+    _SCREEN_STATE = (samples, rules, signer, target, checked)
     try:
         if workers <= 1 or len(bounds) <= 1:
             for b in bounds:

@@ -55,8 +55,13 @@ class Rule:
     def check(self, samples: list[Sample]) -> list[RuleResult]:
         return [self.check_one(s) for s in samples]
 
+    runs_workers = False  # True: checks in worker processes of its own, so it runs in the filter's process
+
     def check_one(self, sample: Sample) -> RuleResult:  # pragma: no cover - every subclass overrides one of the two
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the rule started (worker processes); the default has nothing to release."""
 
     def result(self, scores: dict[str, float], reasons: list[str]) -> RuleResult:
         key, why = f"{self.id}.", f"{self.id}: "
@@ -498,20 +503,30 @@ _REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
 
 
 class VerifyAnswerFilter(Rule):
-    """Calls a reward ``fn(prompts, completions, **columns)`` from the posttrain.rewards registry."""
+    """Calls a reward ``fn(prompts, completions, **columns)`` from the posttrain.rewards registry, under the reward
+    pool's time limit: what the reward decides in bounded time (plain numbers) is scored here, every other sample in
+    a worker process killed at ``timeout_s`` (``posttrain.rewards.BoundedReward``). The workers start on first need
+    and are checked here in the filter's own process (never in a forked screening worker, which cannot start them)."""
 
     options: VerifyAnswerRule
+    runs_workers = True
 
-    def __init__(self, rule_id: str, options: VerifyAnswerRule) -> None:
+    def __init__(self, rule_id: str, options: VerifyAnswerRule, workers: int = 1) -> None:
         super().__init__(rule_id, options)
+        if not options.timeout_s > 0:
+            raise ConfigError(f"rules.{rule_id}.timeout_s: must be > 0, got {options.timeout_s}")
+        if options.workers is not None and options.workers < 1:
+            raise ConfigError(f"rules.{rule_id}.workers: must be >= 1, got {options.workers}")
         try:
             from posttrain import rewards
         except ImportError as exc:
             raise ConfigError(f"rules.{rule_id}.reward: the posttrain.rewards registry is not available: {exc}") from exc
         try:
-            self.reward = rewards.get(options.reward, **options.reward_options)
+            reward = rewards.get(options.reward, **options.reward_options)
         except rewards.RewardError as exc:
             raise ConfigError(f"rules.{rule_id}.reward: {exc}") from exc
+        self.reward = rewards.BoundedReward(options.reward, reward, timeout_s=options.timeout_s,
+                                            num_workers=options.workers or workers)
 
     def check(self, samples: list[Sample]) -> list[RuleResult]:
         o = self.options
@@ -527,17 +542,28 @@ class VerifyAnswerFilter(Rule):
                 if any(src not in s.row for s in batch):
                     missing = next(s for s in batch if src not in s.row)
                     raise SampleError(f"{missing.where}: field {src!r} missing (needed by rule {self.id})")
-            scores = self.reward(list(prompts), list(completions), **columns)
+            scores, errors = self.reward.score(list(prompts), list(completions), columns)
             if len(scores) != len(batch):
                 raise RuntimeError(f"reward {o.reward!r} returned {len(scores)} scores for {len(batch)} samples")
-            for score in scores:
-                if score is None:
+            failures = {e.sample: e for e in errors}
+            for j, score in enumerate(scores):
+                if j in failures:
+                    error = failures[j]
+                    if error.kind == "timeout":
+                        reason = f"timeout: reward {o.reward} ran past the {o.timeout_s:g} s limit (worker killed)"
+                    else:
+                        reason = f"error: reward {o.reward} failed ({error.kind}): {error.message.splitlines()[0]}"
+                    results.append(self.result({"timeout" if error.kind == "timeout" else "error": 1.0}, [reason]))
+                elif score is None:
                     reasons = [] if o.keep_unverifiable else ["answer could not be verified (reward returned None)"]
                     results.append(self.result({"unverifiable": 1.0}, reasons))
                 else:
                     reasons = [] if score >= o.min_score else [f"reward {o.reward} = {score:g} < {o.min_score:g}"]
                     results.append(self.result({"reward": float(score)}, reasons))
         return results
+
+    def close(self) -> None:
+        self.reward.close()
 
 
 def prompt_and_completion(sample: Sample) -> tuple[Any, Any]:
@@ -561,5 +587,10 @@ RULE_CLASSES: dict[str, type[Rule]] = {
 }
 
 
-def build_rules(specs: list[RuleSpec]) -> list[Rule]:
-    return [RULE_CLASSES[spec.name](spec.id, spec.options) for spec in specs]
+def build_rules(specs: list[RuleSpec], workers: int = 1) -> list[Rule]:
+    """The configured rules; ``workers`` sizes the worker pools of rules that run their own (verify_answer)."""
+    rules = []
+    for spec in specs:
+        cls = RULE_CLASSES[spec.name]
+        rules.append(cls(spec.id, spec.options, workers=workers) if cls.runs_workers else cls(spec.id, spec.options))
+    return rules

@@ -9,6 +9,7 @@ A reward is ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's
   a ``module:function`` path or a plugin's entry-point name; ``available()`` lists the names.
 - ``RewardSet`` / ``combine``: weighted rewards, ``None`` skipped; ``RewardResult`` with ``metrics()``.
 - ``RewardPool``: worker processes with a per-sample time limit (kill and replace).
+- ``BoundedReward``: a reward called from any other process (filters, pair scoring), with the pool's time limit.
 - ``completion_text``: the text of a string or chat completion.
 
 Importing this package imports neither sympy/math-verify nor the code sandbox: built-ins load on ``get``.
@@ -37,6 +38,7 @@ from posttrain.rewards.base import (
     completion_text,
     reward_name,
 )
+from posttrain.rewards.bounded import BoundedReward
 from posttrain.rewards.combine import (
     RewardResult,
     RewardsConfig,
@@ -59,6 +61,7 @@ from posttrain.rewards.registry import (
 __all__ = [
     "BUILTIN_REWARDS",
     "ENTRY_POINT_GROUP",
+    "BoundedReward",
     "RewardConfigError",
     "RewardCountError",
     "RewardError",

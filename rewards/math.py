@@ -9,7 +9,9 @@ numerically with a tolerance, with no sympy at all; otherwise through math-verif
 Scores: 1.0 equivalent, 0.0 not (or no answer found), ``None`` when the gold answer cannot be parsed.
 math-verify's own timeouts are ``signal.alarm`` based and break off the main thread, so they are switched off
 here (``parsing_timeout=None``, ``timeout_seconds=None``): the reward pool's per-sample process time limit is
-what bounds a pathological input. Expressions whose value would have more than ``max_digits`` digits (a tower
+what bounds a pathological input (``(10!)!``, a huge binomial or sum, a symbolic determinant), and callers outside
+the pool reach it through ``posttrain.rewards.bounded``, which scores here only what ``quick_scores`` decides
+without sympy. Expressions whose value would have more than ``max_digits`` digits (a tower
 like ``9^{9^{9^9}}``) are never evaluated. This module must never call math-verify with a timeout, nor
 install signal handlers.
 """
@@ -93,8 +95,40 @@ class MathReward(NamedReward):
         answers = columns[self.answer_column]
         return [self.score(completion_text(c), a) for c, a in zip(completions, answers, strict=True)]
 
+    def quick_scores(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any
+    ) -> dict[int, float | None]:
+        """The scores this reward gives without sympy, by sample index: in time linear in the texts' length
+        (extraction, plain numbers). The samples left out need math-verify, whose time has no bound; a caller
+        outside the reward pool sends those to it (``posttrain.rewards.bounded``)."""
+        if self.answer_column not in columns:
+            raise RewardConfigError(
+                f"math reward needs the gold answers in column {self.answer_column!r}; "
+                f"the batch has columns {sorted(columns)}"
+            )
+        out: dict[int, float | None] = {}
+        for i, (c, a) in enumerate(zip(completions, columns[self.answer_column], strict=True)):
+            decided = self._score_without_sympy(completion_text(c), a)
+            if not isinstance(decided, tuple):
+                out[i] = decided
+        return out
+
     def score(self, completion: str, gold: Any) -> float | None:
         """1.0 / 0.0 for one completion against one gold answer; ``None`` if the gold answer is unusable."""
+        decided = self._score_without_sympy(completion, gold)
+        if not isinstance(decided, tuple):
+            return decided
+        gold_answer, predicted = decided
+        gold_parsed = _parse(gold_answer)
+        if not gold_parsed:
+            return None
+        predicted_parsed = _parse(predicted)
+        if not predicted_parsed:
+            return 0.0
+        return float(self._equivalent(gold_parsed, predicted_parsed))
+
+    def _score_without_sympy(self, completion: str, gold: Any) -> float | None | tuple[str, str]:
+        """The score when no parsing is needed, else the (gold, predicted) answer texts that math-verify must compare."""
         gold_answer = gold_answer_text(gold)
         if gold_answer is None:
             return None
@@ -104,13 +138,7 @@ class MathReward(NamedReward):
         gold_number, predicted_number = plain_number(gold_answer), plain_number(predicted)
         if gold_number is not None and predicted_number is not None:
             return float(self._close(gold_number, predicted_number))
-        gold_parsed = _parse(gold_answer)
-        if not gold_parsed:
-            return None
-        predicted_parsed = _parse(predicted)
-        if not predicted_parsed:
-            return 0.0
-        return float(self._equivalent(gold_parsed, predicted_parsed))
+        return gold_answer, predicted
 
     def _equivalent(self, gold: list[Any], predicted: list[Any]) -> bool:
         from math_verify import verify

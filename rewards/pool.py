@@ -125,7 +125,7 @@ class RewardPool:
         self._lock = threading.Lock()
         self._task_ids = itertools.count()
         self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, os.getpid())
         self.workers_replaced = 0
         for _ in range(num_workers):
             self._workers.append(_Worker.start(self._ctx))
@@ -387,7 +387,9 @@ class _Worker:
         self.conn.close()
 
 
-def _stop_workers(workers: list[_Worker]) -> None:
+def _stop_workers(workers: list[_Worker], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:  # a forked copy of the pool: the workers belong to the process that started them
+        return
     for worker in workers:
         if worker.state == "idle":
             worker.stop()
