@@ -56,10 +56,19 @@ def extract_code(text: str) -> tuple[str, bool]:
     return text, False
 
 
+def prompt_is_code(prompt: Any, entry_point: str | None) -> bool:
+    """Whether the prompt is code that defines the entry point (HumanEval's: imports, helpers, the signature)."""
+    return (
+        isinstance(prompt, str)
+        and bool(entry_point)
+        and re.search(rf"\bdef\s+{re.escape(entry_point or '')}\s*\(", prompt) is not None
+    )
+
+
 def build_program(prompt: Any, completion: Any, entry_point: str | None) -> str:
     """The program to test: the extracted code, after the prompt when the prompt is code (see the module doc)."""
     code, fenced = extract_code(completion_text(completion))
-    if isinstance(prompt, str) and entry_point and re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", prompt):
+    if prompt_is_code(prompt, entry_point):
         return prompt + ("\n" if fenced else "") + code
     return code
 
@@ -117,20 +126,23 @@ def code_reward(
     for i in range(n):
         parsed = _parse_tests(tests_column[i], i)
         if parsed is not None:
-            program = build_program(prompts[i], completions[i], entry_points[i] if parsed[0] == "python" else None)
-            jobs.append((i, parsed[0], parsed[1], program, entry_points[i]))
+            entry_point = entry_points[i] if parsed[0] == "python" else None
+            program = build_program(prompts[i], completions[i], entry_point)
+            prelude = prompts[i] if prompt_is_code(prompts[i], entry_point) else None
+            jobs.append((i, parsed[0], parsed[1], program, entry_points[i], prelude))
     rewards: list[float | None] = [None] * n
     if not jobs:
         return rewards
     sandbox = default_sandbox(limits, backend)
     _ = sandbox.info  # probe now, in this thread: an unusable sandbox is one clear error, not n logged ones
 
-    def score(job: tuple[int, str, list[Any], str, str | None]) -> float | None:
-        i, kind, tests, program, entry_point = job
+    def score(job: tuple[int, str, list[Any], str, str | None, str | None]) -> float | None:
+        i, kind, tests, program, entry_point, prelude = job
         try:
-            result = (
-                sandbox.run_tests(program, tests, entry_point) if kind == "python" else sandbox.run_io(program, tests)
-            )
+            if kind == "python":
+                result = sandbox.run_tests(program, tests, entry_point, prelude=prelude)
+            else:
+                result = sandbox.run_io(program, tests)
         except SandboxUnavailableError:
             raise
         except SandboxError as exc:

@@ -11,34 +11,41 @@ Isolation, strongest first (``Sandbox(backend="auto")`` picks the first that wor
 - ``process``: no namespaces (network and host filesystem reachable as the sandbox user); only an unprivileged
   uid, rlimits, a private working folder and process-tree killing. Never chosen by ``auto``: ask for it by name.
 
-In every backend, started as root, the candidate runs as an unprivileged host uid (``uid``/``gid``, 65534
-``nobody`` by default): Linux does not enforce ``RLIMIT_NPROC`` for root, so a fork bomb started as root gets
-through. The trusted harness inside the sandbox sets the rlimits of :class:`SandboxLimits` (CPU time, address
-space, file size, open files, processes) before any candidate code runs; where a writable ``pids`` cgroup
-exists (v2, or the v1 ``pids`` hierarchy) each run also gets its own ``pids.max``. On the wall-clock timeout the
-whole process group, the cgroup and, through the PID namespace, every process the candidate started are killed;
-nothing is left behind (the tmpfs dies with the mount namespace, the cgroup folder is removed). The sandbox
-also dies with the process that started it (``setpriv --pdeathsig``), so a reward worker killed on its own
-time limit leaves nothing running.
+Python tests run in two sandboxes side by side (:mod:`posttrain.rewards.code_harness` is the program in both):
+the candidate's program in one, which answers calls to its functions; the tests in the other, under another
+uid, in other PID, mount and user namespaces, not dumpable (no ptrace, no ``/proc/PID/mem``), with no writable
+mount in common. The two talk over a pair of pipes that carry plain data only (None, bool, int, float, str,
+bytes and containers of them, exact types); names the tests use besides the function under test come from a
+trusted ``prelude`` (a HumanEval prompt) run in the test process. Only the test process holds the result pipe
+and the token: it writes ``S`` on start, then the token and one byte per test. So stack walking, objects whose
+``__eq__`` is always true, patched modules, redefined helpers, rewritten results, ``exit(0)``, ``SystemExit``,
+a crash or printing "all tests passed" cannot produce a pass. stdin/stdout cases run in one sandbox: each case
+is a child of a non-dumpable harness, the program is a sealed memfd that no case can change, and the expected
+outputs never enter the sandbox (the host compares).
 
-A pass is counted only when the harness writes ``S`` + a random token + the per-test results to a separate
-pipe (an inherited file descriptor, never stdout) after the tests returned. The token reaches the harness on a
-memfd that is closed before candidate code runs, so ``exit(0)``, ``os._exit``, ``raise SystemExit`` inside a
-test, a crash, or printing "all tests passed" cannot produce a pass. The harness keeps its own references to
-``exec``/``compile`` and runs the tests with a pristine copy of the builtins, so replacing builtins cannot
-fake one either. Known limit: candidate and tests share one interpreter, so a candidate written to read the
-harness's frames or memory could find the token; containment does not depend on the token, scoring does.
-stdin/stdout cases are safer: each runs in a child process of a non-dumpable harness and the expected output
-never enters the sandbox (the host compares).
+Started as root, every run takes its own host uids from a pool (``uid``, ``uid + 1``, ...; held with a lock
+file so that sandboxes in other processes never take the same ones): Linux does not enforce ``RLIMIT_NPROC``
+for root, and counts it over every process of a uid. The harness sets the rlimits of :class:`SandboxLimits`
+(CPU time, address space, file size, open files, processes) before any candidate code runs. Where a writable
+cgroup exists (v2, or the v1 ``pids`` and ``memory`` hierarchies) each run's candidate also gets its own
+``pids.max`` and ``memory.max`` (v1: ``memory.limit_in_bytes``) over all of its processes together; without a
+memory cgroup each process's address space is limited to ``memory_bytes / processes``, so the processes the
+candidate may have cannot together exceed ``memory_bytes``. ``Sandbox().info.memory_bound`` says which holds.
+On the wall-clock timeout, and once the verdict is in, the process groups, the cgroups and, through the PID
+namespaces, every process the candidate started are killed; nothing is left behind. The sandbox also dies with
+the process that started it (``setpriv --pdeathsig``), so a reward worker killed on its own time limit leaves
+nothing running.
 
 This module must never run candidate code outside the sandbox, nor write anywhere on the host except its own
-cgroup folder (and, for the ``process`` backend only, a private working folder it removes).
+cgroup folders, its uid lock files (``/run/posttrain-sandbox``, else the temporary folder) and, for the
+``process`` backend only, private working folders it removes.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
+import contextlib
+import fcntl
 import logging
 import marshal
 import os
@@ -49,18 +56,24 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from posttrain.rewards import code_harness
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "bwrap", "unshare", "process"]
 _ISOLATING_BACKENDS: tuple[str, ...] = ("bwrap", "unshare")
 _WORKDIR = "/sandbox"  # the candidate's working folder inside the namespaced backends
+_HARNESS = Path(code_harness.__file__).read_text(encoding="utf-8")  # run as `python -c` in every sandbox
+DEFAULT_FIRST_UID = 1_600_000_000
+"""First host uid of the default pool: a block no account uses (each running sandbox takes two)."""
 
 
 class SandboxError(RuntimeError):
@@ -84,7 +97,8 @@ class SandboxLimits:
     cpu_time_s: int = 6
     """RLIMIT_CPU of every sandboxed process, seconds."""
     memory_bytes: int = 2 << 30
-    """RLIMIT_AS (address space) of every sandboxed process."""
+    """Memory of all the candidate's processes together: a memory cgroup's limit where one is writable, else
+    RLIMIT_AS of ``memory_bytes / processes`` per process (see ``Sandbox().info.memory_bound``)."""
     file_size_bytes: int = 16 << 20
     """RLIMIT_FSIZE: the largest file a sandboxed process may write."""
     open_files: int = 64
@@ -143,6 +157,13 @@ class SandboxInfo:
     """The cgroup folder under which each run gets its own pids.max, or None where none is writable."""
     python: str
     notes: tuple[str, ...] = ()
+    memory_cgroup: str | None = None
+    """The cgroup folder under which each run gets its own memory limit, or None where none is writable."""
+    memory_bound: str = ""
+    """Which bound holds the memory of all the candidate's processes together, in words."""
+    uid_range: tuple[int, int] | None = None
+    """First and last host uid of the pool runs take theirs from (two per running sandbox: the candidate's and the
+    tests'); None when not started as root (everything runs as the invoking user)."""
 
 
 @dataclass
@@ -165,116 +186,6 @@ class SandboxResult:
     @property
     def all_passed(self) -> bool:
         return bool(self.passed) and all(self.passed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The harness: trusted code that runs inside the sandbox, reads the job from a memfd, sets the rlimits, runs the
-# candidate and its tests, and writes "S" (started), then token + "\n" + results, to the result pipe.
-
-_HARNESS = r"""
-import os, sys
-def _harness():
-    write, exit_, read, close = os.write, os._exit, os.read, os.close
-    job_fd, res_fd = int(sys.argv[1]), int(sys.argv[2])
-    chunks = []
-    while True:
-        chunk = read(job_fd, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    close(job_fd)
-    import _signal as signal, builtins, marshal, resource  # json, signal would import re and enum: slow starts
-    job = marshal.loads(b"".join(chunks))
-    del chunks
-    for name, value in job["rlimits"]:
-        resource.setrlimit(getattr(resource, name), (value, value))
-    token = job.pop("token").encode()
-    write(res_fd, b"S")
-    if job["mode"] == "tests":
-        payload = _run_tests(job, builtins, signal)
-    else:
-        payload = _run_io(job, signal)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    try:
-        write(res_fd, token + b"\n" + payload)
-    finally:
-        exit_(0)
-
-def _run_tests(job, builtins, signal):
-    exec_, compile_, dict_, bytes_ = exec, compile, dict, bytes
-    pristine = dict_(builtins.__dict__)
-    setitimer, REAL = signal.setitimer, signal.ITIMER_REAL
-    class _Timeout(BaseException):
-        pass
-    def _alarm(signum, frame):
-        raise _Timeout()
-    signal.signal(signal.SIGALRM, _alarm)
-    per_test = job["test_time_s"]
-    entry_point = job["entry_point"]
-    namespace = {"__name__": "__candidate__", "__builtins__": builtins}
-    results = []
-    loaded = False
-    try:
-        setitimer(REAL, per_test)
-        exec_(compile_(job["program"], "<candidate>", "exec"), namespace)
-        setitimer(REAL, 0)
-        loaded = True
-    except BaseException:
-        setitimer(REAL, 0)
-    for test in job["tests"]:
-        ok = False
-        if loaded:
-            try:
-                scope = dict_(namespace)
-                scope["__builtins__"] = dict_(pristine)
-                setitimer(REAL, per_test)
-                exec_(compile_(test, "<test>", "exec"), scope)
-                if entry_point:
-                    scope["check"](namespace[entry_point])
-                setitimer(REAL, 0)
-                ok = True
-            except BaseException:
-                setitimer(REAL, 0)
-                ok = False
-        results.append(49 if ok else 48)
-    return bytes_(results)
-
-def _run_io(job, signal):
-    import ctypes, json, subprocess
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: candidates (same uid) cannot ptrace or read us
-    program = os.path.join(os.getcwd(), "main.py")
-    with open(program, "w", encoding="utf-8") as f:
-        f.write(job["program"])
-    cap = job["case_output_bytes"]
-    results = []
-    for index, case_input in enumerate(job["inputs"]):
-        in_path, out_path = "case%d.in" % index, "case%d.out" % index
-        with open(in_path, "w", encoding="utf-8") as f:
-            f.write(case_input)
-        timed_out, code = False, None
-        with open(in_path, "rb") as fin, open(out_path, "wb") as fout:
-            try:
-                code = subprocess.run([sys.executable, "-I", program], stdin=fin, stdout=fout,
-                                      stderr=subprocess.DEVNULL, timeout=job["test_time_s"]).returncode
-            except subprocess.TimeoutExpired:
-                timed_out = True
-        try:
-            os.kill(-1, signal.SIGKILL)  # whatever the case left running (never pid 1, never us)
-        except OSError:
-            pass
-        with open(out_path, "rb") as f:
-            out = f.read(cap + 1)
-        for path in (in_path, out_path):
-            os.unlink(path)
-        results.append([code, timed_out, len(out) > cap, out[:cap].decode("utf-8", "replace")])
-    return json.dumps(results).encode()
-
-_harness()
-"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,16 +220,22 @@ def find_sandbox_python() -> str:
     )
 
 
-class _PidsCgroup:
-    """A parent folder in a writable ``pids`` cgroup hierarchy (v2 or v1) under which each run gets a child."""
+_CONTROL_FILES = {("pids", 2): "pids.max", ("pids", 1): "pids.max", ("memory", 2): "memory.max"}
+_CONTROL_FILES[("memory", 1)] = "memory.limit_in_bytes"
 
-    def __init__(self, base: Path, version: int) -> None:
-        self.base, self.version = base, version
+
+class _RunCgroups:
+    """Writable cgroup folders (v2, or the v1 ``pids`` and ``memory`` hierarchies) under which each run's candidate
+    gets its own child folders: ``pids.max`` and a memory limit over all of its processes together."""
+
+    def __init__(self, bases: dict[str, tuple[Path, int]]) -> None:
+        self.bases = bases
+        """controller ("pids", "memory") -> (parent folder, cgroup version); v2 controllers share one folder."""
         self._counter = 0
         self._lock = threading.Lock()
 
     @staticmethod
-    def find() -> _PidsCgroup | None:
+    def find() -> _RunCgroups | None:
         if os.geteuid() != 0:
             return None
         try:
@@ -330,76 +247,180 @@ class _PidsCgroup:
         for line in own:
             num, controllers, path = line.split(":", 2)
             paths["v2" if num == "0" else controllers] = path
-        candidates: list[tuple[Path, int]] = []
+        candidates: dict[str, list[tuple[Path, int]]] = {"pids": [], "memory": []}
         for line in mounts:
             pre, _, post = line.partition(" - ")
             fields, post_fields = pre.split(), post.split()
-            if len(post_fields) < 3:
+            if len(post_fields) < 3 or len(fields) < 5:
                 continue
-            fstype, mount_point, options = post_fields[0], fields[4], post_fields[2]
-            if fstype == "cgroup2" and "v2" in paths:
-                candidates.append((Path(mount_point) / paths["v2"].lstrip("/"), 2))
-            elif fstype == "cgroup" and "pids" in options.split(","):
-                key = next((k for k in paths if "pids" in k.split(",")), None)
-                if key is not None:
-                    candidates.append((Path(mount_point) / paths[key].lstrip("/"), 1))
-        for own_dir, version in candidates:
-            _remove_stale_bases(own_dir)
-            base = own_dir / f"posttrain-sandbox-{os.getpid()}"
-            if version == 2:  # children see pids only if every level enables it; works where the level is empty
-                try:
-                    (own_dir / "cgroup.subtree_control").write_text("+pids")
-                except OSError:
-                    pass
-            try:
-                base.mkdir(exist_ok=True)
-                if version == 2:
-                    (base / "cgroup.subtree_control").write_text("+pids")
-                probe = base / "probe"
-                probe.mkdir(exist_ok=True)
-                ok = (probe / "pids.max").exists()
-                probe.rmdir()
-                if ok:
-                    atexit.register(_remove_quietly, base)
-                    return _PidsCgroup(base, version)
-                base.rmdir()
-            except OSError:
-                _remove_quietly(base)
-        return None
+            fstype, root, mount_point, options = post_fields[0], fields[3], fields[4], post_fields[2]
+            for controller, found in candidates.items():
+                if fstype == "cgroup2" and "v2" in paths:
+                    own_path = paths["v2"]
+                elif fstype == "cgroup" and controller in options.split(","):
+                    key = next((k for k in paths if controller in k.split(",")), None)
+                    if key is None:
+                        continue
+                    own_path = paths[key]
+                else:
+                    continue
+                if root != "/" and not own_path.startswith(root):
+                    continue  # our cgroup is not visible through this mount
+                relative = own_path[len(root) :] if root != "/" else own_path
+                found.append((Path(mount_point) / relative.lstrip("/"), 2 if fstype == "cgroup2" else 1))
+        bases: dict[str, tuple[Path, int]] = {}
+        for controller, places in candidates.items():
+            for own_dir, version in places:
+                base = _usable_base(own_dir, version, controller)
+                if base is not None:
+                    bases[controller] = (base, version)
+                    break
+        return _RunCgroups(bases) if bases else None
 
-    def create(self, max_pids: int) -> Path:
+    def folder(self, controller: str) -> str | None:
+        if controller not in self.bases:
+            return None
+        base, version = self.bases[controller]
+        return f"{base} (cgroup v{version})"
+
+    def create(self, max_pids: int, memory_bytes: int) -> list[Path]:
+        """The run's folders (one per hierarchy), their limits written; join by writing to their cgroup.procs."""
         with self._lock:
             self._counter += 1
-            path = self.base / f"run-{self._counter}-{secrets.token_hex(4)}"
-        path.mkdir()
-        (path / "pids.max").write_text(str(max_pids))
-        return path
+            name = f"run-{self._counter}-{secrets.token_hex(4)}"
+        made: dict[Path, Path] = {}
+        try:
+            for controller, (base, version) in self.bases.items():
+                path = made.get(base)
+                if path is None:
+                    path = made[base] = base / name
+                    path.mkdir()
+                if controller == "pids":
+                    (path / "pids.max").write_text(str(max_pids))
+                else:
+                    (path / _CONTROL_FILES[("memory", version)]).write_text(str(memory_bytes))
+                    swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
+                    if swap.exists():  # no swapping around the limit
+                        with contextlib.suppress(OSError):
+                            swap.write_text("0" if version == 2 else str(memory_bytes))
+        except OSError:
+            self.kill_and_remove(list(made.values()))
+            raise
+        return list(made.values())
 
-    def kill_and_remove(self, path: Path) -> None:
-        """Kill every process left in the run's cgroup, wait until it is empty, and remove it."""
-        deadline = time.monotonic() + 5.0
-        while True:
+    def kill_and_remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            _kill_and_remove_cgroup(path)
+
+
+def _usable_base(own_dir: Path, version: int, controller: str) -> Path | None:
+    """Our folder for runs under ``own_dir``, when a child there gets the controller's limit file; else None."""
+    _remove_stale_bases(own_dir)
+    base = own_dir / f"posttrain-sandbox-{os.getpid()}"
+    if version == 2:  # children see a controller only if every level enables it; works where the level is empty
+        with contextlib.suppress(OSError):
+            (own_dir / "cgroup.subtree_control").write_text(f"+{controller}")
+    try:
+        base.mkdir(exist_ok=True)
+        if version == 2:
+            (base / "cgroup.subtree_control").write_text(f"+{controller}")
+        probe = base / "probe"
+        probe.mkdir(exist_ok=True)
+        ok = (probe / _CONTROL_FILES[(controller, version)]).exists()
+        probe.rmdir()
+        if ok:
+            atexit.register(_remove_quietly, base)
+            return base
+        if not any(base.iterdir()) or version == 1:
+            _remove_quietly(base)
+    except OSError:
+        _remove_quietly(base)
+    return None
+
+
+def _kill_and_remove_cgroup(path: Path) -> None:
+    """Kill every process left in a run's cgroup, wait until it is empty, and remove it."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return
+        if not pids:
             try:
-                pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-            except FileNotFoundError:
+                path.rmdir()
                 return
-            if not pids:
+            except OSError:  # a process is still being torn down
+                pass
+        if (path / "cgroup.kill").exists():
+            (path / "cgroup.kill").write_text("1")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            logger.error("sandbox cgroup %s still holds processes %s after 5 s", path, pids)
+            return
+        time.sleep(0.002)
+
+
+class _UidPool:
+    """Host uids for the runs that are going on at once: each run holds two (the candidate's, the tests') for its
+    whole life, with an exclusive ``flock`` on a lock file per uid, so that no other run, in this process or
+    another (reward workers each have their own :class:`Sandbox`), takes them meanwhile. RLIMIT_NPROC counts
+    every process of a uid: with a uid of its own, a candidate's process limit is its alone."""
+
+    def __init__(self, first: int, count: int) -> None:
+        if first <= 0 or count < 2 or first + count > 2**32 - 2:
+            raise ValueError(f"Sandbox uid pool {first}..{first + count - 1} is not a valid range of non-root uids")
+        self.first, self.count = first, count - count % 2
+        self._next = 0
+        self._lock = threading.Lock()
+        self._dir = _lock_folder()
+
+    @property
+    def uids(self) -> tuple[int, ...]:
+        return tuple(range(self.first, self.first + self.count))
+
+    @contextlib.contextmanager
+    def lease(self, wait_s: float = 30.0) -> Iterator[tuple[int, int]]:
+        """Two uids no other run holds, for as long as the ``with`` block runs."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                start = self._next
+                self._next = (self._next + 1) % (self.count // 2)
+            for i in range(self.count // 2):
+                slot = (start + i) % (self.count // 2)
+                uid = self.first + 2 * slot
+                fd = os.open(self._dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
-                    path.rmdir()
-                    return
-                except OSError:  # a process is still being torn down
-                    pass
-            if (path / "cgroup.kill").exists():
-                (path / "cgroup.kill").write_text("1")
-            for pid in pids:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                    yield uid, uid + 1
+                finally:
+                    os.close(fd)  # releases the lock
+                return
             if time.monotonic() > deadline:
-                logger.error("sandbox cgroup %s still holds processes %s after 5 s", path, pids)
-                return
+                raise SandboxError(f"all {self.count // 2} sandbox uid pairs from {self.first} stayed busy {wait_s} s")
             time.sleep(0.01)
+
+
+def _lock_folder() -> Path:
+    for parent in (Path("/run"), Path(tempfile.gettempdir())):
+        folder = parent / "posttrain-sandbox"
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            if folder.is_symlink() or folder.stat().st_uid != os.geteuid():
+                continue
+            return folder
+        except OSError:
+            continue
+    raise SandboxError("no folder for the sandbox's uid lock files (tried /run and the temporary folder)")
 
 
 def _remove_stale_bases(own_dir: Path) -> None:
@@ -474,11 +495,15 @@ class Sandbox:
         limits: SandboxLimits | None = None,
         *,
         backend: Backend = "auto",
-        uid: int = 65534,
+        uid: int = DEFAULT_FIRST_UID,
         gid: int = 65534,
         python: str | None = None,
         use_cgroup: bool = True,
+        uid_count: int = 128,
     ) -> None:
+        """``uid``: the first host uid of this sandbox's pool of ``uid_count`` (each running sandbox holds two:
+        the candidate's and the tests'); ``gid`` is every run's group. Used only when started as root (else
+        everything runs as the invoking user). ``use_cgroup=False`` skips the pids and memory cgroups."""
         if backend not in ("auto", "bwrap", "unshare", "process"):
             raise ValueError(f"Sandbox backend must be auto, bwrap, unshare or process, got {backend!r}")
         self.limits = limits or SandboxLimits()
@@ -486,8 +511,9 @@ class Sandbox:
         if self._root and (uid == 0 or gid == 0):
             raise ValueError("Sandbox uid/gid must not be 0: root ignores RLIMIT_NPROC, a fork bomb would get through")
         self.uid, self.gid = (uid, gid) if self._root else (os.geteuid(), os.getegid())
+        self._uids = _UidPool(uid, uid_count) if self._root else None
         self.python = python or find_sandbox_python()
-        self._cgroup = _PidsCgroup.find() if use_cgroup else None
+        self._cgroup = _RunCgroups.find() if use_cgroup else None
         self._requested = backend
         self._backend: str | None = None
         self._info: SandboxInfo | None = None
@@ -502,13 +528,36 @@ class Sandbox:
         assert self._info is not None
         return self._info
 
-    def run_tests(self, program: str, tests: Sequence[str], entry_point: str | None = None) -> SandboxResult:
-        """Run ``program`` then each Python test (HumanEval style: ``check(entry_point)`` after each test)."""
+    @property
+    def uids(self) -> tuple[int, ...]:
+        """Every host uid a run of this sandbox may take."""
+        return self._uids.uids if self._uids is not None else (self.uid,)
+
+    def run_tests(
+        self, program: str, tests: Sequence[str], entry_point: str | None = None, *, prelude: str | None = None
+    ) -> SandboxResult:
+        """Run ``program`` in one sandbox and each Python test in another.
+
+        With ``entry_point``, each test defines ``check(candidate)`` and is called as ``check(<entry_point>)``
+        (HumanEval's convention), the argument being a stand-in that calls the candidate's function across the
+        process boundary. Without it, a test passes when it runs to the end, and a name it reads that neither it,
+        the prelude nor the builtins define is fetched from the candidate (plain data as a copy, a function as a
+        stand-in). ``prelude`` is trusted code (a HumanEval prompt: imports, helpers such as ``poly``) run in the
+        test process before the tests when they use a name it defines; those names never come from the candidate.
+        """
         if isinstance(tests, str):
             tests = [tests]
         if not tests:
             raise ValueError("run_tests needs at least one test")
-        job = {"mode": "tests", "program": program, "tests": list(tests), "entry_point": entry_point or ""}
+        if not all(isinstance(t, str) for t in tests):
+            raise ValueError("run_tests: every test must be a string of Python code")
+        job = {
+            "mode": "tests",
+            "program": program,
+            "tests": list(tests),
+            "entry_point": entry_point or "",
+            "prelude": prelude or "",
+        }
         return self._execute(job, len(tests))
 
     def run_io(self, program: str, cases: Sequence[tuple[str, str]]) -> SandboxResult:
@@ -542,8 +591,9 @@ class Sandbox:
                     if backend == "process":
                         logger.warning(
                             "sandbox backend 'process': no namespaces; candidates reach the network "
-                            "and read the host filesystem as uid %d",
-                            self.uid,
+                            "and read the host filesystem as uids %d-%d",
+                            self.uids[0],
+                            self.uids[-1],
                         )
                     return backend
                 failures.append(f"{backend}: {why}")
@@ -560,29 +610,54 @@ class Sandbox:
             return f"{tool} is not installed"
         if shutil.which("setpriv") is None:
             return "setpriv (util-linux) is not installed: it drops root and ties the sandbox to its parent"
+        probe = {
+            "mode": "tests",
+            "program": "x = 41",
+            "tests": ["assert x + 1 == 42"],
+            "entry_point": "",
+            "prelude": "",
+        }
         try:
-            result = self._execute(
-                {"mode": "tests", "program": "import os\nx = 41", "tests": ["assert x + 1 == 42"], "entry_point": ""},
-                1,
-                backend=backend,
-                probing=True,
-            )
+            result = self._execute(probe, 1, backend=backend)
         except SandboxError as exc:
             return str(exc)
         if not result.all_passed:
             return f"probe run failed (exit {result.exit_code}): {result.output[-300:]!r}"
         return None
 
+    def _memory_bound(self) -> tuple[str | None, str]:
+        limits = self.limits
+        memory_cgroup = self._cgroup.folder("memory") if self._cgroup else None
+        if memory_cgroup is not None:
+            return memory_cgroup, (
+                f"cgroup: {limits.memory_bytes} bytes for all of a candidate's processes together (each run its "
+                f"own cgroup under {memory_cgroup}); RLIMIT_AS {limits.memory_bytes} per process"
+            )
+        per_process = limits.memory_bytes // limits.processes
+        return None, (
+            f"rlimits: RLIMIT_AS {per_process} bytes per process x RLIMIT_NPROC {limits.processes} processes "
+            f"<= {limits.memory_bytes} bytes (no writable memory cgroup; "
+            + ("each running sandbox has uids of its own)" if self._root else "the invoking user's processes count)")
+        )
+
     def _describe(self, backend: str) -> SandboxInfo:
-        cgroup = f"{self._cgroup.base} (cgroup v{self._cgroup.version})" if self._cgroup else None
+        pids_cgroup = self._cgroup.folder("pids") if self._cgroup else None
+        memory_cgroup, memory_bound = self._memory_bound()
         notes = []
         if not self._root:
             notes.append(
-                "not started as root: candidates run as the invoking user (RLIMIT_NPROC counts per "
+                "not started as root: candidates and tests run as the invoking user (RLIMIT_NPROC counts per "
                 "user namespace, so it still holds inside the sandbox)"
             )
-        if cgroup is None:
+        if pids_cgroup is None:
             notes.append("no writable pids cgroup: the process limit is RLIMIT_NPROC alone")
+        common = {
+            "pids_cgroup": pids_cgroup,
+            "python": self.python,
+            "memory_cgroup": memory_cgroup,
+            "memory_bound": memory_bound,
+            "uid_range": (self.uids[0], self.uids[-1]) if self._uids is not None else None,
+        }
         if backend == "bwrap":
             return SandboxInfo(
                 backend,
@@ -593,9 +668,8 @@ class Sandbox:
                 "new tmpfs root: /usr (+/bin,/lib links) and the interpreter read-only; size-capped "
                 f"tmpfs at {_WORKDIR}, /tmp, /dev/shm; nothing else of the host",
                 "own namespace, loopback only",
-                cgroup,
-                self.python,
-                tuple(notes),
+                notes=tuple(notes),
+                **common,
             )
         if backend == "unshare":
             return SandboxInfo(
@@ -607,13 +681,13 @@ class Sandbox:
                 "chroot into a tmpfs root: /usr (+/bin,/lib) and the interpreter read-only; "
                 f"size-capped tmpfs at {_WORKDIR}, /tmp, /dev/shm; all capabilities dropped",
                 "own namespace, loopback down",
-                cgroup,
-                self.python,
-                tuple(notes),
+                notes=tuple(notes),
+                **common,
             )
         notes.append(
-            "backend 'process': host filesystem readable (and writable where the uid may), network "
-            "reachable; leftover processes are found through the cgroup, else by uid (keep it dedicated)"
+            "backend 'process': host filesystem readable (and writable where the uid may, /tmp included, which "
+            "candidate and tests share), network reachable; candidate and tests are kept apart by their uids "
+            "alone; leftover processes are found through the cgroup, else by uid (keep the pool dedicated)"
         )
         return SandboxInfo(
             backend,
@@ -623,16 +697,18 @@ class Sandbox:
             (),
             "host filesystem, private working folder",
             "host network (not isolated)",
-            cgroup,
-            self.python,
-            tuple(notes),
+            notes=tuple(notes),
+            **common,
         )
 
-    def _command(self, backend: str, job_fd: int, res_fd: int, workdir: str | None) -> list[str]:
-        python = [self.python, "-I", "-c", _HARNESS, str(job_fd), str(res_fd)]
-        # setpriv drops root for the sandbox uid, and makes the sandbox die with the process that started it (a
+    def _command(self, backend: str, role: str, fds: Sequence[int], uid: int, workdir: str | None) -> list[str]:
+        # The tests' process skips `site` (-S): nothing there needs it, and it starts faster. The candidate's
+        # process starts as a plain `python -I` would (site's exit(), quit() and system packages included).
+        flags = ["-I", "-S"] if role == "tests" else ["-I"]
+        python = [self.python, *flags, "-c", _HARNESS, role, *map(str, fds)]
+        # setpriv drops root for the run's uid, and makes the sandbox die with the process that started it (a
         # reward worker killed on its own timeout leaves nothing running; bwrap/unshare keep the signal).
-        identity = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"] if self._root else []
+        identity = [f"--reuid={uid}", f"--regid={self.gid}", "--clear-groups"] if self._root else []
         drop = ["setpriv", "--pdeathsig", "KILL", *identity, "--"]
         tmpfs = str(self.limits.tmpfs_bytes)
         if backend == "bwrap":
@@ -711,85 +787,134 @@ class Sandbox:
             env.update(SB_TMPFS=str(self.limits.tmpfs_bytes), SB_PREFIX=_python_prefix(self.python) or "")
         return env
 
+    def _rlimits(self, candidate: bool, memory_cgroup: bool) -> list[list]:
+        limits = self.limits
+        memory = limits.memory_bytes if memory_cgroup or not candidate else limits.memory_bytes // limits.processes
+        return [
+            ["RLIMIT_CPU", int(limits.cpu_time_s)],
+            ["RLIMIT_AS", int(memory)],
+            ["RLIMIT_FSIZE", int(limits.file_size_bytes)],
+            ["RLIMIT_NOFILE", int(limits.open_files)],
+            ["RLIMIT_NPROC", int(limits.processes)],
+            ["RLIMIT_CORE", 0],
+        ]
+
     # -- one run ---------------------------------------------------------------------------------------------
 
-    def _execute(
-        self, job: dict, n_results: int, *, backend: str | None = None, probing: bool = False
-    ) -> SandboxResult:
+    def _execute(self, job: dict, n_results: int, *, backend: str | None = None) -> SandboxResult:
         backend = backend or self._ensure_backend()
-        limits = self.limits
-        token = secrets.token_hex(16)
-        job = dict(
-            job,
-            token=token,
-            test_time_s=limits.per_test_s,
-            case_output_bytes=limits.case_output_bytes,
-            rlimits=[
-                ["RLIMIT_CPU", int(limits.cpu_time_s)],
-                ["RLIMIT_AS", int(limits.memory_bytes)],
-                ["RLIMIT_FSIZE", int(limits.file_size_bytes)],
-                ["RLIMIT_NOFILE", int(limits.open_files)],
-                ["RLIMIT_NPROC", int(limits.processes)],
-                ["RLIMIT_CORE", 0],
-            ],
-        )
-        job_fd = os.memfd_create("posttrain-sandbox-job", os.MFD_CLOEXEC)
-        res_r, res_w = os.pipe()
-        workdir = cgroup = proc = None
-        start = time.monotonic()
+        lease = self._uids.lease() if self._uids is not None else contextlib.nullcontext((self.uid, self.uid))
+        with lease as uids, contextlib.ExitStack() as cleanup:
+            return self._execute_as(job, n_results, backend, uids, cleanup)
+
+    def _spawn(
+        self,
+        backend: str,
+        role: str,
+        job: dict,
+        fds: Sequence[int],
+        uid: int,
+        stdout: int,
+        cgroups: list[Path],
+        cleanup: contextlib.ExitStack,
+    ) -> subprocess.Popen:
+        """Start one sandboxed process tree running the harness in ``role``; ``fds`` after the job's are passed."""
+        job_fd = os.memfd_create(f"posttrain-sandbox-{role}", os.MFD_CLOEXEC)
         try:
-            payload = marshal.dumps(job, 4)  # host to harness only; results come back as JSON
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(job_fd, view) :]
+            code_harness.write_all(job_fd, marshal.dumps(job, 4))  # host to harness only
             os.lseek(job_fd, 0, os.SEEK_SET)
+            workdir = None
             if backend == "process":
-                workdir = self._make_workdir()
-            command = self._command(backend, job_fd, res_w, workdir)
-            if self._cgroup is not None:
-                cgroup = self._cgroup.create(limits.processes + 8)  # + the wrapper, bwrap and its pid 1
-                command = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *command]
+                workdir = self._make_workdir(uid)
+                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+            command = self._command(backend, role, [job_fd, *fds], uid, workdir)
+            if cgroups:
+                join = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
+                command = (
+                    ["/bin/sh", "-c", join, "join", str(len(cgroups))]
+                    + [str(c / "cgroup.procs") for c in cgroups]
+                    + command
+                )
             try:
                 proc = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(job_fd, res_w),
+                    stdout=stdout,
+                    stderr=stdout,
+                    pass_fds=(job_fd, *fds),
                     env=self._env(backend),
                     start_new_session=True,
                     cwd="/",
                 )
             except OSError as exc:
                 raise SandboxError(f"cannot start the {backend} sandbox: {exc}") from exc
-            os.close(res_w)
-            res_w = -1
-            os.close(job_fd)
-            job_fd = -1
-            result, output, timed_out = self._collect(proc, res_r, start + limits.wall_time_s)
-            if timed_out:
-                self._kill(proc)
-            exit_code = proc.wait()
         finally:
-            for fd in (job_fd, res_w, res_r):
-                if fd >= 0:
+            os.close(job_fd)
+        cleanup.callback(self._end, proc)
+        return proc
+
+    def _execute_as(
+        self, job: dict, n_results: int, backend: str, uids: tuple[int, int], cleanup: contextlib.ExitStack
+    ) -> SandboxResult:
+        limits = self.limits
+        token = secrets.token_hex(16)
+        start = time.monotonic()
+        memory_cgroup = self._cgroup is not None and "memory" in self._cgroup.bases
+        cgroups: list[Path] = []
+        if self._cgroup is not None:
+            cgroups = self._cgroup.create(limits.processes + 8, limits.memory_bytes)  # + the wrapper, bwrap...
+            cleanup.callback(self._cgroup.kill_and_remove, cgroups)
+        if backend == "process":
+            cleanup.callback(self._kill_uid_leftovers, uids)
+        base = {"test_time_s": limits.per_test_s, "case_output_bytes": limits.case_output_bytes}
+        own: list[int] = []  # the host's ends, closed once the sandboxes hold theirs
+        try:
+            res_r, res_w = os.pipe()
+            own += [res_r, res_w]
+            out_r, out_w = os.pipe()
+            own += [out_r, out_w]
+            if job["mode"] == "tests":
+                req_r, req_w = os.pipe()
+                own += [req_r, req_w]
+                rep_r, rep_w = os.pipe()
+                own += [rep_r, rep_w]
+                candidate_job = {**base, "program": job["program"], "rlimits": self._rlimits(True, memory_cgroup)}
+                candidate = self._spawn(
+                    backend, "candidate", candidate_job, [req_r, rep_w], uids[0], out_w, cgroups, cleanup
+                )
+                tests_job = {**base, **job, "token": token, "rlimits": self._rlimits(False, memory_cgroup)}
+                del tests_job["program"]
+                main = self._spawn(backend, "tests", tests_job, [res_w, req_w, rep_r], uids[1], out_w, [], cleanup)
+                others = [candidate]
+            else:
+                io_job = {**base, **job, "token": token, "rlimits": self._rlimits(True, memory_cgroup)}
+                main = self._spawn(backend, "io", io_job, [res_w], uids[0], out_w, cgroups, cleanup)
+                others = []
+            for fd in own:
+                if fd not in (res_r, out_r):
                     os.close(fd)
-            if proc is not None and proc.poll() is None:
-                self._kill(proc)
-                proc.wait()
-            if cgroup is not None:
-                self._cgroup.kill_and_remove(cgroup)  # type: ignore[union-attr]
-            if backend == "process":
-                self._kill_uid_leftovers()
-                if workdir is not None:
-                    shutil.rmtree(workdir, ignore_errors=True)
+            own = [res_r, out_r]
+            result, output, timed_out = self._collect(main, res_r, out_r, start + limits.wall_time_s)
+            # The verdict is in, or the time is up. The candidate's server ends by itself once the tests' end of
+            # its pipes closes (unless stuck in a call): killing its namespace's init from inside the process
+            # tree first lets bwrap/unshare reap it, where killing the whole group at once would leave a zombie
+            # to the host's init.
+            for proc, grace in ((main, 2.0), *((p, 0.1) for p in others)):
+                try:
+                    proc.wait(timeout=0 if timed_out else grace)
+                except subprocess.TimeoutExpired:
+                    self._kill(proc)
+            exit_code = main.wait()
+        finally:
+            for fd in own:
+                os.close(fd)
         duration = time.monotonic() - start
         text = output.decode("utf-8", "replace")
         if not result.startswith(b"S"):
             if timed_out:  # killed before the harness wrote anything (e.g. a stuck start): a failed candidate
                 return SandboxResult([False] * n_results, False, True, exit_code, text, duration)
             raise SandboxError(f"the {backend} sandbox did not start the harness (exit {exit_code}): {text[-500:]!r}")
-        return self._parse(result[1:], token, job["mode"], n_results, timed_out, exit_code, text, duration, probing)
+        return self._parse(result[1:], token, job["mode"], n_results, timed_out, exit_code, text, duration, backend)
 
     def _parse(
         self,
@@ -801,7 +926,7 @@ class Sandbox:
         exit_code: int | None,
         text: str,
         duration: float,
-        probing: bool,
+        backend: str,
     ) -> SandboxResult:
         failed = SandboxResult([False] * n, False, timed_out, exit_code, text, duration)
         head = token.encode() + b"\n"
@@ -809,38 +934,41 @@ class Sandbox:
             return failed
         body = data[len(head) :]
         if mode == "tests":
+            if body.startswith(b"X"):  # the candidate's sandbox never started: nothing was judged
+                raise SandboxError(
+                    f"the candidate's {backend} sandbox did not start: {body[1:].decode(errors='replace')}; "
+                    f"output: {text[-500:]!r}"
+                )
             if len(body) != n or set(body) - {48, 49}:
                 return failed
             return SandboxResult([b == 49 for b in body], True, timed_out, exit_code, text, duration)
         try:
-            cases = json.loads(body)
-        except ValueError:
+            cases = code_harness.decode(body)
+        except code_harness.MalformedMessage:
             return failed
-        if not isinstance(cases, list) or len(cases) != n:
+        if type(cases) is not list or len(cases) != n:
             return failed
         passed = [code == 0 and not case_timeout and not too_long for code, case_timeout, too_long, _ in cases]
         return SandboxResult(passed, True, timed_out, exit_code, text, duration, [c[3] for c in cases])
 
-    def _collect(self, proc: subprocess.Popen, res_r: int, deadline: float) -> tuple[bytes, bytes, bool]:
-        """Read the result pipe and the (capped) output until both close, the sandbox's top process exits (a
-        leftover of the ``process`` backend may hold the pipes open), or the deadline passes."""
-        assert proc.stdout is not None
-        out_fd = proc.stdout.fileno()
-        caps = {res_r: 64 << 20, out_fd: self.limits.output_bytes}
-        data: dict[int, bytearray] = {res_r: bytearray(), out_fd: bytearray()}
+    def _collect(self, main: subprocess.Popen, res_r: int, out_r: int, deadline: float) -> tuple[bytes, bytes, bool]:
+        """Read the result pipe and the (capped) output until the result pipe closes (only the harness that
+        reports holds it), that harness's sandbox exits with nothing left to read, or the deadline passes."""
+        caps = {res_r: 64 << 20, out_r: self.limits.output_bytes}
+        data: dict[int, bytearray] = {res_r: bytearray(), out_r: bytearray()}
         timed_out = False
         with selectors.DefaultSelector() as sel:
-            for fd in (res_r, out_fd):
+            for fd in (res_r, out_r):
                 sel.register(fd, selectors.EVENT_READ)
-            exited = False
-            while sel.get_map():
+            while res_r in sel.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
                     break
+                exited = main.poll() is not None
                 ready = sel.select(0 if exited else min(remaining, 0.05))
                 if exited and not ready:
-                    break  # the top process is gone and its pipes are drained
+                    break
                 for key, _ in ready:
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
@@ -849,14 +977,25 @@ class Sandbox:
                     room = caps[key.fd] - len(data[key.fd])
                     if room > 0:
                         data[key.fd] += chunk[:room]
-                exited = exited or proc.poll() is not None
-        proc.stdout.close()
-        return bytes(data[res_r]), bytes(data[out_fd]), timed_out
+            if out_r in sel.get_map():  # what was written before the verdict; a candidate still printing is cut
+                while len(data[out_r]) < caps[out_r] and sel.select(0):
+                    chunk = os.read(out_r, 1 << 16)
+                    if not chunk:
+                        break
+                    data[out_r] += chunk[: caps[out_r] - len(data[out_r])]
+        return bytes(data[res_r]), bytes(data[out_r]), timed_out
+
+    def _end(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            self._kill(proc)
+            proc.wait()
 
     def _kill(self, proc: subprocess.Popen) -> None:
-        """Kill the sandbox: first the PID namespace's init (its death kills every process in the namespace),
+        """Kill one sandbox: first the PID namespace's init (its death kills every process in the namespace),
         so that bwrap/unshare reap it and exit on their own, leaving no zombie to the host's init; then the
         whole process group."""
+        if proc.poll() is not None:
+            return
         for child in _children_of(proc.pid):
             try:
                 os.kill(child, signal.SIGKILL)
@@ -870,24 +1009,23 @@ class Sandbox:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        proc.wait()
 
-    def _make_workdir(self) -> str:
-        import tempfile
-
+    def _make_workdir(self, uid: int) -> str:
         path = tempfile.mkdtemp(prefix="posttrain-sandbox-")
         os.chmod(path, 0o700)
         if self._root:
-            os.chown(path, self.uid, self.gid)
+            os.chown(path, uid, self.gid)
         return path
 
-    def _kill_uid_leftovers(self) -> None:
-        """``process`` backend without a PID namespace: kill what the candidate left running under its uid, and
+    def _kill_uid_leftovers(self, uids: Sequence[int]) -> None:
+        """``process`` backend without a PID namespace: kill what the run left running under its uids, and
         wait (up to 2 s) until none of it runs any more (a zombie waiting for the host's init does not run)."""
         if not self._root or self._cgroup is not None:
             return
         deadline = time.monotonic() + 2.0
         while True:
-            alive = [pid for pid, state in _processes_of_uid(self.uid) if state != "Z"]
+            alive = [pid for uid in set(uids) for pid, state in _processes_of_uid(uid) if state != "Z"]
             if not alive or time.monotonic() > deadline:
                 return
             for pid in alive:

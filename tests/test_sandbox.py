@@ -35,9 +35,9 @@ def test_an_isolating_backend_is_installed() -> None:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def sandbox(request: pytest.FixtureRequest) -> Sandbox:
-    # A uid of its own, so "no process of the sandbox's user remains" cannot be confused by anything else.
-    uid = 170000 + secrets.randbelow(20000)
-    return Sandbox(LIMITS, backend=request.param, uid=uid, gid=uid)
+    # uids of its own, so "no process of the sandbox's users remains" cannot be confused by anything else.
+    uid = 170000 + 64 * secrets.randbelow(300)
+    return Sandbox(LIMITS, backend=request.param, uid=uid, gid=uid, uid_count=8)
 
 
 def _processes_of(uid: int) -> list[int]:
@@ -58,11 +58,11 @@ def _processes_of(uid: int) -> list[int]:
 def _assert_clean_and_usable(sandbox: Sandbox) -> None:
     """Nothing of the sandbox's uid runs any more, no run cgroup is left, and a correct candidate passes."""
     if ROOT:
-        assert _processes_of(sandbox.uid) == []
-    cgroup = sandbox.info.pids_cgroup
-    if cgroup is not None:
-        base = Path(cgroup.split(" (")[0])
-        assert [p.name for p in base.iterdir() if p.is_dir()] == []
+        assert [p for uid in sandbox.uids for p in _processes_of(uid)] == []
+    for cgroup in (sandbox.info.pids_cgroup, sandbox.info.memory_cgroup):
+        if cgroup is not None:
+            base = Path(cgroup.split(" (")[0])
+            assert [p.name for p in base.iterdir() if p.is_dir()] == []
     good = sandbox.run_tests(GOOD, [TEST], "add")
     assert good.passed == [True] and good.token_ok
 
@@ -132,10 +132,12 @@ def test_infinite_loop(sandbox: Sandbox) -> None:
 
 
 def test_infinite_loop_that_ignores_the_test_timer(sandbox: Sandbox) -> None:
+    """The candidate turns its own timer off; the test's timer runs in the test process, out of its reach, so the
+    test fails on time and the verdict still comes (the candidate's process is killed after it)."""
     start = time.monotonic()
     result = _hostile(sandbox, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass")
-    assert result.timed_out and not result.token_ok
-    assert time.monotonic() - start < LIMITS.wall_time_s + 3
+    assert result.token_ok and not result.timed_out
+    assert LIMITS.per_test_s <= time.monotonic() - start < LIMITS.per_test_s + 1.5
     _assert_clean_and_usable(sandbox)
 
 
@@ -331,7 +333,7 @@ def test_process_backend_is_explicit_and_honest_about_it() -> None:
     """The weak fallback is never picked by ``auto``; chosen by name it says what it lacks, and still kills
     what the candidate leaves running and refuses cheats."""
     uid = 190000 + secrets.randbelow(5000)
-    sandbox = Sandbox(LIMITS, backend="process", uid=uid, gid=uid)
+    sandbox = Sandbox(LIMITS, backend="process", uid=uid, gid=uid, uid_count=2)
     info = sandbox.info
     assert info.backend == "process" and info.namespaces == () and "not isolated" in info.network
     assert Sandbox(LIMITS).info.backend in ("bwrap", "unshare")
@@ -342,7 +344,8 @@ def test_process_backend_is_explicit_and_honest_about_it() -> None:
     assert sandbox.run_tests("import os\nos._exit(0)\n", [TEST], "add").passed == [False]
     if ROOT:
         # A zombie waits for the host's init to reap it; it runs nothing.
-        assert [p for p in _processes_of(uid) if _state(p) not in ("Z", "X", None)] == []
+        leftovers = [p for u in (uid, uid + 1) for p in _processes_of(u) if _state(p) not in ("Z", "X", None)]
+        assert leftovers == []
 
 
 def test_a_killed_host_takes_its_sandbox_with_it(sandbox: Sandbox) -> None:
@@ -355,7 +358,7 @@ def test_a_killed_host_takes_its_sandbox_with_it(sandbox: Sandbox) -> None:
     code = textwrap.dedent(f"""
         from posttrain.rewards.sandbox import Sandbox, SandboxLimits
         sandbox = Sandbox(SandboxLimits(wall_time_s=60, test_time_s=60), backend={sandbox.info.backend!r},
-                          uid={uid}, gid={uid})
+                          uid={uid}, gid={uid}, uid_count=2)
         _ = sandbox.info
         print("ready", flush=True)
         sandbox.run_tests("import signal, time\\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\\ntime.sleep(600)",
@@ -375,7 +378,7 @@ def test_a_killed_host_takes_its_sandbox_with_it(sandbox: Sandbox) -> None:
     if ROOT:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            running = [p for p in _processes_of(uid) if _state(p) not in ("Z", "X", None)]
+            running = [p for u in (uid, uid + 1) for p in _processes_of(u) if _state(p) not in ("Z", "X", None)]
             if not running:
                 break
             time.sleep(0.05)
