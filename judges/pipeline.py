@@ -10,6 +10,7 @@ A run killed midway resumes from the judge cache. This module orchestrates; it d
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import platform
@@ -35,11 +36,14 @@ from posttrain.judges.samples import (
     file_sha256,
     output_name,
     read_samples,
+    remove_stale_temporaries,
     write_json,
     write_rows,
 )
 
 RESULT_COLUMN = "filter_result"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,6 +137,8 @@ def _filter_samples(config: FilterConfig, samples: list[Sample], rules: list[Rul
     judge_cfg = config.judge
     pairwise = judge_cfg.enabled and judge_cfg.mode == "pairwise"
     output_dir.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale_temporaries(output_dir):
+        logger.warning("removed %s, left by a filter run that was killed", path)
     judge = None
     if judge_cfg.enabled:
         judge = Judge(judge_cfg, judge_cfg.cache or output_dir / "judge_cache.sqlite", backend=judge_backend)

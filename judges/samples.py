@@ -92,8 +92,13 @@ def iter_rows(path: Path, fmt: Format, split: str | None = None) -> list[tuple[s
         raise SampleError(f"{path}: no such file or folder")
     if fmt == "jsonl":
         rows = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise SampleError(f"{path}:line {lineno}: not valid UTF-8 (byte {exc.start + 1} of the line, "
+                                      f"{raw[exc.start:exc.end]!r}: {exc.reason}); save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -262,6 +267,39 @@ def _json_line(row: dict[str, Any], stdlib: bool) -> bytes:
         return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form; written as the \u escape it was read from
         return (json.dumps(row) + "\n").encode("ascii")
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files a killed run left in ``folder`` (``.NAME.tmp-PID``, ``.NAME.old-PID`` of a
+    process that no longer runs); returns what was removed. A previous output folder set aside (``.old-``) whose
+    replacement never arrived is put back under its name instead, so nothing already written is lost."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        found = _TEMPORARY.match(entry.name)
+        if found is None or int(found["pid"]) == os.getpid() or _process_alive(int(found["pid"])):
+            continue
+        final = entry.with_name(found["name"])
+        if found["kind"] == "old" and not final.exists():
+            entry.rename(final)
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def write_json(obj: Any, path: Path) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from posttrain.train.data import jsonl_lines
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,18 +37,15 @@ def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[di
         where = [f"{p} row {i}" for i in range(len(rows))]
     elif p.is_file():
         where = []
-        with p.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptDataError(f"{p}:{number}: not valid JSON: {e}") from None
-                if not isinstance(row, dict):
-                    raise PromptDataError(f"{p}:{number}: a row must be a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                where.append(f"{p}:{number}")
+        for number, line in jsonl_lines(p, PromptDataError):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptDataError(f"{p}:{number}: not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise PromptDataError(f"{p}:{number}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            where.append(f"{p}:{number}")
     else:
         raise PromptDataError(f"prompt data not found: {p}")
     for row, loc in zip(rows, where, strict=True):
@@ -108,7 +107,8 @@ class PromptSampler:
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return torch.randperm(self.size, generator=torch.Generator(device="cpu").manual_seed(self.seed + epoch),
+                             device="cpu").tolist()
 
     def take(self, n: int) -> list[int]:
         out: list[int] = []

@@ -97,17 +97,29 @@ def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}:row {i + 1}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for lineno, line in jsonl_lines(path, DataError):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+        yield f"{path}:{lineno}", row
+
+
+def jsonl_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSONL file with their numbers (from 1). A line that is not valid UTF-8 raises
+    ``error`` naming the file, the line and the byte, never a bare ``UnicodeDecodeError``."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
-            yield f"{path}:{lineno}", row
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start:e.end]
+                raise error(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line, {bad!r}: {e.reason}); "
+                            "save the file as UTF-8") from None
+            if line.strip():
+                yield lineno, line
 
 
 def file_digest(path: str | os.PathLike) -> str:
