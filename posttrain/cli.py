@@ -4,6 +4,10 @@ Each subcommand lives in the module that implements it; this file only names the
 provides ``add_arguments(parser)`` and ``run(args) -> int``; one that sets ``ACCEPTS_OVERRIDES = True`` also gets the
 unparsed ``--group.field VALUE`` arguments as ``args.overrides`` (see ``posttrain.config``). Imports are lazy so ``posttrain --help`` stays fast
 and a subcommand's heavy dependencies load only when it runs.
+
+A recipe-driven command named in ``CONFIGS`` also gets, from its config class: ``--help`` listing every field with its
+type, default and doc (``posttrain.config.describe_config``), and ``--print-config``, which prints the resolved recipe
+(file plus overrides, checked) as YAML and exits. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+import yaml
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +36,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("posttrain.serving.server", "OpenAI-compatible HTTP server for a checkpoint, on the native engine"),
     "eval": ("posttrain.eval.cli", "pass@k on GSM8K, HumanEval and BFCL from local files"),
 }
+
+# name -> the config class its recipe is loaded into ("module:Class")
+CONFIGS: dict[str, str] = {
+    "grpo": "posttrain.grpo.config:GrpoConfig",
+    "pretrain": "posttrain.train.config:TrainConfig",
+    "sft": "posttrain.train.config:TrainConfig",
+    "pairs": "posttrain.dpo.config:PairsConfig",
+    "dpo": "posttrain.dpo.config:DpoConfig",
+}
+
+
+def config_class(name: str) -> type | None:
+    """The config class of a recipe-driven command, or None."""
+    if name not in CONFIGS:
+        return None
+    module, _, cls = CONFIGS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,14 +75,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
+    config_cls = config_class(name)
     sub = argparse.ArgumentParser(prog=f"posttrain {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
+    if config_cls is not None:
+        from posttrain.config import describe_config
+
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub.add_argument("--print-config", action="store_true",
+                         help="print the resolved recipe (the file, then the overrides, checked) as YAML and exit")
+        sub.epilog = ("config fields (set in the recipe, or override with --group.field VALUE):\n\n"
+                      + describe_config(config_cls))
     if getattr(module, "ACCEPTS_OVERRIDES", False):  # config-driven commands: --group.field VALUE overrides
         args, overrides = sub.parse_known_args(rest)
         args.overrides = overrides
     else:
         args = sub.parse_args(rest)
+    if config_cls is not None and args.print_config:
+        return print_config(name, config_cls, args)
     return int(module.run(args) or 0)
+
+
+def print_config(name: str, config_cls: type, args: argparse.Namespace) -> int:
+    """``--print-config``: the recipe as the command would run it, or the one-line error it would stop with."""
+    from posttrain.config import ConfigError, config_to_dict, load_config
+
+    try:
+        config = load_config(config_cls, getattr(args, "config", None), getattr(args, "overrides", []))
+    except ConfigError as e:
+        print(f"posttrain {name}: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def generate_key(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.exists():
         raise ExportError(f"{path} exists; refusing to overwrite a key")
+    if not path.parent.is_dir():
+        raise ExportError(f"--key {path}: folder {path.parent} does not exist (create it first)")
     pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -193,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         out = export_checkpoint(args.model, args.out, args.key, adapter=args.adapter, tokenizer_dir=args.tokenizer,
                                 recipe=args.recipe)
     except (ExportError, FileNotFoundError) as e:
-        print(f"posttrain export: {e}")
+        print(f"posttrain export: {e}", file=sys.stderr)
         return 2
     print(f"exported and signed {out} with key {key_fingerprint((out / PUBLIC_KEY).read_bytes())}; check it with: "
           f"posttrain verify {out} --public-key PUBLIC.pem (your public key; write it with "

@@ -77,10 +77,23 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
     return wrapped
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a folder (or named on the hub); ``FileNotFoundError`` naming the folder when there is
+    none, instead of transformers' guesses about a slow tokenizer to convert."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)})")
+    if not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except OSError as e:  # a hub name that is not there, or no network
+        raise FileNotFoundError(f"cannot load tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

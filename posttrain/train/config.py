@@ -33,7 +33,7 @@ class LoraSettings:
     enabled: bool = False  # train low-rank adapters instead of all weights (peft); export merges them
     r: int = 16  # adapter rank
     alpha: float = 32.0  # scaling numerator (update scaled by alpha / r)
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapters' input
     # module names to adapt: the Mamba-2 in/out projections and the attention projections by default
     target_modules: list[str] = field(default_factory=lambda: ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj",
                                                                "o_proj"])
@@ -63,16 +63,17 @@ class DataSettings:
 @dataclass
 class OptimSettings:
     lr: float = 2e-5  # peak learning rate
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator term
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
     per_device_batch_size: int = 8  # sequences (or packed bins) per process per micro-batch
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step
-    epochs: int = 1
+    epochs: int = 1  # passes over the data (when max_steps is not set)
     max_steps: int | None = None  # optimizer steps; default: epochs over the data
+    # learning-rate schedule after warm-up: cosine decay, warmup-stable-decay, or constant
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
     min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
     decay_fraction: float = 0.1  # wsd: the share of steps spent decaying
 

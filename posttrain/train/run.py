@@ -49,12 +49,16 @@ def weights_digest(folder: str | os.PathLike) -> str:
 
 
 def load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
+    from posttrain.tokenizer import load_tokenizer as load_folder
 
     source = config.model.tokenizer or config.model.path
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"model.tokenizer: no tokenizer folder at {source}")
-    return AutoTokenizer.from_pretrained(source)
+    field = "model.tokenizer" if config.model.tokenizer else "model.path"  # the field the user should fix
+    if not source or not Path(source).is_dir():
+        raise FileNotFoundError(f"{field}: no such folder: {source}" if source else "model.tokenizer: none given")
+    try:
+        return load_folder(source)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{field}: {e}") from None
 
 
 def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[str, Any]]:
