@@ -16,7 +16,7 @@ from posttrain.judges.scripted_server import ScriptedJudgeServer, prompt_key
 
 from posttrain.cli import main
 from posttrain.dpo.config import PairSamplingSettings, PairsConfig, PairVerdictSettings
-from posttrain.dpo.pairs import pairs_from_judge, run_pairs
+from posttrain.dpo.pairs import pairs_from_judge, pairs_on_policy, run_pairs
 from posttrain.models.hybrid import HybridForCausalLM, preset
 from posttrain.synthetic import arithmetic_corpus
 from posttrain.tokenizer import build_tokenizer
@@ -204,3 +204,26 @@ def test_on_policy_pairing_needs_a_reward_and_a_reference_format_over_known_colu
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'ok.jsonl'}:1: verdict.reference_answer '{{solution}}' names column " \
         "`solution`" in err
+
+
+def test_on_policy_rows_by_hand():
+    """Which answer is chosen, by hand: verified distinct samples first (never the greedy text again), the reference
+    only when no sample is verified and only if verified itself; no pair for a right, unscorable or (string rows)
+    empty greedy answer."""
+    prompts = ["p0", "p1", "p2", "p3", "p4", "p5"]
+    greedy = ["7", "8", "9", "", "3", "4"]
+    greedy_scores = [0.0, 0.0, 1.0, 0.0, None, 0.0]
+    answers = [["7", "5", "5 ", "6"], ["8", "1", "2", "3"], ["9"] * 4, ["5"] * 4, ["1"] * 4, ["4", "x", "y", "z"]]
+    scores = [[1.0, 1.0, 1.0, 1.0], [0.0] * 4, [1.0] * 4, [1.0] * 4, [0.0] * 4, [0.0] * 4]
+    references = ["r0", "r1", "r2", "r3", "r4", "r5"]
+    reference_scores = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    rows = pairs_on_policy(prompts, greedy, greedy_scores, answers, scores, references, reference_scores,
+                           max_pairs_per_prompt=2)
+    got = [(r["prompt"], r["chosen"], r["rejected"], r["provenance"]["chosen_from"], r["provenance"]["chosen_sample"])
+           for r in rows]
+    # p0: the sample "7" is the greedy answer itself and "5 " repeats "5"
+    assert got == [("p0", "5", "7", "sample", 1), ("p0", "6", "7", "sample", 3), ("p1", "r1", "8", "reference", None)]
+    assert all(r["provenance"]["scores"][1] == 0.0 for r in rows)
+    chat = pairs_on_policy([[{"role": "user", "content": "q"}]], [""], [0.0], [["a", "b"]], [[1.0, 0.0]])
+    assert chat[0]["rejected"] == [{"role": "assistant", "content": ""}]  # an empty chat answer is a turn
+    assert chat[0]["chosen"] == [{"role": "assistant", "content": "a"}]

@@ -166,6 +166,8 @@ def pairs_on_policy(prompts: Sequence[Any], greedy: Sequence[str], greedy_scores
         score = greedy_scores[p]
         if score is None or score > rejected_max:  # right, or nothing the reward can judge: no pair
             continue
+        if not greedy[p] and not isinstance(prompts[p], list):  # a string row cannot hold an empty answer
+            continue
         wrong = greedy[p].strip()
         chosen = [(answers[p][i], "sample", i, scores[p][i]) for i in _distinct(answers[p])
                   if verified(scores[p][i]) and answers[p][i].strip() != wrong][:max_pairs_per_prompt]
