@@ -37,8 +37,21 @@ class PreferencePair:
 
 def check_preference_row(row: Row, prompt_field: str = "prompt", chosen_field: str = "chosen",
                          rejected_field: str = "rejected") -> bool:
-    """Check one row; returns True for a chat row (prompt turns + assistant turns), False for strings."""
+    """Check one row; returns True for a chat row (prompt turns + assistant turns), False for strings.
+
+    A row with ``chosen`` and ``rejected`` but no prompt has an implicit prompt, as TRL reads it: their shared prefix
+    (of turns, or of text) becomes the prompt (``trl.data_utils.extract_prompt``), stored in the row.
+    """
     d = row.data
+    if prompt_field not in d and chosen_field in d and rejected_field in d:
+        from trl.data_utils import extract_prompt
+
+        implicit = extract_prompt({"chosen": d[chosen_field], "rejected": d[rejected_field]})
+        if not implicit["prompt"]:
+            raise DataError(f"{row.source}: no field `{prompt_field}`, and `{chosen_field}` and `{rejected_field}` "
+                            "share no prefix to use as the prompt")
+        d[prompt_field], d[chosen_field], d[rejected_field] = (implicit["prompt"], implicit["chosen"],
+                                                               implicit["rejected"])
     for name in (prompt_field, chosen_field, rejected_field):
         if name not in d:
             raise DataError(f"{row.source}: missing field `{name}` (a preference row needs `{prompt_field}`, "

@@ -1,7 +1,8 @@
 """Training data: reading rows, checking them, tokenizing them, packing them, and the order batches are drawn in.
 
-Rows come from JSONL (JSON lines), Parquet or a saved ``datasets`` folder (the output of ``posttrain filter`` reads
-straight in). Three formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``),
+Rows come from JSONL (JSON lines), Parquet, a saved ``datasets`` folder (the output of ``posttrain filter`` reads
+straight in) or a data set on the Hugging Face hub named ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets.load_dataset``;
+without a reachable hub, or with ``HF_HUB_OFFLINE=1`` and nothing cached, a ``DataError`` says so). Three formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``),
 ``prompt``/``completion`` (strings, or lists of chat turns), and plain ``text`` (pre-training: every token counts).
 Every row is checked before any is tokenized, and a bad one raises ``DataError`` naming the file, line and field.
 Chat rows go through the tokenizer's chat template; with assistant-only loss the template must mark assistant
@@ -67,11 +68,47 @@ def read_rows(paths: Sequence[str | os.PathLike], max_rows: int | None = None) -
         raise DataError("data.train_files is empty: name at least one JSONL/Parquet file or datasets folder")
     rows: list[Row] = []
     for path in paths:
-        for source, data in _iter_file(Path(path)):
+        for source, data in (_iter_hub(str(path)) if is_hub_spec(path) else _iter_file(Path(path))):
             if max_rows is not None and len(rows) >= max_rows:
                 return rows
             rows.append(Row(data, source, len(rows)))
     return rows
+
+
+HUB_PREFIX = "hf:"
+
+
+def is_hub_spec(path: str | os.PathLike) -> bool:
+    """Whether a data path names a data set on the hub (``hf:NAME[:CONFIG][@SPLIT]``) rather than a local file."""
+    return str(path).startswith(HUB_PREFIX)
+
+
+def load_hub_dataset(spec: str, error: type[Exception] = ValueError):
+    """``hf:NAME[:CONFIG][@SPLIT]`` (split default ``train``) through ``datasets.load_dataset`` (its cache included).
+
+    Raises ``error`` with one line naming the data set when it cannot be loaded: the hub unreachable, offline mode
+    (``HF_HUB_OFFLINE=1``) with nothing cached, an unknown name, config or split.
+    """
+    body, _, split = spec[len(HUB_PREFIX):].partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise error(f"{spec}: name a data set: hf:NAME[:CONFIG][@SPLIT]")
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - connection, offline, not found: all end here, named
+        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        why = (" (offline: HF_HUB_OFFLINE is set and the data set is not in the local cache)" if offline
+               else "")
+        detail = " ".join(str(e).split())[:300]
+        raise error(f"{spec}: cannot load data set {name!r} from the Hugging Face hub{why}: "
+                    f"{type(e).__name__}: {detail}") from None
+
+
+def _iter_hub(spec: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for i, row in enumerate(load_hub_dataset(spec, DataError)):
+        yield f"{spec}:row {i + 1}", row
 
 
 def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

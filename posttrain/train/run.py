@@ -24,7 +24,7 @@ import torch
 
 from posttrain.config import config_to_dict, save_config
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import file_digest, load_segments, pack_segments
+from posttrain.train.data import DataError, file_digest, is_hub_spec, load_hub_dataset, load_segments, pack_segments
 from posttrain.train.loop import Trainer, TrainingError, TrainResult
 
 MANIFEST = "training_manifest.json"
@@ -185,6 +185,8 @@ def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> N
 
 
 def _data_provenance(path: str) -> dict[str, Any]:
+    if is_hub_spec(path):  # a hub data set: its name and the fingerprint `datasets` gives its cached copy
+        return {"dataset": path, "fingerprint": load_hub_dataset(path, DataError)._fingerprint}
     p = Path(path)
     entry: dict[str, Any] = {"path": str(p.resolve()), "sha256": file_digest(p)}
     beside = (p if p.is_dir() else p.parent) / "manifest.json"
