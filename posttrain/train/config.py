@@ -41,7 +41,8 @@ class LoraSettings:
 
 @dataclass
 class DataSettings:
-    train_files: list[str] = field(default_factory=list)  # JSONL/JSON-lines, Parquet files or `datasets` folders
+    # JSONL/JSON-lines, Parquet files, `datasets` folders, or data sets on the hub: hf:NAME[:CONFIG][@SPLIT]
+    train_files: list[str] = field(default_factory=list)
     # row format: "messages" (chat, tool calls allowed), "prompt_completion", "text" (pre-training), "auto": by fields
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     text_field: str = "text"  # the field holding plain text for format "text"
