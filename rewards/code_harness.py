@@ -1,14 +1,16 @@
 """The trusted programs that run inside the code sandbox: the candidate's server, the test runner, the I/O runner.
 
-:mod:`posttrain.rewards.sandbox` runs this file's source (``python -I -S -c <source> ROLE ...``) in each
-sandboxed process; it uses the standard library only, so it runs under any system ``python3`` (3.8 or later).
-The roles:
+:mod:`posttrain.rewards.sandbox` runs this module in each sandboxed process: ``python -I -c BOOTSTRAP ROLE
+JOB_FD ...`` reads the job (a ``marshal`` dict from the host, in a memfd) whose ``harness`` entry is this module,
+compiled on the host when the sandbox's interpreter has the host's bytecode magic (compiling it in every process
+would cost more than a HumanEval test), else its source; then it runs :func:`main`. It uses the standard
+library only (Python 3.10 or later). The roles:
 
 - ``candidate``: loads the candidate's program and answers calls to its functions, one at a time, on a pair of
   pipes (requests in, replies out). It holds no token and no verdict descriptor: everything in this process,
   this file's own code included, is the candidate's to rewrite, so nothing it says is trusted beyond being data.
-- ``tests``: a separate process in its own sandbox (another uid, PID and mount namespace, not dumpable) that
-  runs the trusted test code and the trusted prelude (a HumanEval prompt's helpers). The name under test is a
+- ``tests-server``: a long-lived process in a sandbox of its own (another uid, PID, user and mount namespace,
+  not dumpable) that forks one test process per run; that process runs the trusted test code and the trusted prelude (a HumanEval prompt's helpers). The name under test is a
   :class:`RemoteFunction`: calling it sends the arguments to the candidate process and decodes the reply. Only
   plain data crosses (:func:`encode`/:func:`decode`: None, bool, int, float, str, bytes and lists, tuples,
   dicts, sets and frozensets of them, exact types), so the candidate cannot hand the tests an object of its
@@ -25,8 +27,6 @@ read with :func:`decode`, never with ``marshal`` or ``pickle`` (neither is safe 
 This module must never trust a byte that comes from the candidate process, nor give that process any
 descriptor of the test runner other than its own end of the call pipes.
 """
-
-from __future__ import annotations
 
 import builtins
 import os
@@ -236,12 +236,20 @@ def _set_rlimits(rlimits: list) -> None:
 
 
 def _not_dumpable() -> None:
-    """PR_SET_DUMPABLE 0: no process of the same uid may ptrace this one, read its memory or its /proc files."""
-    import ctypes
+    """PR_SET_DUMPABLE 0: no process of the same uid may ptrace this one, read its memory or its /proc files.
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    Through ``_ctypes`` directly: importing ``ctypes`` would cost more than half of this process's start."""
+    import _ctypes
+
+    class Prctl(_ctypes.CFuncPtr):  # int prctl(int option, ...), returning an int (the default result type)
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+
+    class Libc:
+        _handle = _ctypes.dlopen(None)
+
+    prctl = Prctl(("prctl", Libc()))
+    if prctl(4, 0, 0, 0, 0) != 0 or prctl(3, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0, then PR_GET_DUMPABLE
+        raise OSError("prctl(PR_SET_DUMPABLE, 0) did not take")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,29 +599,116 @@ def run_io(job: dict) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> None:
-    """``candidate JOB_FD REQUESTS_FD REPLIES_FD`` | ``tests JOB_FD RESULT_FD REQUESTS_FD REPLIES_FD`` |
-    ``io JOB_FD RESULT_FD``."""
+BOOTSTRAP = """\
+import marshal, os, sys
+fd, chunks = int(sys.argv[2]), []
+while chunk := os.read(fd, 1 << 20):
+    chunks.append(chunk)
+os.close(fd)
+job, harness = marshal.loads(b"".join(chunks)), {"__name__": "code_harness"}
+exec(job.pop("harness"), harness)
+harness["main"](sys.argv[1:], job)
+"""
+"""The program ``python -c`` runs in the sandbox (argv: ROLE JOB_FD ...): it loads this module from the job."""
+
+
+def main(argv: list[str], job: dict | None = None) -> None:
+    """``candidate JOB_FD REQUESTS_FD REPLIES_FD`` | ``tests-server JOB_FD CONTROL_FD`` | ``io JOB_FD RESULT_FD``;
+    ``job``: the job already read from JOB_FD (by :data:`BOOTSTRAP`)."""
     role, fds = argv[0], [int(a) for a in argv[1:]]
-    job = _read_job(fds[0])
+    if job is None:
+        job = _read_job(fds[0])
     if role == "candidate":
         _set_rlimits(job["rlimits"])
         serve_candidate(job, fds[1], fds[2])
         os._exit(0)
     _not_dumpable()
     _set_rlimits(job["rlimits"])
+    if role == "tests-server":
+        serve_test_runs(fds[1])
     token, result = job.pop("token").encode(), fds[1]
     os.write(result, b"S")
     try:
-        if role == "tests":
-            payload = run_tests(job, Channel(fds[2], fds[3]))
-        else:
-            payload = run_io(job)
+        payload = run_io(job)
         sys.stdout.flush()
         sys.stderr.flush()
         write_all(result, token + b"\n" + payload)
     finally:
         os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Role "tests-server": one long-lived process per sandbox and backend that forks a fresh test runner per run
+# (starting a sandbox and an interpreter for each would cost more than most HumanEval tests). It runs no test
+# itself and holds no token: each run's job, token and descriptors reach only its own child.
+
+
+def serve_test_runs(control: int) -> None:
+    """Read ``["run", id]`` + descriptors (job, output, result, requests, replies) or ``["kill", id]`` from the
+    host's control socket until it closes; each run is a forked child that runs :func:`run_one_test_job`."""
+    import marshal
+    import socket
+
+    sock = socket.socket(fileno=control)
+    sock.sendall(b"ready")
+    children: dict = {}
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, 1024, 8)
+        if not message:
+            os._exit(0)  # the host closed its end (or died): the namespace and every child go with us
+        _reap(children)
+        request = marshal.loads(message)  # from the host, trusted
+        if request[0] == "kill":
+            pid = children.get(request[1])
+            if pid is not None:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                run_one_test_job(fds)
+            finally:
+                os._exit(0)
+        children[request[1]] = pid
+        for fd in fds:
+            os.close(fd)
+
+
+def _reap(children: dict) -> None:
+    """Collect finished children (a pid not yet collected is never reused, so a later kill hits no other)."""
+    done = set()
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        done.add(pid)
+    for run_id in [r for r, pid in children.items() if pid in done]:
+        del children[run_id]
+
+
+def run_one_test_job(fds: list) -> None:
+    """One run's test process: its output goes to the run's pipe, it writes ``S``, then the token and the
+    results on the result pipe, which no other process holds."""
+    job_fd, output, result, requests, replies = fds
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    job = _read_job(job_fd)
+    _set_rlimits(job["rlimits"])
+    _not_dumpable()  # inherited from the server; asserted again
+    token = job.pop("token").encode()
+    os.write(result, b"S")
+    payload = run_tests(job, Channel(requests, replies))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write_all(result, token + b"\n" + payload)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import importlib.util
+import itertools
 import logging
 import marshal
 import os
@@ -53,6 +55,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -71,7 +74,7 @@ logger = logging.getLogger(__name__)
 Backend = Literal["auto", "bwrap", "unshare", "process"]
 _ISOLATING_BACKENDS: tuple[str, ...] = ("bwrap", "unshare")
 _WORKDIR = "/sandbox"  # the candidate's working folder inside the namespaced backends
-_HARNESS = Path(code_harness.__file__).read_text(encoding="utf-8")  # run as `python -c` in every sandbox
+_HARNESS_SOURCE = Path(code_harness.__file__).read_text(encoding="utf-8")
 DEFAULT_FIRST_UID = 1_600_000_000
 """First host uid of the default pool: a block no account uses (each running sandbox takes two)."""
 
@@ -366,15 +369,15 @@ def _kill_and_remove_cgroup(path: Path) -> None:
 
 
 class _UidPool:
-    """Host uids for the runs that are going on at once: each run holds two (the candidate's, the tests') for its
-    whole life, with an exclusive ``flock`` on a lock file per uid, so that no other run, in this process or
-    another (reward workers each have their own :class:`Sandbox`), takes them meanwhile. RLIMIT_NPROC counts
-    every process of a uid: with a uid of its own, a candidate's process limit is its alone."""
+    """Host uids for the sandboxes that run at once: each candidate's sandbox (and each test server) holds one for
+    its whole life, with an exclusive ``flock`` on a lock file per uid, so that no other, in this process or another
+    (reward workers each have their own :class:`Sandbox`), takes it meanwhile. RLIMIT_NPROC counts every process
+    of a uid: with a uid of its own, a candidate's process limit, and so its memory bound, is its alone."""
 
     def __init__(self, first: int, count: int) -> None:
         if first <= 0 or count < 2 or first + count > 2**32 - 2:
             raise ValueError(f"Sandbox uid pool {first}..{first + count - 1} is not a valid range of non-root uids")
-        self.first, self.count = first, count - count % 2
+        self.first, self.count = first, count
         self._next = 0
         self._lock = threading.Lock()
         self._dir = _lock_folder()
@@ -384,16 +387,15 @@ class _UidPool:
         return tuple(range(self.first, self.first + self.count))
 
     @contextlib.contextmanager
-    def lease(self, wait_s: float = 30.0) -> Iterator[tuple[int, int]]:
-        """Two uids no other run holds, for as long as the ``with`` block runs."""
+    def lease(self, wait_s: float = 30.0) -> Iterator[int]:
+        """A uid no other sandbox holds, for as long as the ``with`` block runs."""
         deadline = time.monotonic() + wait_s
         while True:
             with self._lock:
                 start = self._next
-                self._next = (self._next + 1) % (self.count // 2)
-            for i in range(self.count // 2):
-                slot = (start + i) % (self.count // 2)
-                uid = self.first + 2 * slot
+                self._next = (self._next + 1) % self.count
+            for i in range(self.count):
+                uid = self.first + (start + i) % self.count
                 fd = os.open(self._dir / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -401,13 +403,147 @@ class _UidPool:
                     os.close(fd)
                     continue
                 try:
-                    yield uid, uid + 1
+                    yield uid
                 finally:
                     os.close(fd)  # releases the lock
                 return
             if time.monotonic() > deadline:
-                raise SandboxError(f"all {self.count // 2} sandbox uid pairs from {self.first} stayed busy {wait_s} s")
+                raise SandboxError(f"all {self.count} sandbox uids from {self.first} stayed busy for {wait_s} s")
             time.sleep(0.01)
+
+
+class _TestServer:
+    """The long-lived sandbox in which each run's tests run: a ``tests-server`` harness (see
+    :mod:`~posttrain.rewards.code_harness`) forks one fresh, non-dumpable test process per run and hands it that
+    run's descriptors, which the server then closes. Its own uid, PID, user and mount namespaces: nothing it
+    shares with any candidate. It ends when its control socket closes (this process ended, or :meth:`close`)."""
+
+    def __init__(self, sandbox: Sandbox, backend: str) -> None:
+        self._sandbox, self._backend = sandbox, backend
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+        self._held = contextlib.ExitStack()
+        self.uid: int | None = None
+
+    def start_run(self, run_id: int, job: dict, fds: Sequence[int]) -> None:
+        """Start the test process of run ``run_id`` with ``fds``: output, result, requests, replies."""
+        job_fd = _job_memfd("posttrain-tests", job)
+        try:
+            message = marshal.dumps(["run", run_id])
+            for attempt in (1, 2):
+                control = self._ensure_started(restart=attempt == 2)
+                try:
+                    socket.send_fds(control, [message], [job_fd, *fds])
+                    return
+                except OSError as exc:  # the server died (killed, out of memory): start another, once
+                    if attempt == 2:
+                        raise SandboxError(f"the {self._backend} test server does not take runs: {exc}") from exc
+        finally:
+            os.close(job_fd)
+
+    def kill_run(self, run_id: int) -> None:
+        with self._lock:
+            control = self._control
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.send(marshal.dumps(["kill", run_id]))
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._control is not None:
+            self._control.close()  # the server reads end of file and exits, its namespace with it
+            self._control = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self._sandbox._kill(self._proc)
+            self._proc = None
+        self._held.close()
+
+    def _ensure_started(self, restart: bool) -> socket.socket:
+        with self._lock:
+            if self._control is not None and not restart and self._proc is not None and self._proc.poll() is None:
+                return self._control
+            self._stop()
+            sandbox = self._sandbox
+            if sandbox._uids is not None:
+                self.uid = self._held.enter_context(sandbox._uids.lease())
+            else:
+                self.uid = sandbox.uid
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            job_fd = _job_memfd(
+                "posttrain-tests-server",
+                {
+                    "harness": sandbox._harness(),
+                    "rlimits": [
+                        ["RLIMIT_NOFILE", 256],
+                        ["RLIMIT_NPROC", 4096],
+                        ["RLIMIT_CORE", 0],
+                    ],
+                },
+            )
+            err_r, err_w = os.pipe()
+            try:
+                workdir = None
+                if self._backend == "process":
+                    workdir = sandbox._make_workdir(self.uid)
+                    self._held.callback(shutil.rmtree, workdir, ignore_errors=True)
+                command = sandbox._command(
+                    self._backend, "tests-server", [job_fd, theirs.fileno()], self.uid, workdir, die_with_parent=False
+                )
+                self._proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err_w,
+                    pass_fds=(job_fd, theirs.fileno()),
+                    env=sandbox._env(self._backend),
+                    start_new_session=True,
+                    cwd="/",
+                )
+            except OSError as exc:
+                os.close(err_r)
+                raise SandboxError(f"cannot start the {self._backend} test server: {exc}") from exc
+            finally:
+                os.close(job_fd)
+                os.close(err_w)
+                theirs.close()
+            ours.settimeout(30.0)
+            try:
+                ready = ours.recv(16)
+            except OSError:
+                ready = b""
+            ours.settimeout(None)
+            if ready != b"ready":
+                with os.fdopen(err_r, "rb") as err:
+                    why = err.read(4000).decode(errors="replace") if self._proc.poll() is not None else ""
+                ours.close()
+                self._sandbox._kill(self._proc)
+                raise SandboxError(f"the {self._backend} test server did not start: {why[-500:]!r}")
+            os.close(err_r)  # later writes of the server to stderr fail; it writes none
+            self._control = ours
+            return ours
+
+
+def _job_memfd(name: str, job: dict) -> int:
+    """A memfd holding ``job`` as marshal data, positioned at its start (host to harness only)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        code_harness.write_all(fd, marshal.dumps(job, 4))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _lock_folder() -> Path:
@@ -518,6 +654,10 @@ class Sandbox:
         self._backend: str | None = None
         self._info: SandboxInfo | None = None
         self._probe_lock = threading.Lock()
+        self._harness_code: object = None
+        self._servers: dict[str, _TestServer] = {}
+        self._servers_lock = threading.Lock()
+        self._run_ids = itertools.count(1)
 
     # -- public API ------------------------------------------------------------------------------------------
 
@@ -532,6 +672,12 @@ class Sandbox:
     def uids(self) -> tuple[int, ...]:
         """Every host uid a run of this sandbox may take."""
         return self._uids.uids if self._uids is not None else (self.uid,)
+
+    @property
+    def test_server_uids(self) -> tuple[int, ...]:
+        """The uids of the running test servers (long-lived by design: every other uid is free between runs)."""
+        with self._servers_lock:
+            return tuple(s.uid for s in self._servers.values() if s.uid is not None and s.running)
 
     def run_tests(
         self, program: str, tests: Sequence[str], entry_point: str | None = None, *, prelude: str | None = None
@@ -597,6 +743,10 @@ class Sandbox:
                         )
                     return backend
                 failures.append(f"{backend}: {why}")
+                with self._servers_lock:
+                    failed = self._servers.pop(backend, None)
+                if failed is not None:
+                    failed.close()
             raise SandboxUnavailableError(
                 "no sandbox backend works here (" + "; ".join(failures) + "). Install bubblewrap "
                 "(apt-get install -y bubblewrap) and allow unprivileged user namespaces "
@@ -701,15 +851,26 @@ class Sandbox:
             **common,
         )
 
-    def _command(self, backend: str, role: str, fds: Sequence[int], uid: int, workdir: str | None) -> list[str]:
+    def _command(
+        self,
+        backend: str,
+        role: str,
+        fds: Sequence[int],
+        uid: int,
+        workdir: str | None,
+        *,
+        die_with_parent: bool = True,
+    ) -> list[str]:
         # The tests' process skips `site` (-S): nothing there needs it, and it starts faster. The candidate's
         # process starts as a plain `python -I` would (site's exit(), quit() and system packages included).
-        flags = ["-I", "-S"] if role == "tests" else ["-I"]
-        python = [self.python, *flags, "-c", _HARNESS, role, *map(str, fds)]
+        flags = ["-I", "-S"] if role != "candidate" else ["-I"]
+        python = [self.python, *flags, "-c", code_harness.BOOTSTRAP, role, *map(str, fds)]
         # setpriv drops root for the run's uid, and makes the sandbox die with the process that started it (a
         # reward worker killed on its own timeout leaves nothing running; bwrap/unshare keep the signal).
         identity = [f"--reuid={uid}", f"--regid={self.gid}", "--clear-groups"] if self._root else []
-        drop = ["setpriv", "--pdeathsig", "KILL", *identity, "--"]
+        # The test server outlives the thread that starts it (setpriv's signal follows a thread, not a process):
+        # it ends when its control socket closes instead.
+        drop = ["setpriv", *(["--pdeathsig", "KILL"] if die_with_parent else []), *identity, "--"]
         tmpfs = str(self.limits.tmpfs_bytes)
         if backend == "bwrap":
             prefix = _python_prefix(self.python)
@@ -781,6 +942,20 @@ class Sandbox:
         assert workdir is not None
         return drop + ["env", "-C", workdir, *python]
 
+    def _harness(self) -> object:
+        """The harness for the job: compiled here when the sandbox's interpreter reads this one's bytecode."""
+        if self._harness_code is None:
+            query = "import sys; print(sys.modules['_frozen_importlib_external'].MAGIC_NUMBER.hex())"
+            try:
+                magic = subprocess.run(
+                    [self.python, "-I", "-S", "-c", query], capture_output=True, text=True, check=False, timeout=30
+                ).stdout.strip()
+            except (OSError, subprocess.SubprocessError):  # no such interpreter: starting the sandbox will say so
+                magic = ""
+            same = magic == importlib.util.MAGIC_NUMBER.hex()
+            self._harness_code = compile(_HARNESS_SOURCE, "code_harness.py", "exec") if same else _HARNESS_SOURCE
+        return self._harness_code
+
     def _env(self, backend: str) -> dict[str, str]:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": _WORKDIR}
         if backend == "unshare":
@@ -803,9 +978,9 @@ class Sandbox:
 
     def _execute(self, job: dict, n_results: int, *, backend: str | None = None) -> SandboxResult:
         backend = backend or self._ensure_backend()
-        lease = self._uids.lease() if self._uids is not None else contextlib.nullcontext((self.uid, self.uid))
-        with lease as uids, contextlib.ExitStack() as cleanup:
-            return self._execute_as(job, n_results, backend, uids, cleanup)
+        lease = self._uids.lease() if self._uids is not None else contextlib.nullcontext(self.uid)
+        with lease as uid, contextlib.ExitStack() as cleanup:
+            return self._execute_as(job, n_results, backend, uid, cleanup)
 
     def _spawn(
         self,
@@ -819,10 +994,8 @@ class Sandbox:
         cleanup: contextlib.ExitStack,
     ) -> subprocess.Popen:
         """Start one sandboxed process tree running the harness in ``role``; ``fds`` after the job's are passed."""
-        job_fd = os.memfd_create(f"posttrain-sandbox-{role}", os.MFD_CLOEXEC)
+        job_fd = _job_memfd(f"posttrain-sandbox-{role}", {**job, "harness": self._harness()})
         try:
-            code_harness.write_all(job_fd, marshal.dumps(job, 4))  # host to harness only
-            os.lseek(job_fd, 0, os.SEEK_SET)
             workdir = None
             if backend == "process":
                 workdir = self._make_workdir(uid)
@@ -853,8 +1026,20 @@ class Sandbox:
         cleanup.callback(self._end, proc)
         return proc
 
+    def _test_server(self, backend: str) -> _TestServer:
+        with self._servers_lock:
+            server = self._servers.get(backend)
+            if server is None:
+                server = self._servers[backend] = _TestServer(self, backend)
+            return server
+
+    def close(self) -> None:
+        """End the test servers (they also end with this process); a later run starts them again."""
+        for server in list(self._servers.values()):
+            server.close()
+
     def _execute_as(
-        self, job: dict, n_results: int, backend: str, uids: tuple[int, int], cleanup: contextlib.ExitStack
+        self, job: dict, n_results: int, backend: str, uid: int, cleanup: contextlib.ExitStack
     ) -> SandboxResult:
         limits = self.limits
         token = secrets.token_hex(16)
@@ -865,9 +1050,10 @@ class Sandbox:
             cgroups = self._cgroup.create(limits.processes + 8, limits.memory_bytes)  # + the wrapper, bwrap...
             cleanup.callback(self._cgroup.kill_and_remove, cgroups)
         if backend == "process":
-            cleanup.callback(self._kill_uid_leftovers, uids)
+            cleanup.callback(self._kill_uid_leftovers, [uid])
         base = {"test_time_s": limits.per_test_s, "case_output_bytes": limits.case_output_bytes}
         own: list[int] = []  # the host's ends, closed once the sandboxes hold theirs
+        server, run_id = None, next(self._run_ids)
         try:
             res_r, res_w = os.pipe()
             own += [res_r, res_w]
@@ -879,32 +1065,30 @@ class Sandbox:
                 rep_r, rep_w = os.pipe()
                 own += [rep_r, rep_w]
                 candidate_job = {**base, "program": job["program"], "rlimits": self._rlimits(True, memory_cgroup)}
-                candidate = self._spawn(
-                    backend, "candidate", candidate_job, [req_r, rep_w], uids[0], out_w, cgroups, cleanup
-                )
+                main = self._spawn(backend, "candidate", candidate_job, [req_r, rep_w], uid, out_w, cgroups, cleanup)
                 tests_job = {**base, **job, "token": token, "rlimits": self._rlimits(False, memory_cgroup)}
                 del tests_job["program"]
-                main = self._spawn(backend, "tests", tests_job, [res_w, req_w, rep_r], uids[1], out_w, [], cleanup)
-                others = [candidate]
+                server = self._test_server(backend)
+                server.start_run(run_id, tests_job, [out_w, res_w, req_w, rep_r])
+                cleanup.callback(server.kill_run, run_id)  # a no-op once it ended
+                reporter = None  # the test process: it closes the result pipe when it ends
             else:
                 io_job = {**base, **job, "token": token, "rlimits": self._rlimits(True, memory_cgroup)}
-                main = self._spawn(backend, "io", io_job, [res_w], uids[0], out_w, cgroups, cleanup)
-                others = []
+                main = reporter = self._spawn(backend, "io", io_job, [res_w], uid, out_w, cgroups, cleanup)
             for fd in own:
                 if fd not in (res_r, out_r):
                     os.close(fd)
             own = [res_r, out_r]
-            result, output, timed_out = self._collect(main, res_r, out_r, start + limits.wall_time_s)
+            result, output, timed_out = self._collect(reporter, res_r, out_r, start + limits.wall_time_s)
             # The verdict is in, or the time is up. The candidate's server ends by itself once the tests' end of
             # its pipes closes (unless stuck in a call): killing its namespace's init from inside the process
             # tree first lets bwrap/unshare reap it, where killing the whole group at once would leave a zombie
             # to the host's init.
-            for proc, grace in ((main, 2.0), *((p, 0.1) for p in others)):
-                try:
-                    proc.wait(timeout=0 if timed_out else grace)
-                except subprocess.TimeoutExpired:
-                    self._kill(proc)
-            exit_code = main.wait()
+            try:
+                exit_code = main.wait(timeout=0 if timed_out else 2.0 if reporter else 0.1)
+            except subprocess.TimeoutExpired:
+                self._kill(main)
+                exit_code = main.wait()
         finally:
             for fd in own:
                 os.close(fd)
@@ -951,9 +1135,12 @@ class Sandbox:
         passed = [code == 0 and not case_timeout and not too_long for code, case_timeout, too_long, _ in cases]
         return SandboxResult(passed, True, timed_out, exit_code, text, duration, [c[3] for c in cases])
 
-    def _collect(self, main: subprocess.Popen, res_r: int, out_r: int, deadline: float) -> tuple[bytes, bytes, bool]:
+    def _collect(
+        self, reporter: subprocess.Popen | None, res_r: int, out_r: int, deadline: float
+    ) -> tuple[bytes, bytes, bool]:
         """Read the result pipe and the (capped) output until the result pipe closes (only the harness that
-        reports holds it), that harness's sandbox exits with nothing left to read, or the deadline passes."""
+        reports holds it), that harness's sandbox (``reporter``, where it is one) exits with nothing left to
+        read, or the deadline passes."""
         caps = {res_r: 64 << 20, out_r: self.limits.output_bytes}
         data: dict[int, bytearray] = {res_r: bytearray(), out_r: bytearray()}
         timed_out = False
@@ -965,7 +1152,7 @@ class Sandbox:
                 if remaining <= 0:
                     timed_out = True
                     break
-                exited = main.poll() is not None
+                exited = reporter is not None and reporter.poll() is not None
                 ready = sel.select(0 if exited else min(remaining, 0.05))
                 if exited and not ready:
                     break
