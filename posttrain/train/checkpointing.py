@@ -231,7 +231,7 @@ class CheckpointManager:
         if rejected:
             raise CheckpointError(
                 f"no valid checkpoint in {self.folder}: " + "; ".join(f"{p.name}: {why}" for p, why in rejected)
-                + ". Move them away (or resume: false) to start over")
+                + f". Nothing was loaded; to start over, move them out of {self.folder}")
         return None
 
     def _set_aside(self, paths: list[Path]) -> None:
