@@ -370,3 +370,32 @@ def test_grpo_latest_starts_fresh_then_falls_back_past_a_damaged_checkpoint(tmp_
     saved = torch.load(ckpts / "step-00000001" / "pytorch_model.bin", weights_only=True)
     now = resumed.core.state_dict()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+def test_two_processes_fall_back_together_past_a_damaged_checkpoint(recipe, tmp_path):
+    """Under ``accelerate launch`` (2 CPU processes, gloo) the main process verifies and every process follows its
+    verdict: both fall back to the same older checkpoint and finish with the weights of the first, whole run."""
+    import socket
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"), "--main_process_port", str(port),
+              "-m", "posttrain.cli", "sft", "--config", str(recipe), "--checkpoint.output_dir", str(out),
+              "--optim.max_steps", "4", "--optim.per_device_batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    whole = load_file(str(out / "final" / "model.safetensors"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    damage(out / "checkpoints" / "step-00000004", "flipped_byte")
+    again = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'step-00000002'} at step 2" in again.stdout
+    assert "step-00000004" in again.stderr and "pytorch_model.bin" in again.stderr
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-6, rtol=0, msg=k)
