@@ -16,7 +16,8 @@ objects, every process's Python/NumPy/torch/CUDA RNG states), ``trainer_state.js
 data position, anything a resumed run must know) and, written last, ``checkpoint_manifest.json``: the size and
 sha256 of every other file in the folder. The whole is written under a hidden temporary name and renamed when
 complete, so a killed run leaves either a whole checkpoint or none; a leftover temporary folder is removed by the
-next save. The folder must be on a file system every process sees (for multi-node runs, a shared one).
+next save. The folder must be on a file system every process sees (for multi-node runs, a shared one). The main
+process hashes the files once when it saves (just written, usually still in the page cache).
 
 Resuming verifies a checkpoint before loading anything from it (on the main process; the verdict is shared):
 ``verify="full"`` (the default) re-hashes every file and compares size and sha256 with the manifest;
@@ -26,7 +27,7 @@ truncated, missing or extended file but NOT a byte changed in place (same size, 
 file that passes but still cannot be loaded is reported with the checkpoint's path. Every failure is a
 ``CheckpointError`` naming the file that differs or is missing, never a bare torch or JSON traceback. The
 manifest guards against damage (a full disk, a cut copy, a flipped bit); it is not a signature: whoever can write
-the folder can rewrite it.
+the folder can rewrite it. Files the manifest does not list (added later) are not checked.
 
 ``resume(where)``: ``"latest"`` (or ``True``) takes the newest checkpoint that verifies and loads. A newer one that
 does not is named with the reason in a warning, moved aside to ``step-XXXXXXXX.rejected`` (kept for inspection,
@@ -34,6 +35,7 @@ no longer shadowing the good ones nor counted by ``keep_last``), and the previou
 all is a fresh start (``None``), so the same command starts and resumes a job; checkpoints that are all invalid
 are an error listing each, never a silent start from zero that would later rotate them away. A path resumes
 exactly that checkpoint or raises ``CheckpointError`` (nothing is moved or written). ``False``/``None``: no resume.
+``resumed_from`` is then the checkpoint loaded (None on a fresh start).
 
 Checkpoints written before manifests existed (no manifest, and a ``trainer_state.json`` without the
 ``checkpoint_manifest`` marker that every checkpoint written here carries) are accepted with a warning under
