@@ -222,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"FAIL {problem}")
         print(f"FAIL {args.folder}: not what was signed ({len(result.problems)} problems)")
         return 1
-    print(f"OK {args.folder}: integrity verified: the signature matches the manifest and all {result.files} files "
-          "match it")
+    print(f"OK {args.folder}: signature valid, {result.files} files match the manifest (integrity verified)")
     print(f"signing key: {result.signer}")
     if not result.trusted:
         print("PUBLISHER NOT VERIFIED: no trusted key was given (--public-key, --trusted-keys or "
