@@ -304,7 +304,7 @@ def _answer(request: list, namespace: dict, per_call: float, signal: object) -> 
             value = target(*request[3], **request[4])
             reply = encode([seq, "ok", value])
         except NotPlainData as exc:
-            reply = encode([seq, "not plain", f"{name} returned {exc}"])
+            reply = encode([seq, "not plain", f"{name}() returned what may not cross: {exc}"])
         except TestTimeout:
             reply = encode([seq, "timeout"])
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: sent as such, the tests decide
