@@ -18,6 +18,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 Completion = str | Sequence[dict[str, Any]]
@@ -203,11 +204,19 @@ def call_reward(
     return [check_value(name, v) for v in out]
 
 
-def reward_trainer_state(global_step: int, max_steps: int, epoch: float) -> Any:
-    """The ``trainer_state`` a reward is given: a transformers ``TrainerState``, as TRL passes its own.
+@dataclass(frozen=True)
+class RewardTrainerState:
+    """What a reward gets as ``trainer_state``: the progress fields of transformers' ``TrainerState`` (TRL passes its
+    trainer's), so rewards written against TRL shape themselves on ``global_step``, ``max_steps`` and ``epoch``.
 
-    Rewards shape themselves on training progress with ``global_step``, ``max_steps`` and ``epoch``.
+    A plain record: it travels to reward workers without importing transformers there.
     """
-    from transformers import TrainerState
 
-    return TrainerState(global_step=global_step, max_steps=max_steps, epoch=epoch)
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float | None = None
+
+
+def reward_trainer_state(global_step: int, max_steps: int, epoch: float | None) -> RewardTrainerState:
+    """The ``trainer_state`` of a training step: optimizer steps done, steps planned, epochs of data seen."""
+    return RewardTrainerState(global_step=global_step, max_steps=max_steps, epoch=epoch)
