@@ -9,8 +9,13 @@ stops before printing a figure):
 - the same against the ``unshare`` backend, when util-linux ``unshare`` works here, to compare the two
   isolating backends.
 
+With ``--anchor-checkout DIR`` (another checkout of this repository, e.g. a ``git worktree`` of an earlier
+commit), also ``code_reward`` with 2 workers of that checkout against this one's, each measured in a fresh
+process of its own, interleaved, best of ``--repeats``: the throughput kept across a change of the sandbox.
+
 Prints one JSON line per measure: name, ours, anchor, unit, ratio (ours/anchor for throughputs).
-Run: ``python benchmarks/bench_code_reward.py [--limit N] [--repeats R]``. It writes no files.
+Run: ``python benchmarks/bench_code_reward.py [--limit N] [--repeats R] [--anchor-checkout DIR]``. It writes
+no files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,6 +82,58 @@ def plain(rows: list[dict], workers: int, python: str) -> float:
     return len(rows) / elapsed
 
 
+def load_checkout(root: Path) -> None:
+    """Make ``posttrain`` and ``posttrain.rewards`` this process's imports of the checkout at ``root``."""
+    import importlib.util
+
+    for name, folder in (("posttrain", root / "posttrain"), ("posttrain.rewards", root / "rewards")):
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"{folder} is not a posttrain checkout's package folder")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+def checkout_throughput(root: Path, limit: int | None) -> float:
+    """Solutions/s of ``code_reward`` (2 workers) from the checkout at ``root``, in a fresh process."""
+    args = [sys.executable, __file__, "--measure-checkout", str(root)] + (["--limit", str(limit)] if limit else [])
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"measuring {root} failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_checkout(root: Path, limit: int | None) -> None:
+    """In a child process: print the checkout's solutions/s (its sandbox probed before the clock starts)."""
+    load_checkout(root)
+    from posttrain.rewards import code as checkout_code
+    from posttrain.rewards import sandbox as checkout_sandbox
+
+    rows = load_humaneval(limit)
+    _ = checkout_sandbox.default_sandbox(checkout_sandbox.SandboxLimits(), "auto").info
+    checkout_code.code_reward(
+        [rows[0]["prompt"]],
+        [rows[0]["canonical_solution"]],
+        test=[rows[0]["test"]],
+        entry_point=[rows[0]["entry_point"]],
+    )
+    start = time.perf_counter()
+    rewards = checkout_code.code_reward(
+        [r["prompt"] for r in rows],
+        [r["canonical_solution"] for r in rows],
+        test=[r["test"] for r in rows],
+        entry_point=[r["entry_point"] for r in rows],
+        workers=2,
+    )
+    elapsed = time.perf_counter() - start
+    if rewards != [1.0] * len(rows):
+        raise SystemExit(f"{root}: some canonical solutions failed: {rewards}")
+    print(len(rows) / elapsed)
+
+
 def emit(name: str, ours: float, anchor: float, **extra: object) -> None:
     print(
         json.dumps(
@@ -96,8 +154,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="first N HumanEval problems (default: all 164)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is kept")
+    parser.add_argument("--anchor-checkout", type=Path, help="another checkout to compare code_reward with")
+    parser.add_argument("--measure-checkout", type=Path, help=argparse.SUPPRESS)  # the child's side of the above
     args = parser.parse_args()
+    if args.measure_checkout is not None:
+        measure_checkout(args.measure_checkout, args.limit)
+        return
     rows = load_humaneval(args.limit)
+    if args.anchor_checkout is not None:
+        figures: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for key, root in (("anchor", args.anchor_checkout.resolve()), ("ours", REPO)):
+                figures[key] = max(figures.get(key, 0.0), checkout_throughput(root, args.limit))
+        emit(
+            "code_reward_humaneval_2_workers_vs_checkout",
+            figures["ours"],
+            figures["anchor"],
+            n=len(rows),
+            cpus=os.cpu_count(),
+            anchor_checkout=str(args.anchor_checkout),
+            load_average=[round(x, 2) for x in os.getloadavg()],
+        )
     sandbox = default_sandbox(SandboxLimits(), "auto")
     info = sandbox.info
     backends = [info.backend]
