@@ -8,6 +8,7 @@ remain, and a correct ``add`` must pass in the same sandbox. Runs on every isola
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -409,3 +410,104 @@ def test_auto_falls_back_to_unshare_then_refuses(monkeypatch: pytest.MonkeyPatch
     missing.add("unshare")
     with pytest.raises(SandboxError, match="apt-get install -y bubblewrap"):
         _ = Sandbox(LIMITS).info
+
+
+# -- the harness's plain-data codec, tested as code on the host --------------------------------------------------
+
+
+def test_plain_data_crosses_with_its_exact_types() -> None:
+    from posttrain.rewards.code_harness import decode, encode
+
+    values = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        2**200,
+        -(2**70) + 3,
+        0.1,
+        -0.0,
+        float("inf"),
+        -float("inf"),
+        1e-310,
+        "",
+        "héllo \udcff",
+        b"\x00\xff",
+        [],
+        (),
+        {},
+        set(),
+        frozenset({1, 2}),
+        [1, (2.5, "x"), {"k": [None, b"v"]}, {3, 4}],
+        {(1, 2): frozenset({"a"}), 5: {6: 7}},
+    ]
+    for value in values:
+        back = decode(encode(value))
+        assert back == value and repr(back) == repr(value)
+        assert type(back) is type(value)
+    nan = decode(encode(float("nan")))
+    assert type(nan) is float and math.isnan(nan)
+    nested = decode(encode([[1.0], ("a",)]))
+    assert type(nested[0][0]) is float and type(nested[1]) is tuple
+    assert decode(encode(True)) is True and type(decode(encode(1))) is int  # bool and int stay apart
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        type("F", (float,), {})(1.0),
+        type("I", (int,), {})(1),
+        type("S", (str,), {})("s"),
+        type("L", (list,), {})(),
+        [1, object()],
+        {"k": lambda: 1},
+        1j,
+        bytearray(b"x"),
+        range(3),
+        iter([1]),
+    ],
+    ids=["float-sub", "int-sub", "str-sub", "list-sub", "object", "function", "complex", "bytearray", "range", "iter"],
+)
+def test_anything_else_is_refused_with_a_reason(value: object) -> None:
+    from posttrain.rewards.code_harness import NotPlainData, encode
+
+    with pytest.raises(NotPlainData, match="is not plain data"):
+        encode(value)
+
+
+def test_self_containing_and_too_deep_values_are_refused() -> None:
+    from posttrain.rewards.code_harness import MAX_DEPTH, NotPlainData, encode
+
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(NotPlainData, match="deeper"):
+        encode(loop)
+    deep: list = []
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(NotPlainData, match="deeper"):
+        encode(deep)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"Q",
+        b"i\x00\x00\x00\x09\x01",  # a length beyond the end
+        b"l\xff\xff\xff\xff",  # a count beyond the end
+        b"NN",  # bytes after the value
+        b"e\x00\x00\x00\x01l\x00\x00\x00\x00",  # an unhashable set item
+        b"d\x00\x00\x00\x01l\x00\x00\x00\x00N",  # an unhashable key
+        b"f1.0",  # an unterminated float
+        b"fnope;",
+        b"s\x00\x00\x00\x01\xff",  # not UTF-8
+        b"l\x00\x00\x00\x01" * 200 + b"N",  # nested deeper than allowed
+    ],
+)
+def test_malformed_messages_are_refused(data: bytes) -> None:
+    from posttrain.rewards.code_harness import MalformedMessage, decode
+
+    with pytest.raises(MalformedMessage):
+        decode(data)
