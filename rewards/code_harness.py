@@ -666,14 +666,18 @@ def serve_test_runs(control: int) -> None:
                 except ProcessLookupError:
                     pass
             continue
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # out of processes or memory: this run gets no test process (the host sees no start)
+            pid = -1
         if pid == 0:
             try:
                 sock.close()
                 run_one_test_job(fds)
             finally:
                 os._exit(0)
-        children[request[1]] = pid
+        if pid > 0:
+            children[request[1]] = pid
         for fd in fds:
             os.close(fd)
 
