@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from posttrain import demo
@@ -61,3 +62,10 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
     assert seen["pairs"]["pairing"] == "on_policy" and seen["pairs"]["prompts_file"].endswith("pair_prompts.jsonl")
     text = (tmp_path / "recipes" / "dpo.yaml").read_text()
     assert text.startswith("# beta, nll_weight, lr and steps") and "validation slice" in text
+    assert seen["dpo"]["loss"]["beta"] == demo.DPO_SETTINGS["beta"] and seen["dpo"]["optim"]["max_steps"] == 10
+
+    # a setting overridden for the validation sweep reaches the recipe; an unknown one is an error naming it
+    demo.stage_dpo(tmp_path, argparse.Namespace(seed=7, quick=False, dpo_setting=["beta=0.3", "steps=25"]))
+    assert seen["dpo"]["loss"]["beta"] == 0.3 and seen["dpo"]["optim"]["max_steps"] == 25
+    with pytest.raises(SystemExit, match="--dpo-setting 'gamma=1': expected KEY=VALUE with KEY one of beta"):
+        demo.stage_dpo(tmp_path, argparse.Namespace(seed=7, quick=False, dpo_setting=["gamma=1"]))
