@@ -357,6 +357,9 @@ def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
     }))
     made = len(_read_jsonl(pairs))
     counts = json.loads((folder / "pairs.jsonl.manifest.json").read_text())["on_policy"]
+    if not made:
+        raise SystemExit(f"posttrain demo: no preference pair: the SFT model's greedy answer is right on every one of "
+                         f"the {len(pair_prompts)} training additions in {folder / 'pair_prompts.jsonl'} ({counts})")
     settings = dict(DPO_SETTINGS, steps=10 if args.quick else DPO_SETTINGS["steps"])
     settings.update(_dpo_overrides(getattr(args, "dpo_setting", None) or []))
     recipe = {

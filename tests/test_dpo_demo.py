@@ -48,7 +48,7 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
         seen[command] = recipe
         if command == "pairs":  # what posttrain pairs leaves behind, for the stage to count
             out = tmp_path / "dpo" / "pairs.jsonl"
-            out.write_text("")
+            out.write_text(json.dumps({"prompt": "1+2=", "chosen": "3", "rejected": "4"}) + "\n")
             (tmp_path / "dpo" / "pairs.jsonl.manifest.json").write_text(json.dumps({"on_policy": {
                 "chosen_from_sample": 0, "chosen_from_reference": 0, "greedy_refuted": 0}}))
 
