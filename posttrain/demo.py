@@ -11,8 +11,8 @@ alone with ``--stage`` (earlier stages' outputs must exist):
   sft       supervised fine-tuning on the kept samples (``posttrain sft``)
   dpo       on-policy preference pairs on the training additions: the SFT model's greedy answer where the math
             reward refutes it, against a verified sample or the reference sum (``posttrain pairs --pairing
-            on_policy``), then DPO from the SFT checkpoint (``posttrain dpo``) with settings chosen on a validation
-            slice of training items
+            on_policy``), then DPO from the SFT checkpoint (``posttrain dpo``); SFT's and DPO's accuracy on a
+            validation slice of training items, on which DPO's settings are to be chosen
   grpo      GRPO with the DAPO loss from the SFT checkpoint, on both tasks: the math verifier for additions, the
             tool-call reward for calls (``posttrain grpo``)
   export    signed instruct checkpoint of the GRPO model (``posttrain export``), then ``posttrain verify``
