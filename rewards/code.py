@@ -16,6 +16,11 @@ unfenced completion continues the prompt (a base model writing the body), a fenc
 function redefines the docstring-only one; a bare indented body still continues it). Otherwise the program is
 the code alone.
 
+The candidate's program and the tests run in separate sandboxed processes (see
+:mod:`posttrain.rewards.sandbox`): a test's calls to the entry point cross between them as plain data only, and
+when the prompt is code, it is also the tests' trusted prelude, so helpers the tests use (HumanEval's ``poly``,
+``encode_cyclic``) are the prompt's, never the candidate's redefinitions.
+
 The reward is the fraction of tests passed, or 1/0 with ``binary=True``; ``None`` when the sample has no
 tests, or when the sandbox itself failed for that sample (logged), never a silent 0.
 

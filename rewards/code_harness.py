@@ -10,13 +10,14 @@ library only (Python 3.10 or later). The roles:
   pipes (requests in, replies out). It holds no token and no verdict descriptor: everything in this process,
   this file's own code included, is the candidate's to rewrite, so nothing it says is trusted beyond being data.
 - ``tests-server``: a long-lived process in a sandbox of its own (another uid, PID, user and mount namespace,
-  not dumpable) that forks one test process per run; that process runs the trusted test code and the trusted prelude (a HumanEval prompt's helpers). The name under test is a
+  not dumpable) that forks one fresh test process per run (:func:`run_one_test_job`), which runs the trusted
+  test code and the trusted prelude (a HumanEval prompt's helpers). The name under test is a
   :class:`RemoteFunction`: calling it sends the arguments to the candidate process and decodes the reply. Only
   plain data crosses (:func:`encode`/:func:`decode`: None, bool, int, float, str, bytes and lists, tuples,
   dicts, sets and frozensets of them, exact types), so the candidate cannot hand the tests an object of its
   own (an ``__eq__`` that is always true), see the tests' frames, patch their modules or rewrite their results.
-  Only this process holds the result descriptor and the token; it writes ``S`` on start, then the token and one
-  byte per test (``1`` passed, ``0`` failed).
+  Only the test process holds the run's result descriptor and token (the server closes its copies once it has
+  forked); it writes ``S`` on start, then the token and one byte per test (``1`` passed, ``0`` failed).
 - ``io``: runs the program once per stdin case, each in a fresh child process; the program is a sealed
   (immutable) memfd and each case's input and output are anonymous memfds, so no case can change what a later
   case runs or reads. It never sees the expected outputs: it sends what each case printed, the host compares.

@@ -12,9 +12,10 @@ Isolation, strongest first (``Sandbox(backend="auto")`` picks the first that wor
   uid, rlimits, a private working folder and process-tree killing. Never chosen by ``auto``: ask for it by name.
 
 Python tests run in two sandboxes side by side (:mod:`posttrain.rewards.code_harness` is the program in both):
-the candidate's program in one, which answers calls to its functions; the tests in the other, under another
-uid, in other PID, mount and user namespaces, not dumpable (no ptrace, no ``/proc/PID/mem``), with no writable
-mount in common. The two talk over a pair of pipes that carry plain data only (None, bool, int, float, str,
+the candidate's program in a fresh one per run, which answers calls to its functions; the tests in a fresh
+process forked per run by a long-lived test server in the other (:class:`_TestServer`), under another uid, in
+other PID, mount and user namespaces, not dumpable (no ptrace, no ``/proc/PID/mem``), with no writable mount in
+common. The two talk over a pair of pipes that carry plain data only (None, bool, int, float, str,
 bytes and containers of them, exact types); names the tests use besides the function under test come from a
 trusted ``prelude`` (a HumanEval prompt) run in the test process. Only the test process holds the result pipe
 and the token: it writes ``S`` on start, then the token and one byte per test. So stack walking, objects whose
@@ -23,8 +24,8 @@ a crash or printing "all tests passed" cannot produce a pass. stdin/stdout cases
 is a child of a non-dumpable harness, the program is a sealed memfd that no case can change, and the expected
 outputs never enter the sandbox (the host compares).
 
-Started as root, every run takes its own host uids from a pool (``uid``, ``uid + 1``, ...; held with a lock
-file so that sandboxes in other processes never take the same ones): Linux does not enforce ``RLIMIT_NPROC``
+Started as root, every candidate's sandbox (and each test server) takes a host uid of its own from a pool
+(``uid``, ``uid + 1``, ...; held with a lock file so that sandboxes in other processes never take the same one): Linux does not enforce ``RLIMIT_NPROC``
 for root, and counts it over every process of a uid. The harness sets the rlimits of :class:`SandboxLimits`
 (CPU time, address space, file size, open files, processes) before any candidate code runs. Where a writable
 cgroup exists (v2, or the v1 ``pids`` and ``memory`` hierarchies) each run's candidate also gets its own
