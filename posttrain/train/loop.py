@@ -346,32 +346,25 @@ class _nullcontext:
 
 
 class _Progress:
-    """A rich progress bar on the main process (nothing elsewhere)."""
+    """The training chassis' progress (``posttrain.progress.StageProgress``): loss and tokens/s beside the steps."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(self, enabled: bool, total: int, start: int, stage: str = "train"):
+        from posttrain.progress import StageProgress
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.display = StageProgress(stage, total, start, enabled=enabled)
 
     def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
+        self.display.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
+        return self.display.__exit__(*exc)
 
     def advance(self, loss: float, tokens_per_s: float | None) -> None:
-        if self.bar is not None:
-            info = f"loss {loss:.4f}" + (f"  {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
-            self.bar.update(self.task, advance=1, info=info)
+        figures = {"loss": f"{loss:.4f}"}
+        if tokens_per_s:
+            figures["tok/s"] = f"{tokens_per_s:,.0f}"
+        self.display.advance(1, **figures)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
