@@ -511,3 +511,61 @@ def test_malformed_messages_are_refused(data: bytes) -> None:
 
     with pytest.raises(MalformedMessage):
         decode(data)
+
+
+def test_the_test_process_is_apart_from_the_candidate(sandbox: Sandbox) -> None:
+    """Other PID, mount and user namespaces (and under bubblewrap, whose namespaces keep the host uid, another
+    uid), not dumpable, and no writable folder in common: what the candidate writes to its /tmp, /dev/shm and
+    working folder is not in the test process's."""
+    program = (
+        "import os\n"
+        "for folder in ('/tmp', '/dev/shm', os.getcwd()):\n"
+        "    with open(os.path.join(folder, 'dropped-by-candidate'), 'w') as f:\n"
+        "        f.write('x')\n"
+        "def identity():\n"
+        "    ns = [os.readlink(f'/proc/self/ns/{kind}') for kind in ('pid', 'mnt', 'user')]\n"
+        "    return [os.getuid(), *ns, os.getcwd()]\n"
+    )
+    test = (
+        "import ctypes, os\n"
+        "uid, pid_ns, mnt_ns, user_ns, cwd = identity()\n"
+        f"assert {sandbox.info.backend == 'unshare'} or uid != os.getuid(), (uid, os.getuid())\n"
+        "assert pid_ns != os.readlink('/proc/self/ns/pid')\n"
+        "assert mnt_ns != os.readlink('/proc/self/ns/mnt')\n"
+        "assert user_ns != os.readlink('/proc/self/ns/user')\n"
+        "assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE\n"
+        "for folder in ('/tmp', '/dev/shm', cwd):\n"
+        "    assert not os.path.exists(os.path.join(folder, 'dropped-by-candidate')), folder\n"
+    )
+    result = sandbox.run_tests(program, [test])
+    assert result.passed == [True], result.output
+    if ROOT:  # the test server's uid is never a candidate's: both come from the pool, each held while in use
+        assert len(sandbox.test_server_uids) == 1 and sandbox.test_server_uids[0] in sandbox.uids
+    _assert_clean_and_usable(sandbox)
+
+
+def test_a_uid_is_held_across_processes() -> None:
+    """Two sandboxes sharing a pool (two reward workers, say) never run as the same uid at once."""
+    import subprocess
+    import sys
+
+    from posttrain.rewards.sandbox import _UidPool
+
+    first = 240000 + 8 * secrets.randbelow(1000)
+    pool = _UidPool(first, 2)
+    other = (
+        "from posttrain.rewards.sandbox import _UidPool, SandboxError\n"
+        f"pool = _UidPool({first}, 2)\n"
+        "try:\n"
+        "    with pool.lease(wait_s=0.3) as uid:\n"
+        "        print('took', uid)\n"
+        "except SandboxError as exc:\n"
+        "    print('busy', exc)\n"
+    )
+    with pool.lease() as a:
+        one_free = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, check=True).stdout
+        with pool.lease() as b:
+            none_free = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, check=True).stdout
+    assert {a, b} == {first, first + 1}
+    assert one_free.split() == ["took", str(b)]
+    assert none_free.startswith("busy")
