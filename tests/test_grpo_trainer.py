@@ -56,7 +56,7 @@ def test_step_metrics_and_packed_logprobs_match_the_engine(tmp_path):
     trainer.config.rollout.recompute_old_logprobs = True  # to compare the two paths
     m = trainer.step()
     # the old log-probs come from packed training rows (fused kernel); the engine's from prefill + decode
-    assert m["rollout/logprob_mismatch_mean"] < 1e-4
+    assert m["rollout_correction/mismatch_abs_mean"] < 1e-4
     assert m["optim/updates"] == 2 and m["optim/skipped"] == 0  # > 1 optimizer step per generation batch
     assert m["micro_batches"] >= 2  # the 64-token budget splits a mini-batch into packed rows
     for key in ("rewards/digits/mean", "rewards/digits/std", "accuracy", "clip/low_frac", "clip/high_frac",

@@ -4,7 +4,8 @@ Prompts of any lengths are prefilled together as one packed row (each prompt onc
 gets), their states copied G ways, then decoded one token per step with a preallocated state: a fixed-size conv
 window and SSM state per Mamba layer, a KV cache for the attention layers only. Finished rows leave the batch, so
 they stop costing compute. Returns, per sample, the token ids, the log-probability of each sampled token under the
-temperature-scaled, untruncated distribution (what the RL loss's importance ratio needs), and why it stopped.
+distribution it was drawn from (temperature-scaled and, with top_k/top_p, truncated and renormalised: vLLM's
+``processed_logprobs``, so every engine means the same thing), and why it stopped.
 This module never trains and never changes the model's weights.
 """
 
@@ -57,6 +58,8 @@ class SamplingParams:
 class Completion:
     prompt_index: int
     token_ids: list[int]
+    # each sampled token's log-probability under the distribution it was drawn from: temperature-scaled, then
+    # truncated by top_k/top_p and renormalised (greedy: the plain distribution)
     logprobs: list[float]
     # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens; "abort": the
     # ``on_step`` callback asked for the row to stop
@@ -180,8 +183,8 @@ class NativeEngine:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
-    """Pick one token per row; return it and its log-probability under the temperature-scaled, untruncated
-    distribution (for greedy: under the plain distribution)."""
+    """Pick one token per row; return it and its log-probability under the distribution it was drawn from: the
+    temperature-scaled one, truncated by top_k/top_p and renormalised (for greedy: the plain distribution)."""
     logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(dim=-1)
@@ -200,4 +203,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         filtered = filtered.masked_fill(drop, float("-inf"))
     probs = torch.softmax(filtered, dim=-1)
     tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if filtered is not logp:
+        logp = torch.log_softmax(filtered, dim=-1)  # renormalised over the kept tokens
     return tokens, logp.gather(1, tokens[:, None])[:, 0]

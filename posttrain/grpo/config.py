@@ -19,11 +19,15 @@ class ModelConfig:
     """path: checkpoint folder (safetensors + config.json) of the policy to train.
     tokenizer: tokenizer folder (None: the checkpoint folder).
     dtype: parameter dtype for training (float32 on CPU).
+    ref_path: the KL reference's checkpoint folder, used when ``loss.beta > 0`` (None: a frozen copy of the
+        starting policy; with LoRA, the policy with its adapters disabled). The reference scores tokens with its
+        own weights throughout, output layer included, on the policy's device and under the policy's autocast.
     """
 
     path: str = ""
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    ref_path: str | None = None
 
 
 @dataclass
@@ -49,8 +53,14 @@ class RolloutConfig:
         ``server`` (a ``posttrain vllm-serve`` at ``server_url``, on other GPUs; weights pushed by broadcast).
     prompts_per_step: groups in one generation batch (all processes together; a multiple of the process count).
     num_generations: G, completions sampled per prompt.
-    max_new_tokens: completion length limit (L_max of the overlong shaping).
-    temperature, top_p, top_k: sampling (RL: top_p 1 and top_k 0, the untruncated distribution).
+    max_new_tokens: completion length limit (with tools: of each assistant turn; the trajectory's limit, and the
+        overlong shaping's L_max, is then ``tools.max_tokens``).
+    temperature, top_p, top_k: sampling (RL: top_p 1 and top_k 0, the untruncated distribution). Every engine
+        returns each sampled token's log-probability under the distribution it was drawn from: temperature-scaled
+        and, with top_p < 1 or top_k > 0, truncated and renormalised (vLLM's ``processed_logprobs``). The loss's
+        policy is the untruncated temperature-scaled one, so with truncation the old log-probs are always
+        recomputed by the trainer and the sampler's serve only the rollout correction, whose weight
+        pi_old / pi_sampler is then exactly the importance weight of the truncation.
     prompts_per_call: at most this many prompts per engine call (0: a process's whole share). Each call's
         sampling seed derives from the run seed, the generation round and its first prompt's global index, so
         rollouts do not depend on the process count when this divides each process's share.
@@ -81,6 +91,37 @@ class RolloutConfig:
     sync_port: int = 51216
     sync_backend: Literal["nccl", "gloo"] | None = None
     sync_timeout_s: float = 120.0
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Correction for the mismatch between the engine that sampled a completion (pi_sampler: vLLM, a server, a
+    bfloat16 or truncated native sampler) and the trainer's recomputed old policy (pi_old), per completion token
+    with rho_t = pi_old(y_t) / pi_sampler(y_t) (a hybrid needs it most: Mamba's prefill and decode kernels round
+    differently from training's chunked scan).
+
+    enabled: None (auto): on when ``rollout.engine`` is ``vllm`` or ``server``, ``model.dtype`` is bfloat16, or
+        sampling is truncated (``top_p`` < 1, ``top_k`` > 0); true or false to force it.
+    weights: importance weights on the policy term: ``token`` (truncated IS, w_t = min(rho_t, cap)), ``sequence``
+        (one weight per completion, min(prod_t rho_t, cap)) or ``none``. Default ``token`` with cap 2 (the
+        truncated-IS paper's choice): a per-token weight stays bounded on long completions, where a sequence
+        product explodes or vanishes, and no completion is thrown away; TRL's default, ``sequence_mask`` with cap
+        3, is ``weights: none, mask: sequence, mask_threshold: 3`` here.
+    cap: C, the truncation of the weights (> 0).
+    mask: drop whole completions from the loss whose mismatch is too large (MIS): ``sequence`` (prod_t rho_t
+        outside [1/mask_threshold, mask_threshold]), ``geometric`` (the geometric mean exp(mean_t log rho_t)
+        outside that range: length-independent, so thresholds near 1, e.g. 1.01-1.1, are usual) or ``none``.
+    mask_threshold: > 1, see ``mask``.
+    Each step logs ``rollout_correction/mismatch_abs_mean`` (mean |log pi_old - log pi_sampler| per token),
+    ``rollout_correction/kl`` (k3 estimate of KL(sampler || trainer) per token), ``rollout_correction/weight_mean``,
+    ``rollout_correction/capped_frac`` and ``rollout_correction/masked_frac`` (completions masked).
+    """
+
+    enabled: bool | None = None
+    weights: Literal["token", "sequence", "none"] = "token"
+    cap: float = 2.0
+    mask: Literal["none", "sequence", "geometric"] = "none"
+    mask_threshold: float = 2.0
 
 
 @dataclass
@@ -182,7 +223,13 @@ class AsyncConfig:
 @dataclass
 class RunConfig:
     """output_dir: checkpoints, metrics.jsonl and the config.  steps: generation steps.  seed: everything's seed.
-    save_every: checkpoint every this many steps (0: only at the end).  resume: a checkpoint folder or ``latest``.
+    save_every: checkpoint every this many steps (0: only at the end).  resume: a checkpoint folder or ``latest``
+        (the newest valid checkpoint in ``output_dir``; one that fails verification is named in a warning, set
+        aside as ``step-N.rejected`` and the one before it is used; none at all starts at step 0, so one command
+        starts and resumes a job). A checkpoint folder given by path must be valid, else the run stops naming it.
+    checkpoint_verify: how a checkpoint is checked against its manifest before resuming: ``full`` (size and
+        sha256 of every file) or ``size`` (sizes only, for very large optimizer states: catches truncated and
+        missing files, not a byte changed in place).
     """
 
     output_dir: str = "runs/grpo"
@@ -190,16 +237,29 @@ class RunConfig:
     seed: int = 0
     save_every: int = 0
     resume: str | None = None
+    checkpoint_verify: Literal["full", "size"] = "full"
 
 
 @dataclass
 class LoggingConfig:
     """report_to: trackers accelerate knows (tensorboard, trackio, wandb); metrics.jsonl is always written.
-    log_every: steps between tracker logs.  progress: show a progress bar."""
+    project: the trackers' project name.
+    log_every: steps between tracker logs.  progress: show a progress bar.
+    rollouts: write every step's samples to ``rollouts.jsonl`` in ``run.output_dir``, one JSON object per
+        completion: ``step``, ``prompt_index``, ``prompt_ids``, ``completion_ids``, ``completion_mask`` (1: the
+        policy's tokens, 0: tool answers), ``sampler_logprobs``, ``old_logprobs`` (what the ratio used),
+        ``ref_logprobs`` (when ``loss.beta`` > 0), ``rewards`` (per reward), ``reward``, ``advantage``,
+        ``truncated``, ``policy_version``. Log-probs are one per completion token (null at masked positions),
+        under the temperature-scaled distribution the loss uses; samples that were not trained on (dynamic
+        sampling's dropped groups, masked truncations) have null ``old_logprobs``/``ref_logprobs``. A resumed
+        run drops the records past its checkpoint, so no step is written twice.
+    """
 
     report_to: list[str] = field(default_factory=list)
+    project: str = "posttrain-grpo"
     log_every: int = 1
     progress: bool = True
+    rollouts: bool = False
 
 
 @dataclass
@@ -210,6 +270,7 @@ class GrpoConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -227,7 +288,8 @@ class GrpoConfig:
             (r.temperature > 0, "rollout.temperature must be > 0 (RL samples; greedy groups are uniform)"),
             (r.prompts_per_call >= 0, "rollout.prompts_per_call must be >= 0"),
             (self.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds must be >= 1"),
-            (0 <= self.overlong.buffer <= r.max_new_tokens, "overlong.buffer must be in [0, rollout.max_new_tokens]"),
+            (0 <= self.overlong.buffer <= self.max_completion_tokens,
+             f"overlong.buffer must be in [0, {self.length_limit_field}] (= {self.max_completion_tokens})"),
             (o.mini_batches >= 1 and o.num_iterations >= 1, "optim.mini_batches and optim.num_iterations must be >= 1"),
             (o.mini_batches <= r.prompts_per_step * r.num_generations,
              "optim.mini_batches cannot exceed the completions of a generation batch"),
@@ -241,6 +303,17 @@ class GrpoConfig:
             (self.tools.max_output_chars >= 1, "tools.max_output_chars must be >= 1"),
             (self.async_rollout.max_staleness >= 0, "async_rollout.max_staleness must be >= 0"),
             (r.sync_timeout_s > 0, "rollout.sync_timeout_s must be > 0"),
+            (self.rollout_correction.cap > 0, f"rollout_correction.cap must be > 0, got {self.rollout_correction.cap}"),
+            (self.rollout_correction.mask_threshold > 1,
+             f"rollout_correction.mask_threshold must be > 1, got {self.rollout_correction.mask_threshold}"),
+            (not (r.recompute_old_logprobs is False and (r.top_p < 1 or r.top_k > 0)),
+             ("rollout.recompute_old_logprobs: false cannot hold with top_p < 1 or top_k > 0: the sampler's "
+              "log-probs are then of the truncated distribution, not the policy the loss trains")),
+            (not (self.async_rollout.enabled and (r.top_p < 1 or r.top_k > 0)),
+             "async_rollout.enabled needs the untruncated distribution (rollout.top_p 1, rollout.top_k 0)"),
+            (not (self.async_rollout.enabled and self.rollout_correction.enabled),
+             ("rollout_correction.enabled: the asynchronous producer's policy is the sampler itself (its log-probs "
+              "are the ratio's old ones), there is no mismatch to correct")),
             (not (self.async_rollout.enabled and r.engine != "native"),
              ("async_rollout.enabled runs the native engine on a copy of the policy in a background thread; "
               "rollout.engine must be native")),
@@ -248,3 +321,22 @@ class GrpoConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """A completion's length limit: ``rollout.max_new_tokens``, or with tools the trajectory's
+        ``tools.max_tokens`` (turns and tool answers together)."""
+        return self.tools.max_tokens if self.tools.names else self.rollout.max_new_tokens
+
+    @property
+    def length_limit_field(self) -> str:
+        return "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"
+
+    @property
+    def rollout_correction_on(self) -> bool:
+        """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``)."""
+        rc, r = self.rollout_correction, self.rollout
+        if rc.enabled is not None:
+            return rc.enabled and (rc.weights != "none" or rc.mask != "none")
+        auto = r.engine in ("vllm", "server") or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
+        return auto and not self.async_rollout.enabled and (rc.weights != "none" or rc.mask != "none")

@@ -12,8 +12,15 @@ Loss types (a small explicit switch, see ``policy_loss``):
     grpo     (1/#completions) sum_i (1/|y_i|) sum_t (L_i,t + beta * k3_i,t); symmetric clip.
     dr_grpo  sum_{i,t} L_i,t / (#completions * max_completion_tokens): a constant normaliser; advantages
              without the std.
-    gspo     rho_i = exp((1/|y_i|) sum_t log rho_i,t), one ratio per completion, clipped per completion;
-             (1/#completions) sum_i -min(rho_i A_i, clip(rho_i) A_i).
+    gspo     s_i = exp((1/|y_i|) sum_t log rho_i,t), one ratio per completion, clipped per completion;
+             (1/#completions) sum_i -min(s_i A_i, clip(s_i) A_i). The GSPO paper's clip range on this
+             sequence-level ratio is 3e-4 / 4e-4 (the defaults for gspo and gspo_token).
+    gspo_token  s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)]: the value of s_i on every token, with each token's own
+             gradient path (so per-token advantages can differ); clipped per token, aggregated as gspo.
+
+Aggregation is a separate choice from the ratio: token-level (dapo, dr_grpo) or per-completion mean (grpo, gspo,
+gspo_token), see ``AGGREGATION``. Rollout correction (``is_weight``, a per-token weight from the trainer/engine
+mismatch, and masked samples) multiplies the per-token policy term before aggregation, never the KL.
 
 Every function takes the tokens of one micro-batch flattened (N,) with ``seq_ids`` (N,) naming the completion
 (0..S-1 within the micro-batch) each token belongs to, and a ``normalizer`` counted over the whole mini-batch on
@@ -24,50 +31,57 @@ nor communicate across processes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-LossType = Literal["dapo", "grpo", "dr_grpo", "gspo"]
-LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo")
+LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
+LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo", "gspo_token")
+# how each type turns per-token terms into the mini-batch loss: "token" (sum / normaliser) or "sequence" (each
+# completion's mean over its tokens, summed, / normaliser)
+AGGREGATION: dict[str, str] = {"dapo": "token", "dr_grpo": "token", "grpo": "sequence", "gspo": "sequence",
+                               "gspo_token": "sequence"}
+# the ratio: per token, or one per completion (GSPO's length-normalised sequence ratio)
+SEQUENCE_RATIO = ("gspo", "gspo_token")
 
 
 @dataclass
 class LossConfig:
     """The ``loss`` group: which objective and its constants.
 
-    type: ``dapo`` (default), ``grpo``, ``dr_grpo`` or ``gspo`` (see the module docstring).
-    epsilon_low: lower clip range, the ratio is clipped at 1 - epsilon_low (DAPO: 0.2).
-    epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, else equal to
-        epsilon_low, the symmetric clip).
-    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run).
+    type: ``dapo`` (default), ``grpo``, ``dr_grpo``, ``gspo`` or ``gspo_token`` (see the module docstring).
+    epsilon_low: lower clip range, the ratio is clipped at 1 - epsilon_low (None: DAPO's 0.2; 3e-4 for ``gspo`` and
+        ``gspo_token``, the GSPO paper's range for its sequence-level ratio, which moves far less than a token's).
+    epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, 4e-4 for
+        ``gspo``/``gspo_token``, else equal to epsilon_low, the symmetric clip).
+    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run). The reference is
+        ``model.ref_path`` or, by default, a frozen copy of the starting policy (with LoRA: the adapters disabled).
     scale_rewards: divide the group-centred rewards by the group std (None: yes, except for ``dr_grpo``).
     mask_truncated: completions cut at max_new_tokens contribute no loss (DAPO's overlong filtering).
-    truncated_is_cap: truncated importance sampling: weight each token by min(pi_old / pi_sampler, cap) to correct
-        the mismatch between the rollout engine and the trainer (None: off; the vLLM engine turns it on for hybrids).
     """
 
     type: LossType = "dapo"
-    epsilon_low: float = 0.2
+    epsilon_low: float | None = None
     epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: bool | None = None
     mask_truncated: bool = False
-    truncated_is_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.type!r}")
+        sequence_ratio = self.type in SEQUENCE_RATIO
+        if self.epsilon_low is None:
+            self.epsilon_low = 3e-4 if sequence_ratio else 0.2
         if self.epsilon_high is None:
-            self.epsilon_high = 0.28 if self.type == "dapo" else self.epsilon_low
+            self.epsilon_high = {"dapo": 0.28, "gspo": 4e-4, "gspo_token": 4e-4}.get(self.type, self.epsilon_low)
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
             raise ValueError(f"loss.epsilon_low must be in [0, 1) and epsilon_high >= 0, got "
                              f"{self.epsilon_low}, {self.epsilon_high}")
         if self.beta < 0:
             raise ValueError(f"loss.beta must be >= 0, got {self.beta}")
-        if self.truncated_is_cap is not None and self.truncated_is_cap <= 0:
-            raise ValueError(f"loss.truncated_is_cap must be > 0, got {self.truncated_is_cap}")
 
     @property
     def uses_std(self) -> bool:
@@ -98,7 +112,7 @@ def loss_normalizer(loss_type: LossType, completion_tokens: list[int], max_compl
     completions * max_completion_tokens (dr_grpo)."""
     if loss_type == "dapo":
         return float(max(sum(completion_tokens), 1))
-    if loss_type in ("grpo", "gspo"):
+    if loss_type in ("grpo", "gspo", "gspo_token"):
         return float(max(len(completion_tokens), 1))
     if loss_type == "dr_grpo":
         return float(max(len(completion_tokens), 1) * max_completion_tokens)
@@ -130,12 +144,14 @@ def policy_loss(
     log_ratio = logp - old_logp
     if cfg.type == "gspo":  # one ratio per completion: the geometric mean of its token ratios
         log_ratio = segment_mean(log_ratio, seq_ids, num_seqs)[seq_ids]
+    elif cfg.type == "gspo_token":  # sg[s_i] * pi(y_t) / sg[pi(y_t)]: s_i's value, the token's own gradient
+        log_ratio = segment_mean(log_ratio, seq_ids, num_seqs)[seq_ids].detach() + logp - logp.detach()
     ratio = torch.exp(log_ratio)
     low, high = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, low, high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    if is_weight is not None:  # truncated importance sampling: rollout engine -> trainer correction
+    if is_weight is not None:  # rollout correction (truncated IS weights, masked samples): engine -> trainer
         per_token = per_token * is_weight
     kl = None
     if cfg.beta > 0:
@@ -145,16 +161,47 @@ def policy_loss(
         kl = torch.exp(delta) - delta - 1  # k3
         per_token = per_token + cfg.beta * kl
 
-    if cfg.type in ("dapo", "dr_grpo"):  # token-level: every token of the mini-batch weighs the same
+    if AGGREGATION[cfg.type] == "token":  # every token of the mini-batch weighs the same
         loss = per_token.sum() / normalizer
-    else:  # grpo, gspo: each completion's mean over its tokens, then the mean over completions
+    else:  # each completion's mean over its tokens, then the mean over completions
         loss = segment_mean(per_token, seq_ids, num_seqs).sum() / normalizer
 
     with torch.no_grad():
         stats = {
             "clip_low": ((ratio < low) & (advantages < 0)).sum().float(),
             "clip_high": ((ratio > high) & (advantages > 0)).sum().float(),
-            "tokens": torch.tensor(float(logp.numel())),
-            "kl": kl.sum().float() if kl is not None else torch.tensor(0.0),
+            "tokens": torch.tensor(float(logp.numel()), device=logp.device),
+            "kl": kl.sum().float() if kl is not None else torch.zeros((), device=logp.device),
         }
     return loss, stats
+
+
+def rollout_correction(log_rho: torch.Tensor, weights: str, cap: float, mask: str, threshold: float
+                       ) -> tuple[torch.Tensor, bool]:
+    """One completion's rollout-correction weights (T,) from log rho_t = log pi_old(y_t) - log pi_sampler(y_t), and
+    whether the completion is masked (its weights are then all 0).
+
+        weights "token":    w_t = min(rho_t, cap)                      (truncated importance sampling)
+                "sequence": w_t = min(prod_t rho_t, cap) on every token
+                "none":     w_t = 1
+        mask "sequence":    masked if prod_t rho_t is outside [1/threshold, threshold]
+             "geometric":   masked if exp(mean_t log rho_t) is outside [1/threshold, threshold]
+    """
+    if weights == "token":
+        w = torch.exp(log_rho).clamp(max=cap)
+    elif weights == "sequence":
+        w = torch.exp(log_rho.sum()).clamp(max=cap).expand_as(log_rho)
+    elif weights == "none":
+        w = torch.ones_like(log_rho)
+    else:
+        raise ValueError(f"rollout_correction.weights must be token, sequence or none, got {weights!r}")
+    bound = math.log(threshold)
+    if mask == "sequence":
+        masked = bool(log_rho.sum().abs() > bound)
+    elif mask == "geometric":
+        masked = bool(log_rho.mean().abs() > bound) if log_rho.numel() else False
+    elif mask == "none":
+        masked = False
+    else:
+        raise ValueError(f"rollout_correction.mask must be sequence, geometric or none, got {mask!r}")
+    return (torch.zeros_like(w) if masked else w), masked

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from posttrain.config import config_to_dict
 from posttrain.engine import NativeEngine, SamplingParams
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, pack_micro_batches, tokenize_prompts
-from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss
+from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
 from posttrain.rewards import RewardSet, WeightedReward, get
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class Rollout:
     messages: list[dict] | None = None  # multi-turn: the assistant and tool messages after the prompt
     policy_version: int = 0  # optimizer steps (generation steps) the generating policy had taken
     staleness: int = 0  # steps between the generating policy and the one trained on this sample
+    # filled by the update, for ``logging.rollouts``: what the ratio used and the reference's, per trained token
+    old_logprobs: list[float] | None = None
+    ref_logprobs: list[float] | None = None
 
     @property
     def trained_ids(self) -> list[int]:
@@ -144,8 +148,11 @@ class GrpoTrainer:
 
         self.reward_set = reward_set or RewardSet.from_specs(c.rewards.rewards)
         scored_by = [r.name for r in self.reward_set.rewards]  # the user's rewards, before shaping is appended
-        if c.overlong.buffer > 0:
-            overlong = get("overlong", max_len=c.rollout.max_new_tokens, cache_len=c.overlong.buffer)
+        if c.overlong.buffer > 0:  # L_max: a completion's limit (with tools, the whole trajectory's)
+            if c.overlong.buffer > self._max_completion_tokens:
+                raise ValueError(f"overlong.buffer={c.overlong.buffer} exceeds the completion limit "
+                                 f"{self._max_completion_tokens}")
+            overlong = get("overlong", max_len=self._max_completion_tokens, cache_len=c.overlong.buffer)
             self.reward_set = RewardSet([*self.reward_set.rewards,
                                          WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
         labels = [r.name for r in self.reward_set.rewards]
@@ -157,16 +164,34 @@ class GrpoTrainer:
         self.outcome_labels = [metric] if metric is not None else scored_by
         self._pool = None
 
+        if c.logging.rollouts:  # before any work: a run that cannot keep its rollouts stops here
+            path = self.output_dir / "rollouts.jsonl"
+            try:
+                if acc.is_main_process:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    with path.open("a"):
+                        pass
+            except OSError as e:
+                raise ValueError(f"logging.rollouts: cannot write {path}: {e.strerror or e}") from None
         model.train()
         self.ref_model = None
-        if c.loss.beta > 0 and not hasattr(model, "disable_adapter"):  # with LoRA the reference is adapters off
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if c.loss.beta > 0:
+            if c.model.ref_path:
+                if not (Path(c.model.ref_path) / "config.json").is_file():
+                    raise ValueError(f"model.ref_path: no checkpoint (config.json) in {c.model.ref_path}")
+                self.ref_model = HybridForCausalLM.from_pretrained(c.model.ref_path, dtype=getattr(torch, c.model.dtype))
+            elif not hasattr(model, "disable_adapter"):  # with LoRA the reference is the policy, adapters off
+                self.ref_model = copy.deepcopy(model)
+            if self.ref_model is not None:
+                self.ref_model.eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.optim.lr, betas=tuple(c.optim.betas), eps=c.optim.eps,
                                       weight_decay=c.optim.weight_decay)
         total_updates = max(1, c.run.steps * c.optim.mini_batches * c.optim.num_iterations)
         self.scheduler = build_scheduler(optimizer, c.optim.schedule, total_updates, c.optim.warmup_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.ref_model is not None:  # never prepared (no gradients), so moved to the policy's device here
+            self.ref_model.to(acc.device)
         self.rollout_model = None  # async: the producer's own copy of the policy
         self.async_rollouts = None
         if c.async_rollout.enabled:
@@ -180,15 +205,17 @@ class GrpoTrainer:
                                                 c.async_rollout.max_staleness)
         self.engine = self._build_engine()
         self._tool_template = None
-        self.tis_cap = c.loss.truncated_is_cap
-        if self.tis_cap is None and c.rollout.engine in ("vllm", "server"):
-            self.tis_cap = 2.0  # hybrids: vLLM's Mamba prefill/decode kernels differ from training's, by design
+        rc = c.rollout_correction
+        corrects = c.rollout_correction_on or (rc.enabled is None and self.core.dtype == torch.bfloat16
+                                               and not c.async_rollout.enabled and (rc.weights, rc.mask) != ("none", "none"))
+        self.correction = rc if corrects else None
         self.sampler = PromptSampler(len(self.rows), seed=c.run.seed, shuffle=c.data.shuffle)
         self.step_count = 0
         self.round_count = 0
         self.skipped_updates = 0
         self.history: list[dict[str, float]] = []
-        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", keep_last=2)
+        self.checkpoints = CheckpointManager(acc, self.output_dir / "checkpoints", keep_last=2,
+                                             verify=c.run.checkpoint_verify)
         self.checkpoints.register(self.scheduler, self.sampler)
         self.last_batch: list[Rollout] = []  # the last step's groups after dynamic sampling, with advantages
         self.before_optimizer_step: Callable[[GrpoTrainer], None] | None = None
@@ -251,6 +278,13 @@ class GrpoTrainer:
         prompt = row[self.config.data.prompt_column]
         return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
+    def _reward_trainer_state(self):
+        """What rewards get as ``trainer_state`` (TRL's argument): steps done, steps planned, epochs of prompts."""
+        from posttrain.rewards.base import reward_trainer_state
+
+        s = self.sampler
+        return reward_trainer_state(self.step_count, self.config.run.steps, s.epoch + s.cursor / max(s.size, 1))
+
     def _sampling(self, n: int, temperature: float, seed: int) -> SamplingParams:
         r = self.config.rollout
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
@@ -290,8 +324,11 @@ class GrpoTrainer:
                                            [r.messages if r.messages is not None  # the whole trajectory
                                             else self._completion_for_reward(row, r.completion_ids)
                                             for row, r in zip(batch_rows, local, strict=True)],
-                                           pool=self.pool, **columns)
+                                           pool=self.pool, trainer_state=self._reward_trainer_state(), **columns)
+            result.raise_for_errors(self.config.rewards.max_error_fraction)
             errors = len(result.errors)
+            for name, logged in result.logged_metrics.items():  # the rewards' log_metric calls, averaged
+                times[f"log_metric/{name}"] = sum(logged) / len(logged)
             for i, r in enumerate(local):
                 r.rewards = {name: values[i] for name, values in result.values.items()}
                 r.total = result.total[i]
@@ -373,8 +410,11 @@ class GrpoTrainer:
         return kept, generated, counts
 
     # -- the update ---------------------------------------------------------------------------------------------
-    def _logprobs(self, model, samples: list[Rollout], entropy: bool = False):
-        """Per-token log-probs (and entropies) of the completions, the samples packed in one padding-free row."""
+    def _logprobs(self, model, samples: list[Rollout], entropy: bool = False, head=None):
+        """Per-token log-probs (and entropies) of the completions, the samples packed in one padding-free row.
+
+        ``model`` gives the hidden states and ``head`` (default: the policy) the output layer: the reference model
+        must score with its own. A model other than the prepared policy runs under the policy's autocast."""
         device = self.core.device
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
         ids = torch.tensor([t for s in seqs for t in s[:-1]], device=device)[None]
@@ -382,16 +422,19 @@ class GrpoTrainer:
         target_pos, offset = [], 0
         for s in samples:  # the positions predicting the trained tokens (tool answers are context, never targets)
             lp, lc = len(s.prompt_ids), len(s.completion_ids)
-            pos = torch.arange(offset + lp - 1, offset + lp - 1 + lc)
-            if s.completion_mask is not None:
-                pos = pos[torch.tensor(s.completion_mask, dtype=torch.bool)]
-            target_pos.append(pos)
+            start = offset + lp - 1
+            if s.completion_mask is None:
+                target_pos.extend(range(start, start + lc))
+            else:
+                target_pos.extend(start + i for i, m in enumerate(s.completion_mask) if m)
             offset += lp + lc - 1
-        target_pos = torch.cat(target_pos).to(device)
+        target_pos = torch.tensor(target_pos, dtype=torch.long, device=device)
         targets = torch.tensor([t for s in samples for t in s.trained_ids], device=device)
-        hidden = model(ids, position_ids=positions, return_logits=False).hidden_states[0, target_pos]
-        result = self.core.token_logprobs(hidden, targets, temperature=self.config.rollout.temperature,
-                                          return_entropy=entropy)
+        autocast = contextlib.nullcontext() if model is self.model else self.accelerator.autocast()
+        with autocast:
+            hidden = model(ids, position_ids=positions, return_logits=False).hidden_states[0, target_pos]
+        result = (head or self.core).token_logprobs(hidden, targets, temperature=self.config.rollout.temperature,
+                                                    return_entropy=entropy)
         seq_ids = torch.repeat_interleave(torch.arange(len(samples), device=device),
                                           torch.tensor([s.num_trained for s in samples], device=device))
         return result, seq_ids
@@ -406,8 +449,10 @@ class GrpoTrainer:
             if which == "ref" and self.ref_model is None:  # LoRA: the reference is the model with adapters off
                 with self.accelerator.unwrap_model(self.model).disable_adapter():
                     lp, _ = self._logprobs(self.model, part)
+            elif which == "ref":  # the reference's own weights end to end, its output layer included
+                lp, _ = self._logprobs(self.ref_model, part, head=self.ref_model)
             else:
-                lp, _ = self._logprobs(self.ref_model if which == "ref" else self.model, part)
+                lp, _ = self._logprobs(self.model, part)
             for i, chunk in zip(idxs, lp.float().split([s.num_trained for s in part]), strict=True):
                 out[i] = chunk
         return out  # type: ignore[return-value]
@@ -425,35 +470,65 @@ class GrpoTrainer:
         local = [self._shard(mini, W, rank) for mini in minis]
         flat_local = [s for part in local for s in part]
         off_policy = self.async_rollouts is not None
-        need_old = c.optim.mini_batches * c.optim.num_iterations > 1 or self.tis_cap is not None or off_policy
+        device = self.core.device
+        truncated_sampling = c.rollout.top_p < 1 or c.rollout.top_k > 0
+        need_old = (c.optim.mini_batches * c.optim.num_iterations > 1 or self.correction is not None or off_policy
+                    or truncated_sampling)
         recompute = c.rollout.recompute_old_logprobs
         if recompute is None:
             recompute = not (c.rollout.engine == "native" and self.core.dtype == torch.float32)
+        if truncated_sampling or self.correction is not None:
+            # the sampler's log-probs are of the truncated distribution (or another engine's): the ratio's old
+            # policy is the trainer's own, and the sampler's serve the correction only
+            recompute = True
         if off_policy:  # the ratio is against the generating policy, whose log-probs only the sampler has
             recompute = False
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
         old = None
+        sampler = [torch.tensor(s.sampler_logprobs, dtype=torch.float32, device=device) for s in flat_local]
         if need_old and flat_local:
-            old = (self._frozen_logprobs(flat_local, "old") if recompute else
-                   [torch.tensor(s.sampler_logprobs, dtype=torch.float32, device=self.core.device) for s in flat_local])
+            old = self._frozen_logprobs(flat_local, "old") if recompute else sampler
         ref = self._frozen_logprobs(flat_local, "ref") if c.loss.beta > 0 and flat_local else None
         self.model.train()
+        weights = None
         if old is not None and recompute:
-            for s, lp in zip(flat_local, old, strict=True):
-                diff = (lp.double() - torch.tensor(s.sampler_logprobs, dtype=torch.float64)).abs()
-                stats.add(mismatch_sum=diff.sum().item(), mismatch_tokens=diff.numel())
+            weights = self._rollout_correction(flat_local, old, sampler, stats)
+        if c.logging.rollouts:
+            for i, s in enumerate(flat_local):
+                s.old_logprobs = old[i].tolist() if old is not None else None
+                s.ref_logprobs = ref[i].tolist() if ref is not None else None
         position = {id(s): i for i, s in enumerate(flat_local)}
         for _ in range(c.optim.num_iterations):
             for mini, mine in zip(minis, local, strict=True):
+                if not mini:  # fewer samples than mini-batches: no optimizer step on an empty one (Adam's momentum
+                    continue  # alone would move the weights)
                 norm = loss_normalizer(c.loss.type, [s.num_trained for s in mini], self._max_completion_tokens)
-                self._optimizer_step(mine, norm, old, ref, position, stats)
+                self._optimizer_step(mine, norm, old, ref, position, stats, weights)
+
+    def _rollout_correction(self, samples: list[Rollout], old: list[torch.Tensor], sampler: list[torch.Tensor],
+                            stats: StepStats) -> list[torch.Tensor] | None:
+        """The mismatch between the sampler's and the trainer's log-probs, logged; per sample, its rollout
+        correction weights (None: correction off)."""
+        rc = self.correction
+        weights = [] if rc is not None else None
+        for lp, slp in zip(old, sampler, strict=True):
+            log_rho = lp.double() - slp.double()
+            stats.add(mismatch_sum=log_rho.abs().sum().item(), mismatch_tokens=log_rho.numel(),
+                      mismatch_kl=(torch.exp(log_rho) - log_rho - 1).sum().item())
+            if rc is not None:
+                w, masked = rollout_correction(log_rho, rc.weights, rc.cap, rc.mask, rc.mask_threshold)
+                weights.append(w.float())
+                stats.add(correction_weight=w.sum().item(), correction_capped=(w >= rc.cap).sum().item() * (not masked),
+                          correction_masked=float(masked), correction_samples=1)
+        return weights
 
     @property
     def _max_completion_tokens(self) -> int:
         """L of dr_grpo's constant normaliser: a turn's limit, or a trajectory's with tools."""
         return self.config.tools.max_tokens if self.env is not None else self.config.rollout.max_new_tokens
 
-    def _optimizer_step(self, mine: list[Rollout], norm: float, old, ref, position, stats: StepStats) -> None:
+    def _optimizer_step(self, mine: list[Rollout], norm: float, old, ref, position, stats: StepStats,
+                        weights=None) -> None:
         c, acc = self.config, self.accelerator
         W = acc.num_processes
         rows = pack_micro_batches([len(s.prompt_ids) + len(s.completion_ids) - 1 for s in mine],
@@ -472,11 +547,13 @@ class GrpoTrainer:
                 adv = torch.tensor([s.advantage for s in part], dtype=logp.dtype, device=logp.device)[seq_ids]
                 old_lp = (torch.cat([old[position[id(s)]] for s in part]).to(logp) if old is not None
                           else logp.detach())
+                if old is None and c.logging.rollouts:  # on-policy single pass: the ratio's old is this forward
+                    for s, lp in zip(part, old_lp.float().split([s.num_trained for s in part]), strict=True):
+                        s.old_logprobs = lp.tolist()
                 ref_lp = torch.cat([ref[position[id(s)]] for s in part]).to(logp) if ref is not None else None
                 is_weight = None
-                if self.tis_cap is not None:
-                    sampler = torch.tensor([x for s in part for x in s.sampler_logprobs], dtype=logp.dtype)
-                    is_weight = torch.exp(old_lp - sampler).clamp(max=self.tis_cap)
+                if weights is not None:
+                    is_weight = torch.cat([weights[position[id(s)]] for s in part]).to(logp)
                 loss, st = policy_loss(c.loss, logp, old_lp, adv, seq_ids, len(part), norm, ref_logp=ref_lp,
                                        is_weight=is_weight)
                 finite = finite and bool(torch.isfinite(loss))
@@ -492,9 +569,9 @@ class GrpoTrainer:
             grad_norm = acc.clip_grad_norm_(params, c.optim.max_grad_norm)
         else:
             grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+            grad_norm = torch.stack(grads).norm() if grads else 0.0
         grad_norm = float(grad_norm)
-        ok = torch.tensor([1.0 if finite and math.isfinite(grad_norm) else 0.0])
+        ok = torch.tensor([1.0 if finite and math.isfinite(grad_norm) else 0.0], device=acc.device)
         if W > 1:
             ok = acc.reduce(ok, reduction="sum") / W
         if bool(ok.item() == 1.0):
@@ -524,8 +601,10 @@ class GrpoTrainer:
                 r.policy_version = self.step_count
         samples = [r for g in groups for r in g]
         if samples:
-            rewards = torch.tensor([r.total if r.total is not None else 0.0 for r in samples], dtype=torch.float64)
-            scored = torch.tensor([r.total is not None for r in samples])
+            # advantages on the CPU: a few numbers per group
+            rewards = torch.tensor([r.total if r.total is not None else 0.0 for r in samples], dtype=torch.float64,
+                                   device="cpu")
+            scored = torch.tensor([r.total is not None for r in samples], device="cpu")
             adv = group_advantages(rewards, G, scale=c.loss.uses_std, scored=scored)
             for r, a in zip(samples, adv.tolist(), strict=True):
                 r.advantage = a
@@ -545,15 +624,57 @@ class GrpoTrainer:
             self.async_rollouts.publish(self.step_count, self.core.state_dict())
         metrics = self._metrics(generated, samples, counts, stats, times)
         self.history.append(metrics)
+        if c.logging.rollouts:
+            self._write_rollouts(generated, samples)
         return metrics
+
+    def _write_rollouts(self, generated: list[Rollout], samples: list[Rollout]) -> None:
+        """Append this step's completions to ``rollouts.jsonl`` (see ``LoggingConfig.rollouts``)."""
+        acc = self.accelerator
+        trained = {i: (s.old_logprobs, s.ref_logprobs) for i, s in enumerate(samples) if s.old_logprobs is not None}
+        if acc.num_processes > 1:  # each process filled the log-probs of its own shard
+            from accelerate.utils import gather_object
+
+            merged: dict[int, Any] = {}
+            for part in gather_object([trained]):
+                merged.update(part)
+            trained = merged
+        if not acc.is_main_process:
+            return
+        index = {id(s): i for i, s in enumerate(samples)}
+
+        def per_token(values: list[float] | None, mask: list[int] | None, n: int) -> list[float | None] | None:
+            if values is None:
+                return None
+            if mask is None:
+                return list(values)
+            it = iter(values)
+            return [next(it) if m else None for m in mask] if len(mask) == n else None
+
+        with (self.output_dir / "rollouts.jsonl").open("a") as f:
+            for r in generated:
+                i = index.get(id(r))
+                old, ref = trained.get(i, (None, None)) if i is not None else (None, None)
+                n = len(r.completion_ids)
+                f.write(json.dumps({
+                    "step": self.step_count, "prompt_index": r.prompt_index, "prompt_ids": r.prompt_ids,
+                    "completion_ids": r.completion_ids,
+                    "completion_mask": r.completion_mask if r.completion_mask is not None else [1] * n,
+                    "sampler_logprobs": per_token(r.sampler_logprobs, r.completion_mask, n),
+                    "old_logprobs": per_token(old, r.completion_mask, n),
+                    "ref_logprobs": per_token(ref, r.completion_mask, n),
+                    "rewards": r.rewards, "reward": r.total, "advantage": r.advantage if i is not None else None,
+                    "truncated": r.finish_reason == "length", "policy_version": r.policy_version,
+                }) + "\n")
 
     def _metrics(self, generated: list[Rollout], samples: list[Rollout], counts: dict, stats: StepStats,
                  times: dict[str, float]) -> dict[str, float]:
         acc, G = self.accelerator, self.config.rollout.num_generations
         keys = ["clip_low", "clip_high", "tokens", "kl", "entropy", "micro_batches", "updates", "skipped",
-                "grad_norm", "loss", "mismatch_sum", "mismatch_tokens", "reward_errors", "log_ratio_abs"]
+                "grad_norm", "loss", "mismatch_sum", "mismatch_tokens", "mismatch_kl", "reward_errors",
+                "log_ratio_abs", "correction_weight", "correction_capped", "correction_masked", "correction_samples"]
         local = dict(stats.values, reward_errors=times.get("reward_errors", 0.0))
-        vec = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)
+        vec = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="sum")
         s = dict(zip(keys, vec.tolist(), strict=True))
@@ -563,7 +684,7 @@ class GrpoTrainer:
         for name in names:
             vals = [r.rewards[name] for r in generated if r.rewards[name] is not None]
             m[f"rewards/{name}/mean"] = sum(vals) / len(vals) if vals else math.nan
-            m[f"rewards/{name}/std"] = (torch.tensor(vals).std(correction=0).item() if len(vals) > 1 else 0.0)
+            m[f"rewards/{name}/std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         totals = [r.total for r in generated if r.total is not None]
         m["rewards/total/mean"] = sum(totals) / len(totals) if totals else math.nan
         outcome = [self._outcome(r) for r in generated]
@@ -571,6 +692,7 @@ class GrpoTrainer:
         m["accuracy"] = sum(outcome) / len(outcome) if outcome else math.nan
         m["rewards/unscored"] = float(sum(r.total is None for r in generated))
         m["rewards/errors"] = s["reward_errors"]
+        m.update({k.removeprefix("log_metric/"): v for k, v in times.items() if k.startswith("log_metric/")})
         groups = [generated[i:i + G] for i in range(0, len(generated), G)]
         m["zero_variance_groups_frac"] = (sum(len({r.total for r in g}) <= 1 for g in groups) / len(groups)
                                           if groups else 0.0)
@@ -586,7 +708,12 @@ class GrpoTrainer:
         if self.config.loss.beta > 0:
             m["kl"] = s["kl"] / tokens
         if s["mismatch_tokens"]:
-            m["rollout/logprob_mismatch_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
+            m["rollout_correction/mismatch_abs_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
+            m["rollout_correction/kl"] = s["mismatch_kl"] / s["mismatch_tokens"]
+        if s["correction_samples"]:
+            m["rollout_correction/weight_mean"] = s["correction_weight"] / s["mismatch_tokens"]
+            m["rollout_correction/capped_frac"] = s["correction_capped"] / s["mismatch_tokens"]
+            m["rollout_correction/masked_frac"] = s["correction_masked"] / s["correction_samples"]
         updates = s["updates"] / acc.num_processes  # every process counts each optimizer step
         m["optim/updates"] = updates
         m["optim/skipped"] = s["skipped"] / acc.num_processes
@@ -642,16 +769,49 @@ class GrpoTrainer:
         """Model, optimizer, scheduler, prompt order, RNG states and counters (posttrain.train's CheckpointManager)."""
         return self.checkpoints.save(self.step_count, {"round": self.round_count,
                                                        "skipped_updates": self.skipped_updates,
-                                                       "history": self.history})
+                                                       "history": self.history,
+                                                       "rollout_correction": self._correction_settings()})
+
+    def _correction_settings(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"on": self.correction is not None, **asdict(self.config.rollout_correction)}
 
     def load_checkpoint(self, where: str | Path) -> None:
-        path = self.checkpoints.latest() if str(where) == "latest" else Path(where)
-        if path is None:
-            raise FileNotFoundError(f"run.resume=latest: no checkpoint in {self.checkpoints.folder}")
-        state = self.checkpoints.load(path)
+        state = self.checkpoints.resume(where)  # verified; "latest" falls back past invalid checkpoints
+        if state is None:  # run.resume=latest and no checkpoint yet: a fresh run from step 0, whose logs (of a
+            self._drop_logs_past(-1)  # run killed before its first checkpoint, step 0's evaluation included) go
+            return
+        path = self.checkpoints.resumed_from
         self.step_count, self.round_count = int(state["step"]), int(state["round"])
         self.skipped_updates = int(state["skipped_updates"])
         self.history = list(state["history"])
+        saved = state.get("rollout_correction")
+        if saved is not None and saved != self._correction_settings():
+            logger.warning("resumed from %s with different rollout_correction settings: the checkpoint's %s, now %s",
+                           path, saved, self._correction_settings())
+        self._drop_logs_past(self.step_count)
+
+    def _drop_logs_past(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: their lines in metrics.jsonl and rollouts.jsonl
+        (written before the run stopped) are dropped, so no step is logged twice."""
+        if not self.accelerator.is_main_process:
+            return
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            path = self.output_dir / name
+            if not path.is_file():
+                continue
+            kept = []
+            with path.open() as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            kept.append(line)
+                    except json.JSONDecodeError:  # a line cut by the kill: past the checkpoint by construction
+                        continue
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def save_final(self) -> Path:
         """The trained policy in the checkpoint layout (safetensors + config + tokenizer), for the next stage."""
@@ -676,7 +836,7 @@ class GrpoTrainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if c.logging.report_to:
-            acc.init_trackers("posttrain-grpo", config=_flat(config_to_dict(c)))
+            acc.init_trackers(c.logging.project, config=_flat(config_to_dict(c)))
         bar = tqdm(total=c.run.steps, initial=self.step_count, desc="grpo",
                    disable=not (c.logging.progress and acc.is_main_process))
         if self.step_count == 0 and self.eval_rows:
