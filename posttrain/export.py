@@ -106,14 +106,17 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
                       adapter: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
                       recipe: str | os.PathLike | None = None) -> Path:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
+    from posttrain.tokenizer import load_tokenizer
     from posttrain.train.run import MANIFEST as TRAINING_MANIFEST
     from posttrain.train.run import is_hybrid_folder, weights_digest
 
     model_dir, out = Path(model_dir), Path(out)
     key = load_private_key(key_path)  # fail on a bad key before any work
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"--model {model_dir}: no checkpoint there (no config.json)")
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     if not tokenizer.chat_template:
         raise ExportError(f"the tokenizer in {tokenizer_dir or model_dir} has no chat template; an instruct "
                           "checkpoint needs one")

@@ -180,3 +180,14 @@ def test_export_generate_key_into_a_missing_folder(tmp_path, capsys):
     _one_line_exit_2(["export", "--model", str(tmp_path), "--out", str(tmp_path / "out"), "--key", str(key),
                       "--generate-key"], capsys, str(tmp_path / "keys"), "does not exist")
     assert not key.parent.exists()
+
+
+def test_export_missing_model_or_tokenizer(tmp_path, capsys):
+    key = tmp_path / "k.pem"
+    _one_line_exit_2(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--key", str(key),
+                      "--generate-key"], capsys, "--model", str(tmp_path / "nope"))
+    model = _tiny_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    _one_line_exit_2(["export", "--model", str(model), "--tokenizer", str(tmp_path / "empty"), "--out",
+                      str(tmp_path / "out"), "--key", str(key)], capsys, "no tokenizer in", str(tmp_path / "empty"))
+    assert not (tmp_path / "out").exists()

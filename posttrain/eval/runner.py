@@ -121,8 +121,7 @@ def evaluate_task(task_name: str, items: list[EvalItem], engine: EvalEngine, con
 
 def evaluate(config: EvalConfig, engine: EvalEngine, show_progress: bool = True) -> list[TaskResult]:
     """Every task of ``config`` on ``engine``: loads the items, generates, scores, counts."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from posttrain.progress import StageProgress
     from posttrain.rewards import RewardPool
 
     data_dir = Path(config.data_dir)
@@ -134,12 +133,10 @@ def evaluate(config: EvalConfig, engine: EvalEngine, show_progress: bool = True)
     results = []
     pool = RewardPool(num_workers=config.reward_workers, timeout_s=config.reward_timeout_s) if needs_pool else None
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not show_progress, transient=True) as bar:
-            for name, items in loaded.items():
-                handle = bar.add_task(name, total=len(items))
+        for name, items in loaded.items():
+            with StageProgress(f"eval {name}", total=len(items), enabled=show_progress, unit="item") as bar:
                 results.append(evaluate_task(name, items, engine, config, pool,
-                                             lambda done, h=handle: bar.advance(h, done)))
+                                             lambda done, b=bar: b.advance(done)))
     finally:
         if pool is not None:
             pool.close()
