@@ -3,11 +3,14 @@
 Installed as ``posttrain.rewards``; never import it as a top-level ``rewards`` module. Rewards never import
 ``posttrain.judges``: the judge reward reaches the registry through the ``posttrain.rewards`` entry-point group.
 
-A reward is ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's signature). The public API:
+A reward is ``fn(prompts, completions, **columns) -> list[float | None]``, called by keyword as TRL calls it
+(``prompts``, ``completions``, ``completion_ids``, ``trainer_state``, ``log_metric``, ``log_extra`` and the data
+columns; a function gets only the keywords it names), so TRL's reward functions work unchanged. The public API:
 
 - ``get(name_or_path, **options)``: a built-in (``math``, ``code``, ``tool_call``, ``format``, ``overlong``),
   a ``module:function`` path or a plugin's entry-point name; ``available()`` lists the names.
-- ``RewardSet`` / ``combine``: weighted rewards, ``None`` skipped; ``RewardResult`` with ``metrics()``.
+- ``RewardSet`` / ``combine``: weighted rewards, ``None`` skipped; ``RewardResult`` with ``metrics()`` and
+  ``raise_for_errors(max_fraction)`` (``RewardFailedError``: ``rewards.max_error_fraction``).
 - ``RewardPool``: worker processes with a per-sample time limit (kill and replace).
 - ``BoundedReward``: a reward called from any other process (filters, pair scoring), with the pool's time limit.
 - ``completion_text``: the text of a string or chat completion.
@@ -33,13 +36,16 @@ from posttrain.rewards.base import (
     RewardCountError,
     RewardError,
     RewardFn,
+    RewardTrainerState,
     RewardValueError,
     call_reward,
     completion_text,
     reward_name,
+    reward_trainer_state,
 )
 from posttrain.rewards.bounded import BoundedReward
 from posttrain.rewards.combine import (
+    RewardFailedError,
     RewardResult,
     RewardsConfig,
     RewardSet,
@@ -65,6 +71,7 @@ __all__ = [
     "RewardConfigError",
     "RewardCountError",
     "RewardError",
+    "RewardFailedError",
     "RewardFn",
     "RewardLoadError",
     "RewardNotPicklableError",
@@ -73,6 +80,7 @@ __all__ = [
     "RewardResult",
     "RewardSet",
     "RewardSpec",
+    "RewardTrainerState",
     "RewardValueError",
     "RewardsConfig",
     "SampleError",
@@ -85,4 +93,5 @@ __all__ = [
     "completion_text",
     "get",
     "reward_name",
+    "reward_trainer_state",
 ]
