@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,7 +421,7 @@ class _TestServer:
     shares with any candidate. It ends when its control socket closes (this process ended, or :meth:`close`)."""
 
     def __init__(self, sandbox: Sandbox, backend: str) -> None:
-        self._sandbox, self._backend = sandbox, backend
+        self._sandbox, self._backend = weakref.ref(sandbox), backend  # the sandbox's finalizer closes this
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._control: socket.socket | None = None
@@ -466,7 +467,7 @@ class _TestServer:
             try:
                 self._proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
-                self._sandbox._kill(self._proc)
+                _kill_tree(self._proc)
             self._proc = None
         self._held.close()
 
@@ -475,7 +476,9 @@ class _TestServer:
             if self._control is not None and not restart and self._proc is not None and self._proc.poll() is None:
                 return self._control
             self._stop()
-            sandbox = self._sandbox
+            sandbox = self._sandbox()
+            if sandbox is None:
+                raise SandboxError("the sandbox of this test server is gone")
             if sandbox._uids is not None:
                 self.uid = self._held.enter_context(sandbox._uids.lease())
             else:
@@ -528,11 +531,16 @@ class _TestServer:
                 with os.fdopen(err_r, "rb") as err:
                     why = err.read(4000).decode(errors="replace") if self._proc.poll() is not None else ""
                 ours.close()
-                self._sandbox._kill(self._proc)
+                _kill_tree(self._proc)
                 raise SandboxError(f"the {self._backend} test server did not start: {why[-500:]!r}")
             os.close(err_r)  # later writes of the server to stderr fail; it writes none
             self._control = ours
             return ours
+
+
+def _close_servers(servers: dict[str, _TestServer]) -> None:
+    for server in list(servers.values()):
+        server.close()
 
 
 def _job_memfd(name: str, job: dict) -> int:
@@ -658,6 +666,7 @@ class Sandbox:
         self._harness_code: object = None
         self._servers: dict[str, _TestServer] = {}
         self._servers_lock = threading.Lock()
+        weakref.finalize(self, _close_servers, self._servers)  # a sandbox no longer used ends its test servers
         self._run_ids = itertools.count(1)
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -1035,9 +1044,9 @@ class Sandbox:
             return server
 
     def close(self) -> None:
-        """End the test servers (they also end with this process); a later run starts them again."""
-        for server in list(self._servers.values()):
-            server.close()
+        """End the test servers (they also end with this process, or when this sandbox is garbage-collected); a
+        later run starts them again."""
+        _close_servers(self._servers)
 
     def _execute_as(
         self, job: dict, n_results: int, backend: str, uid: int, cleanup: contextlib.ExitStack
@@ -1088,7 +1097,7 @@ class Sandbox:
             try:
                 exit_code = main.wait(timeout=0 if timed_out else 2.0 if reporter else 0.1)
             except subprocess.TimeoutExpired:
-                self._kill(main)
+                _kill_tree(main)
                 exit_code = main.wait()
         finally:
             for fd in own:
@@ -1175,29 +1184,8 @@ class Sandbox:
 
     def _end(self, proc: subprocess.Popen) -> None:
         if proc.poll() is None:
-            self._kill(proc)
+            _kill_tree(proc)
             proc.wait()
-
-    def _kill(self, proc: subprocess.Popen) -> None:
-        """Kill one sandbox: first the PID namespace's init (its death kills every process in the namespace),
-        so that bwrap/unshare reap it and exit on their own, leaving no zombie to the host's init; then the
-        whole process group."""
-        if proc.poll() is not None:
-            return
-        for child in _children_of(proc.pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
 
     def _make_workdir(self, uid: int) -> str:
         path = tempfile.mkdtemp(prefix="posttrain-sandbox-")
@@ -1222,6 +1210,28 @@ class Sandbox:
                 except ProcessLookupError:
                     pass
             time.sleep(0.01)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill one sandbox: first the PID namespace's init (its death kills every process in the namespace),
+    so that bwrap/unshare reap it and exit on their own, leaving no zombie to the host's init; then the
+    whole process group."""
+    if proc.poll() is not None:
+        return
+    for child in _children_of(proc.pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _processes_of_uid(uid: int) -> list[tuple[int, str]]:
