@@ -309,7 +309,7 @@ def _answer(request: list, namespace: dict, per_call: float, signal: object) -> 
         except TestTimeout:
             reply = encode([seq, "timeout"])
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: sent as such, the tests decide
-            reply = encode([seq, "raise", type(exc).__name__, _describe(exc), isinstance(exc, Exception)])
+            reply = encode([seq, "raise", type(exc).__name__, _message(exc), isinstance(exc, Exception)])
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)  # type: ignore[attr-defined]
     except TestTimeout:  # the timer fired between the call's end and disarming it
@@ -317,12 +317,16 @@ def _answer(request: list, namespace: dict, per_call: float, signal: object) -> 
     return reply
 
 
-def _describe(exc: BaseException) -> str:
+def _message(exc: BaseException) -> str:
     try:
         text = str(exc)
     except BaseException:  # noqa: BLE001 - a candidate's __str__ may raise anything
         text = "?"
-    return f"{type(exc).__name__}: {text}"[:500] if type(text) is str else type(exc).__name__
+    return text[:500] if type(text) is str else "?"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_message(exc)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,8 +440,8 @@ def _result(reply: list, name: str) -> object:
         if reply[4] is True and exc_type is not None:
             raise exc_type(reply[3])
         if reply[4] is True:
-            raise CandidateError(reply[3])
-        raise CandidateAbort(f"{name} raised {reply[3]}")
+            raise CandidateError(f"{reply[2]}: {reply[3]}")
+        raise CandidateAbort(f"{name} raised {reply[2]}: {reply[3]}")
     if kind == "not plain" and len(reply) == 3 and type(reply[2]) is str:
         raise NotPlainData(reply[2])
     if kind == "timeout":

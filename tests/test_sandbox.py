@@ -569,3 +569,27 @@ def test_a_uid_is_held_across_processes() -> None:
     assert {a, b} == {first, first + 1}
     assert one_free.split() == ["took", str(b)]
     assert none_free.startswith("busy")
+
+
+def test_the_candidates_exceptions_reach_the_tests_as_builtin_exceptions(sandbox: Sandbox) -> None:
+    """A test that expects ValueError gets one, with the candidate's message; a class of the candidate's own is a
+    CandidateError naming it; SystemExit fails the test even under ``except Exception``."""
+    program = (
+        "class Mine(Exception):\n    pass\n"
+        "def parse(s):\n"
+        "    if s == 'own':\n        raise Mine('mine')\n"
+        "    if s == 'exit':\n        raise SystemExit(0)\n"
+        "    return int(s)\n"
+    )
+    expects_value_error = (
+        "def check(candidate):\n    try:\n        candidate('x')\n    except ValueError as exc:\n"
+        "        assert str(exc) == \"invalid literal for int() with base 10: 'x'\", str(exc)\n    else:\n"
+        "        raise AssertionError('no ValueError')\n"
+    )
+    own_class = (
+        "def check(candidate):\n    try:\n        candidate('own')\n    except Exception as exc:\n"
+        "        assert type(exc).__name__ == 'CandidateError' and str(exc) == 'Mine: mine', repr(exc)\n"
+    )
+    swallowed_exit = "def check(candidate):\n    try:\n        candidate('exit')\n    except Exception:\n        pass\n"
+    result = sandbox.run_tests(program, [expects_value_error, own_class, swallowed_exit], "parse")
+    assert result.passed == [True, True, False], result.output
