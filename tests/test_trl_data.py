@@ -86,3 +86,25 @@ def _tokenizer_folder(tmp_path):
     from posttrain.tokenizer import build_tokenizer
 
     build_tokenizer(["one two three"], vocab_size=300).save_pretrained(str(tmp_path / "tok"))
+
+
+def test_grpo_hub_prompts_offline_is_one_clear_error(tmp_path):
+    from posttrain.models.hybrid import HybridForCausalLM, preset
+    from posttrain.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["1+1=2"], vocab_size=270)
+    HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(str(tmp_path / "m"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_DATASETS_CACHE", None)
+    spec = "hf:posttrain-test/no-such-prompts@test"
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "grpo", "--config", "recipes/grpo_dapo.yaml",
+                           "--model.path", str(tmp_path / "m"), "--data.path", spec, "--eval.path", "",
+                           "--run.output_dir", str(tmp_path / "run")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("posttrain grpo:")]
+    assert len(err) == 1 and err == proc.stderr.strip().splitlines()[-1:], proc.stderr
+    assert err[0].startswith(f"posttrain grpo: {spec}: cannot load data set 'posttrain-test/no-such-prompts'")
+    assert "offline" in err[0]
