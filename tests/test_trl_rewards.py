@@ -58,6 +58,12 @@ def seen_keywords(prompts, completions, completion_ids, trainer_state, log_metri
     return [float(trainer_state.global_step) for _ in completions]
 
 
+def progress_logged(completions, trainer_state, log_metric, **kwargs):
+    log_metric("custom/progress", trainer_state.global_step / trainer_state.max_steps + 0.5)
+    log_metric("custom/max_steps", float(trainer_state.max_steps))
+    return [0.0 for _ in completions]
+
+
 def always_raises(completions, **kwargs):
     raise ZeroDivisionError("this reward divides by zero")
 
@@ -194,7 +200,7 @@ def test_grpo_scores_every_sample_with_trl_rewards(tmp_path, user_rewards):
 
     model, data = _policy_files(tmp_path)
     rewards = ["trl.rewards:think_format_reward", "trl.rewards:accuracy_reward", "trl_style_rewards:format_reward",
-               "trl_style_rewards:only_completions"]
+               "trl_style_rewards:only_completions", "trl_style_rewards:progress_logged"]
     rc = main(_grpo_args(model, data, tmp_path / "run", rewards))
     assert rc == 0
     last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -202,6 +208,8 @@ def test_grpo_scores_every_sample_with_trl_rewards(tmp_path, user_rewards):
     for name in ("think_format_reward", "accuracy_reward", "format_reward"):  # untrained: well formed never
         assert last[f"rewards/{name}/mean"] == 0.0, name
     assert last["rewards/only_completions/mean"] >= 0
+    # log_metric calls made in the reward worker reach the step's metrics (step 0 of 1 while scoring)
+    assert last["custom/progress"] == 0.5 and last["custom/max_steps"] == 1.0
 
 
 def test_grpo_stops_with_the_failing_reward_named(tmp_path, user_rewards):
