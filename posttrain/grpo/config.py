@@ -32,7 +32,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """path: a JSONL file of prompts (one JSON object a line) or a ``datasets`` folder saved with save_to_disk.
+    """path: a JSONL file of prompts (one JSON object a line), a ``datasets`` folder saved with save_to_disk, or a
+        data set on the hub, ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets.load_dataset``; split default ``train``).
     prompt_column: the prompt: a string (used as is) or a list of chat messages (the chat template is applied).
     Every other column reaches the rewards as a keyword list (``answer``, ``tests``, ``ground_truth``...).
     max_prompt_tokens: longest prompt accepted, in tokens.

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from posttrain.train.data import jsonl_lines
+from posttrain.train.data import is_hub_spec, jsonl_lines, load_hub_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,14 @@ class PromptDataError(ValueError):
 
 
 def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[dict[str, Any]]:
-    """Rows (dicts) from a JSONL file or a ``datasets`` folder; each must have ``prompt_column``."""
+    """Rows (dicts) from a JSONL file, a ``datasets`` folder or ``hf:NAME[:CONFIG][@SPLIT]``; each must have
+    ``prompt_column``."""
     p = Path(path)
     rows: list[dict[str, Any]] = []
-    if p.is_dir():
+    if is_hub_spec(path):  # hf:NAME[:CONFIG][@SPLIT]
+        rows = [dict(r) for r in load_hub_dataset(str(path), PromptDataError)]
+        where = [f"{path}:row {i + 1}" for i in range(len(rows))]
+    elif p.is_dir():
         from datasets import load_from_disk
 
         rows = [dict(r) for r in load_from_disk(str(p))]
