@@ -829,7 +829,7 @@ class GrpoTrainer:
 
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        from tqdm.auto import tqdm
+        from posttrain.progress import StageProgress
 
         c, acc = self.config, self.accelerator
         self._sampling_eval_guard()
@@ -837,27 +837,27 @@ class GrpoTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if c.logging.report_to:
             acc.init_trackers(c.logging.project, config=_flat(config_to_dict(c)))
-        bar = tqdm(total=c.run.steps, initial=self.step_count, desc="grpo",
-                   disable=not (c.logging.progress and acc.is_main_process))
+        progress = StageProgress("grpo", c.run.steps, self.step_count,
+                                 enabled=c.logging.progress and acc.is_main_process)
         if self.step_count == 0 and self.eval_rows:
             self._log({"step": 0.0, **self.evaluate()})
         try:
-            while self.step_count < c.run.steps:
-                metrics = self.step()
-                last = self.step_count == c.run.steps
-                if self.eval_rows and ((c.eval.every and self.step_count % c.eval.every == 0) or last):
-                    metrics.update(self.evaluate())
-                if self.step_count % c.logging.log_every == 0 or last:
-                    self._log(metrics)
-                if (c.run.save_every and self.step_count % c.run.save_every == 0) or last:
-                    self.save_checkpoint()
-                if last:
-                    self.save_final()
-                bar.update(1)
-                bar.set_postfix(acc=f"{metrics.get('accuracy', math.nan):.3f}",
-                                clip_hi=f"{metrics.get('clip/high_frac', 0):.3f}")
+            with progress:
+                while self.step_count < c.run.steps:
+                    metrics = self.step()
+                    last = self.step_count == c.run.steps
+                    if self.eval_rows and ((c.eval.every and self.step_count % c.eval.every == 0) or last):
+                        metrics.update(self.evaluate())
+                    if self.step_count % c.logging.log_every == 0 or last:
+                        self._log(metrics)
+                    if (c.run.save_every and self.step_count % c.run.save_every == 0) or last:
+                        self.save_checkpoint()
+                    if last:
+                        self.save_final()
+                    progress.advance(1, reward=f"{metrics.get('rewards/total/mean', math.nan):.3f}",
+                                     acc=f"{metrics.get('accuracy', math.nan):.3f}",
+                                     clip_hi=f"{metrics.get('clip/high_frac', 0):.3f}")
         finally:
-            bar.close()
             self.close()
             if c.logging.report_to:
                 acc.end_training()
