@@ -9,7 +9,6 @@ touches a model.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from posttrain.train.data import is_hub_spec, jsonl_lines, load_hub_dataset
+from posttrain.train.data import is_hub_spec, jsonl_rows, load_hub_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +40,7 @@ def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[di
         where = [f"{p} row {i}" for i in range(len(rows))]
     elif p.is_file():
         where = []
-        for number, line in jsonl_lines(p, PromptDataError):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptDataError(f"{p}:{number}: not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise PromptDataError(f"{p}:{number}: a row must be a JSON object, got {type(row).__name__}")
+        for number, row in jsonl_rows(p, PromptDataError):
             rows.append(row)
             where.append(f"{p}:{number}")
     else:

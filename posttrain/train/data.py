@@ -134,13 +134,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}:row {i + 1}", row
         return
-    for lineno, line in jsonl_lines(path, DataError):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+    for lineno, row in jsonl_rows(path, DataError):
         yield f"{path}:{lineno}", row
 
 
@@ -157,6 +151,19 @@ def jsonl_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tup
                             "save the file as UTF-8") from None
             if line.strip():
                 yield lineno, line
+
+
+def jsonl_rows(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows (JSON objects) of a JSONL file with their line numbers; invalid UTF-8, invalid JSON or a row that
+    is not an object raise ``error`` naming the file and line."""
+    for lineno, line in jsonl_lines(path, error):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def file_digest(path: str | os.PathLike) -> str:
