@@ -107,7 +107,9 @@ class VerifyAnswerRule:
     columns: dict[str, str] = field(default_factory=dict)
     min_score: float = 1.0
     keep_unverifiable: bool = False  # the reward returned None: keep or reject the sample
-    batch_size: int = 256
+    # samples per call of the reward: what it cannot decide at once is spread over its workers, so larger batches
+    # keep them busy (the samples are in memory already)
+    batch_size: int = 4096
     # time limit of the reward on one sample, enforced as in training by killing its worker process; a sample past
     # it is rejected with the reason "timeout" (so is one the reward fails on, with the reason "error")
     timeout_s: float = 10.0
