@@ -871,9 +871,9 @@ class Sandbox:
         *,
         die_with_parent: bool = True,
     ) -> list[str]:
-        # The tests' process skips `site` (-S): nothing there needs it, and it starts faster. The candidate's
-        # process starts as a plain `python -I` would (site's exit(), quit() and system packages included).
-        flags = ["-I", "-S"] if role != "candidate" else ["-I"]
+        # The candidate's program and the tests see a plain `python -I` (site's exit(), quit() and the system's
+        # packages included); the stdin/stdout runner skips `site` to start faster (each case is a `python -I`).
+        flags = ["-I", "-S"] if role == "io" else ["-I"]
         python = [self.python, *flags, "-c", code_harness.BOOTSTRAP, role, *map(str, fds)]
         # setpriv drops root for the run's uid, and makes the sandbox die with the process that started it (a
         # reward worker killed on its own timeout leaves nothing running; bwrap/unshare keep the signal).
