@@ -1,8 +1,8 @@
 """``posttrain export``: turn a trained model into a signed instruct checkpoint a user can ship.
 
 The export folder is a Hugging Face checkpoint (``model.safetensors``, ``config.json``, ``generation_config.json``,
-the tokenizer with its chat template) that loads in transformers' ``GraniteMoeHybridForCausalLM`` and in vLLM,
-plus:
+the tokenizer with its chat template) that loads in transformers (``GraniteMoeHybridForCausalLM`` for the hybrid,
+the checkpoint's own class for any other causal LM, with no missing or unexpected keys) and in vLLM, plus:
 
 - ``manifest.json``: the SHA-256 and size of every other file, and the provenance of the run (the training
   manifest: recipe, data files and the manifests beside them with their hashes, the base checkpoint's hash), the
@@ -127,7 +127,15 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        from posttrain.families import check_trainable
+
+        check_trainable(model_dir, "--model")
+        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True)
+        wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(wrong.values()):  # transformers would fill the gaps with random weights and export them
+            first = next((k, v) for k, v in wrong.items() if v)
+            raise ExportError(f"--model {model_dir}: its weight files do not match its config.json "
+                              f"({first[0].replace('_', ' ')}: {', '.join(map(str, first[1][:5]))})")
     provenance: dict[str, Any] = {"source": {"path": str(model_dir.resolve()), "sha256": weights_digest(model_dir)}}
     if adapter is not None:
         from peft import PeftModel
@@ -193,12 +201,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.families import ModelFamilyError
+
     try:
         if args.generate_key:
             generate_key(args.key)
         out = export_checkpoint(args.model, args.out, args.key, adapter=args.adapter, tokenizer_dir=args.tokenizer,
                                 recipe=args.recipe)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, ModelFamilyError, FileNotFoundError) as e:
         print(f"posttrain export: {e}", file=sys.stderr)
         return 2
     print(f"exported and signed {out} with key {key_fingerprint((out / PUBLIC_KEY).read_bytes())}; check it with: "

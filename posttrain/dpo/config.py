@@ -25,7 +25,7 @@ class PreferenceDataSettings:
     chosen_field: str = "chosen"  # column holding the preferred completion (string or assistant turns)
     rejected_field: str = "rejected"  # column holding the dispreferred completion
     max_length: int = 512  # longest prompt + completion (tokens); longer completions are cut, keeping the prompt
-    packing: bool = True  # padding-free: a micro-batch's chosen and rejected sequences in one row (the hybrid only)
+    packing: bool = True  # padding-free: a micro-batch's chosen and rejected sequences in one row
     shuffle: bool = True  # a new permutation per epoch, seeded by `seed` and the epoch (resumes exactly)
     max_samples: int | None = None  # use only the first N training pairs
 

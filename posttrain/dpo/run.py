@@ -25,7 +25,11 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
             on_step: Callable[[int, dict[str, Any]], None] | None = None) -> DpoResult:
     """Train from ``config``; ``on_step(step, metrics)`` is called after every optimizer step."""
     d = config.data
-    if "lm_head" in config.lora.target_modules and config.lora.enabled:
+    from posttrain.families import check_trainable
+
+    if config.model.path is not None:
+        check_trainable(config.model.path)
+    if config.lora.enabled and "lm_head" in (config.lora.target_modules or ()):
         raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
                             "base output weights)")
     tokenizer = load_tokenizer(config)  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ a pure function of the step, so resuming draws exactly what an uninterrupted run
 (model, optimizer, scheduler, RNG, atomic folders). One step:
 
   1. each process collates its micro-batches of pairs: the chosen and rejected sequences of every pair packed in
-     one padding-free row (the hybrid resets its state where ``position_ids`` restart) or padded rows;
+     one padding-free row (the hybrid resets its state where ``position_ids`` restart; transformers models mask
+     each sequence off from those position_ids) or padded rows;
   2. the policy's summed log-probability of each completion comes from the model's fused chunked kernel
      (``token_logprobs`` on the final hidden states at the completion positions; full logits never exist);
   3. the reference's come from the precomputed table (``ReferenceTable``: computed once before training, under
@@ -70,7 +71,7 @@ def sequence_logps(model, batch: dict[str, Any], device, router_aux: bool = Fals
     when ``router_aux`` and the model has experts, else None), through ``model``'s forward.
 
     The in-tree hybrid returns its final hidden states and the fused chunked kernel scores the targets; any other
-    causal LM (padded rows only) goes through its logits."""
+    causal LM goes through its logits."""
     core = core_model(model)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     index, targets = batch["target_index"].to(device), batch["targets"].to(device)
@@ -81,7 +82,7 @@ def sequence_logps(model, batch: dict[str, Any], device, router_aux: bool = Fals
         aux = out.aux_loss if router_aux else None
     else:
         aux = None
-        logits = model(**inputs).logits
+        logits = model(**inputs, use_cache=False).logits  # no cache: packed rows are masked by their position_ids
         lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[index].float(), dim=-1)
         lp = lp.gather(1, targets[:, None])[:, 0]
     sums = torch.zeros(batch["n_seqs"], dtype=lp.dtype, device=device)
@@ -212,9 +213,6 @@ class DpoTrainer:
         self.run_config = run_config or {}
         self.on_step = on_step
         self.packed = config.data.packing
-        if self.packed and type(core_model(model)).__name__ != "HybridForCausalLM":
-            raise TrainingError("data.packing: padding-free packing needs a model that resets its state at sequence "
-                                "starts (the in-tree hybrid); set data.packing: false for this model")
         o = config.optim
         if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
             raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
@@ -227,6 +225,10 @@ class DpoTrainer:
         self.moe_aux = bool(config.model.moe_aux_loss and type(core).__name__ == "HybridForCausalLM"
                             and getattr(core.config, "num_local_experts", 0))
         model = model.to(acc.device)
+        if self.packed:  # a transformers model packs through its own masks: checked on one row before any work
+            from posttrain.families import check_packed_rows
+
+            check_packed_rows(model)
         self.ref_model = None
         self.table: ReferenceTable | None = None
         loss = config.loss

@@ -34,9 +34,10 @@ class LoraSettings:
     r: int = 16  # adapter rank
     alpha: float = 32.0  # scaling numerator (update scaled by alpha / r)
     dropout: float = 0.0  # dropout on the adapters' input
-    # module names to adapt: the Mamba-2 in/out projections and the attention projections by default
-    target_modules: list[str] = field(default_factory=lambda: ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj",
-                                                               "o_proj"])
+    # module names to adapt; null: the model family's own (the hybrid: the Mamba-2 in/out and attention
+    # projections; any other model: every linear layer of its decoder blocks, e.g. q/k/v/o_proj and
+    # gate/up/down_proj for Llama and Qwen2; posttrain.families.default_lora_targets)
+    target_modules: list[str] | None = None
 
 
 @dataclass

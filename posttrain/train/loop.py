@@ -92,7 +92,12 @@ def masked_nll_sum(model, batch: dict[str, torch.Tensor], moe_aux: bool) -> tupl
     labels = batch["labels"]
     n = int((labels[:, 1:] != IGNORE).sum())
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    out = model(**kwargs, labels=labels, return_logits=False, output_router_logits=moe_aux)
+    from posttrain.families import is_in_tree
+
+    if is_in_tree(model):
+        out = model(**kwargs, labels=labels, return_logits=False, output_router_logits=moe_aux)
+    else:  # a transformers model: no cache, so a packed row's restarting position_ids mask its sequences apart
+        out = model(**kwargs, labels=labels, use_cache=False, **({"output_router_logits": True} if moe_aux else {}))
     aux = getattr(out, "aux_loss", None)
     mean = out.loss
     if aux is not None:

@@ -87,13 +87,18 @@ def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[st
 def apply_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    from posttrain.families import default_lora_targets
+
     lo = config.lora
+    targets = list(lo.target_modules) if lo.target_modules else default_lora_targets(model)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in lo.target_modules if t not in names]
+    missing = [t for t in targets if t not in names]
     if missing:
-        raise TrainingError(f"lora.target_modules: the model has no module named {', '.join(missing)}")
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TrainingError(f"lora.target_modules: the {getattr(model.config, 'model_type', '')} model has no module "
+                            f"named {', '.join(missing)} (its linear layers: {', '.join(linear)})")
     return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                            target_modules=list(lo.target_modules)))
+                                            target_modules=targets))
 
 
 def build_items(config: TrainConfig, tokenizer, task: Literal["sft", "pretrain"]):
@@ -111,14 +116,16 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
         if task != "pretrain":
             raise TrainingError("stages (context extension) are a pre-training recipe; run them with posttrain pretrain")
         return run_stages(config, recipe)
+    from posttrain.families import check_packed_rows, check_trainable
+
     out = Path(config.checkpoint.output_dir)
+    if config.model.path is not None:
+        check_trainable(config.model.path)
     tokenizer = load_tokenizer(config)
     segments, items = build_items(config, tokenizer, task)
     model, base = load_model(config, tokenizer)
-    hybrid = type(model).__name__ == "HybridForCausalLM"
-    if config.data.packing and not hybrid:
-        raise TrainingError("data.packing: padding-free packing needs a model that resets its state at sequence "
-                            "starts (the in-tree hybrid); set data.packing: false for this model")
+    if config.data.packing:
+        check_packed_rows(model)
     if config.lora.enabled:
         model = apply_lora(model, config)
     trainer = Trainer(config, model, items, packed=config.data.packing,
