@@ -119,9 +119,9 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
     from posttrain.families import check_packed_rows, check_trainable
 
     out = Path(config.checkpoint.output_dir)
-    if config.model.path is not None:
-        check_trainable(config.model.path)
     tokenizer = load_tokenizer(config)
+    if config.model.path is not None:  # before the data are read: a model no stage can train is refused first
+        check_trainable(config.model.path)
     segments, items = build_items(config, tokenizer, task)
     model, base = load_model(config, tokenizer)
     if config.data.packing:
