@@ -1,17 +1,27 @@
-"""The in-tree Granite 4.0-H hybrid model (weight-compatible with transformers' GraniteMoeHybrid and vLLM)."""
+"""The in-tree Granite models: the Granite 4.0-H hybrid (weight-compatible with transformers' GraniteMoeHybrid and
+vLLM) and dense Granite (transformers' ``granite``: an all-attention stack of the same layers)."""
 
 from posttrain.models.hybrid.checkpoint import CheckpointError
-from posttrain.models.hybrid.configuration import ConfigError, HybridConfig
+from posttrain.models.hybrid.configuration import (
+    IN_TREE_MODEL_TYPES,
+    ConfigError,
+    DenseGraniteConfig,
+    HybridConfig,
+    load_config,
+)
 from posttrain.models.hybrid.modeling import CausalLMOutput, HybridCache, HybridForCausalLM
 from posttrain.models.hybrid.presets import PRESETS, preset
 
 __all__ = [
+    "IN_TREE_MODEL_TYPES",
     "PRESETS",
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "DenseGraniteConfig",
     "HybridCache",
     "HybridConfig",
     "HybridForCausalLM",
+    "load_config",
     "preset",
 ]

@@ -1,5 +1,6 @@
-"""Reading and writing hybrid checkpoints in the Hugging Face layout: config.json plus safetensors (sharded with
-an index when large), tensor names exactly as published Granite 4.0-H checkpoints have them.
+"""Reading and writing in-tree checkpoints in the Hugging Face layout: config.json plus safetensors (sharded with
+an index when large), tensor names exactly as published Granite 4.0-H (``granitemoehybrid``) and dense Granite
+(``granite``) checkpoints have them; the config's ``model_type`` says which.
 
 Loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it. A missing weight is never
 silently initialised at random. Files are written under temporary names and renamed, so a crash never leaves a
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from posttrain.models.hybrid.configuration import HybridConfig
+from posttrain.models.hybrid.configuration import load_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,7 +91,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 def load_checkpoint(cls, folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
     folder = Path(folder)
-    config = HybridConfig.load(folder)
+    config = load_config(folder)
     with torch.device("meta"):
         model = cls(config)
     expected = expected_tensors(model)
@@ -101,9 +102,11 @@ def load_checkpoint(cls, folder: str | os.PathLike, device=None, dtype: torch.dt
     unexpected = sorted(set(files) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+                        + f" (in none of {', '.join(sorted({p.name for p in files.values()}))})")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        problems.append(f"unexpected tensors: {', '.join(f'{n} (in {files[n].name})' for n in unexpected[:10])}"
+                        + (" ..." if len(unexpected) > 10 else ""))
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 MODEL_TYPE = "granitemoehybrid"
 ARCHITECTURE = "GraniteMoeHybridForCausalLM"
@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class HybridConfig:
+    model_type: ClassVar[str] = MODEL_TYPE
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_hidden_layers: int = 32
@@ -238,3 +239,188 @@ def _json_float(x: Any) -> float:
     if isinstance(x, dict) and "__float__" in x:  # transformers' encoding of inf/nan
         return float(x["__float__"])
     return float(x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dense Granite (Granite 3.x, Granite 4.1): every layer attention, a plain SwiGLU MLP, RoPE
+# ------------------------------------------------------------------------------------------------------------
+DENSE_MODEL_TYPE = "granite"
+DENSE_ARCHITECTURE = "GraniteForCausalLM"
+# RoPE variants whose frequencies do not depend on the sequence length (transformers' "dynamic" and "longrope"
+# recompute them per length, which the preallocated decode path does not follow)
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class DenseGraniteConfig:
+    """The fields of transformers' ``GraniteConfig`` (``model_type: "granite"``). The in-tree model runs it as an
+    all-attention stack of the hybrid's layers, each with ``mlp.{gate,up,down}_proj`` instead of the fused
+    ``shared_mlp``. ``attention_dropout`` is read and written back but not applied (training runs without it)."""
+
+    model_type: ClassVar[str] = DENSE_MODEL_TYPE
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    # the rope_parameters besides rope_type "default" and rope_theta (e.g. {"rope_type": "linear", "factor": 2.0})
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    embedding_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float = 1.0  # the softmax scale (replaces 1/sqrt(head_dim))
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # what the shared layers ask of a config: every layer attention with RoPE, no Mamba, no experts
+    position_embedding_type: ClassVar[str] = "rope"
+    num_local_experts: ClassVar[int] = 0
+    output_router_logits: ClassVar[bool] = False
+    router_aux_loss_coef: ClassVar[float] = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") == "default":
+            self.rope_scaling = None
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.extra.get("head_dim") or self.hidden_size // self.num_attention_heads)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["attention"] * self.num_hidden_layers
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return list(range(self.num_hidden_layers))
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return []
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{name}': {why}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 f"must be a positive integer, got {value!r}")
+        need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads > 0
+             and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"{self.num_key_value_heads!r} must be a positive divisor of num_attention_heads {self.num_attention_heads}")
+        if "head_dim" not in self.extra:
+            need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        need(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head dimension, got {self.head_dim}")
+        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
+                 f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
+
+    def rope_frequencies(self, device=None) -> tuple[Any, float]:
+        """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by, as transformers computes
+        them for this config."""
+        import torch
+
+        if self.rope_scaling is None:
+            d = self.head_dim
+            return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_scaling["rope_type"]](self.to_transformers(), device)
+        return inv_freq.float(), float(scaling)
+
+    # ---- config.json ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [DENSE_ARCHITECTURE], "model_type": DENSE_MODEL_TYPE}
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "rope_scaling"):
+                out[f.name] = getattr(self, f.name)
+        out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DenseGraniteConfig:
+        data = dict(data)
+        model_type = data.pop("model_type", DENSE_MODEL_TYPE)
+        if model_type != DENSE_MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type is {model_type!r}, expected {DENSE_MODEL_TYPE!r}")
+        data.pop("architectures", None)
+        rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+        data.pop("rope_scaling", None)
+        if isinstance(rope, dict):
+            rope = dict(rope)
+            if "type" in rope and "rope_type" not in rope:  # the older spelling
+                rope["rope_type"] = rope.pop("type")
+            if "rope_theta" in rope:
+                data.setdefault("rope_theta", rope.pop("rope_theta"))
+            data["rope_scaling"] = rope
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    save = HybridConfig.save
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DenseGraniteConfig:
+        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
+
+    def to_transformers(self):
+        """The same configuration as a transformers ``GraniteConfig``."""
+        from transformers import GraniteConfig
+
+        data = self.to_dict()
+        for key in ("architectures", "model_type", "rope_theta"):
+            data.pop(key, None)
+        return GraniteConfig(**data)
+
+
+def _read_config_json(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
+
+
+IN_TREE_MODEL_TYPES = (MODEL_TYPE, DENSE_MODEL_TYPE)
+
+
+def load_config(folder: str | Path) -> HybridConfig | DenseGraniteConfig:
+    """The config of an in-tree checkpoint folder, of the class its ``model_type`` names."""
+    data = _read_config_json(folder)
+    source = str(Path(folder) / "config.json")
+    kind = data.get("model_type", MODEL_TYPE)
+    if kind == DENSE_MODEL_TYPE:
+        return DenseGraniteConfig.from_dict(data, source=source)
+    if kind != MODEL_TYPE:
+        raise ConfigError(f"{source}: model_type {kind!r} is not an in-tree model (those are "
+                          f"{', '.join(IN_TREE_MODEL_TYPES)})")
+    return HybridConfig.from_dict(data, source=source)

@@ -1,4 +1,6 @@
 """The Granite 4.0-H hybrid: Mamba-2 mixers and GQA attention layers, a shared MLP and an optional mixture of experts.
+Dense Granite (``DenseGraniteConfig``, transformers' ``granite``) is the same model with attention in every layer,
+RoPE, and a ``DenseMLP`` (``mlp.{gate,up,down}_proj``) in place of the fused shared MLP.
 
 One small module per idea (gated norm, Mamba-2 mixer, attention, MLP, MoE, block, model), each forward readable
 top to bottom. Parameter names are exactly those of published Granite 4.0-H checkpoints (what transformers writes
@@ -35,7 +37,7 @@ from posttrain.kernels import (
 )
 from posttrain.kernels.conv1d_torch import conv_step_float32
 from posttrain.kernels.ssd_torch import mamba2_step_float32
-from posttrain.models.hybrid.configuration import HybridConfig
+from posttrain.models.hybrid.configuration import DenseGraniteConfig, HybridConfig
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ class HybridCache:
     def bytes_per_row(config: HybridConfig, max_len: int, dtype_bytes: int = 2) -> int:
         """Size formula of one row's state: what ``allocate`` reserves, without allocating it."""
         c = config
-        mamba = len(c.mamba_layers) * (c.mamba_conv_dim * (c.mamba_d_conv - 1) * dtype_bytes
+        mamba = 0 if not c.mamba_layers else len(c.mamba_layers) * (c.mamba_conv_dim * (c.mamba_d_conv - 1) * dtype_bytes
                                        + c.mamba_n_heads * c.mamba_d_head * c.mamba_d_state * 4)
         attention = len(c.attention_layers) * 2 * c.num_key_value_heads * max_len * c.head_dim * dtype_bytes
         return mamba + attention
@@ -262,11 +264,23 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    freqs = positions[..., None].float() * inv_freq
+def rope_frequencies(config, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and the factor cos/sin are scaled by (1 but for some scaled RoPE variants)."""
+    if hasattr(config, "rope_frequencies"):  # dense Granite: its rope_parameters may scale them
+        return config.rope_frequencies(device)
+    d = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
+
+
+def rope_tables(positions: torch.Tensor, frequencies: tuple[torch.Tensor, float], dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq, scaling = frequencies
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[..., None, :, :], emb.sin().to(dtype)[..., None, :, :]  # broadcast over heads
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.to(dtype)[..., None, :, :], sin.to(dtype)[..., None, :, :]  # broadcast over heads
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -286,6 +300,26 @@ class SharedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.input_linear(x).chunk(2, dim=-1)
         return self.output_linear(F.silu(gate) * up)
+
+
+class DenseMLP(nn.Module):
+    """Dense Granite's SwiGLU MLP, with transformers' ``GraniteMLP`` tensor names (``mlp.{gate,up,down}_proj``)."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.gate_proj) is not nn.Linear or type(self.up_proj) is not nn.Linear:  # e.g. wrapped by LoRA
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up as one matmul (forward and backward), as the hybrid's fused input_linear does
+        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        bias = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+        gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class ExpertWeights(nn.Module):
@@ -347,12 +381,16 @@ class HybridBlock(nn.Module):
             self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = MixtureOfExperts(config) if config.num_local_experts > 0 else None
-        self.shared_mlp = SharedMLP(config)
+        self.dense = config.model_type == "granite"  # dense Granite: ``mlp``, with transformers' GraniteMLP names
+        if self.dense:
+            self.mlp = DenseMLP(config)
+        else:
+            self.shared_mlp = SharedMLP(config)
 
     def _feed_forward(self, h: torch.Tensor):
         x = self.post_attention_layernorm(h)
         router_logits = None
-        out = self.shared_mlp(x)
+        out = self.mlp(x) if self.dense else self.shared_mlp(x)
         if self.block_sparse_moe is not None:
             moe, router_logits = self.block_sparse_moe(x)
             out = moe + out
@@ -550,9 +588,16 @@ class _FeedForwardStep:
     """Post-attention RMSNorm, the shared SwiGLU MLP (plus the mixture of experts, if any), residual."""
 
     def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
-        mlp = block.shared_mlp
         self.eps, self.alpha, self.moe = _eps_tensor(config, block), block.residual_multiplier, block.block_sparse_moe
         self.norm_weight = block.post_attention_layernorm.weight
+        self.down_bias = None
+        if block.dense:  # gate and up side by side, as the fused weight has them
+            mlp = block.mlp
+            bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+            self.up = _NormedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], self.norm_weight, bias, fold)
+            self.down_t, self.down_bias = mlp.down_proj.weight.t(), mlp.down_proj.bias
+            return
+        mlp = block.shared_mlp
         # with experts, the router and the experts read the normed input too: it is made once, nothing is folded
         self.up = _NormedLinear([mlp.input_linear.weight], None if self.moe else self.norm_weight, None,
                                 fold and self.moe is None)
@@ -562,7 +607,7 @@ class _FeedForwardStep:
         r = _rms_factor(h, self.eps)
         if self.moe is None:
             gate, up = self.up(h, r).chunk(2, dim=-1)
-            return torch.addmm(h, F.silu(gate).mul_(up), self.down_t, alpha=self.alpha)
+            return _residual_linear(h, F.silu(gate).mul_(up), self.down_t, self.down_bias, self.alpha)
         x = (h * r) * self.norm_weight
         gate, up = torch.mm(x, self.up.weights[0]).chunk(2, dim=-1)
         out = torch.addmm(self.moe(x)[0], F.silu(gate).mul_(up), self.down_t)
@@ -587,13 +632,13 @@ class DecodePlan:
         self.eps = _eps_tensor(c, model)
         self.head = _NormedLinear([model.lm_head.weight], model.model.norm.weight, None, fold,
                                   scale=1.0 / c.logits_scaling)
+        self.rope = rope_frequencies(c, model.device) if c.position_embedding_type == "rope" else None
 
     def step(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-        c = self.config
         h = F.embedding(input_ids, self.embedding) * self.embedding_multiplier
         rope = None
-        if c.position_embedding_type == "rope":  # the new token's position in each row
-            rope = rope_tables(cache.lengths[:, None], c.head_dim, c.rope_theta, h.dtype)
+        if self.rope is not None:  # the new token's position in each row
+            rope = rope_tables(cache.lengths[:, None], self.rope, h.dtype)
         for mixer, feed_forward in self.layers:
             h = feed_forward(mixer(h, cache, rope))
         cache.lengths += 1
@@ -623,9 +668,10 @@ class HybridInner(nn.Module):
 
 
 class HybridForCausalLM(nn.Module):
-    """The Granite 4.0-H causal LM. See the module docstring for the three entry points."""
+    """The in-tree Granite causal LM: Granite 4.0-H for a ``HybridConfig``, dense Granite for a
+    ``DenseGraniteConfig``. See the module docstring for the three entry points."""
 
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig | DenseGraniteConfig):
         super().__init__()
         self.config = config
         self.model = HybridInner(config)
@@ -682,7 +728,7 @@ class HybridForCausalLM(nn.Module):
         c = self.config
         if c.position_embedding_type != "rope":
             return None
-        return rope_tables(positions, c.head_dim, c.rope_theta, dtype)
+        return rope_tables(positions, rope_frequencies(c, positions.device), dtype)
 
     # -- full sequences -------------------------------------------------------------------------------------
     def forward(
