@@ -125,17 +125,10 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
 
         model = HybridForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:
-        from transformers import AutoModelForCausalLM
-
-        from posttrain.families import check_trainable
+        from posttrain.families import check_trainable, load_causal_lm
 
         check_trainable(model_dir, "--model")
-        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True)
-        wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if any(wrong.values()):  # transformers would fill the gaps with random weights and export them
-            first = next((k, v) for k, v in wrong.items() if v)
-            raise ExportError(f"--model {model_dir}: its weight files do not match its config.json "
-                              f"({first[0].replace('_', ' ')}: {', '.join(map(str, first[1][:5]))})")
+        model = load_causal_lm(model_dir, "--model")
     provenance: dict[str, Any] = {"source": {"path": str(model_dir.resolve()), "sha256": weights_digest(model_dir)}}
     if adapter is not None:
         from peft import PeftModel

@@ -66,6 +66,30 @@ def check_trainable(folder: str | os.PathLike, field: str = "model.path") -> str
     return model_type
 
 
+def load_causal_lm(folder: str | os.PathLike, field: str = "model.path", **kwargs):
+    """transformers' ``AutoModelForCausalLM`` for ``folder``, loaded strictly: weight files that lack a tensor its
+    config.json implies, hold one it does not, or hold one of another shape are a ``ModelFamilyError`` naming the
+    folder, the field and the first such tensors (transformers would otherwise initialise them at random)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        # load again only to learn which tensors differ, and refuse
+        _, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True,
+                                                       ignore_mismatched_sizes=True, **kwargs)
+        model = None
+    for kind in ("mismatched_keys", "missing_keys", "unexpected_keys"):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if names:
+            raise ModelFamilyError(f"{field}: the weight files in {folder} do not match its config.json ("
+                                   f"{kind.replace('_', ' ')}: {', '.join(names[:4])}"
+                                   f"{', ...' if len(names) > 4 else ''})")
+    return model
+
+
 def core_model(model):
     """The model inside DDP/FSDP and peft wrappers."""
     inner = model

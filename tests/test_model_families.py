@@ -254,3 +254,20 @@ def test_packing_a_model_whose_state_crosses_sequences_is_refused(tok, data, tmp
     assert not (tmp_path / "run" / "checkpoints").exists()
     # the same model trains unpacked
     assert cli(["sft", "--config", str(sft_recipe(tmp_path, folder, data)), "--data.packing", "false"]) == 0
+
+
+def test_weights_that_do_not_match_config_json_are_refused(tok, data, tmp_path, capsys):
+    folder = tmp_path / "llama"
+    tiny("llama", tok).save_pretrained(folder)
+    tok.save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))  # a layer with no weights
+    assert cli(["sft", "--config", str(sft_recipe(tmp_path, folder, data))]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "missing keys: model.layers.2." in err and "Traceback" not in err
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))  # other shapes
+    assert cli(["export", "--model", str(folder), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k.pem"),
+                "--generate-key"]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "mismatched keys: model.layers.0.mlp.down_proj.weight" in err
+    assert not (tmp_path / "out").exists()

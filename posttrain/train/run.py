@@ -75,9 +75,9 @@ def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[st
     if is_hybrid_folder(m.path):
         model = HybridForCausalLM.from_pretrained(m.path, dtype=torch.float32)
     else:
-        from transformers import AutoModelForCausalLM
+        from posttrain.families import load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+        model = load_causal_lm(m.path, dtype=torch.float32)
     upstream = Path(m.path) / MANIFEST
     if upstream.is_file():
         base["training_manifest_sha256"] = file_digest(upstream)
