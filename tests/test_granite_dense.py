@@ -201,7 +201,7 @@ def test_sft_with_packing_trains_and_exports_as_granite(tmp_path):
     from posttrain.synthetic import arithmetic_corpus, arithmetic_problem
     from posttrain.tokenizer import build_tokenizer
     from posttrain.train.config import TrainConfig
-    from posttrain.train.run import run_training
+    from posttrain.train.run import is_hybrid_folder, run_training
 
     tok = build_tokenizer(arithmetic_corpus(200), vocab_size=200)
     torch.manual_seed(5)
@@ -209,6 +209,7 @@ def test_sft_with_packing_trains_and_exports_as_granite(tmp_path):
                                                "eos_token_id": tok.eos_token_id, "bos_token_id": None}))
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(str(tmp_path / "base"))
+    assert is_hybrid_folder(tmp_path / "base")  # trained, saved and exported by the in-tree model
     rng = random.Random(2)
     rows = [arithmetic_problem(rng) for _ in range(12)]
     (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

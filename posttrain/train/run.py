@@ -34,7 +34,9 @@ def is_hybrid_folder(path: str | os.PathLike) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"model.path {path}: no config.json there")
-    return json.loads(cfg.read_text()).get("model_type") == "granitemoehybrid"
+    from posttrain.models.hybrid import IN_TREE_MODEL_TYPES  # Granite 4.0-H and dense Granite
+
+    return json.loads(cfg.read_text()).get("model_type") in IN_TREE_MODEL_TYPES
 
 
 def weights_digest(folder: str | os.PathLike) -> str:
