@@ -1,9 +1,11 @@
 """Any transformers causal LM through every stage: Llama, Qwen2 and Granite, built by transformers itself (random
-init, ``save_pretrained``) with the in-tree tokenizer and chat template, vocab_size matched.
+init, ``save_pretrained``) with the in-tree tokenizer and chat template, vocab_size matched. (A ``granite`` folder
+runs on the in-tree dense Granite where posttrain has it; Llama and Qwen2 run as transformers' own classes.)
 
 - Packed rows (one padding-free row, ``position_ids`` restarting at 0, ``attention_mask=None``) give the SFT loss,
   its gradients and DPO's sequence log-probabilities that transformers gives each sequence run alone, within 1e-5 in
-  float32, with the ``sdpa`` and ``eager`` attention implementations.
+  float32, with the ``sdpa`` and ``eager`` attention implementations, for transformers' Llama, Qwen2, Granite,
+  Qwen3, Mistral and Gemma classes.
 - ``posttrain sft`` (packed), ``posttrain dpo`` (packed, LoRA on the family's default projections), ``posttrain merge``
   and ``posttrain export`` run on each family; the merge is the weighted sum of its sources; the exported folder
   loads in transformers with no missing or unexpected keys and decodes greedily exactly as transformers does on the
@@ -19,7 +21,15 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GraniteConfig, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from posttrain.cli import main as cli
 from posttrain.dpo.data import PreferencePair, collate_pairs
@@ -35,6 +45,12 @@ FAMILIES = {
     # Granite's multipliers away from 1, so a path that ignored one would not match transformers
     "granite": lambda **kw: GraniteConfig(embedding_multiplier=4.0, residual_multiplier=0.5,
                                           attention_multiplier=0.2, logits_scaling=2.0, **kw),
+}
+# packed rows are also checked on these (transformers' classes), the stages on FAMILIES only
+PACKED_ONLY = {
+    "qwen3": lambda **kw: Qwen3Config(head_dim=16, **kw),
+    "mistral": MistralConfig,
+    "gemma": lambda **kw: GemmaConfig(head_dim=16, **kw),
 }
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -55,7 +71,7 @@ def tok():
 
 def tiny(family: str, tok, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    cfg = FAMILIES[family](vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = {**FAMILIES, **PACKED_ONLY}[family](vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                            bos_token_id=tok.bos_token_id, tie_word_embeddings=False, **kw)
@@ -82,7 +98,7 @@ def data(tok, tmp_path_factory):
 
 # -- packed rows == one by one -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *PACKED_ONLY])
 def test_packed_rows_equal_one_by_one(family, impl, tok, data):
     model = tiny(family, tok, attn_implementation=impl)
     assert model.config._attn_implementation == impl
