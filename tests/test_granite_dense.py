@@ -266,3 +266,54 @@ def test_lora_adapters_on_every_projection_match_transformers_with_the_same_adap
         if p.requires_grad:
             err = (p.grad - theirs_grads[n]).norm() / theirs_grads[n].norm().clamp(min=1e-12)
             assert err < 1e-4, f"{n}: relative gradient error {err:.2e}"
+
+
+def test_sft_and_export_of_a_checkpoint_not_matching_its_config_stop_with_one_line(tmp_path, capsys):
+    import random
+
+    from posttrain.cli import main as cli
+    from posttrain.synthetic import arithmetic_corpus, arithmetic_problem
+    from posttrain.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(arithmetic_corpus(200), vocab_size=200)
+    model_dir = tmp_path / "base"
+    GraniteForCausalLM(GraniteConfig(**{**BASE, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id})
+                       ).save_pretrained(model_dir)
+    tok.save_pretrained(str(model_dir))
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"][:, :40].contiguous()
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    rng = random.Random(0)
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(arithmetic_problem(rng)) + "\n" for _ in range(4)))
+    (tmp_path / "sft.yaml").write_text(
+        f"model: {{path: {model_dir}}}\n"
+        f"data: {{train_files: [{tmp_path / 'pc.jsonl'}], prompt_field: question, completion_field: answer, "
+        "max_length: 128, packing: true}\n"
+        f"checkpoint: {{output_dir: {tmp_path / 'run'}, every_steps: 0}}\n"
+        "optim: {per_device_batch_size: 2, max_steps: 1}\nlogging: {progress: false}\n")
+    want = "tensor model.layers.0.self_attn.o_proj.weight in model.safetensors has shape [48, 40]"
+    for argv in (["sft", "--config", str(tmp_path / "sft.yaml")],
+                 ["export", "--model", str(model_dir), "--out", str(tmp_path / "export"), "--key",
+                  str(tmp_path / "key.pem"), "--generate-key"]):
+        capsys.readouterr()
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("posttrain ")]  # (datasets prints progress)
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "export").exists()
+
+
+def test_a_granite_3_config_json_with_legacy_rope_fields_loads_as_transformers_reads_it(tmp_path):
+    theirs = transformers_model("plain")
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]  # the Granite 3.x layout: rope_theta at the top, rope_scaling beside it
+    config["rope_theta"] = 10000000.0
+    config["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = GraniteForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = HybridForCausalLM.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_theta == 10000000.0 and ours.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    ids = torch.randint(1, VOCAB, (1, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
