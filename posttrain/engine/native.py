@@ -1,4 +1,5 @@
-"""The native generation engine: batched sampling from the in-tree hybrid, for rollouts and serving.
+"""The native generation engine: batched sampling from the in-tree models (the hybrid and dense Granite), for
+rollouts and serving.
 
 Prompts of any lengths are prefilled together as one packed row (each prompt once, however many samples it
 gets), their states copied G ways, then decoded one token per step with a preallocated state: a fixed-size conv
