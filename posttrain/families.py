@@ -59,6 +59,10 @@ def check_trainable(folder: str | os.PathLike, field: str = "model.path") -> str
         raise ModelFamilyError(f"{field}: {path} has model_type {model_type!r}, an encoder (bidirectional "
                                "attention, trained as a masked language model); posttrain trains decoder-only causal "
                                "language models")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        raise ModelFamilyError(f"{field}: {path} has model_type {model_type!r}, whose code ships with the checkpoint "
+                               "(auto_map, trust_remote_code); posttrain runs only the model classes transformers "
+                               "itself has")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelFamilyError(f"{field}: {path} has model_type {model_type!r}, which is not a causal language model "
                                "(transformers' AutoModelForCausalLM has no class for it); posttrain trains decoder-only "

@@ -287,3 +287,15 @@ def test_weights_that_do_not_match_config_json_are_refused(tok, data, tmp_path, 
     err = capsys.readouterr().err
     assert str(folder) in err and "mismatched keys: model.layers.0.mlp.down_proj.weight" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_code_ships_with_the_checkpoint_is_refused(tok, data, tmp_path, capsys):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_lm", "auto_map": {
+        "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyForCausalLM"}}))
+    tok.save_pretrained(str(folder))
+    assert cli(["sft", "--config", str(sft_recipe(tmp_path, folder, data))]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "config.json") in err and "'my_lm'" in err and "trust_remote_code" in err
+    assert not (tmp_path / "run").exists()
