@@ -41,7 +41,7 @@ from posttrain.train.loop import masked_nll_sum
 
 FAMILIES = {
     "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
+    "qwen2": Qwen2Config,  # with tied input and output embeddings, as the small Qwen2 models have
     # Granite's multipliers away from 1, so a path that ignored one would not match transformers
     "granite": lambda **kw: GraniteConfig(embedding_multiplier=4.0, residual_multiplier=0.5,
                                           attention_multiplier=0.2, logits_scaling=2.0, **kw),
@@ -74,7 +74,7 @@ def tiny(family: str, tok, seed: int = 0, **kw):
     cfg = {**FAMILIES, **PACKED_ONLY}[family](vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                           bos_token_id=tok.bos_token_id, tie_word_embeddings=False, **kw)
+                           bos_token_id=tok.bos_token_id, tie_word_embeddings=family == "qwen2", **kw)
     return AutoModelForCausalLM.from_config(cfg).float()
 
 
@@ -201,6 +201,8 @@ def test_family_runs_sft_dpo_merge_and_export(family, tok, data, tmp_path):
     exported, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32,
                                                           output_loading_info=True)
     assert exported.config.model_type == family
+    tied = exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
+    assert tied == (family == "qwen2")  # tied embeddings stay tied through training, merge and export
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     source = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     source.save_pretrained(tmp_path / "roundtrip")
