@@ -1,11 +1,11 @@
-"""Model families: which checkpoints the stages can train, the LoRA targets a family gets by default, and whether
-a transformers model keeps the sequences of a packed row apart.
+"""Model families: which checkpoints the stages can train, loading a transformers one strictly, the LoRA targets a
+family gets by default, and whether a transformers model keeps the sequences of a packed row apart.
 
 The family is read from the checkpoint's ``config.json`` (``model_type``), never chosen by the user. The in-tree
 models (``posttrain.models``) pack natively; any other causal LM runs as transformers' own class, and packs through
 transformers' packed-sequence masks: with ``attention_mask=None`` and no cache, ``masking_utils`` reads the
-sequence boundaries off ``position_ids`` that restart at 0 (``sdpa``, ``eager`` and ``flex_attention`` alike; no
-flash-attn needed). Whether a family does so is not assumed from its name: ``check_packed_rows`` runs the model on
+sequence boundaries off ``position_ids`` that restart at 0 (with ``sdpa`` and ``eager`` attention; no flash-attn
+needed). Whether a family does so is not assumed from its name: ``check_packed_rows`` runs the model on
 one packed row and on its sequences one by one and compares. This module never trains and never writes files.
 """
 
