@@ -120,7 +120,9 @@ def test_posttrain_dpo_reports_bad_recipes_and_rows_with_exit_code_2(tmp_path, c
     from posttrain.synthetic import arithmetic_corpus
     from posttrain.tokenizer import build_tokenizer
 
-    build_tokenizer(arithmetic_corpus(50), vocab_size=260).save_pretrained(str(tmp_path / "tok"))
+    tok = build_tokenizer(arithmetic_corpus(50), vocab_size=260)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "tok" / "config.json").write_text('{"model_type": "granitemoehybrid"}')  # config.json only: no weights
     recipe.write_text(f"model: {{path: {tmp_path / 'tok'}}}\ndata: {{train_files: [{rows}]}}\n")
     assert main(["dpo", "--config", str(recipe)]) == 2  # the rows fail before any model is loaded
     assert f"{rows}:2: missing field `chosen`" in capsys.readouterr().err
