@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import GraniteMoeHybridForCausalLM
@@ -39,6 +41,18 @@ def test_greedy_equals_transformers_generate(trained):
         assert completion.token_ids == ref[0, len(prompt):].tolist()
 
 
+def _kept_probability(probs: torch.Tensor, token: int, top_k: int, top_p: float) -> float:
+    """The token's probability after top-k, then top-p (the smallest prefix reaching top_p), renormalised."""
+    kept, mass = [], 0.0
+    for rank, v in enumerate(torch.argsort(probs, descending=True).tolist()):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        kept.append(v)
+        mass += probs[v].item()
+    assert token in kept
+    return probs[token].item() / probs[kept].sum().item()
+
+
 @pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
 def test_sampled_logprobs_equal_a_fresh_forward(trained, temperature, top_p, top_k):
     tokenizer, model, _ = trained
@@ -51,9 +65,10 @@ def test_sampled_logprobs_equal_a_fresh_forward(trained, temperature, top_p, top
         p = prompts[o.prompt_index]
         with torch.no_grad():
             logits = model(torch.tensor([p + o.token_ids])).logits[0].float()
-        logp = torch.log_softmax(logits / temperature, dim=-1)[len(p) - 1: -1]
-        fresh = logp.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(o.logprobs), fresh, atol=1e-4, rtol=0)
+        probs = torch.softmax(logits.double() / temperature, dim=-1)[len(p) - 1: -1]
+        fresh = torch.tensor([math.log(_kept_probability(row, tok, top_k, top_p))
+                              for row, tok in zip(probs, o.token_ids, strict=True)], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(o.logprobs, dtype=torch.float64), fresh, atol=1e-4, rtol=0)
         if o.finish_reason == "stop":
             assert o.token_ids[-1] == tokenizer.eos_token_id
             assert tokenizer.eos_token_id not in o.token_ids[:-1]
@@ -96,17 +111,17 @@ def test_mamba_state_does_not_grow_with_generated_tokens(trained):
     assert grow == per_token * (10_000 - 10)
 
 
-def test_top_k_and_top_p_truncate_but_logprobs_do_not():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+def test_top_k_and_top_p_truncate_and_logprobs_are_of_the_renormalised_distribution():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = torch.log(torch.tensor([probs]))
     gen = torch.Generator().manual_seed(0)
-    seen = set()
-    for _ in range(200):
-        tok, lp = sample(logits, SamplingParams(top_k=2), gen)
-        seen.add(int(tok))
-        torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[0, tok])
-    assert seen == {0, 1}
-    seen = {int(sample(logits, SamplingParams(top_p=0.79), gen)[0]) for _ in range(200)}
-    assert seen == {0, 1}
+    for params in (SamplingParams(top_k=2), SamplingParams(top_p=0.79)):  # both keep 0.5 and 0.3
+        seen = set()
+        for _ in range(200):
+            tok, lp = sample(logits, params, gen)
+            seen.add(int(tok))
+            assert float(lp) == pytest.approx(math.log(probs[int(tok)] / 0.8), abs=1e-6)
+        assert seen == {0, 1}
 
 
 def test_bad_prompts_are_clear_errors(trained):
