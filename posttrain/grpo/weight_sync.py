@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 STORE_PREFIX = "posttrain-weight-sync"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -89,6 +92,16 @@ class _Group:
             raise WeightSyncError(f"weight sync (rank {rank}) at {where}: the {cfg.backend} group could not be "
                                   f"built: {e}") from None
         self._store_keepalive = store
+
+    def shutdown(self) -> None:
+        """Leave the group: its backend's threads are stopped here, not by an interpreter exit racing them (gloo
+        aborted the process with 'terminate called without an active exception' at exit)."""
+        pg, self.pg = getattr(self, "pg", None), None
+        if pg is not None and hasattr(pg, "shutdown"):
+            try:
+                pg.shutdown()
+            except Exception as e:  # noqa: BLE001 - a peer already gone: nothing left to leave
+                logger.debug("weight sync (rank %d): shutdown: %s", self.rank, e)
 
     def _wait(self, work, phase: str) -> None:
         t0 = time.monotonic()
@@ -177,8 +190,11 @@ class WeightSender(_Group):
         return sent
 
     def close(self) -> None:
-        """Tell the workers to leave the group."""
-        self._header({"op": "close"})
+        """Tell the workers to leave the group, and leave it."""
+        try:
+            self._header({"op": "close"})
+        finally:
+            self.shutdown()
 
 
 class WeightReceiver(_Group):
@@ -195,6 +211,7 @@ class WeightReceiver(_Group):
         """Receive one sync and ``apply`` the named tensors; returns its version (None: the sender closed)."""
         header = self._header(None)
         if header.get("op") == "close":
+            self.shutdown()
             return None
         metas = header["tensors"]
         received: list[tuple[str, torch.Tensor]] = []
