@@ -417,8 +417,9 @@ def _calls_text(completion: Any) -> str:
     messages = [completion] if isinstance(completion, dict) else completion
     if isinstance(messages, str):
         return text
-    last = next((m for m in reversed(list(messages)) if isinstance(m, dict) and m.get("role", "assistant") == "assistant"),
-                None)
+    last = next(
+        (m for m in reversed(list(messages)) if isinstance(m, dict) and m.get("role", "assistant") == "assistant"), None
+    )
     for call in (last or {}).get("tool_calls") or []:
         function = call.get("function", call) if isinstance(call, dict) else {}
         arguments = function.get("arguments")

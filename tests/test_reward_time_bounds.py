@@ -149,3 +149,14 @@ def test_a_bad_time_limit_is_a_config_error_naming_the_field(tmp_path, value):
 
     with pytest.raises(ConfigError, match=r"rules\.verify_answer\.timeout_s: must be > 0"):
         build_rules(config_from_dict({"rules": [{"name": "verify_answer", "timeout_s": value}]}).rules)
+
+
+def test_preference_pair_scoring_bounds_the_models_answers():
+    """``posttrain pairs`` scores the model's own answers: a hostile one scores None (no pair), in bounded time."""
+    from posttrain.dpo.pairs import score_answers
+
+    rows = [{"prompt": "What is 6*7?", "answer": "42"}, {"prompt": "What is it?", "answer": "5"}]
+    answers = [["\\boxed{42}", "\\boxed{\\frac{84}{2}}"], [boxed(HOSTILE["huge binomial"]), "\\boxed{5}"]]
+    start = time.monotonic()
+    assert score_answers("math", {}, rows, "prompt", answers) == [[1.0, 1.0], [None, 1.0]]
+    assert time.monotonic() - start < 40  # the pool's 10 s limit, plus starting and loading its worker

@@ -186,8 +186,11 @@ def pairs_on_policy(prompts: Sequence[Any], greedy: Sequence[str], greedy_scores
 
 def score_answers(reward_name: str, reward_options: dict[str, Any], rows: Sequence[dict[str, Any]],
                   prompt_field: str, answers: Sequence[Sequence[str]]) -> list[list[float | None]]:
-    """The reward's score of every answer; the prompt row's other columns go to the reward (TRL's convention)."""
-    from posttrain.rewards import call_reward, get
+    """The reward's score of every answer; the prompt row's other columns go to the reward (TRL's convention).
+
+    The answers are the model's own, so the reward runs under the reward pool's time limit (``BoundedReward``): an
+    answer that sends it into an endless computation, or makes it fail, scores ``None`` and is in no pair."""
+    from posttrain.rewards import BoundedReward, get
 
     reward = get(reward_name, **reward_options)
     flat_prompts, flat_answers, columns = [], [], {}
@@ -198,7 +201,8 @@ def score_answers(reward_name: str, reward_options: dict[str, Any], rows: Sequen
             flat_answers.append(_as_completion(row[prompt_field], text))
             for name in names:
                 columns.setdefault(name, []).append(row.get(name))
-    flat = call_reward(reward_name, reward, flat_prompts, flat_answers, columns)
+    with BoundedReward(reward_name, reward) as bounded:
+        flat, _ = bounded.score(flat_prompts, flat_answers, columns)  # the pool logs each failure
     n = len(answers[0]) if answers else 0
     return [list(flat[i * n:(i + 1) * n]) for i in range(len(answers))]
 
