@@ -93,7 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         args = sub.parse_args(rest)
     if config_cls is not None and args.print_config:
         return print_config(name, config_cls, args)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under ``accelerate launch`` the command's process group is left before the interpreter exits: gloo's
+    threads, torn down at exit instead, can abort the process ('terminate called without an active exception')
+    after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def print_config(name: str, config_cls: type, args: argparse.Namespace) -> int:

@@ -53,6 +53,8 @@ WORKER = textwrap.dedent('''
         torch.save(grads, out + "/grads.pt")
         samples = [dict(ids=s.completion_ids, adv=s.advantage) for s in trainer.last_batch]
         json.dump(dict(metrics=metrics, samples=samples), open(out + "/result.json", "w"))
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # before exit: gloo
 ''')
 
 

@@ -387,7 +387,7 @@ def test_concurrent_requests_share_batches(client, server, server_process, strea
         if stream:
             client.close()
     single_text, single = min(singles, key=lambda r: r[1])
-    texts, together, batches = min(eights, key=lambda r: r[1])
+    _texts, together, batches = min(eights, key=lambda r: r[1])
     print(f"one request {single:.3f}s, 8 concurrent {together:.3f}s (rounds: {[round(r[1], 3) for r in singles]}, "
           f"{[round(r[1], 3) for r in eights]})")
     assert all(text == single_text for text, _ in singles)

@@ -81,7 +81,8 @@ def user_rewards(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "trl_style_rewards.py").write_text(USER_REWARDS)
     monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+    # no empty entry: one would put the working directory (a checkout's posttrain/) ahead of the installed package
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [str(folder), os.environ.get("PYTHONPATH", "")] if p))
     import importlib
 
     sys.modules.pop("trl_style_rewards", None)

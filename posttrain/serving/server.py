@@ -17,12 +17,12 @@ not trust. It never changes the model's weights.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import json
 import logging
 import queue
 import signal
 import threading
+from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
