@@ -42,6 +42,7 @@ import torch
 from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
+from posttrain.families import core_model
 from posttrain.train.data import BatchPlan
 from posttrain.train.loop import (
     TrainingError,
@@ -53,16 +54,6 @@ from posttrain.train.loop import (
 
 REFERENCE_FILE = "reference_logps.jsonl"
 _STATS = ("loss", "chosen_reward", "rejected_reward", "correct", "chosen_logps", "rejected_logps")
-
-
-def core_model(model):
-    """The ``HybridForCausalLM`` (or transformers model) inside DDP/FSDP and peft wrappers."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
 
 
 def sequence_logps(model, batch: dict[str, Any], device, router_aux: bool = False
