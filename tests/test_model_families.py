@@ -7,7 +7,8 @@ runs on the in-tree dense Granite where posttrain has it; Llama and Qwen2 run as
   float32, with the ``sdpa`` and ``eager`` attention implementations, for transformers' Llama, Qwen2, Granite,
   Qwen3, Mistral and Gemma classes.
 - ``posttrain sft`` (packed), ``posttrain dpo`` (packed, LoRA on the family's default projections), ``posttrain merge``
-  and ``posttrain export`` run on each family; the merge is the weighted sum of its sources; the exported folder
+  and ``posttrain export`` run on each family, and on the Granite 4.0-H hybrid twice: saved by posttrain's in-tree
+  model and saved by transformers' ``GraniteMoeHybridForCausalLM`` (with experts and a shared expert); the merge is the weighted sum of its sources; the exported folder
   loads in transformers with no missing or unexpected keys and decodes greedily exactly as transformers does on the
   source weights after a save/load round trip.
 - Bad input: an encoder or a vision model is refused naming config.json before anything is written; LoRA targets the
@@ -53,6 +54,10 @@ PACKED_ONLY = {
     "gemma": lambda **kw: GemmaConfig(head_dim=16, **kw),
 }
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+# the hybrid's default LoRA targets: its Mamba-2 in/out projections and its attention projections
+HYBRID_PROJECTIONS = {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"}
+# the Granite 4.0-H hybrid: Mamba-2, attention, Mamba-2 layers (no positional encoding), built two ways
+HYBRIDS = ("hybrid", "granitemoehybrid")
 
 
 @pytest.fixture(autouse=True)
@@ -151,11 +156,37 @@ def weights(folder) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+def save_base(family: str, tok, folder) -> None:
+    """A tiny random model of ``family`` saved to ``folder``: the hybrid by posttrain's in-tree class
+    (``hybrid``) or by transformers' ``GraniteMoeHybridForCausalLM`` (``granitemoehybrid``, with 4 experts, top 2,
+    and a shared expert), every other family by transformers."""
+    if family not in HYBRIDS:
+        tiny(family, tok).save_pretrained(folder)
+        return
+    from transformers import GraniteMoeHybridForCausalLM
+
+    from posttrain.models.hybrid import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    config = HybridConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3,
+                          layer_types=["mamba", "attention", "mamba"], num_attention_heads=4, num_key_value_heads=2,
+                          mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8, intermediate_size=32,
+                          shared_intermediate_size=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id,
+                          **({"num_local_experts": 4, "num_experts_per_tok": 2} if family == "granitemoehybrid" else {}))
+    if family == "hybrid":
+        HybridForCausalLM(config).save_pretrained(folder)
+    else:
+        GraniteMoeHybridForCausalLM(config.to_transformers()).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *HYBRIDS])
 def test_family_runs_sft_dpo_merge_and_export(family, tok, data, tmp_path):
     base = tmp_path / "base"
-    tiny(family, tok).save_pretrained(base)
+    save_base(family, tok, base)
     tok.save_pretrained(str(base))
+    tied_at_start = json.loads((base / "config.json").read_text()).get("tie_word_embeddings", False)
+    projections = HYBRID_PROJECTIONS if family in HYBRIDS else PROJECTIONS
     common = "optim: {lr: 5.0e-3, per_device_batch_size: 2, max_steps: 3, schedule: constant}\nlogging: {progress: false}\n"
 
     # sft, packed: two bins of whole conversations per step
@@ -179,10 +210,10 @@ def test_family_runs_sft_dpo_merge_and_export(family, tok, data, tmp_path):
         f"checkpoint: {{output_dir: {tmp_path / 'dpo'}, every_steps: 0}}\n" + common)
     assert cli(["dpo", "--config", str(tmp_path / "dpo.yaml")]) == 0
     adapter = json.loads((tmp_path / "dpo" / "final" / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == PROJECTIONS
+    assert set(adapter["target_modules"]) == projections
     dpo = weights(tmp_path / "dpo" / "final")
     changed = {k.rsplit(".", 2)[-2] for k in dpo if not torch.equal(dpo[k], sft[k])}
-    assert changed == PROJECTIONS
+    assert changed == projections
     dlog = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert dlog[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert dlog[-1]["rewards/margin"] > dlog[0]["rewards/margin"]
@@ -200,9 +231,9 @@ def test_family_runs_sft_dpo_merge_and_export(family, tok, data, tmp_path):
                 str(tmp_path / "key.pem"), "--generate-key"]) == 0
     exported, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32,
                                                           output_loading_info=True)
-    assert exported.config.model_type == family
+    assert exported.config.model_type == ("granitemoehybrid" if family in HYBRIDS else family)
     tied = exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
-    assert tied == (family == "qwen2")  # tied embeddings stay tied through training, merge and export
+    assert tied == tied_at_start == (family == "qwen2")  # tied embeddings stay tied through training, merge, export
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     source = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     source.save_pretrained(tmp_path / "roundtrip")
