@@ -12,83 +12,17 @@ This module never trains and never changes the model's weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-
 import torch
 
 from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
-
-
-@dataclass
-class SamplingParams:
-    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k truncation
-    n: int = 1  # samples per prompt
-    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
-    eos_token_id: int | list[int] | None = None
-    ignore_eos: bool = False
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.n < 1:
-            raise ValueError(f"top_k must be >= 0 and n >= 1, got top_k={self.top_k}, n={self.n}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def stop_ids(self) -> list[int]:
-        ids = list(self.stop_token_ids)
-        if not self.ignore_eos and self.eos_token_id is not None:
-            ids += [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-        return ids
-
-
-@dataclass
-class Completion:
-    prompt_index: int
-    token_ids: list[int]
-    # each sampled token's log-probability under the distribution it was drawn from: temperature-scaled, then
-    # truncated by top_k/top_p and renormalised (greedy: the plain distribution)
-    logprobs: list[float]
-    # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens; "abort": the
-    # ``on_step`` callback asked for the row to stop
-    finish_reason: str
-
-
-@dataclass
-class StepTokens:
-    """The tokens one decoding step produced, for streaming: ``rows[i]`` (an index into ``generate``'s result,
-    prompt-major) got ``token_ids[i]``; ``finish_reasons[i]`` is ``"stop"`` or ``"length"`` if that token is the
-    row's last, else None. Rows that finished earlier are absent."""
-
-    rows: list[int]
-    token_ids: list[int]
-    finish_reasons: list[str | None]
-
-
-# Called after every step with what it produced; may return result indices whose rows should stop now (a client
-# went away): they finish with "abort" and leave the batch.
-StepCallback = Callable[[StepTokens], Iterable[int] | None]
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0  # decode steps taken
-    rows_forwarded: int = 0  # rows that went through a decode step (finished rows do not)
-    prefill_tokens: int = 0
-    cache_bytes: int = 0  # the largest generation state allocated
+from posttrain.rollout.base import (
+    Completion,
+    EngineStats,
+    SamplingParams,
+    StepCallback,
+    StepTokens,
+    sample,
+)
 
 
 class NativeEngine:
@@ -181,29 +115,3 @@ class NativeEngine:
             self.stats.steps += 1
             self.stats.rows_forwarded += len(active)
         return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
-    """Pick one token per row; return it and its log-probability under the distribution it was drawn from: the
-    temperature-scaled one, truncated by top_k/top_p and renormalised (for greedy: the plain distribution)."""
-    logits = logits.float()
-    if params.greedy:
-        tokens = logits.argmax(dim=-1)
-        logp = torch.log_softmax(logits, dim=-1)
-        return tokens, logp.gather(1, tokens[:, None])[:, 0]
-    logp = torch.log_softmax(logits / params.temperature, dim=-1)
-    filtered = logp
-    if params.top_k and params.top_k < logp.shape[-1]:
-        kth = logp.topk(params.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logp, order = filtered.sort(dim=-1, descending=True)
-        cumulative = sorted_logp.exp().cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logp.exp() >= params.top_p  # keep the smallest set reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(filtered, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    if filtered is not logp:
-        logp = torch.log_softmax(filtered, dim=-1)  # renormalised over the kept tokens
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]

@@ -1,0 +1,144 @@
+"""What every rollout engine shares: how to sample (``SamplingParams``), what comes back (``Completion``), the
+shared sampler, the ``Engine`` protocol with its declared capabilities, and the registry that chooses an engine by
+name for a model folder.
+
+An engine turns token-id prompts into completions: ``generate(prompt_ids, params) -> list[Completion]``, prompt-major
+(prompt i's j-th sample at ``i * params.n + j``). Each completion carries the sampled token ids, each token's
+log-probability under the distribution it was drawn from (temperature-scaled, then truncated by top_k/top_p and
+renormalised: vLLM's ``processed_logprobs``; greedy: the plain distribution), and why it stopped. Everything else an
+engine may do is an explicit capability (``Capabilities``): taking new weights from a trainer, sleeping and waking
+(giving its memory back between rollouts), streaming each step's tokens, being closed. A command states what it
+needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run the model's family, before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    n: int = 1  # samples per prompt
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
+    eos_token_id: int | list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.n < 1:
+            raise ValueError(f"top_k must be >= 0 and n >= 1, got top_k={self.top_k}, n={self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def stop_ids(self) -> list[int]:
+        ids = list(self.stop_token_ids)
+        if not self.ignore_eos and self.eos_token_id is not None:
+            ids += [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        return ids
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]
+    # each sampled token's log-probability under the distribution it was drawn from: temperature-scaled, then
+    # truncated by top_k/top_p and renormalised (greedy: the plain distribution)
+    logprobs: list[float]
+    # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens; "abort": the
+    # ``on_step`` callback asked for the row to stop
+    finish_reason: str
+
+
+@dataclass
+class StepTokens:
+    """The tokens one decoding step produced, for streaming: ``rows[i]`` (an index into ``generate``'s result,
+    prompt-major) got ``token_ids[i]``; ``finish_reasons[i]`` is ``"stop"`` or ``"length"`` if that token is the
+    row's last, else None. Rows that finished earlier are absent."""
+
+    rows: list[int]
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+
+
+# Called after every step with what it produced; may return result indices whose rows should stop now (a client
+# went away): they finish with "abort" and leave the batch.
+StepCallback = Callable[[StepTokens], Iterable[int] | None]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # decode steps taken
+    rows_forwarded: int = 0  # rows that went through a decode step (finished rows do not)
+    prefill_tokens: int = 0
+    cache_bytes: int = 0  # the largest generation state allocated
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do besides ``generate``; each true flag promises the method beside it."""
+
+    weight_sync: bool = False  # sync_weights(model): take the trainer's current weights
+    sleep: bool = False  # sleep() / wake(): give accelerator memory back between rollouts
+    streaming: bool = False  # generate(..., on_step=callback): see each step's tokens as they are sampled
+    close: bool = False  # close(): release what the engine holds (processes, folders, connections)
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A rollout engine. ``capabilities`` says which optional methods it has (see :class:`Capabilities`)."""
+
+    name: str
+    capabilities: Capabilities
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]: ...
+
+
+class EngineError(ValueError):
+    """A bad engine choice: an unknown name, a model family it cannot run, a capability it lacks."""
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+    """Pick one token per row; return it and its log-probability under the distribution it was drawn from: the
+    temperature-scaled one, truncated by top_k/top_p and renormalised (for greedy: the plain distribution)."""
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / params.temperature, dim=-1)
+    filtered = logp
+    if params.top_k and params.top_k < logp.shape[-1]:
+        kth = logp.topk(params.top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logp, order = filtered.sort(dim=-1, descending=True)
+        cumulative = sorted_logp.exp().cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logp.exp() >= params.top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(filtered, dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if filtered is not logp:
+        logp = torch.log_softmax(filtered, dim=-1)  # renormalised over the kept tokens
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
