@@ -6,7 +6,7 @@ minutes to compile the step and saved about 20%) and under ``torch.inference_mod
 transformers' generate gains little from it, but it is given the same), after one warm-up call each, then alternate
 for ``--repeats`` rounds; the figure is the best round of each, and the median ratio and the machine's load are
 printed beside it. ``--threads`` sets torch's CPU threads for both sides. Both sides prefill the prompts and
-sample every token; ours decodes through the model's decode plan (``HybridForCausalLM.decode_plan``).
+sample every token; ours decodes through the native engine's decode plan (``posttrain.rollout.native_decode.DecodePlan``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from transformers import GraniteMoeHybridForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, machine
 
-from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.native import NativeEngine
 from posttrain.synthetic import arithmetic_corpus, tiny_model
 
 BATCH, PROMPT, NEW = 16, 64, 128

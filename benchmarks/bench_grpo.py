@@ -147,8 +147,9 @@ def build_noisy_checkpoint(folder: Path, steps: int = 300) -> None:
 def held_out_accuracy(folder: Path) -> float:
     from posttrain.rewards import get
 
-    from posttrain.engine import NativeEngine, SamplingParams
     from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.native import NativeEngine
     from posttrain.tokenizer import load_tokenizer
 
     _, held = quality_split()

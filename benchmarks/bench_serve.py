@@ -21,6 +21,7 @@ from transformers import GraniteMoeHybridForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, machine
 
+from posttrain.rollout.native import NativeEngine
 from posttrain.serving.server import ModelServer
 from posttrain.synthetic import arithmetic_corpus, tiny_model
 
@@ -46,7 +47,7 @@ def main() -> None:
                 texts.append(tokenizer.decode(out[0, PROMPT:].tolist(), skip_special_tokens=False))
         return texts
 
-    with ModelServer(tokenizer, model, name="tiny", port=0) as server, \
+    with ModelServer(tokenizer, NativeEngine(model), "tiny", model.config, port=0) as server, \
             httpx.Client(base_url=server.url + "/v1", timeout=600) as client:
 
         def request(prompt: list[int]) -> str:

@@ -23,9 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("posttrain.judges.cli", "rule filters, dedup and an LLM judge over a data set, with a manifest"),
     "demo": ("posttrain.demo", "run the end-to-end pipeline on a tiny model (CPU, no network)"),
     "tokenizer": ("posttrain.tokenizer", "build a byte-level BPE tokenizer with the Granite chat template"),
-    "generate": ("posttrain.engine.cli", "sample from a checkpoint with the native engine"),
+    "generate": ("posttrain.rollout.cli", "sample from a checkpoint on a rollout engine (native, transformers, vllm)"),
     "grpo": ("posttrain.grpo.cli", "on-policy GRPO with the DAPO loss on verifiable rewards"),
-    "vllm-serve": ("posttrain.grpo.server", "rollout server for GRPO's server mode (vLLM or native), weights by broadcast"),
+    "vllm-serve": ("posttrain.grpo.server", "rollout server for GRPO's server mode (vLLM, native or transformers), weights by broadcast"),
     "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
     "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
     "pairs": ("posttrain.dpo.pairs_cli", "sample answers and turn a pairwise judge's or a reward's verdicts into preference pairs"),
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),
     "verify": ("posttrain.verify", "check an exported checkpoint's hashes and signature"),
     "merge": ("posttrain.merge", "linear or SLERP merge of checkpoints of one architecture"),
-    "serve": ("posttrain.serving.server", "OpenAI-compatible HTTP server for a checkpoint, on the native engine"),
+    "serve": ("posttrain.serving.server", "OpenAI-compatible HTTP server for a checkpoint, on a streaming rollout engine"),
     "eval": ("posttrain.eval.cli", "pass@k on GSM8K, HumanEval and BFCL from local files"),
 }
 

@@ -439,18 +439,16 @@ def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: fl
               seed: int = 0) -> list[float]:
     """Per held-out item, the share of ``samples`` answers its task's reward accepts (greedy: one answer, 0 or 1):
     the math verifier for additions, the tool-call reward for tool calls."""
-    from posttrain.engine import NativeEngine, SamplingParams
-    from posttrain.models.hybrid import HybridForCausalLM
     from posttrain.rewards import get
-    from posttrain.tokenizer import load_tokenizer
+    from posttrain.rollout import SamplingParams
+    from posttrain.serving.generation import load_checkpoint
 
-    tokenizer = load_tokenizer(folder)
-    model = HybridForCausalLM.from_pretrained(folder)
+    tokenizer, engine = load_checkpoint(folder, None, field="engine")  # the registry's default for the model
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"] for r in items]
     params = SamplingParams(max_new_tokens=28, temperature=temperature, n=samples, seed=seed,
                             eos_token_id=tokenizer.eos_token_id)
-    completions = NativeEngine(model).generate(prompts, params)
+    completions = engine.generate(prompts, params)
     # markup kept (the tool call's tags are special tokens), the end-of-text token dropped
     texts = [tokenizer.decode([t for t in c.token_ids if t != tokenizer.eos_token_id]) for c in completions]
     owners = [items[c.prompt_index] for c in completions]

@@ -92,7 +92,7 @@ def test_one_step_off_policy_logs_bounded_staleness_and_ratios_against_the_gener
 
 
 def test_staleness_above_the_bound_is_refused():
-    from posttrain.grpo.async_rollout import AsyncRollouts
+    from posttrain.rollout.async_rollout import AsyncRollouts
 
     produced = []
     rollouts = AsyncRollouts(lambda: produced.append(1) or len(produced), lambda sd: None, max_staleness=0)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import GraniteMoeHybridForCausalLM
 
-from posttrain.engine import NativeEngine, SamplingParams
-from posttrain.engine.native import sample
 from posttrain.models.hybrid import HybridCache
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.native import NativeEngine, sample
+from posttrain.rollout.native_decode import DecodePlan, prefill
 from posttrain.synthetic import tiny_model
 
 PROMPTS = [
@@ -229,11 +230,11 @@ def test_decode_plan_steps_equal_a_fresh_forward(fold, overrides):
     prompts = [[5, 17, 3, 44, 9, 1, 60], [8, 2, 71], [33, 12, 90, 4, 4]]
     new = torch.tensor([[7, 11, 13, 2], [19, 23, 29, 31], [37, 41, 43, 47]])
     cache = HybridCache.allocate(model.config, len(prompts), 16)
-    plan = model.decode_plan(fold=fold)
+    plan = DecodePlan(model, fold=fold)
     assert plan.fold == fold
     with torch.no_grad():
-        model.prefill(prompts, cache)
-        stepped = [model.step(new[:, t], cache, plan) for t in range(new.shape[1])]
+        prefill(model, prompts, cache)
+        stepped = [plan.step(new[:, t], cache) for t in range(new.shape[1])]
         for i, p in enumerate(prompts):
             full = model(torch.tensor([p + new[i].tolist()])).logits[0, len(p):]
             torch.testing.assert_close(torch.stack([s[i] for s in stepped]), full, atol=1e-4, rtol=1e-4)

@@ -17,21 +17,22 @@ from posttrain.cli import main
 from posttrain.eval import (
     TASKS,
     DataError,
-    EngineUnavailableError,
+    EngineCompletions,
     EvalConfig,
     EvalSampling,
-    NativeEvalEngine,
-    VllmEvalEngine,
     evaluate,
     pass_at_k,
     score_completions,
     summarize,
 )
-from posttrain.eval.engines import render_prompt
+from posttrain.eval.completions import render_prompt
+from posttrain.rollout import EngineError
+from posttrain.rollout.native import NativeEngine
+from posttrain.rollout.vllm import VllmEngine
 
 
 class ScriptedEngine:
-    """An engine that answers each item with the texts a test chose for it (by item id)."""
+    """A completion source that answers each item with the texts a test chose for it (by item id)."""
 
     name = "scripted"
 
@@ -168,14 +169,17 @@ def test_bad_data_and_options_are_clear_errors(tmp_path, shared_data):
         EvalSampling(n=2, temperature=0)
 
 
-def test_vllm_engine_without_vllm_is_a_clear_error(tiny_checkpoint, shared_data, monkeypatch):
+def test_vllm_engine_without_vllm_is_a_clear_error(tiny_checkpoint, shared_data, monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without vllm: importing it fails
     folder = tiny_checkpoint[2]
-    with pytest.raises(SystemExit, match="vllm engine needs the vllm package"):
-        main(["eval", "--model", str(folder), "--data-dir", str(shared_data), "--tasks", "gsm8k", "--limit", "1",
-              "--engine", "vllm"])
-    with pytest.raises(EngineUnavailableError, match="--engine native"):
-        VllmEvalEngine(folder, tiny_checkpoint[0])
+    out = tmp_path / "results.json"
+    code = main(["eval", "--model", str(folder), "--data-dir", str(shared_data), "--tasks", "gsm8k", "--limit", "1",
+                 "--engine", "vllm", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "--engine: vllm needs the vllm package" in err and "use native" in err
+    with pytest.raises(EngineError, match="use native"):
+        VllmEngine(folder, field="--engine", alternatives="native")
 
 
 # -- a real run -----------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def test_posttrain_eval_on_a_tiny_model(tiny_checkpoint, shared_data, tmp_path, 
     samples = [json.loads(line) for line in (tmp_path / "results" / "tiny.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6
     # the completions are the native engine's greedy ones, and the scores are the rewards' on them
-    engine = NativeEvalEngine(tokenizer, model, "plain")
+    engine = EngineCompletions(NativeEngine(model), tokenizer, model.config, "plain")
     sampling = EvalSampling(max_new_tokens=6)
     for task in summary["tasks"]:
         items = TASKS[task].load(shared_data, "test", 2)

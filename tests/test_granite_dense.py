@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GraniteConfig, GraniteForCausalLM
 
-from posttrain.engine import NativeEngine, SamplingParams
 from posttrain.models.hybrid import CheckpointError, ConfigError, DenseGraniteConfig, HybridForCausalLM
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.native import NativeEngine
 
 VOCAB = 101
 BASE = {

@@ -17,10 +17,11 @@ import torch
 from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 from torch.overrides import TorchFunctionMode
 
-from posttrain.engine import Completion, NativeEngine, SamplingParams
 from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
 from posttrain.grpo.loss import LossConfig
 from posttrain.grpo.trainer import GrpoTrainer
+from posttrain.rollout import Capabilities, Completion, SamplingParams
+from posttrain.rollout.native import NativeEngine
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(4)]
 
@@ -146,9 +147,15 @@ def test_reference_from_ref_path_scores_with_its_own_weights(tmp_path):
 class MismatchedEngine:
     """The native engine with its log-probs perturbed, as a bfloat16 or vLLM sampler's would be."""
 
+    name = "mismatched"
+    capabilities = Capabilities(weight_sync=True, shares_module=True)  # the native engine's, less streaming
+
     def __init__(self, inner, scale=0.05, seed=0):
         self.inner, self.scale = inner, scale
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def sync_weights(self, model):
+        return self.inner.sync_weights(model)
 
     def generate(self, prompts, params):
         outs = self.inner.generate(prompts, params)
@@ -447,6 +454,9 @@ def test_tool_answers_are_null_in_the_logged_logprobs(tmp_path):
 
     class CallingEngine:
         """Always calls the calculator on its first turn, then answers."""
+
+        name = "calling"
+        capabilities = Capabilities(shares_module=True)  # stands in for the native engine: no recomputed old policy
 
         def __init__(self):
             self.turn = 0

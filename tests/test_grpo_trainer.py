@@ -178,7 +178,7 @@ def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path):
 
     if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
         pytest.skip("vLLM and CUDA are here: tests/gpu/test_vllm_grpo.py runs the engine")
-    from posttrain.grpo.vllm_engine import VllmUnavailableError
+    from posttrain.rollout.vllm import VllmUnavailableError
 
     model, tok = _small_policy()
     config = _config(tmp_path, steps=1)

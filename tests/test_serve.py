@@ -15,7 +15,8 @@ import httpx
 import pytest
 import torch
 
-from posttrain.engine import NativeEngine, SamplingParams
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.native import NativeEngine
 from posttrain.serving.generation import TextGenerator
 from posttrain.serving.server import ModelServer
 from posttrain.synthetic import tiny_model
@@ -60,7 +61,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     tokenizer, model, _ = checkpoint
-    with ModelServer(tokenizer, model, name="tiny-tools", port=0) as srv:
+    with ModelServer(tokenizer, NativeEngine(model), "tiny-tools", model.config, port=0) as srv:
         yield srv
 
 
@@ -73,7 +74,7 @@ def client(server):
 def reference_texts(checkpoint, prompt_ids, **kwargs):
     """What the engine itself produces, decoded by the same rules (the server's answer must equal it)."""
     tokenizer, model, _ = checkpoint
-    generator = TextGenerator.for_model(tokenizer, model, NativeEngine(model).generate)
+    generator = TextGenerator.for_model(tokenizer, model.config, NativeEngine(model).generate)
     stop = kwargs.pop("stop", [])
     params = generator.sampling_params(stop=stop, **kwargs)
     return generator.complete([prompt_ids], params, stop)
@@ -211,10 +212,10 @@ def test_streaming_sends_tokens_as_they_are_generated(client):
 
 
 def test_text_stream_never_splits_a_character_and_matches_finish(checkpoint):
-    from posttrain.engine import Completion
+    from posttrain.rollout import Completion
 
     tokenizer, model, _ = checkpoint
-    generator = TextGenerator.for_model(tokenizer, model)
+    generator = TextGenerator.for_model(tokenizer, model.config, None)
     text = "Prix: 12€ pour un café naïve ✓ — fin ünd 𝛑"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     for stop in ([], ["café"], ["fin ü"]):
@@ -436,7 +437,7 @@ def test_a_folder_without_tokenizer_is_refused(tmp_path, checkpoint):
 def test_sampling_params_match_the_engine_contract(checkpoint):
     """Single-token stop strings stop rows inside the engine; EOS is the tokenizer's."""
     tokenizer, model, _ = checkpoint
-    generator = TextGenerator.for_model(tokenizer, model)
+    generator = TextGenerator.for_model(tokenizer, model.config, None)
     params = generator.sampling_params(max_new_tokens=8, stop=["\n", "no such multi-token stop"])
     assert isinstance(params, SamplingParams)
     assert params.stop_token_ids == tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -453,14 +454,14 @@ class RecordingEngine:
         self.calls.append((len(prompts), params.max_new_tokens, params.seed))
         if any(p[0] < 0 for p in prompts):
             raise ValueError("negative token id")
-        from posttrain.engine import Completion
+        from posttrain.rollout import Completion
 
         return [Completion(i, [p[0] + t for t in range(params.max_new_tokens)], [0.0] * params.max_new_tokens,
                            "length") for i, p in enumerate(prompts) for _ in range(params.n)]
 
 
 def test_scheduler_merges_compatible_jobs_and_isolates_failures():
-    from posttrain.serving.batching import BatchScheduler
+    from posttrain.rollout.batching import BatchScheduler
 
     engine = RecordingEngine()
     scheduler = BatchScheduler(engine, gather_s=0.2)

@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from posttrain.engine.native import NativeEngine, SamplingParams
 from posttrain.models.hybrid import HybridForCausalLM, preset
+from posttrain.rollout.native import NativeEngine, SamplingParams
 from posttrain.synthetic import arithmetic_corpus, arithmetic_problem
 from posttrain.tokenizer import build_tokenizer
 

@@ -9,9 +9,10 @@ import json
 import pytest
 from posttrain.rewards.tool_call import parse_tool_calls
 
-from posttrain.engine import Completion, NativeEngine, SamplingParams
-from posttrain.grpo.multiturn import multi_turn_rollout
 from posttrain.grpo.tools import Tool, ToolEnvironment, ToolError, calculate, calculator_tool, load_tool
+from posttrain.rollout import Completion, SamplingParams
+from posttrain.rollout.multiturn import multi_turn_rollout
+from posttrain.rollout.native import NativeEngine
 
 
 def call(name: str, **arguments) -> str:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from posttrain.grpo.weight_sync import SyncGroupConfig, WeightSender, WeightSyncError
+from posttrain.rollout.weight_sync import SyncGroupConfig, WeightSender, WeightSyncError
 
 
 def _free_port() -> int:
@@ -36,7 +36,7 @@ def _digest(named) -> str:
 # version and a digest of its model's state after each sync; ``die`` exits in the middle of the first sync.
 _WORKER = textwrap.dedent("""
     import hashlib, os, sys, torch
-    from posttrain.grpo.weight_sync import SyncGroupConfig, WeightReceiver
+    from posttrain.rollout.weight_sync import SyncGroupConfig, WeightReceiver
     from posttrain.models.hybrid import HybridForCausalLM, preset
     port, mode = int(sys.argv[1]), sys.argv[2]
     torch.manual_seed(123)
@@ -121,7 +121,7 @@ def test_a_worker_that_dies_mid_sync_is_a_clear_error_within_the_timeout():
 
 
 def test_a_trainer_that_never_starts_is_a_clear_error_for_the_worker():
-    from posttrain.grpo.weight_sync import WeightReceiver
+    from posttrain.rollout.weight_sync import WeightReceiver
 
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match=r"rendezvous did not answer within 2 s"):
@@ -147,8 +147,9 @@ def _wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float = 120.0)
 def test_server_mode_generates_and_follows_the_trainer_weights(tmp_path):
     """``posttrain vllm-serve --engine native`` in a real subprocess: the trainer's RemoteEngine generates through it
     exactly as the local engine does, and after a broadcast the server samples from the new weights."""
-    from posttrain.engine import NativeEngine, SamplingParams
-    from posttrain.grpo.server import RemoteEngine
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.native import NativeEngine
+    from posttrain.rollout.remote import RemoteEngine
 
     model = _tiny_model(0).eval()
     model.save_pretrained(tmp_path / "ckpt")

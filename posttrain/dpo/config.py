@@ -88,7 +88,11 @@ class DpoConfig:
 # -- posttrain pairs ------------------------------------------------------------------------------------------------
 @dataclass
 class PairSamplingSettings:
-    model: str = "runs/sft_tiny/final"  # the in-tree hybrid checkpoint that answers (the native engine)
+    model: str = "runs/sft_tiny/final"  # the checkpoint that answers (weights, config.json, tokenizer)
+    # the rollout engine that samples the answers, by its name in posttrain.rollout.registry: native (the in-tree
+    # models), transformers (any causal LM transformers loads) or vllm (GPU); None: native for the in-tree models,
+    # transformers for any other (the family is read from the checkpoint's config.json)
+    engine: Literal["native", "transformers", "vllm"] | None = None
     tokenizer: str | None = None  # default: the model folder
     num_samples: int = 4  # answers sampled per prompt
     temperature: float = 1.0

@@ -1,7 +1,8 @@
 """Preference pairs from verdicts: the model's own answers to each prompt, turned into ``prompt``/``chosen``/``rejected``.
 
-``sample_answers`` draws ``num_samples`` answers per prompt from the in-tree hybrid with the native engine (each
-prompt prefilled once, its state copied n ways); ``greedy_answers`` gives its greedy answer. Three ways to pair them
+``sample_answers`` draws ``num_samples`` answers per prompt from the model on its rollout engine
+(``sampling.engine``, chosen through ``posttrain.rollout.registry``; the native engine prefills each prompt once
+and copies its state n ways); ``greedy_answers`` gives its greedy answer. Three ways to pair them
 (``PairsConfig.pairing`` and ``verdict.source``):
 
 - ``pairs_on_policy`` (pairing ``on_policy``, reward verdicts): the model's greedy answer, when the reward refutes
@@ -48,25 +49,25 @@ def prompt_ids(tokenizer, prompt: Any) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
-def sample_answers(model, tokenizer, prompts: Sequence[Any], sampling: PairSamplingSettings) -> list[list[str]]:
-    """``num_samples`` decoded answers per prompt (EOS and special tokens dropped)."""
-    from posttrain.engine import NativeEngine, SamplingParams
+def sample_answers(engine, tokenizer, prompts: Sequence[Any], sampling: PairSamplingSettings) -> list[list[str]]:
+    """``num_samples`` decoded answers per prompt from ``engine`` (EOS and special tokens dropped)."""
+    from posttrain.rollout import SamplingParams
 
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p, n=sampling.num_samples, eos_token_id=tokenizer.eos_token_id,
                             seed=sampling.seed)
-    completions = NativeEngine(model).generate([prompt_ids(tokenizer, p) for p in prompts], params)
+    completions = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     n = sampling.num_samples
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def greedy_answers(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
+def greedy_answers(engine, tokenizer, prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
     """The model's greedy (temperature 0) answer to each prompt, decoded as ``sample_answers`` decodes."""
-    from posttrain.engine import NativeEngine, SamplingParams
+    from posttrain.rollout import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1, eos_token_id=tokenizer.eos_token_id)
-    completions = NativeEngine(model).generate([prompt_ids(tokenizer, p) for p in prompts], params)
+    completions = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params)
     return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
 
 
@@ -233,7 +234,7 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     """Sample, judge or score, and write the preference rows and their manifest (atomically)."""
     from transformers import AutoTokenizer
 
-    from posttrain.models.hybrid import HybridForCausalLM
+    from posttrain.rollout.registry import build_engine, choose_engine
     from posttrain.train.run import weights_digest
 
     if not config.prompts_file:
@@ -241,6 +242,9 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     prompt_rows = _load_prompt_rows(config)
     rows = [r.data for r in prompt_rows]
     v, s = config.verdict, config.sampling
+    has_model = (Path(s.model) / "config.json").is_file()
+    # the engine is checked against the model's family before the judge (whose cache is a file), the model, a row
+    engine_spec = choose_engine(s.engine, s.model, field="sampling.engine") if has_model else None
     on_policy = config.pairing == "on_policy"
     references = reference_answers(prompt_rows, v.reference_answer) if on_policy and v.reference_answer else None
     judge = None
@@ -252,10 +256,17 @@ def run_pairs(config: PairsConfig) -> PairsReport:
         judge_cfg = config_from_dict({"judge": {**v.judge, "enabled": True, "mode": "pairwise",
                                                 "rubric": v.judge.get("rubric", "pairwise")}}, "verdict.judge").judge
         judge = Judge(judge_cfg, v.judge_cache or str(out) + ".judge_cache.sqlite")
+    if engine_spec is None:
+        raise FileNotFoundError(f"sampling.model: no checkpoint at {s.model} (no config.json there)")
     tokenizer = AutoTokenizer.from_pretrained(s.tokenizer or s.model)
-    model = HybridForCausalLM.from_pretrained(s.model).eval()
+    engine = build_engine(engine_spec.name, s.model, field="sampling.engine", tokenizer=tokenizer, seed=s.seed)
     prompts = [r[config.prompt_field] for r in rows]
-    answers = sample_answers(model, tokenizer, prompts, s)
+    try:
+        answers = sample_answers(engine, tokenizer, prompts, s)
+        greedy = greedy_answers(engine, tokenizer, prompts, s.max_new_tokens) if on_policy and judge is None else None
+    finally:
+        if engine.capabilities.close:
+            engine.close()
     provenance = {"generator": str(Path(s.model).resolve()), "generator_sha256": weights_digest(s.model),
                   "sampling_seed": s.seed, "temperature": s.temperature}
     counts: dict[str, int] = {}
@@ -263,7 +274,6 @@ def run_pairs(config: PairsConfig) -> PairsReport:
         if judge is not None:
             pairs = pairs_from_judge(judge, prompts, answers, v.max_pairs_per_prompt, provenance)
         elif on_policy:
-            greedy = greedy_answers(model, tokenizer, prompts, s.max_new_tokens)
             greedy_scores = [g[0] for g in score_answers(v.reward, v.reward_options, rows, config.prompt_field,
                                                          [[g] for g in greedy])]
             scores = score_answers(v.reward, v.reward_options, rows, config.prompt_field, answers)

@@ -23,12 +23,14 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.judges.backends import JudgeBackendError
     from posttrain.judges.config import ConfigError as JudgeConfigError
     from posttrain.rewards import RewardError
+    from posttrain.rollout import EngineError
     from posttrain.train.data import DataError
 
     try:
         config = load_config(PairsConfig, args.config, getattr(args, "overrides", []))
         report = run_pairs(config)
-    except (ConfigError, JudgeConfigError, JudgeBackendError, DataError, RewardError, FileNotFoundError) as e:
+    except (ConfigError, JudgeConfigError, JudgeBackendError, DataError, RewardError, EngineError,
+            FileNotFoundError) as e:
         print(f"posttrain pairs: {e}", file=sys.stderr)
         return 2
     print(f"posttrain pairs: {report.pairs} pairs from {report.answers} answers to {report.prompts} prompts "

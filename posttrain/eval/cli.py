@@ -1,16 +1,17 @@
 """``posttrain eval``: pass@k of a checkpoint on GSM8K, HumanEval and BFCL from local files.
 
-Reads the checkpoint folder (weights and tokenizer together), generates with the native engine (or vLLM when
-installed and asked for), scores with ``posttrain.rewards``, prints a table and writes the results JSON plus the
+Reads the checkpoint folder (weights and tokenizer together), generates on a rollout engine (``--engine``; default
+native for the in-tree models, transformers for any other causal LM; vLLM on request), scores with ``posttrain.rewards``, prints a table and writes the results JSON plus the
 samples. It never downloads anything and never changes the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from posttrain.eval.engines import EngineUnavailableError, EvalSampling, NativeEvalEngine, VllmEvalEngine
+from posttrain.eval.completions import EngineCompletions, EvalSampling
 from posttrain.eval.runner import EvalConfig, evaluate, results_json, results_table, write_results
 from posttrain.eval.tasks import ALIASES, TASKS, DataError
 
@@ -30,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", choices=["native", "vllm"], default="native")
+    parser.add_argument("--engine", default=None,
+                        help="rollout engine: native, transformers or vllm (default: native for the in-tree models, "
+                             "else transformers)")
     parser.add_argument("--prompt-format", choices=["auto", "chat", "plain"], default="auto",
                         help="chat template or plain text prompts (auto: chat when the tokenizer has a template)")
-    parser.add_argument("--batch-size", type=int, default=32, help="items per native-engine call")
+    parser.add_argument("--batch-size", type=int, default=32, help="items per engine call")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                             reward_timeout_s=args.reward_timeout)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"posttrain eval: {exc}") from exc
-    from posttrain.serving.generation import load_checkpoint
+    from posttrain.rollout import EngineError
+    from posttrain.serving.generation import load_checkpoint, read_model_config
 
     if args.threads is not None:
         import torch
@@ -70,15 +74,22 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     try:
-        tokenizer, model = load_checkpoint(args.model, args.device, args.dtype)
-        if args.engine == "vllm":
-            del model
-            engine = VllmEvalEngine(args.model, tokenizer, args.prompt_format, seed=args.seed)
-        else:
-            engine = NativeEvalEngine(tokenizer, model, args.prompt_format, args.batch_size)
-        results = evaluate(config, engine)
-    except (FileNotFoundError, ValueError, DataError, EngineUnavailableError) as exc:
+        tokenizer, rollout = load_checkpoint(args.model, args.engine, device=args.device, dtype=args.dtype,
+                                             seed=args.seed)
+    except EngineError as exc:  # a bad --engine: one line, exit code 2, before any weights load
+        print(f"posttrain eval: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"posttrain eval: {exc}") from exc
+    try:
+        engine = EngineCompletions(rollout, tokenizer, read_model_config(args.model), args.prompt_format,
+                                   args.batch_size)
+        results = evaluate(config, engine)
+    except (FileNotFoundError, ValueError, DataError) as exc:
+        raise SystemExit(f"posttrain eval: {exc}") from exc
+    finally:
+        if rollout.capabilities.close:
+            rollout.close()
     summary = results_json(config, results, str(args.model), engine.name, engine.prompt_format)
     out = Path(args.out)
     samples = write_results(out, summary, results)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.eval.engines import EvalEngine, EvalSampling
+from posttrain.eval.completions import CompletionSource, EvalSampling
 from posttrain.eval.metrics import summarize
 from posttrain.eval.tasks import TASKS, EvalItem, resolve_tasks
 
@@ -102,7 +102,7 @@ def score_completions(task_name: str, items: Sequence[EvalItem], texts: Sequence
     return out
 
 
-def evaluate_task(task_name: str, items: list[EvalItem], engine: EvalEngine, config: EvalConfig,
+def evaluate_task(task_name: str, items: list[EvalItem], engine: CompletionSource, config: EvalConfig,
                   pool: Any = None, progress: Any = None) -> TaskResult:
     start = time.perf_counter()
     texts = engine.generate(items, config.sampling, progress)
@@ -119,7 +119,7 @@ def evaluate_task(task_name: str, items: list[EvalItem], engine: EvalEngine, con
                       time.perf_counter() - start, samples)
 
 
-def evaluate(config: EvalConfig, engine: EvalEngine, show_progress: bool = True) -> list[TaskResult]:
+def evaluate(config: EvalConfig, engine: CompletionSource, show_progress: bool = True) -> list[TaskResult]:
     """Every task of ``config`` on ``engine``: loads the items, generates, scores, counts."""
     from posttrain.progress import StageProgress
     from posttrain.rewards import RewardPool

@@ -4,7 +4,8 @@
 - ``config``: ``GrpoConfig`` and its groups (rollout, dynamic_sampling, overlong, loss, rewards, optim, eval, ...).
 - ``data``: prompt rows, their seeded order, packing into padding-free micro-batches.
 - ``trainer``: ``GrpoTrainer``, the loop (rollout -> rewards -> advantages -> several optimizer steps).
-- ``vllm_engine``: the colocated vLLM rollout engine (GPU, ``pip install posttrain[vllm]``).
+The rollout engines (native, transformers, vLLM, a server), multi-turn and asynchronous rollouts and the weight
+sync live in ``posttrain.rollout``; ``server`` here is the HTTP side of ``posttrain vllm-serve``.
 Importing this package imports neither accelerate nor vLLM.
 """
 

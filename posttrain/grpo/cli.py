@@ -1,7 +1,8 @@
 """``posttrain grpo``: GRPO/DAPO training from a recipe, with ``--group.field VALUE`` overrides.
 
 Run under ``accelerate launch`` for several processes. This module only parses arguments, checks the inputs the
-recipe names (one line and exit code 2 for a missing model, tokenizer, data file or tracker package) and starts the
+recipe names (one line and exit code 2 for a missing model, tokenizer, data file or tracker package, or an engine
+that cannot run the model or lacks what the run needs) and starts the
 trainer; it never holds training logic. A reward that fails past ``rewards.max_error_fraction`` ends the run with
 exit code 1 and the reward's name and traceback.
 """
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.grpo.data import PromptDataError
     from posttrain.grpo.trainer import GrpoTrainer
     from posttrain.rewards import RewardError, RewardFailedError
+    from posttrain.rollout import EngineError
     from posttrain.train.checkpointing import CheckpointError
     from posttrain.train.loop import TrainingError, check_trackers
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         check_trackers(config.logging.report_to)
         check_inputs(config)
         trainer = GrpoTrainer(config)
-    except (ConfigError, TrainingError, PromptDataError, RewardError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, TrainingError, PromptDataError, RewardError, CheckpointError, EngineError,
+            FileNotFoundError) as e:
         print(f"posttrain grpo: {e}", file=sys.stderr)
         return 2
     try:

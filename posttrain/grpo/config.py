@@ -50,8 +50,13 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """engine: ``native`` (the in-tree engine, CPU and GPU), ``vllm`` (colocated, GPU, ``posttrain[vllm]``) or
-        ``server`` (a ``posttrain vllm-serve`` at ``server_url``, on other GPUs; weights pushed by broadcast).
+    """engine: the rollout engine, by its name in ``posttrain.rollout.registry``: ``native`` (the in-tree models,
+        CPU and GPU), ``transformers`` (any causal LM transformers loads, CPU and GPU), ``vllm`` (colocated, GPU,
+        ``posttrain[vllm]``) or ``server`` (a ``posttrain vllm-serve`` at ``server_url``, on other GPUs; weights
+        pushed by broadcast). None: ``native`` for the in-tree models, ``transformers`` for any other (the family
+        is read from the checkpoint's config.json). An engine that cannot run the model's family, or cannot do what
+        the run needs (take the weights after each step; with ``async_rollout``, decode a copy of the policy in this
+        process), is refused before any work.
     prompts_per_step: groups in one generation batch (all processes together; a multiple of the process count).
     num_generations: G, completions sampled per prompt.
     max_new_tokens: completion length limit (with tools: of each assistant turn; the trajectory's limit, and the
@@ -66,8 +71,9 @@ class RolloutConfig:
         sampling seed derives from the run seed, the generation round and its first prompt's global index, so
         rollouts do not depend on the process count when this divides each process's share.
     recompute_old_logprobs: compute the importance ratio's old log-probs with a training forward pass before the
-        update (None: yes, except for the native engine in float32, whose sampling log-probs come from the same
-        weights and agree with the training path to ~1e-7, so that pass is skipped).
+        update (None: yes, except in float32 with an engine that decodes the trainer's own module (native,
+        transformers: ``Capabilities.shares_module``), whose sampling log-probs come from the same weights and agree
+        with the training path to ~1e-7, so that pass is skipped).
     vllm_gpu_memory_utilization: fraction of the GPU vLLM may take (colocated with training).
     vllm_sleep: put vLLM to sleep (free its KV cache) while training.
     server_url: server mode: the rollout server's address.
@@ -76,7 +82,9 @@ class RolloutConfig:
     sync_timeout_s: server mode: the longest a weight sync (or the server joining) may take before a clear error.
     """
 
-    engine: Literal["native", "vllm", "server"] = "native"
+    # the names of posttrain.rollout.registry.ENGINES, here without importing it (this module imports no torch);
+    # tests/test_rollout_registry.py checks that they agree
+    engine: Literal["native", "transformers", "vllm", "server"] | None = None
     prompts_per_step: int = 8
     num_generations: int = 8
     max_new_tokens: int = 256
@@ -101,8 +109,9 @@ class RolloutCorrectionConfig:
     with rho_t = pi_old(y_t) / pi_sampler(y_t) (a hybrid needs it most: Mamba's prefill and decode kernels round
     differently from training's chunked scan).
 
-    enabled: None (auto): on when ``rollout.engine`` is ``vllm`` or ``server``, ``model.dtype`` is bfloat16, or
-        sampling is truncated (``top_p`` < 1, ``top_k`` > 0); true or false to force it.
+    enabled: None (auto): on when the engine keeps its own copy of the weights (``vllm``, ``server``: not
+        ``Capabilities.shares_module``), ``model.dtype`` is bfloat16, or sampling is truncated (``top_p`` < 1,
+        ``top_k`` > 0); true or false to force it.
     weights: importance weights on the policy term: ``token`` (truncated IS, w_t = min(rho_t, cap)), ``sequence``
         (one weight per completion, min(prod_t rho_t, cap)) or ``none``. Default ``token`` with cap 2 (the
         truncated-IS paper's choice): a per-token weight stays bounded on long completions, where a sequence
@@ -190,7 +199,7 @@ class EvalConfig:
 
 @dataclass
 class ToolsConfig:
-    """Multi-turn tool use (posttrain.grpo.tools, posttrain.grpo.multiturn); off while ``names`` is empty.
+    """Multi-turn tool use (posttrain.grpo.tools, posttrain.rollout.multiturn); off while ``names`` is empty.
 
     names: the tools the model may call: built-ins (``calculator``, ``python``: sandboxed) or ``module:attribute``
         naming a ``Tool`` (or a function returning one). Their JSON schemas are rendered into the prompt by the chat
@@ -208,7 +217,7 @@ class ToolsConfig:
 
 @dataclass
 class AsyncConfig:
-    """Asynchronous, off-policy rollouts (posttrain.grpo.async_rollout).
+    """Asynchronous, off-policy rollouts (posttrain.rollout.async_rollout).
 
     enabled: generate the next batches in a background thread, on a copy of the policy that receives the weights
         after every step, while the trainer trains on the current batch.
@@ -315,9 +324,6 @@ class GrpoConfig:
             (not (self.async_rollout.enabled and self.rollout_correction.enabled),
              ("rollout_correction.enabled: the asynchronous producer's policy is the sampler itself (its log-probs "
               "are the ratio's old ones), there is no mismatch to correct")),
-            (not (self.async_rollout.enabled and r.engine != "native"),
-             ("async_rollout.enabled runs the native engine on a copy of the policy in a background thread; "
-              "rollout.engine must be native")),
         ]
         for ok, message in checks:
             if not ok:
@@ -333,11 +339,11 @@ class GrpoConfig:
     def length_limit_field(self) -> str:
         return "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"
 
-    @property
-    def rollout_correction_on(self) -> bool:
-        """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``)."""
+    def rollout_correction_on(self, engine_shares_module: bool) -> bool:
+        """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``), for an engine
+        that does (or does not) decode the trainer's own module (``Capabilities.shares_module``)."""
         rc, r = self.rollout_correction, self.rollout
         if rc.enabled is not None:
             return rc.enabled and (rc.weights != "none" or rc.mask != "none")
-        auto = r.engine in ("vllm", "server") or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
+        auto = not engine_shares_module or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
         return auto and not self.async_rollout.enabled and (rc.weights != "none" or rc.mask != "none")

@@ -1,9 +1,10 @@
 """Server mode: ``posttrain vllm-serve`` runs rollouts in its own process (on its own GPUs), the trainer drives it
-over HTTP and pushes weights to it with the collective broadcast of ``posttrain.grpo.weight_sync``.
+over HTTP and pushes weights to it with the collective broadcast of ``posttrain.rollout.weight_sync``.
 
 The server (``run``): vLLM (``--engine vllm``, in-process so the received tensors go straight to its model's
 ``load_weights``; one GPU per server, so tensor parallelism > 1 is not supported here) or the native engine
-(``--engine native``, CPU or GPU: the same protocol, tested on the CPU with gloo). Endpoints, JSON in and out:
+(``--engine native`` or ``transformers``, CPU or GPU: the same protocol, tested on the CPU with gloo); the engine is
+chosen through ``posttrain.rollout.registry`` and must take weights. Endpoints, JSON in and out:
     GET  /health             {"status", "engine", "weights_version", "sync": "none|joining|ready|receiving|failed",
                               "sync_error"}
     POST /generate           {"prompts": [[ids]], "sampling": {SamplingParams fields}} -> {"completions": [...]}
@@ -14,9 +15,9 @@ The server (``run``): vLLM (``--engine vllm``, in-process so the received tensor
                              arrives while the join is still in progress waits for it
     POST /close_weight_sync  {}
 A failed or timed-out sync leaves the server serving the weights it had and reports ``sync: failed`` with the
-error; the trainer sees its own :class:`~posttrain.grpo.weight_sync.WeightSyncError` within the time-out.
+error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyncError` within the time-out.
 
-The client (:class:`RemoteEngine`) has the rollout-engine interface (``generate``), plus ``sync_weights(model)``.
+The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
 The server binds 127.0.0.1 unless told otherwise and has no authentication: never expose it to an untrusted network.
 """
 
@@ -25,20 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import torch
-
-from posttrain.engine import Completion, SamplingParams
-from posttrain.grpo.weight_sync import SyncGroupConfig, WeightReceiver, WeightSender, WeightSyncError
+from posttrain.rollout.base import EngineError, SamplingParams
+from posttrain.rollout.remote import SAMPLING_FIELDS
+from posttrain.rollout.weight_sync import SyncGroupConfig, WeightReceiver
 
 logger = logging.getLogger(__name__)
-
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "eos_token_id",
-                    "ignore_eos", "seed")
 
 
 class RolloutServer:
@@ -60,9 +57,9 @@ class RolloutServer:
         if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
             raise ValueError("generate: 'prompts' must be a list of token-id lists")
         sampling = body.get("sampling", {})
-        unknown = set(sampling) - set(_SAMPLING_FIELDS)
+        unknown = set(sampling) - set(SAMPLING_FIELDS)
         if unknown:
-            raise ValueError(f"generate: unknown sampling fields {sorted(unknown)} (known: {list(_SAMPLING_FIELDS)})")
+            raise ValueError(f"generate: unknown sampling fields {sorted(unknown)} (known: {list(SAMPLING_FIELDS)})")
         params = SamplingParams(**sampling)
         with self.lock:
             outs = self.engine.generate(prompts, params)
@@ -160,97 +157,27 @@ def _handler(server: RolloutServer):
     return Handler
 
 
-def build_server(model_path: str, engine: str, dtype: str = "float32", gpu_memory_utilization: float = 0.9,
+def build_server(model_path: str, engine: str | None, dtype: str = "float32", gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 4096, seed: int = 0) -> RolloutServer:
-    if engine == "native":
-        from posttrain.engine import NativeEngine
-        from posttrain.models.hybrid import HybridForCausalLM
+    """A rollout server for the checkpoint in ``model_path`` on ``engine`` (None: the default for its family); an
+    ``EngineError`` naming ``--engine`` for an engine that cannot run it or cannot take weights."""
+    from posttrain.rollout.registry import build_engine, choose_engine
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = HybridForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-
-        def apply(items):
-            model.load_state_dict(dict(items), strict=True)
-
-        return RolloutServer(NativeEngine(model), apply, "native")
-    from posttrain.grpo.vllm_engine import VllmEngine
-
-    vllm_engine = VllmEngine.from_checkpoint(model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                             max_model_len=max_model_len, seed=seed)
-    return RolloutServer(vllm_engine, vllm_engine.load_named_tensors, "vllm")
-
-
-class RemoteEngine:
-    """The rollout-engine interface over HTTP to a ``posttrain vllm-serve``, and the trainer's side of the sync."""
-
-    def __init__(self, url: str, timeout_s: float = 600.0):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(timeout=timeout_s)
-        self.sender: WeightSender | None = None
-
-    def _request(self, method: str, path: str, body: dict | None = None):
-        """One HTTP call to the server; a connection failure is a RuntimeError naming the server and the path."""
-        import httpx
-
-        try:
-            return self.client.request(method, self.url + path, json=body)
-        except httpx.HTTPError as e:
-            raise RuntimeError(f"rollout server {self.url}{path}: {type(e).__name__}: {e}") from None
-
-    def _post(self, path: str, body: dict) -> dict:
-        r = self._request("POST", path, body)
-        if r.status_code != 200:
-            raise RuntimeError(f"rollout server {self.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
-        return r.json()
-
-    def health(self) -> dict:
-        return self._request("GET", "/health").json()
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        sampling = {k: getattr(params, k) for k in _SAMPLING_FIELDS}
-        out = self._post("/generate", {"prompts": prompts, "sampling": sampling})
-        return [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"])
-                for c in out["completions"]]
-
-    def init_weight_sync(self, cfg: SyncGroupConfig) -> None:
-        """Ask the server to join, then host the rendezvous (waits at most cfg.timeout_s for it)."""
-        self._post("/init_weight_sync", {"host": cfg.host, "port": cfg.port, "world_size": cfg.world_size,
-                                         "rank": 1, "backend": cfg.backend, "timeout_s": cfg.timeout_s})
-        self.sender = WeightSender(cfg)
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> int:
-        if self.sender is None:
-            raise WeightSyncError("sync_weights before init_weight_sync")
-        self._post("/update_weights", {})
-        sent = self.sender.send(model.state_dict().items())
-        # the server acknowledged the weights inside the collective; its version number is set just after: wait
-        # for it, so that /health never reports the old version once this returns
-        deadline = time.monotonic() + self.sender.cfg.timeout_s
-        while self.health().get("weights_version") != self.sender.version:
-            if time.monotonic() > deadline:
-                raise WeightSyncError(f"rollout server {self.url}: applied the weights but did not report version "
-                                      f"{self.sender.version} within {self.sender.cfg.timeout_s:g}s")
-            time.sleep(0.005)
-        return sent
-
-    def close(self) -> None:
-        if self.sender is not None:
-            try:
-                self._post("/update_weights", {})
-                self.sender.close()
-            except (WeightSyncError, RuntimeError) as e:
-                logger.warning("closing the weight sync: %s", e)
-            self.sender = None
-        self.client.close()
+    spec = choose_engine(engine, model_path, field="--engine", needs={"weight_sync"})
+    if spec.name == "server":
+        raise EngineError("--engine: a rollout server cannot forward to another server; use "
+                          "native, transformers or vllm")
+    rollout = build_engine(spec.name, model_path, field="--engine", needs={"weight_sync"}, dtype=dtype,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+    return RolloutServer(rollout, rollout.load_named_tensors, spec.name)
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (safetensors + config.json)")
-    parser.add_argument("--engine", choices=["vllm", "native"], default="vllm")
+    parser.add_argument("--engine", default=None,
+                        help="native, transformers or vllm (default: native for the in-tree models, else "
+                             "transformers; vllm on request)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -261,10 +188,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = build_server(args.model, args.engine, args.dtype, args.gpu_memory_utilization, args.max_model_len,
-                          args.seed)
+    try:
+        server = build_server(args.model, args.engine, args.dtype, args.gpu_memory_utilization, args.max_model_len,
+                              args.seed)
+    except (EngineError, FileNotFoundError) as e:
+        print(f"posttrain vllm-serve: {e}", file=sys.stderr)
+        return 2
     httpd = ThreadingHTTPServer((args.host, args.port), _handler(server))
-    print(f"posttrain vllm-serve: {args.engine} engine on http://{args.host}:{httpd.server_address[1]}", flush=True)
+    print(f"posttrain vllm-serve: {server.engine_name} engine on http://{args.host}:{httpd.server_address[1]}", flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

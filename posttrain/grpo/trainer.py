@@ -2,7 +2,8 @@
 optimizer steps on them with the configured policy loss (DAPO by default).
 
 One step (``GrpoTrainer.step``):
-  1. rollout: each process samples its share of the generation batch through the rollout engine (native or vLLM)
+  1. rollout: each process samples its share of the generation batch through the rollout engine (``rollout.engine``,
+     chosen through ``posttrain.rollout.registry``; the trainer asks only for its declared capabilities)
      and scores it with the weighted rewards; the completions and rewards are gathered so every process holds the
      whole batch (lists of ints: cheap) and takes the same decisions without waiting on another;
   2. dynamic sampling: groups whose outcome metric (the verifier, not the shaped total) is uniform are dropped and
@@ -37,11 +38,11 @@ from typing import Any
 import torch
 
 from posttrain.config import config_to_dict
-from posttrain.engine import NativeEngine, SamplingParams
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, pack_micro_batches, tokenize_prompts
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
 from posttrain.rewards import RewardSet, WeightedReward, get
+from posttrain.rollout import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,16 @@ class GrpoTrainer:
             raise ValueError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be a multiple of the "
                              f"number of processes ({acc.num_processes})")
         torch.manual_seed(c.run.seed)
+        from posttrain.rollout.registry import choose_engine
+
+        # the engine, checked against the model's family and what this run needs, before anything loads or is written
+        self.engine_family = getattr(getattr(model, "config", None), "model_type", None) if model is not None else None
+        self.engine_needs = {"weight_sync"} | ({"shares_module"} if c.async_rollout.enabled else set())
+        if model is None and not c.model.path:
+            raise ValueError("model.path: no checkpoint given")
+        self.engine_spec = choose_engine(c.rollout.engine, None if model is not None else c.model.path,
+                                         family=self.engine_family, field="rollout.engine", needs=self.engine_needs)
         if model is None:
-            if not c.model.path:
-                raise ValueError("model.path: no checkpoint given")
             model = HybridForCausalLM.from_pretrained(c.model.path, dtype=getattr(torch, c.model.dtype))
         if tokenizer is None:
             tokenizer = load_tokenizer(c.model.tokenizer or c.model.path)
@@ -195,7 +203,7 @@ class GrpoTrainer:
         self.rollout_model = None  # async: the producer's own copy of the policy
         self.async_rollouts = None
         if c.async_rollout.enabled:
-            from posttrain.grpo.async_rollout import AsyncRollouts
+            from posttrain.rollout.async_rollout import AsyncRollouts
 
             if acc.num_processes > 1:  # the producer's gathers would interleave with the trainer's all-reduces
                 raise ValueError("async_rollout.enabled supports one training process for now")
@@ -206,8 +214,9 @@ class GrpoTrainer:
         self.engine = self._build_engine()
         self._tool_template = None
         rc = c.rollout_correction
-        corrects = c.rollout_correction_on or (rc.enabled is None and self.core.dtype == torch.bfloat16
-                                               and not c.async_rollout.enabled and (rc.weights, rc.mask) != ("none", "none"))
+        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module) or (
+            rc.enabled is None and self.core.dtype == torch.bfloat16 and not c.async_rollout.enabled
+            and (rc.weights, rc.mask) != ("none", "none"))
         self.correction = rc if corrects else None
         self.sampler = PromptSampler(len(self.rows), seed=c.run.seed, shuffle=c.data.shuffle)
         self.step_count = 0
@@ -229,26 +238,25 @@ class GrpoTrainer:
         m = self.accelerator.unwrap_model(self.model)
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def _build_engine(self):
-        if self.config.rollout.engine == "native":
-            return NativeEngine(self.rollout_model if self.rollout_model is not None
-                                else self.accelerator.unwrap_model(self.model))
-        if self.config.rollout.engine == "server":
-            from posttrain.grpo.server import RemoteEngine
-            from posttrain.grpo.weight_sync import SyncGroupConfig
+    def _build_engine(self, model=None):
+        """The configured engine on ``model`` (default: the policy, or async's copy of it), starting from the
+        trainer's weights."""
+        from posttrain.rollout.registry import build_engine
+        from posttrain.rollout.weight_sync import SyncGroupConfig
 
-            r = self.config.rollout
-            if self.accelerator.num_processes > 1:
-                raise ValueError("rollout.engine: server supports one training process for now")
-            engine = RemoteEngine(r.server_url)
-            backend = r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            engine.init_weight_sync(SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2,
-                                                    backend=backend, timeout_s=r.sync_timeout_s))
-            engine.sync_weights(self.core)  # the server starts from the trainer's weights
-            return engine
-        from posttrain.grpo.vllm_engine import VllmEngine
-
-        return VllmEngine(self.core, self.config, self.tokenizer)
+        c, r = self.config, self.config.rollout
+        if model is None:
+            model = self.rollout_model if self.rollout_model is not None else self.accelerator.unwrap_model(self.model)
+        backend = r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        engine = build_engine(self.engine_spec.name, None, family=self.engine_family or self.core.config.model_type,
+                              field="rollout.engine", needs=self.engine_needs, model=model, tokenizer=self.tokenizer,
+                              seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
+                              url=r.server_url, processes=self.accelerator.num_processes,
+                              sync_group=SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2,
+                                                         backend=backend, timeout_s=r.sync_timeout_s))
+        engine.sync_weights(self.core)  # the engine starts from the trainer's weights (a no-op on the same module)
+        return engine
 
     @property
     def pool(self):
@@ -264,7 +272,7 @@ class GrpoTrainer:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if hasattr(self.engine, "close"):  # vLLM: its temporary weights folder
+        if self.engine.capabilities.close:  # vLLM: its temporary weights folder; a server: the sync group
             self.engine.close()
 
     def _completion_for_reward(self, row: dict, ids: list[int]):
@@ -345,7 +353,7 @@ class GrpoTrainer:
     def _multi_turn(self, engine, idx: list[int], prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict],
                     params: SamplingParams) -> list[Rollout]:
         """Multi-turn rollouts with the tool environment for the prompts ``idx``, many trajectories per engine call."""
-        from posttrain.grpo.multiturn import ToolTurnTemplate, multi_turn_rollout
+        from posttrain.rollout.multiturn import ToolTurnTemplate, multi_turn_rollout
 
         c = self.config
         if self._tool_template is None:
@@ -476,7 +484,8 @@ class GrpoTrainer:
                     or truncated_sampling)
         recompute = c.rollout.recompute_old_logprobs
         if recompute is None:
-            recompute = not (c.rollout.engine == "native" and self.core.dtype == torch.float32)
+            # an engine decoding the trainer's own module in float32 sampled with the trainer's log-probs
+            recompute = not (self.engine.capabilities.shares_module and self.core.dtype == torch.float32)
         if truncated_sampling or self.correction is not None:
             # the sampler's log-probs are of the truncated distribution (or another engine's): the ratio's old
             # policy is the trainer's own, and the sampler's serve the correction only
@@ -610,15 +619,15 @@ class GrpoTrainer:
                 r.advantage = a
         self.last_batch = samples
         train_samples = [r for r in samples if not (c.loss.mask_truncated and r.finish_reason == "length")]
-        if c.rollout.engine == "vllm" and c.rollout.vllm_sleep:
-            self.engine.sleep()  # give the GPU memory of vLLM's caches to training
+        if self.engine.capabilities.sleep and c.rollout.vllm_sleep:
+            self.engine.sleep()  # give the GPU memory of the engine's caches (vLLM's) to training
         stats = StepStats()
         t0 = time.perf_counter()
         if train_samples:
             self.update(train_samples, stats)
         times["train"] = time.perf_counter() - t0
-        if c.rollout.engine in ("vllm", "server"):
-            self.engine.sync_weights(self.core)
+        if self.engine.capabilities.weight_sync and self.async_rollouts is None:  # async: the producer loads them
+            self.engine.sync_weights(self.core)  # a no-op for an engine decoding the policy itself
         self.step_count += 1
         if self.async_rollouts is not None:
             self.async_rollouts.publish(self.step_count, self.core.state_dict())
@@ -751,7 +760,7 @@ class GrpoTrainer:
         times: dict[str, float] = {}
         engine = self.engine
         if self.async_rollouts is not None:  # the producer owns self.engine; evaluate the trained policy itself
-            engine = NativeEngine(self.accelerator.unwrap_model(self.model))
+            engine = self._build_engine(self.accelerator.unwrap_model(self.model))
         outs = self._generate_and_score(padded, self.eval_prompt_ids, self.eval_rows, e.num_samples, e.temperature,
                                         -1, times, engine=engine)
         outs = outs[: n * e.num_samples]

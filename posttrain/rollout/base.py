@@ -1,6 +1,6 @@
 """What every rollout engine shares: how to sample (``SamplingParams``), what comes back (``Completion``), the
-shared sampler, the ``Engine`` protocol with its declared capabilities, and the registry that chooses an engine by
-name for a model folder.
+shared sampler, the ``Engine`` protocol with its declared capabilities, and the error a bad choice of engine raises
+(``posttrain.rollout.registry`` chooses engines by name).
 
 An engine turns token-id prompts into completions: ``generate(prompt_ids, params) -> list[Completion]``, prompt-major
 (prompt i's j-th sample at ``i * params.n + j``). Each completion carries the sampled token ids, each token's
@@ -95,10 +95,17 @@ class EngineStats:
 class Capabilities:
     """What an engine can do besides ``generate``; each true flag promises the method beside it."""
 
-    weight_sync: bool = False  # sync_weights(model): take the trainer's current weights
+    # sync_weights(model): take the trainer's current weights; load_named_tensors(items): take (checkpoint name,
+    # tensor) pairs, as a rollout server receives them
+    weight_sync: bool = False
     sleep: bool = False  # sleep() / wake(): give accelerator memory back between rollouts
     streaming: bool = False  # generate(..., on_step=callback): see each step's tokens as they are sampled
     close: bool = False  # close(): release what the engine holds (processes, folders, connections)
+    # decodes with the module it was given, in this process: given the trainer's policy it sees every optimizer
+    # step as it is taken (sync_weights is then a no-op), and in float32 its log-probabilities are the trainer's own,
+    # so GRPO may use them as the old policy's instead of recomputing them; an engine with its own copy of the
+    # weights (vLLM, a server) has some mismatch built in, which GRPO corrects by default
+    shares_module: bool = False
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]

@@ -1,4 +1,4 @@
-"""Text in, text out on the native engine: prompts encoded, completions decoded, EOS and stop strings applied.
+"""Text in, text out on a rollout engine: prompts encoded, completions decoded, EOS and stop strings applied.
 
 The server and ``posttrain eval`` both turn token completions into text through :class:`TextGenerator`, so a
 completion reads the same wherever it is produced: the closing EOS (or stop token) is not part of the text,
@@ -10,15 +10,14 @@ This module never trains and never changes a model's weights.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from posttrain.engine import Completion, NativeEngine, SamplingParams
+from posttrain.rollout import Completion, Engine, SamplingParams
 
 GenerateFn = Callable[[list[list[int]], SamplingParams], list[Completion]]
 
@@ -34,36 +33,49 @@ class TextCompletion:
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
 
 
-def load_checkpoint(folder: str | Path, device: str = "auto", dtype: str = "auto"):
-    """The tokenizer and model saved together in ``folder``; ``device``/``dtype`` ``"auto"``: CUDA if present, the
-    checkpoint's dtype on GPU and float32 on CPU. Raises ``FileNotFoundError`` naming what is missing."""
-    from posttrain.models.hybrid import HybridForCausalLM
+def load_checkpoint(folder: str | Path, engine: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                    field: str = "--engine", needs: Sequence[str] = (), max_num_seqs: int = 256,
+                    seed: int = 0) -> tuple[Any, Engine]:
+    """The tokenizer saved in ``folder`` and an engine on the model beside it: ``engine`` by name (None: the
+    registry's default for the model's family), checked for the model's family and ``needs`` before the weights
+    load (``EngineError`` naming ``field``); ``device``/``dtype`` ``"auto"``: CUDA if present, the checkpoint's
+    dtype on GPU and float32 on CPU. Raises ``FileNotFoundError`` naming what is missing."""
+    from posttrain.rollout.registry import build_engine, choose_engine
     from posttrain.tokenizer import load_tokenizer
 
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint of the in-tree model")
+        raise FileNotFoundError(f"{path} has no config.json: not a model checkpoint")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(
             f"{path} has no tokenizer (tokenizer.json): save the tokenizer into the checkpoint folder "
             "(tokenizer.save_pretrained(folder)) beside the weights"
         )
-    resolved_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dtype == "auto":
-        torch_dtype = None if resolved_device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    model = HybridForCausalLM.from_pretrained(path, device=resolved_device, dtype=torch_dtype).eval()
-    return load_tokenizer(path), model
+    spec = choose_engine(engine, path, field=field, needs=needs)
+    tokenizer = load_tokenizer(path)
+    return tokenizer, build_engine(spec.name, path, field=field, needs=needs, tokenizer=tokenizer, device=device,
+                                   dtype=dtype, max_num_seqs=max_num_seqs, seed=seed)
+
+
+def model_limits(config: Any) -> tuple[int, int | None, list[int]]:
+    """(vocabulary size, context length or None, EOS ids) of a model config: a transformers-style object or the
+    ``config.json`` dict."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    eos = get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return int(get("vocab_size")), get("max_position_embeddings"), eos_ids
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder, as a dict."""
+    return json.loads((Path(folder) / "config.json").read_text())
 
 
 class TextGenerator:
-    """Encodes prompts, samples through ``generate`` (a :class:`NativeEngine` or a batch scheduler's ``generate``;
-    ``None`` for a generator that only encodes and decodes) and decodes completions as the module docstring says."""
+    """Encodes prompts, samples through ``generate`` (an engine's or a batch scheduler's ``generate``; ``None`` for a
+    generator that only encodes and decodes) and decodes completions as the module docstring says."""
 
     def __init__(self, tokenizer: Any, generate: GenerateFn | None, vocab_size: int, max_context: int | None = None,
                  eos_token_ids: Sequence[int] = ()):
@@ -78,13 +90,11 @@ class TextGenerator:
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer may refuse concurrent use ("Already borrowed")
 
     @classmethod
-    def for_model(cls, tokenizer: Any, model: Any, generate: GenerateFn | None = None) -> TextGenerator:
-        """A generator for ``model``: its own :class:`NativeEngine` unless ``generate`` is given."""
-        config = model.config
-        eos = config.eos_token_id
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(tokenizer, generate or NativeEngine(model).generate, config.vocab_size,
-                   getattr(config, "max_position_embeddings", None), eos_ids)
+    def for_model(cls, tokenizer: Any, config: Any, generate: GenerateFn | None) -> TextGenerator:
+        """A generator for a model with ``config`` (its config object, or its ``config.json`` as a dict) sampling
+        through ``generate`` (None: encode and decode only)."""
+        vocab_size, max_context, eos_ids = model_limits(config)
+        return cls(tokenizer, generate, vocab_size, max_context, eos_ids)
 
     # -- prompts ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:

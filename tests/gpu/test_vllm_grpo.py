@@ -26,14 +26,13 @@ MEAN_ABS_LOGPROB_BOUND = 0.02
 
 @pytest.fixture(scope="module")
 def setup():
-    from posttrain.grpo.config import GrpoConfig, RolloutConfig
-    from posttrain.grpo.vllm_engine import VllmEngine
+    from posttrain.rollout.vllm import VllmEngine
     from posttrain.synthetic import tiny_model
 
     tok, model = tiny_model(steps=30)
     model = model.cuda().float()
-    config = GrpoConfig(rollout=RolloutConfig(engine="vllm", max_new_tokens=32, vllm_gpu_memory_utilization=0.2))
-    engine = VllmEngine(model, config, tok, max_model_len=256)
+    engine = VllmEngine.for_policy(model, tok, gpu_memory_utilization=0.2, max_model_len=256, sleep_mode=True)
+    engine.sync_weights(model)
     yield model, tok, engine
     engine.close()
 
@@ -56,8 +55,8 @@ def test_sync_pushes_every_tensor(setup):
 
 
 def test_logprob_mismatch_under_bound(setup):
-    from posttrain.engine import SamplingParams
     from posttrain.grpo.trainer import Rollout
+    from posttrain.rollout import SamplingParams
 
     model, tok, engine = setup
     prompts = [tok.encode(f"Question: Ada has {a} apples and gets {a + 3} more.") for a in range(16)]

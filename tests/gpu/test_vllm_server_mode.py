@@ -63,9 +63,10 @@ def server(tmp_path_factory):
 
 
 def test_nccl_sync_moves_the_server_to_the_trainer_weights(server):
-    from posttrain.engine import NativeEngine, SamplingParams
-    from posttrain.grpo.server import RemoteEngine
-    from posttrain.grpo.weight_sync import SyncGroupConfig
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.native import NativeEngine
+    from posttrain.rollout.remote import RemoteEngine
+    from posttrain.rollout.weight_sync import SyncGroupConfig
 
     url, tok, model, _ = server
     remote = RemoteEngine(url)
@@ -88,7 +89,7 @@ def test_grpo_steps_in_server_mode_and_a_dead_server_is_a_clear_error(server, tm
     from posttrain.rewards import RewardsConfig, RewardSpec
 
     from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
-    from posttrain.grpo.weight_sync import WeightSyncError
+    from posttrain.rollout.weight_sync import WeightSyncError
 
     url, tok, model, proc = server
     rows = [{"prompt": f"Question: Ada has {a} apples and gets {b} more. How many apples does Ada have?\nAnswer:",

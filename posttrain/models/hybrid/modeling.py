@@ -8,12 +8,10 @@ and vLLM loads), so ``state_dict()`` *is* the checkpoint layout. The heavy lifti
 gated RMSNorm, fused log-probabilities) goes through ``posttrain.kernels``, which picks Triton on CUDA and the
 torch path elsewhere.
 
-Three ways in:
-- ``forward``: full sequences; a padded batch (attention mask with zeros) or packed rows (``position_ids``
-  restarting at 0 at each sequence start, no padding); never both.
-- ``prefill``: packed prompts, writing per-sequence recurrent states and KV into a ``HybridCache``.
-- ``step``: one token per row against a ``HybridCache``, for decoding; it walks a ``DecodePlan`` of plain tensors
-  (see "Decoding" below) rather than the modules, whose per-call overhead dominates at decode sizes.
+Its forward takes full sequences: a padded batch (attention mask with zeros) or packed rows (``position_ids``
+restarting at 0 at each sequence start, no padding), never both; its layers can also fill a ``HybridCache`` (the
+per-row generation state). Generation (the prefill of prompts into a cache, the decode step and its plan of plain
+tensors) belongs to the native engine: ``posttrain.rollout.native_decode``.
 This module never samples and never allocates caches on its own: the generation engine does both.
 """
 
@@ -27,16 +25,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.kernels import (
-    backend_for,
     causal_conv1d_fn,
-    causal_conv1d_update,
     fused_linear_logprobs,
     mamba_chunk_scan_combined,
     rms_norm_gated,
-    selective_state_update,
 )
-from posttrain.kernels.conv1d_torch import conv_step_float32
-from posttrain.kernels.ssd_torch import mamba2_step_float32
 from posttrain.models.hybrid.configuration import DenseGraniteConfig, HybridConfig
 
 
@@ -407,245 +400,6 @@ class HybridBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Decoding: one token per row, walking a plan of plain tensors
-# ------------------------------------------------------------------------------------------------------------
-# At decode sizes each op's dispatch costs about as much as its arithmetic, so the step does not go through the
-# modules: ``HybridForCausalLM.decode_plan`` lays out, per layer, the tensors the step needs, and the step calls torch
-# on them directly. Where it is cheap the plan also derives weights: each RMSNorm's weight folded into the projection
-# after it (the norm is then a per-row factor, applied after the matmul: r * (x @ W^T) = (r * x) @ W^T), q, k and v
-# fused into one matmul with the attention scale folded into q, dt_bias folded into in_proj's bias, 1/logits_scaling
-# into the LM head. Derived weights are copies made when the plan is built, so a plan must never outlive a change of
-# the weights: build one per generate() call (the RL loop changes the weights between calls). Copies are made only
-# while they stay under FOLD_MAX_BYTES; past that, the plan uses the parameters as they are (no second copy of a
-# large model) and applies the norm weights and scales as extra multiplications.
-FOLD_MAX_BYTES = 256 * 1024**2
-
-
-def _rms_factor(h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """1 / RMS of each row of h (batch, hidden), as (batch, 1): RMSNorm(h) = h * factor * weight; eps a 0-d tensor.
-
-    ``rsqrt(|h|^2 / n + eps)`` from the vector norm: three ops where ``pow, mean, add, rsqrt`` take five (mean is a
-    sum and a division), and at decode sizes every op costs several microseconds whatever its size."""
-    norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-    return torch.addcmul(eps, norm, norm, value=1.0 / h.shape[-1]).rsqrt_()
-
-
-def _eps_tensor(config: HybridConfig, module: nn.Module) -> torch.Tensor:
-    weight = next(module.parameters())
-    return torch.tensor(config.rms_norm_eps, dtype=weight.dtype, device=weight.device)
-
-
-class _NormedLinear:
-    """``linear(rmsnorm(h) [* scale], W, b)`` for a row factor ``r`` from ``_rms_factor``: ``r * (h @ W'^T) + b``,
-    with the norm weight (and ``scale``) folded into W' when folding, else multiplied into h first. Several weights
-    (q, k, v) give their outputs side by side."""
-
-    def __init__(self, weights: list[torch.Tensor], norm_weight: torch.Tensor | None, bias: torch.Tensor | None,
-                 fold: bool, scale: float = 1.0):
-        if fold:
-            w = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
-            w = w * norm_weight if norm_weight is not None else w.clone()
-            if scale != 1.0:
-                w.mul_(scale)
-            self.weights, self.norm_weight, self.scale = [w.t()], None, 1.0
-        else:
-            self.weights, self.norm_weight, self.scale = [w.t() for w in weights], norm_weight, scale
-        self.bias = bias if bias is None or scale == 1.0 else bias * scale
-
-    def __call__(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        x = h if self.norm_weight is None else h * self.norm_weight
-        y = torch.mm(x, self.weights[0]) if len(self.weights) == 1 else torch.cat([x @ w for w in self.weights], -1)
-        if self.scale != 1.0:
-            r = r * self.scale
-        return y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
-
-    def residual(self, h: torch.Tensor, x: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``h + alpha * self(x, r)``, in one op after the matmul when there is no bias."""
-        if self.bias is not None or self.norm_weight is not None or len(self.weights) > 1 or self.scale != 1.0:
-            return torch.add(h, self(x, r), alpha=alpha)
-        return torch.addcmul(h, torch.mm(x, self.weights[0]), r, value=alpha)
-
-
-def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                     alpha: float) -> torch.Tensor:
-    """``h + alpha * linear(x, W, b)`` with ``weight_t`` = W^T: one addmm."""
-    out = torch.addmm(h, x, weight_t, alpha=alpha)
-    return out if bias is None else out.add_(bias, alpha=alpha)
-
-
-class _MambaStep:
-    """Input RMSNorm, in_proj, the conv window's step, the SSM's recurrent step, gated RMSNorm, out_proj, residual."""
-
-    def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
-        m = block.mamba
-        self.layer, self.eps, self.alpha = block.layer, _eps_tensor(config, block), block.residual_multiplier
-        self.inner, self.conv_dim, self.n_heads = m.inner, m.conv_dim, m.n_heads
-        self.n_groups, self.d_head, self.d_state = m.n_groups, m.d_head, m.d_state
-        bias = torch.zeros(m.in_proj.out_features, dtype=m.in_proj.weight.dtype, device=m.in_proj.weight.device)
-        if m.in_proj.bias is not None:
-            bias += m.in_proj.bias
-        bias[-m.n_heads:] += m.dt_bias  # dt + dt_bias comes out of the projection
-        self.in_proj = _NormedLinear([m.in_proj.weight], block.input_layernorm.weight, bias, fold)
-        # (conv_dim, width) with width-major memory, as the time-major conv window wants it (a small copy)
-        self.conv_weight, self.conv_bias = m.conv1d.weight[:, 0, :].t().contiguous().t(), m.conv1d.bias
-        self.A = -torch.exp(m.A_log.float())
-        self.D = m.D
-        lo, hi = m.dt_limit
-        self.dt_limit = None if lo <= 0.0 and hi == float("inf") else (lo, hi)
-        self.fast = (backend_for(m.in_proj.weight) == "torch" and m.in_proj.weight.dtype == torch.float32
-                     and m.D.dtype == torch.float32)
-        self.norm_weight, self.norm_group, self.norm_eps = m.norm.weight, m.norm.group_size, m.norm.eps
-        if m.norm.group_size == m.inner:  # one norm group: a row factor, its weight folded into out_proj
-            self.out_proj = _NormedLinear([m.out_proj.weight], m.norm.weight, m.out_proj.bias, fold)
-        else:
-            self.out_proj = None
-            self.out_weight_t, self.out_bias = m.out_proj.weight.t(), m.out_proj.bias
-
-    def __call__(self, h: torch.Tensor, cache: HybridCache, rope) -> torch.Tensor:
-        b, inner, gn = h.shape[0], self.inner, self.n_groups * self.d_state
-        zxbcdt = self.in_proj(h, _rms_factor(h, self.eps))
-        z, xbc, dt = zxbcdt[:, :inner], zxbcdt[:, inner:inner + self.conv_dim], zxbcdt[:, inner + self.conv_dim:]
-        conv_state, state = cache.conv[self.layer], cache.ssm[self.layer]
-        softplus = self.dt_limit is None
-        if not softplus:
-            dt = F.softplus(dt).clamp(*self.dt_limit)
-        if self.fast:
-            xbc = conv_step_float32(xbc, conv_state, self.conv_weight, self.conv_bias, "silu")
-            x = xbc[:, :inner].view(b, self.n_heads, self.d_head)
-            B, C = xbc[:, inner:inner + gn], xbc[:, inner + gn:]
-            y = mamba2_step_float32(state, x, dt, self.A, B.view(b, self.n_groups, self.d_state),
-                                    C.view(b, self.n_groups, self.d_state), self.D, None, softplus)
-        else:
-            xbc = causal_conv1d_update(xbc, conv_state, self.conv_weight, self.conv_bias, activation="silu")
-            p, n = self.d_head, self.d_state
-            x = xbc[:, :inner].reshape(b, self.n_heads, p)
-            B, C = xbc[:, inner:inner + gn], xbc[:, inner + gn:]
-            y = selective_state_update(
-                state, x, dt[:, :, None].expand(b, self.n_heads, p), self.A[:, None, None].expand(self.n_heads, p, n),
-                B.reshape(b, self.n_groups, n), C.reshape(b, self.n_groups, n),
-                D=self.D[:, None].expand(self.n_heads, p), dt_softplus=softplus)
-        y = y.reshape(b, inner)
-        if self.out_proj is not None:
-            g = y * F.silu(z)
-            return self.out_proj.residual(h, g, _rms_factor(g, self.eps), self.alpha)
-        g = rms_norm_gated(y, self.norm_weight, z, eps=self.norm_eps, group_size=self.norm_group)
-        return _residual_linear(h, g, self.out_weight_t, self.out_bias, self.alpha)
-
-
-class _AttentionStep:
-    """Input RMSNorm, fused q/k/v, RoPE if any, the KV cache write, attention over the cached keys, o_proj, residual."""
-
-    def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
-        a = block.self_attn
-        self.layer, self.eps, self.alpha = block.layer, _eps_tensor(config, block), block.residual_multiplier
-        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
-        biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-        bias = None if a.q_proj.bias is None else torch.cat(
-            [biases[0] * (a.scale if fold else 1.0), biases[1], biases[2]])
-        if fold:  # the attention scale goes into q's weight and bias
-            q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                              None, fold)
-            q.weights[0][:, : a.n_heads * a.head_dim].mul_(a.scale)
-            q.bias, self.scale = bias, 1.0
-        else:
-            q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                              bias, fold)
-            self.scale = a.scale
-        self.qkv = q
-        self.out_weight_t, self.out_bias = a.o_proj.weight.t(), a.o_proj.bias
-
-    def __call__(self, h: torch.Tensor, cache: HybridCache, rope) -> torch.Tensor:
-        b, heads, kv, d = h.shape[0], self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv(h, _rms_factor(h, self.eps))
-        q = qkv[:, : heads * d].view(b, heads, 1, d)
-        k = qkv[:, heads * d:(heads + kv) * d].view(b, kv, 1, d)
-        v = qkv[:, (heads + kv) * d:].view(b, kv, 1, d)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        key, value, pos = cache.key[self.layer], cache.value[self.layer], cache.lengths
-        first, last = (int(p) for p in torch.aminmax(pos))
-        if first == last:  # every row at the same position: plain slices, no mask
-            key[:, :, last] = k[:, :, 0]
-            value[:, :, last] = v[:, :, 0]
-            mask = None
-        else:
-            rows = torch.arange(b, device=h.device)
-            key[rows, :, pos] = k[:, :, 0]
-            value[rows, :, pos] = v[:, :, 0]
-            mask = (torch.arange(last + 1, device=h.device)[None, :] > pos[:, None])[:, None, None, :]
-        # grouped-query attention without repeating the keys: each kv head serves heads // kv consecutive q heads
-        scores = torch.matmul(q.reshape(b, kv, heads // kv, d), key[:, :, : last + 1].transpose(-1, -2))
-        if self.scale != 1.0:
-            scores.mul_(self.scale)
-        if mask is not None:
-            scores.masked_fill_(mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, : last + 1])  # (b, kv, heads // kv, d)
-        return _residual_linear(h, out.reshape(b, heads * d), self.out_weight_t, self.out_bias, self.alpha)
-
-
-class _FeedForwardStep:
-    """Post-attention RMSNorm, the shared SwiGLU MLP (plus the mixture of experts, if any), residual."""
-
-    def __init__(self, block: HybridBlock, config: HybridConfig, fold: bool):
-        self.eps, self.alpha, self.moe = _eps_tensor(config, block), block.residual_multiplier, block.block_sparse_moe
-        self.norm_weight = block.post_attention_layernorm.weight
-        self.down_bias = None
-        if block.dense:  # gate and up side by side, as the fused weight has them
-            mlp = block.mlp
-            bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-            self.up = _NormedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], self.norm_weight, bias, fold)
-            self.down_t, self.down_bias = mlp.down_proj.weight.t(), mlp.down_proj.bias
-            return
-        mlp = block.shared_mlp
-        # with experts, the router and the experts read the normed input too: it is made once, nothing is folded
-        self.up = _NormedLinear([mlp.input_linear.weight], None if self.moe else self.norm_weight, None,
-                                fold and self.moe is None)
-        self.down_t = mlp.output_linear.weight.t()
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        r = _rms_factor(h, self.eps)
-        if self.moe is None:
-            gate, up = self.up(h, r).chunk(2, dim=-1)
-            return _residual_linear(h, F.silu(gate).mul_(up), self.down_t, self.down_bias, self.alpha)
-        x = (h * r) * self.norm_weight
-        gate, up = torch.mm(x, self.up.weights[0]).chunk(2, dim=-1)
-        out = torch.addmm(self.moe(x)[0], F.silu(gate).mul_(up), self.down_t)
-        return torch.add(h, out, alpha=self.alpha)
-
-
-class DecodePlan:
-    """What ``HybridForCausalLM.step`` needs, laid out once per generate() call (see the comment above)."""
-
-    def __init__(self, model: HybridForCausalLM, fold: bool | None = None):
-        c = model.config
-        if fold is None:
-            size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-            fold = model.dtype in (torch.float32, torch.float64) and size <= FOLD_MAX_BYTES
-        self.fold = fold
-        self.config = c
-        self.embedding, self.embedding_multiplier = model.model.embed_tokens.weight, c.embedding_multiplier
-        self.layers = []
-        for block in model.model.layers:
-            mixer = (_MambaStep if block.kind == "mamba" else _AttentionStep)(block, c, fold)
-            self.layers.append((mixer, _FeedForwardStep(block, c, fold)))
-        self.eps = _eps_tensor(c, model)
-        self.head = _NormedLinear([model.lm_head.weight], model.model.norm.weight, None, fold,
-                                  scale=1.0 / c.logits_scaling)
-        self.rope = rope_frequencies(c, model.device) if c.position_embedding_type == "rope" else None
-
-    def step(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embedding) * self.embedding_multiplier
-        rope = None
-        if self.rope is not None:  # the new token's position in each row
-            rope = rope_tables(cache.lengths[:, None], self.rope, h.dtype)
-        for mixer, feed_forward in self.layers:
-            h = feed_forward(mixer(h, cache, rope))
-        cache.lengths += 1
-        return self.head(h, _rms_factor(h, self.eps))
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -752,7 +506,7 @@ class HybridForCausalLM(nn.Module):
                 seq_idx = None
         if position_ids is None:
             position_ids = torch.arange(l, device=device)[None, :].expand(b, l)
-        mask = _attention_mask(l, device, seq_idx=seq_idx, pad_mask=pad_mask)
+        mask = causal_mask(l, device, seq_idx=seq_idx, pad_mask=pad_mask)
         h = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
         rope = self._rope(position_ids, h.dtype)
         router_logits = []
@@ -798,55 +552,6 @@ class HybridForCausalLM(nn.Module):
         valid = targets != -100
         return -(logprobs * valid).sum() / valid.sum().clamp(min=1)
 
-    # -- generation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], cache: HybridCache) -> torch.Tensor:
-        """Run the prompts as one packed row, filling rows 0..n-1 of ``cache``; returns each prompt's last
-        hidden state's logits (n, vocab)."""
-        device = self.device
-        lengths = [len(p) for p in prompts]
-        if min(lengths) < 1:
-            raise ValueError("every prompt needs at least one token")
-        if max(lengths) > cache.max_len:
-            raise ValueError(f"a prompt of {max(lengths)} tokens does not fit a cache of {cache.max_len}")
-        if len(set(lengths)) == 1:  # equal lengths: one prompt per row, no packing masks
-            return self._prefill_rows(torch.tensor(prompts, device=device), cache)
-        ids = torch.tensor([t for p in prompts for t in p], device=device)[None, :]
-        cu = cu_seqlens_from_lengths(lengths, device)
-        seq_idx = torch.repeat_interleave(torch.arange(len(prompts), device=device, dtype=torch.int32),
-                                          torch.tensor(lengths, device=device))[None, :]
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None, :]
-        mask = _attention_mask(ids.shape[1], device, seq_idx=seq_idx) if len(prompts) > 1 else None
-        h = self.model.embed_tokens(ids) * self.config.embedding_multiplier
-        rope = self._rope(positions, h.dtype)
-        for block in self.model.layers:
-            h, _ = block(h, mask, rope, seq_idx if len(prompts) > 1 else None, None, cache=cache, cu_seqlens=cu)
-        cache.lengths[: len(prompts)] = torch.tensor(lengths, device=device)
-        last = self.model.norm(h[0, cu[1:].long() - 1])
-        return self.lm_head(last) / self.config.logits_scaling
-
-    def _prefill_rows(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-        """``prefill`` for prompts of one length, as a plain (n, length) batch filling rows 0..n-1."""
-        n, length = ids.shape
-        h = self.model.embed_tokens(ids) * self.config.embedding_multiplier
-        rope = self._rope(torch.arange(length, device=ids.device)[None, :].expand(n, length), h.dtype)
-        for block in self.model.layers:
-            h, _ = block(h, None, rope, None, None, cache=cache)
-        cache.lengths[:n] = length
-        return self.lm_head(self.model.norm(h[:, -1])) / self.config.logits_scaling
-
-    def decode_plan(self, fold: bool | None = None) -> DecodePlan:
-        """The tensors ``step`` walks, derived from the weights as they are now: build one per generate() call and
-        never keep it across a change of the weights. ``fold`` (default: when the copies are cheap) folds norm
-        weights and scales into the projections; see ``DecodePlan``."""
-        return DecodePlan(self, fold)
-
-    @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, cache: HybridCache, plan: DecodePlan | None = None) -> torch.Tensor:
-        """One new token per row of ``cache``: input_ids (batch,) -> next-token logits (batch, vocab). Pass the
-        ``plan`` from ``decode_plan()`` when stepping many times with the same weights."""
-        return (plan or self.decode_plan()).step(input_ids, cache)
-
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_pretrained(self, folder, max_shard_bytes: int = 5 * 1024**3) -> None:
         from posttrain.models.hybrid.checkpoint import save_checkpoint
@@ -863,7 +568,7 @@ class HybridForCausalLM(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
-def _attention_mask(length: int, device, seq_idx: torch.Tensor | None = None,
+def causal_mask(length: int, device, seq_idx: torch.Tensor | None = None,
                     pad_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean (batch, 1, L, L) mask for SDPA, or None for plain causal attention."""
     if seq_idx is None and pad_mask is None:

@@ -7,7 +7,10 @@ window and SSM state per Mamba layer, a KV cache for the attention layers only. 
 they stop costing compute. Returns, per sample, the token ids, the log-probability of each sampled token under the
 distribution it was drawn from (temperature-scaled and, with top_k/top_p, truncated and renormalised: vLLM's
 ``processed_logprobs``, so every engine means the same thing), and why it stopped.
-This module never trains and never changes the model's weights.
+Capabilities: streaming (``on_step``), weight sync (``sync_weights``: a no-op when the trainer hands over the
+module this engine decodes, which it does with the policy itself, else a copy of the trainer's tensors), and
+``shares_module``: it decodes with the module it was given, so in float32 its log-probabilities are the trainer's.
+This module never trains, and changes a model's weights only in ``sync_weights``, when asked to.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
 from posttrain.rollout.base import (
+    Capabilities,
     Completion,
     EngineStats,
     SamplingParams,
@@ -23,13 +27,40 @@ from posttrain.rollout.base import (
     StepTokens,
     sample,
 )
+from posttrain.rollout.native_decode import DecodePlan, prefill
 
 
 class NativeEngine:
+    """Batched sampling from an in-tree model (see the module docstring)."""
+
+    name = "native"
+    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True)
+
     def __init__(self, model: HybridForCausalLM, max_num_seqs: int = 256):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.stats = EngineStats()
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str | None = None, dtype: torch.dtype | None = None,
+                        max_num_seqs: int = 256) -> NativeEngine:
+        """The engine on the in-tree checkpoint in ``folder`` (hybrid or dense Granite), in eval mode."""
+        model = HybridForCausalLM.from_pretrained(folder, device=device, dtype=dtype).eval()
+        return cls(model, max_num_seqs=max_num_seqs)
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> int:
+        """Take ``model``'s weights (a no-op when it is the module this engine decodes); returns the tensors taken."""
+        if model is self.model:
+            return 0
+        state = model.state_dict()
+        self.model.load_state_dict(state, strict=True)
+        return len(state)
+
+    @torch.no_grad()
+    def load_named_tensors(self, items) -> None:
+        """Load ``(checkpoint name, tensor)`` pairs, every tensor of the model (what a rollout server received)."""
+        self.model.load_state_dict(dict(items), strict=True)
 
     @torch.inference_mode()  # not only no_grad: no version counters or view tracking, ~10% off each decode step
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -55,7 +86,7 @@ class NativeEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            plan = self.model.decode_plan()  # from the weights as they are now: they change between calls in RL
+            plan = DecodePlan(self.model)  # from the weights as they are now: they change between calls in RL
             for start in range(0, len(prompts), per_wave):
                 out += self._generate_wave(prompts[start:start + per_wave], start, params, generator, plan, on_step)
         finally:
@@ -67,7 +98,7 @@ class NativeEngine:
         n_prompts, n = len(prompts), params.n
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
         cache = HybridCache.allocate(model.config, n_prompts, max_len, device=device, dtype=model.dtype)
-        logits = model.prefill(prompts, cache)  # each prompt once
+        logits = prefill(model, prompts, cache)  # each prompt once
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         if n > 1:  # copy each prompt's state G ways
             rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
@@ -111,7 +142,7 @@ class NativeEngine:
                 keep = torch.tensor(keep_rows, device=device)
                 cache, next_tokens = cache.index_select(keep), next_tokens[keep]
                 active = [active[i] for i in keep_rows]
-            logits = model.step(next_tokens, cache, plan)
+            logits = plan.step(next_tokens, cache)
             self.stats.steps += 1
             self.stats.rows_forwarded += len(active)
         return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from posttrain.engine import Completion, SamplingParams, StepTokens
+from posttrain.rollout import Completion, SamplingParams, StepTokens
 
 TokenSink = Callable[[list[tuple[int, int, str | None]]], None]
 

@@ -22,8 +22,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.engine import SamplingParams
 from posttrain.grpo.tools import ToolEnvironment
+from posttrain.rollout import SamplingParams
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Generation engines for ``posttrain eval``: the native engine, or vLLM when it is installed.
+"""Completion texts for ``posttrain eval``: evaluation items rendered to prompts, sampled on a rollout engine
+(``posttrain.rollout``: native, transformers or vLLM, chosen through its registry), decoded to texts.
 
-An engine turns evaluation items into ``n`` completion texts each. Both engines see the same prompts, rendered
-here by the checkpoint's tokenizer: the chat template (with BFCL's tools) in ``chat`` format, the plain prompt
-with the task's stop strings in ``plain`` format. Tests inject their own engine (anything with ``generate``) to
-push chosen texts through the same scoring path. This module never scores and never changes weights.
+A completion source turns evaluation items into ``n`` completion texts each. Every engine sees the same prompts,
+rendered here by the checkpoint's tokenizer: the chat template (with BFCL's tools) in ``chat`` format, the plain
+prompt with the task's stop strings in ``plain`` format; texts are decoded by ``TextGenerator``'s rules (a stop
+string of one token stops the row in the engine, a longer one cuts the decoded text). Tests inject their own source
+(anything with ``name``, ``prompt_format`` and ``generate``) to push chosen texts through the same scoring path.
+This module never scores and never changes weights.
 """
 
 from __future__ import annotations
@@ -11,17 +14,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from posttrain.eval.tasks import EvalItem
+from posttrain.rollout import Engine
 from posttrain.serving.generation import TextGenerator
 
 ProgressFn = Callable[[int], None]  # called with the number of items just finished
-
-
-class EngineUnavailableError(RuntimeError):
-    """The requested engine cannot run here (vLLM not installed)."""
 
 
 @dataclass
@@ -47,8 +46,9 @@ class EvalSampling:
             raise ValueError("top_p must be in (0, 1], top_k >= 0 and max_new_tokens >= 1")
 
 
-class EvalEngine(Protocol):
-    name: str
+class CompletionSource(Protocol):
+    name: str  # the engine's name, recorded in the results
+    prompt_format: str
 
     def generate(self, items: list[EvalItem], sampling: EvalSampling,
                  progress: ProgressFn | None = None) -> list[list[str]]:
@@ -73,15 +73,16 @@ def render_prompt(generator: TextGenerator, item: EvalItem, prompt_format: str) 
     return generator.encode_text(item.plain_prompt)
 
 
-class NativeEvalEngine:
-    """Completions from the in-tree model on the native engine, ``batch_size`` items per call."""
+class EngineCompletions:
+    """Completions from a rollout engine, ``batch_size`` items per ``generate`` call."""
 
-    name = "native"
-
-    def __init__(self, tokenizer: Any, model: Any, prompt_format: str = "auto", batch_size: int = 32):
+    def __init__(self, engine: Engine, tokenizer: Any, model_config: Any, prompt_format: str = "auto",
+                 batch_size: int = 32):
+        """``model_config``: the model's config (object or ``config.json`` dict: vocabulary, context, EOS ids)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.generator = TextGenerator.for_model(tokenizer, model)
+        self.name = engine.name
+        self.generator = TextGenerator.for_model(tokenizer, model_config, engine.generate)
         self.prompt_format = resolve_prompt_format(tokenizer, prompt_format)
         self.batch_size = batch_size
 
@@ -104,36 +105,3 @@ class NativeEvalEngine:
             if progress is not None:
                 progress(len(batch))
         return out
-
-
-class VllmEvalEngine:
-    """Completions from vLLM (GPU), same prompts as the native engine. Needs ``pip install 'posttrain[vllm]'``."""
-
-    name = "vllm"
-
-    def __init__(self, model_dir: str | Path, tokenizer: Any, prompt_format: str = "auto", **llm_options: Any):
-        try:
-            import vllm
-        except ImportError as exc:
-            raise EngineUnavailableError(
-                "the vllm engine needs the vllm package, which is not importable here "
-                f"({exc}); install it with pip install 'posttrain[vllm]' on a GPU machine, or use --engine native"
-            ) from exc
-        self._vllm = vllm
-        self.prompt_format = resolve_prompt_format(tokenizer, prompt_format)
-        self.generator = TextGenerator(tokenizer, None, vocab_size=len(tokenizer))  # renders prompts only
-        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), **llm_options)
-
-    def generate(self, items: list[EvalItem], sampling: EvalSampling,
-                 progress: ProgressFn | None = None) -> list[list[str]]:
-        chat = self.prompt_format == "chat"
-        stop = [] if chat else sorted({s for item in items for s in item.stop})
-        params = self._vllm.SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-            max_tokens=sampling.max_new_tokens, seed=sampling.seed, stop=stop or None,
-            stop_token_ids=self.generator.chat_stop_token_ids() if chat else None, skip_special_tokens=False)
-        prompts = [{"prompt_token_ids": render_prompt(self.generator, item, self.prompt_format)} for item in items]
-        outputs = self.llm.generate(prompts, params)
-        if progress is not None:
-            progress(len(items))
-        return [[o.text for o in out.outputs] for out in outputs]

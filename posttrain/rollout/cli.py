@@ -1,10 +1,12 @@
-"""``posttrain generate``: sample completions from a checkpoint folder (weights + tokenizer) with the native engine."""
+"""``posttrain generate``: sample completions from a checkpoint folder (weights + tokenizer) on a rollout engine
+(``--engine``; default: native for the in-tree models, transformers for any other causal LM). A bad engine choice
+is one line on stderr and exit code 2, before any weights load. This module only parses and prints."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,18 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    parser.add_argument("--engine", default=None,
+                        help="native, transformers or vllm (default: native for the in-tree models, else transformers)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.engine import NativeEngine, SamplingParams
-    from posttrain.models.hybrid import HybridForCausalLM
-    from posttrain.tokenizer import load_tokenizer
+    from posttrain.rollout import EngineError, SamplingParams
+    from posttrain.serving.generation import load_checkpoint
 
-    folder = Path(args.checkpoint)
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"posttrain generate: {folder} has no config.json")
-    tokenizer = load_tokenizer(folder)
-    model = HybridForCausalLM.from_pretrained(folder)
+    try:
+        tokenizer, engine = load_checkpoint(args.checkpoint, args.engine, device=args.device, dtype=args.dtype,
+                                            seed=args.seed or 0)
+    except (EngineError, FileNotFoundError) as e:
+        print(f"posttrain generate: {e}", file=sys.stderr)
+        return 2
     if args.chat:
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"] for p in args.prompts]
@@ -37,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
         ids = [tokenizer(p)["input_ids"] for p in args.prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n, seed=args.seed, eos_token_id=tokenizer.eos_token_id)
-    for c in NativeEngine(model).generate(ids, params):
+    try:
+        completions = engine.generate(ids, params)
+    finally:
+        if engine.capabilities.close:
+            engine.close()
+    for c in completions:
         text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
         if args.json:
             print(json.dumps({"prompt_index": c.prompt_index, "text": text, "finish_reason": c.finish_reason,

@@ -9,7 +9,7 @@ batch comes back with the version that generated it, from which the trainer comp
 sample's staleness. An exception in the producer is raised in the trainer at its next ``next_batch``.
 
 Weights cross by value: ``publish`` snapshots the trainer's tensors (a copy), so the trainer may keep updating
-its own while the producer loads them; in server mode the same role is played by ``posttrain.grpo.weight_sync``.
+its own while the producer loads them; in server mode the same role is played by ``posttrain.rollout.weight_sync``.
 This module never trains and never computes a loss.
 """
 
