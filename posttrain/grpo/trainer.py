@@ -42,6 +42,7 @@ from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, pack_micro_batches, tokenize_prompts
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
 from posttrain.rewards import RewardSet, WeightedReward, get
+from posttrain.tokenizer import completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -268,13 +269,7 @@ class GrpoTrainer:
             self.engine.close()
 
     def _completion_for_reward(self, row: dict, ids: list[int]):
-        # the text the model wrote, markup included (``<tool_call>`` tags are special tokens, and two calls in one
-        # answer do not parse without them), less the end-of-sequence and padding tokens that close it
-        closing = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
-        end = len(ids)
-        while end and ids[end - 1] in closing:
-            end -= 1
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
+        text = completion_text(self.tokenizer, ids)  # markup included, less the closing EOS
         prompt = row[self.config.data.prompt_column]
         return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
