@@ -1,0 +1,243 @@
+"""The transformers generation engine: batched sampling from any causal LM that transformers loads (Llama, Qwen,
+Mistral, Granite, ...), for rollouts and serving where the native engine does not apply.
+
+It runs its own decode loop over the very module it is given (so it never needs a weight sync), not
+``model.generate``: prompts of any lengths are left-padded into one batch, with an attention mask and position ids
+that start at 0 at each prompt's first real token, so every row computes what that prompt alone would. Each prompt
+is prefilled once, however many samples it gets, into transformers' own ``StaticCache`` (one preallocated key/value
+buffer per attention layer, sized to the longest prompt plus ``max_new_tokens``; a fixed-size conv window and
+recurrent state per Mamba layer), then the cache is copied G ways and decoded one token per step. The cache writes
+each step into the same slot for every row (transformers' static layers count their own position); a row's padding
+is masked, its positions are its own. Finished rows leave the batch (the cache's rows are selected), so they stop
+costing compute. Tokens are picked and scored by the shared sampler (:func:`posttrain.rollout.base.sample`), so a
+log-probability means what it means on every engine.
+
+Where the model's layers are all full attention with the ``sdpa`` or ``eager`` implementation, the decode step's
+4D mask is kept by the engine and updated in place (one slot per step) instead of being rebuilt by transformers
+from the 2D mask every step; any other layout (sliding windows, Mamba layers, other attention kernels) passes the
+2D mask and lets the model build its own masks, as ``generate`` does.
+
+Limits: a model whose cache layers this module has not been checked with (anything but full attention, sliding
+window attention, Mamba/linear-attention state and layers without a cache) is refused with :class:`EngineError` at
+construction. The Granite 4.0-H hybrid (``GraniteMoeHybridForCausalLM``) runs here through transformers' own
+Mamba-2 code (the torch path on CPU, slow), checked against ``generate``; the ``native`` engine runs it faster.
+Written against transformers' 5.x cache API (the ``cache=`` keyword, static layers that track their own length);
+models whose forward takes ``past_key_values`` and ``cache_position`` instead get those.
+This module never trains and never changes the model's weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import (
+    DummyLayer,
+    LinearAttentionAndStaticFullAttentionLayer,
+    LinearAttentionLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
+
+from posttrain.rollout.base import (
+    Capabilities,
+    Completion,
+    EngineError,
+    EngineStats,
+    SamplingParams,
+    StepCallback,
+    StepTokens,
+    sample,
+)
+
+# the cache layers this engine has been checked with (tests/test_transformers_engine.py): full attention (Llama,
+# Qwen2, Granite), sliding windows (Mistral), Mamba state (Mamba, the Granite 4.0-H hybrid), Mamba beside attention
+# in one layer (Falcon-H1), and layers without a cache
+SUPPORTED_LAYERS = (StaticLayer, StaticSlidingWindowLayer, LinearAttentionLayer,
+                    LinearAttentionAndStaticFullAttentionLayer, DummyLayer)
+
+
+class TransformersEngine:
+    name = "transformers"
+    capabilities = Capabilities(streaming=True)  # decodes with the module it holds: nothing to sync
+
+    def __init__(self, model, max_num_seqs: int = 256):
+        config = model.config
+        if getattr(config, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
+            raise EngineError(f"the transformers engine runs causal LMs; {type(model).__name__} is not one")
+        try:
+            layers = StaticCache(config=config, max_cache_len=1).layers
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise EngineError(f"the transformers engine cannot preallocate a cache for {type(model).__name__} "
+                              f"({type(err).__name__}: {err}); use the 'native' engine for the in-tree Granite "
+                              "models (hybrid and dense), or 'vllm'") from err
+        # exact classes: a subclass (an indexed or compressed layer) keeps more than keys and values
+        unsupported = sorted({type(layer).__name__ for layer in layers if type(layer) not in SUPPORTED_LAYERS})
+        if unsupported:
+            raise EngineError(f"the transformers engine has not been checked with {type(model).__name__}'s cache "
+                              f"layers ({', '.join(unsupported)}); use the 'native' engine for the in-tree Granite "
+                              "models (hybrid and dense), or 'vllm'")
+        forward = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self._pass_cache_position = "cache_position" in forward and "cache" not in forward
+        self._logits_to_keep = "logits_to_keep" in forward
+        # the engine keeps the decode mask itself only where it knows the mask's form: plain full attention
+        implementation = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
+        self._own_mask = (implementation in ("sdpa", "eager")
+                          and all(type(layer) is StaticLayer for layer in layers))
+        self._additive_mask = implementation == "eager"
+        # a model without attention layers (Mamba) has nothing to mask in a decode step; transformers' Mamba would
+        # broadcast a 2D mask longer than the step's one token over it
+        self._attention_free = not any(isinstance(layer, StaticLayer) for layer in layers)
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.stats = EngineStats()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
+                 on_step: StepCallback | None = None) -> list[Completion]:
+        """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j).
+
+        ``on_step``, if given, sees each step's tokens as soon as they are sampled (see :data:`StepCallback`)."""
+        if not prompt_ids:
+            return []
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        for i, p in enumerate(prompt_ids):
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        per_wave = max(1, self.max_num_seqs // params.n)
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompt_ids), per_wave):
+                out += self._generate_wave(prompt_ids[start:start + per_wave], start, params, generator, on_step)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, slot: int, **extra) -> torch.Tensor:
+        """One forward through the model with the cache; returns the last position's logits."""
+        kwargs = {self._cache_kwarg: cache, **extra}
+        if self._pass_cache_position:
+            kwargs["cache_position"] = torch.arange(slot, slot + input_ids.shape[1], device=input_ids.device)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **kwargs)
+        return out.logits[:, -1]
+
+    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, on_step) -> list[Completion]:
+        model, device = self.model, self.model.device
+        n_prompts, n = len(prompts), params.n
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        max_len = width + params.max_new_tokens
+        # left padding: prompt i's tokens take slots width - len_i .. width - 1; slot width + t holds step t's token
+        ids = torch.zeros((n_prompts, width), dtype=torch.long)
+        keep = torch.zeros((n_prompts, max_len), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            keep[i, width - len(p):width] = True
+        ids, keep = ids.to(device), keep.to(device)
+        positions = (keep[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        logits = self._forward(ids, keep[:, :width], positions, cache, 0, **extra)  # each prompt once
+        self.stats.prefill_tokens += sum(lengths)
+        positions = torch.tensor(lengths, device=device)[:, None]  # the next token's position, per row
+        if n > 1:  # copy each prompt's state G ways
+            rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
+            _select_rows(cache, rows)
+            logits, keep, positions = logits[rows], keep[rows], positions[rows]
+        self.stats.cache_bytes = max(self.stats.cache_bytes, _cache_bytes(cache))
+        mask = self._decode_mask(keep)
+        total = n_prompts * n
+        tokens: list[list[int]] = [[] for _ in range(total)]
+        logprobs: list[list[float]] = [[] for _ in range(total)]
+        reasons = ["length"] * total
+        active = list(range(total))  # which output each cache row writes to
+        stop_ids = params.stop_ids()
+        stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+        for step in range(params.max_new_tokens):
+            next_tokens, next_logprobs = sample(logits, params, generator)
+            step_tokens = next_tokens.tolist()
+            for row, tok, lp in zip(active, step_tokens, next_logprobs.tolist()):
+                tokens[row].append(tok)
+                logprobs[row].append(lp)
+            last = step + 1 == params.max_new_tokens
+            stopped = [] if stop is None else torch.isin(next_tokens, stop).nonzero()[:, 0].tolist()
+            for i in stopped:
+                reasons[active[i]] = "stop"
+            if on_step is not None:
+                finish: list[str | None] = ["length" if last else None] * len(active)
+                for i in stopped:
+                    finish[i] = "stop"
+                aborted = on_step(StepTokens([offset * n + row for row in active], step_tokens, finish))
+                if aborted and not last:
+                    aborted = {a - offset * n for a in aborted}
+                    more = [i for i, row in enumerate(active) if row in aborted and finish[i] is None]
+                    for i in more:
+                        reasons[active[i]] = "abort"
+                    stopped = sorted(set(stopped) | set(more))
+            if last:
+                break
+            if stopped:  # finished rows leave the batch
+                gone = set(stopped)
+                keep_rows = [i for i in range(len(active)) if i not in gone]
+                if not keep_rows:
+                    break
+                index = torch.tensor(keep_rows, device=device)
+                _select_rows(cache, index)
+                next_tokens, keep, positions = next_tokens[index], keep[index], positions[index]
+                mask = self._decode_mask(keep)
+                active = [active[i] for i in keep_rows]
+            slot = width + step
+            keep[:, slot] = True  # the token fed now is visible to itself and every later step
+            if self._own_mask:
+                if self._additive_mask:
+                    mask[..., slot] = 0.0
+                step_mask = mask
+            elif self._attention_free:
+                step_mask = None
+            else:
+                step_mask = keep[:, :slot + 1]
+            logits = self._forward(next_tokens[:, None], step_mask, positions, cache, slot)
+            positions += 1
+            self.stats.steps += 1
+            self.stats.rows_forwarded += len(active)
+        return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
+
+    def _decode_mask(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """The 4D decode mask the engine keeps itself (a view of ``keep`` for sdpa, an additive copy for eager), or
+        None where the model builds its own masks from the 2D one."""
+        if not self._own_mask:
+            return None
+        if not self._additive_mask:
+            return keep[:, None, None, :]  # a view: setting keep[:, slot] updates it
+        dtype = self.model.dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+            ~keep, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _select_rows(cache: StaticCache, index: torch.Tensor) -> None:
+    """Keep (or repeat) the cache's rows ``index``, in every layer: keys, values, conv and recurrent states."""
+    for layer in cache.layers:
+        layer.reorder_cache(index)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = len(index)
+
+
+def _cache_bytes(cache: StaticCache) -> int:
+    total = 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors += list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values())
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
