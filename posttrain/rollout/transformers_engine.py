@@ -14,15 +14,20 @@ log-probability means what it means on every engine.
 
 Where the model's layers are all full attention with the ``sdpa`` or ``eager`` implementation, the decode step's
 4D mask is kept by the engine and updated in place (one slot per step) instead of being rebuilt by transformers
-from the 2D mask every step; any other layout (sliding windows, Mamba layers, other attention kernels) passes the
-2D mask and lets the model build its own masks, as ``generate`` does.
+from the 2D mask every step; any other layout (sliding windows, Mamba beside attention, other attention kernels)
+passes the 2D mask and lets the model build its own masks, as ``generate`` does; a model without attention gets no
+mask in a decode step.
+
+Mamba layers (Mamba, the Granite 4.0-H hybrid ``GraniteMoeHybridForCausalLM``, Falcon-H1) run through
+transformers' own code, which zeroes the padded positions' inputs so a left-padded row's state equals its prompt's
+alone (checked against teacher-forced log-probabilities); on CPU that code is its slow torch path, and the ``native``
+engine runs the in-tree Granite models (hybrid and dense) faster.
 
 Limits: a model whose cache layers this module has not been checked with (anything but full attention, sliding
-window attention, Mamba/linear-attention state and layers without a cache) is refused with :class:`EngineError` at
-construction. The Granite 4.0-H hybrid (``GraniteMoeHybridForCausalLM``) runs here through transformers' own
-Mamba-2 code (the torch path on CPU, slow), checked against ``generate``; the ``native`` engine runs it faster.
-Written against transformers' 5.x cache API (the ``cache=`` keyword, static layers that track their own length);
-models whose forward takes ``past_key_values`` and ``cache_position`` instead get those.
+window attention, Mamba state, both in one layer, and layers without a cache; DeepSeek-V3.2's indexed attention, for
+one) is refused with :class:`EngineError` at construction, naming the engines to use instead. Written against
+transformers' 5.x cache API (the ``cache=`` keyword; static layers that track their own length); a model whose
+forward takes ``past_key_values`` and ``cache_position`` instead is given those, a path not exercised by the tests.
 This module never trains and never changes the model's weights.
 """
 
