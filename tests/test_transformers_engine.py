@@ -134,6 +134,10 @@ def test_greedy_equals_generate_on_prompts_of_different_lengths(family, attn, to
         assert c.token_ids == ref
         assert c.finish_reason == ("stop" if ref[-1] == eos else "length")
     assert out[0].token_ids[-1] == eos and len(out[0].token_ids) == expected[0].index(eos) + 1
+    # prompts of one length: nothing padded, no decode mask at all
+    same = prompts_of(tok, (9, 9, 9), seed=2)
+    out = engine.generate(same, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))
+    assert [c.token_ids for c in out] == [reference_greedy(model, p, 24, None) for p in same]
 
 
 @pytest.mark.parametrize("family", ["granite", "granitemoehybrid"])

@@ -12,9 +12,10 @@ is masked, its positions are its own. Finished rows leave the batch (the cache's
 costing compute. Tokens are picked and scored by the shared sampler (:func:`posttrain.rollout.base.sample`), so a
 log-probability means what it means on every engine.
 
-Where the model's layers are all full attention with the ``sdpa`` or ``eager`` implementation, the decode step's
-4D mask is kept by the engine and updated in place (one slot per step) instead of being rebuilt by transformers
-from the 2D mask every step; any other layout (sliding windows, Mamba beside attention, other attention kernels)
+Where the model's layers are all full attention with the ``sdpa`` or ``eager`` implementation, attention sees only
+the slots written so far (views of the preallocated buffers, :class:`WrittenSlotsLayer`), and the decode step's 4D
+mask is kept by the engine and updated in place (one slot per step) instead of being rebuilt by transformers from
+the 2D mask every step, or left out where no prompt is padded; any other layout (sliding windows, Mamba beside attention, other attention kernels)
 passes the 2D mask and lets the model build its own masks, as ``generate`` does; a model without attention gets no
 mask in a decode step.
 
@@ -153,6 +154,9 @@ class TransformersEngine:
         ids, keep = ids.to(device), keep.to(device)
         positions = (keep[:, :width].long().cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=model.config, max_cache_len=max_len)
+        written = [width]  # slots written once the next forward is done; shared by the engine's own layers
+        if self._own_mask:
+            cache.layers = [WrittenSlotsLayer(max_len, written) for _ in cache.layers]
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         logits = self._forward(ids, keep[:, :width], positions, cache, 0, **extra)  # each prompt once
         self.stats.prefill_tokens += sum(lengths)
@@ -162,6 +166,7 @@ class TransformersEngine:
             _select_rows(cache, rows)
             logits, keep, positions = logits[rows], keep[rows], positions[rows]
         self.stats.cache_bytes = max(self.stats.cache_bytes, _cache_bytes(cache))
+        padded = min(lengths) < width  # with no padding, a decode step's token sees every written slot: no mask
         mask = self._decode_mask(keep)
         total = n_prompts * n
         tokens: list[list[int]] = [[] for _ in range(total)]
@@ -205,10 +210,12 @@ class TransformersEngine:
                 active = [active[i] for i in keep_rows]
             slot = width + step
             keep[:, slot] = True  # the token fed now is visible to itself and every later step
+            written[0] = slot + 1
             if self._own_mask:
                 if self._additive_mask:
                     mask[..., slot] = 0.0
-                step_mask = mask
+                # sdpa needs no mask where nothing is padded; eager always adds one
+                step_mask = mask[..., :slot + 1] if padded or self._additive_mask else None
             elif self._attention_free:
                 step_mask = None
             else:
@@ -229,6 +236,28 @@ class TransformersEngine:
         dtype = self.model.dtype
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
             ~keep, torch.finfo(dtype).min)[:, None, None, :]
+
+
+class WrittenSlotsLayer(StaticLayer):
+    """transformers' ``StaticLayer`` (keys and values preallocated for every slot, written in place) that hands
+    attention only the slots written so far, as views: a decode step attends over its sequence's length, not over
+    the whole preallocated buffer. ``written`` is one shared list ``[count]`` the engine sets before each forward."""
+
+    # views of a changing length are no static addresses; and a cache that says it is not compileable lets
+    # transformers skip building a causal mask for a one-token step with no padding (sdpa needs none)
+    is_compileable = False
+
+    def __init__(self, max_cache_len: int, written: list[int]):
+        super().__init__(max_cache_len)
+        self.written = written
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        end = self.written[0]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.written[0], 0
 
 
 def _select_rows(cache: StaticCache, index: torch.Tensor) -> None:
