@@ -24,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from posttrain.rollout.base import EngineError, SamplingParams
+from posttrain.rollout.base import Engine, EngineError, SamplingParams
 from posttrain.rollout.transformers_engine import TransformersEngine
 from posttrain.synthetic import arithmetic_corpus
 from posttrain.tokenizer import build_tokenizer
@@ -291,6 +291,32 @@ def test_streaming_sees_every_token_once_and_abort_stops_a_row(tok):
     assert all(2 not in rows for rows in steps[4:]) and len(steps) == 10
     for i in (0, 1, 3):
         assert aborted[i].finish_reason == "length" and aborted[i].token_ids == full[i].token_ids
+
+
+def test_waves_of_max_num_seqs_keep_prompt_major_results_and_stream_their_own_indices(tok):
+    model = tiny("granite", tok)
+    prompts = prompts_of(tok, (4, 9, 2, 6, 11))
+    engine = TransformersEngine(model, max_num_seqs=4)  # n = 2: two prompts a wave, three waves
+    assert isinstance(engine, Engine) and engine.name == "transformers"
+    assert engine.capabilities.names() == ["streaming"]
+    params = SamplingParams(max_new_tokens=6, temperature=0, n=2, ignore_eos=True)
+    seen: dict[int, list[int]] = {}
+
+    def watch(step):
+        for row, token in zip(step.rows, step.token_ids):
+            seen.setdefault(row, []).append(token)
+        return [7] if 7 in step.rows and len(seen[7]) == 3 else None  # abort a row of the second wave
+
+    out = engine.generate(prompts, params, on_step=watch)
+    assert [c.prompt_index for c in out] == [i for i in range(5) for _ in range(2)]
+    assert seen == {i: c.token_ids for i, c in enumerate(out)}
+    for i, c in enumerate(out):
+        ref = reference_greedy(model, prompts[c.prompt_index], 6, None)
+        if i == 7:
+            assert c.finish_reason == "abort" and c.token_ids == ref[:3]
+        else:
+            assert c.finish_reason == "length" and c.token_ids == ref
+    assert engine.stats.prefill_tokens == 4 + 9 + 2 + 6 + 11
 
 
 def test_model_mode_is_restored_and_dropout_is_off_while_generating(tok):
