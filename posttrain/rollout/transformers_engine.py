@@ -27,8 +27,9 @@ engine runs the in-tree Granite models (hybrid and dense) faster.
 Limits: a model whose cache layers this module has not been checked with (anything but full attention, sliding
 window attention, Mamba state, both in one layer, and layers without a cache; DeepSeek-V3.2's indexed attention, for
 one) is refused with :class:`EngineError` at construction, naming the engines to use instead. Written against
-transformers' 5.x cache API (the ``cache=`` keyword; static layers that track their own length); a model whose
-forward takes ``past_key_values`` and ``cache_position`` instead is given those, a path not exercised by the tests.
+transformers' 5.x cache API (static layers that track their own length); the cache goes to the model under the
+keyword its forward takes (``cache`` from 5.24, ``past_key_values`` or Mamba's ``cache_params`` before); the tests
+pass on 5.17 and 5.24.
 This module never trains and never changes the model's weights.
 """
 
@@ -37,14 +38,8 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import StaticCache
-from transformers.cache_utils import (
-    DummyLayer,
-    LinearAttentionAndStaticFullAttentionLayer,
-    LinearAttentionLayer,
-    StaticLayer,
-    StaticSlidingWindowLayer,
-)
+from transformers import StaticCache, cache_utils
+from transformers.cache_utils import StaticLayer
 
 from posttrain.rollout.base import (
     Capabilities,
@@ -59,9 +54,10 @@ from posttrain.rollout.base import (
 
 # the cache layers this engine has been checked with (tests/test_transformers_engine.py): full attention (Llama,
 # Qwen2, Granite), sliding windows (Mistral), Mamba state (Mamba, the Granite 4.0-H hybrid), Mamba beside attention
-# in one layer (Falcon-H1), and layers without a cache
-SUPPORTED_LAYERS = (StaticLayer, StaticSlidingWindowLayer, LinearAttentionLayer,
-                    LinearAttentionAndStaticFullAttentionLayer, DummyLayer)
+# in one layer (Falcon-H1), and layers without a cache (``DummyLayer``, which older transformers do not have)
+SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
+    "StaticLayer", "StaticSlidingWindowLayer", "LinearAttentionLayer", "LinearAttentionAndStaticFullAttentionLayer",
+    "DummyLayer") if hasattr(cache_utils, name))
 
 
 class TransformersEngine:
@@ -85,8 +81,13 @@ class TransformersEngine:
                               f"layers ({', '.join(unsupported)}); use the 'native' engine for the in-tree Granite "
                               "models (hybrid and dense), or 'vllm'")
         forward = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
-        self._pass_cache_position = "cache_position" in forward and "cache" not in forward
+        # the cache's keyword: ``cache`` from transformers 5.24; before, ``past_key_values`` (``cache_params`` on Mamba)
+        names = [name for name in ("cache", "past_key_values", "cache_params") if name in forward]
+        if not names:
+            raise EngineError(f"{type(model).__name__}.forward takes no cache argument; the transformers engine "
+                              "cannot decode it step by step")
+        self._cache_kwarg = names[0]
+        self._pass_cache_position = "cache_position" in forward
         self._logits_to_keep = "logits_to_keep" in forward
         # the engine keeps the decode mask itself only where it knows the mask's form: plain full attention
         implementation = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
