@@ -16,7 +16,8 @@ initialisation with a larger spread (normal, std 0.2, seeded; norms at 1): with 
 greedy decoding soon repeats a few tokens, with 0.2 every row wanders over dozens (the benchmark checks at least 8
 distinct tokens per row), and there is nothing to train. The prompts are the tokenised arithmetic corpus.
 
-Both sides run eagerly under ``torch.inference_mode``, after one warm-up call each, then alternate for
+Both sides run eagerly under ``torch.inference_mode``, after one warm-up call each (the calls whose outputs are
+compared), then alternate for
 ``--repeats`` rounds; the figure is the best round of each, printed with the median ratio and the machine's load.
 ``--threads`` sets torch's CPU threads for both sides; ``--batch``, ``--prompt`` and ``--new`` shrink a smoke run.
 """
