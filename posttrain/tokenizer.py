@@ -96,6 +96,17 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(f"cannot load tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """The text a model wrote, markup included (``<tool_call>`` tags are special tokens, and a call does not parse
+    without them), less the end-of-sequence and padding tokens that close it: what rewards, judges and preference
+    pairs read."""
+    closing = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    end = len(ids)
+    while end and ids[end - 1] in closing:
+        end -= 1
+    return tokenizer.decode(ids[:end], skip_special_tokens=False)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, nargs="+", help="text files (one document per line)")
     parser.add_argument("--vocab-size", type=int, default=2048)

@@ -5,6 +5,7 @@ manifest; bad input stops it with an error naming file, line and field."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -227,3 +228,37 @@ def test_on_policy_rows_by_hand():
     chat = pairs_on_policy([[{"role": "user", "content": "q"}]], [""], [0.0], [["a", "b"]], [[1.0, 0.0]])
     assert chat[0]["rejected"] == [{"role": "assistant", "content": ""}]  # an empty chat answer is a turn
     assert chat[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+
+
+def test_pair_answers_keep_the_markup_the_model_wrote(tmp_path):
+    """Sampled and greedy answers keep special-token markup (``<tool_call>`` tags), less the closing EOS: a tool call
+    decoded without its tags is not a call, so the tool-call reward refutes it and a chosen call would be trained
+    without them. The model is built to write one chain of tokens: every block's output projection is zero, so each
+    position's logits depend on its own token only, and the output head maps each chain token to the next."""
+    from posttrain.dpo.pairs import greedy_answers, sample_answers
+    from posttrain.rollout.native import NativeEngine
+
+    tok = build_tokenizer(arithmetic_corpus(200), vocab_size=300)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False))
+    prompt = [{"role": "user", "content": "6*7="}]
+    last = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][-1]
+    chain = [last, *tok.convert_tokens_to_ids(["<tool_call>", "4", "2", "</tool_call>"]), tok.eos_token_id]
+    assert len(set(chain)) == len(chain) and tok.unk_token_id not in chain
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight", "output_linear.weight")):
+                p.zero_()
+        h = model.model.embed_tokens.weight * model.config.embedding_multiplier
+        h = model.model.norm(h)
+        model.lm_head.weight.zero_()
+        for a, b in itertools.pairwise(chain):
+            model.lm_head.weight[b] = 50 * h[a] / h[a].norm() ** 2
+    model.eval()
+    want = "<tool_call>42</tool_call>"
+    engine = NativeEngine(model)
+    assert greedy_answers(engine, tok, [prompt], max_new_tokens=8) == [want]
+    sampled = sample_answers(engine, tok, [prompt], PairSamplingSettings(model="unused", num_samples=3,
+                                                                         temperature=0.5, max_new_tokens=8, seed=0))
+    assert sampled == [[want] * 3]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.dpo.config import PairSamplingSettings, PairsConfig
+from posttrain.tokenizer import completion_text
 from posttrain.train.data import DataError, Row, check_messages, read_rows
 
 
@@ -50,14 +51,15 @@ def prompt_ids(tokenizer, prompt: Any) -> list[int]:
 
 
 def sample_answers(engine, tokenizer, prompts: Sequence[Any], sampling: PairSamplingSettings) -> list[list[str]]:
-    """``num_samples`` decoded answers per prompt from ``engine`` (EOS and special tokens dropped)."""
+    """``num_samples`` decoded answers per prompt from ``engine``: the text the model wrote, markup included, less
+    the closing EOS (:func:`posttrain.tokenizer.completion_text`)."""
     from posttrain.rollout import SamplingParams
 
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p, n=sampling.num_samples, eos_token_id=tokenizer.eos_token_id,
                             seed=sampling.seed)
     completions = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    texts = [completion_text(tokenizer, c.token_ids) for c in completions]
     n = sampling.num_samples
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -68,7 +70,7 @@ def greedy_answers(engine, tokenizer, prompts: Sequence[Any], max_new_tokens: in
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1, eos_token_id=tokenizer.eos_token_id)
     completions = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params)
-    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    return [completion_text(tokenizer, c.token_ids) for c in completions]
 
 
 def reference_answers(rows: Sequence[Row], template: str) -> list[str]:

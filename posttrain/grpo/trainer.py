@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import json
 import logging
@@ -38,11 +39,13 @@ from typing import Any
 import torch
 
 from posttrain.config import config_to_dict
+from posttrain.families import core_model, is_in_tree
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, pack_micro_batches, tokenize_prompts
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
 from posttrain.rewards import RewardSet, WeightedReward, get
 from posttrain.rollout import SamplingParams
+from posttrain.tokenizer import completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +94,60 @@ class StepStats:
             self.values[k] = self.values.get(k, 0.0) + float(v)
 
 
+def load_policy(folder: str, dtype: str, field: str, module_class: str | None):
+    """The model in ``folder``: the in-tree class for the in-tree families, unless ``module_class`` (what the engine
+    decodes, see ``EngineSpec.module_class``) is ``transformers``; transformers' own class for any other family."""
+    from posttrain.families import check_trainable, load_causal_lm, read_model_type
+    from posttrain.models.hybrid import IN_TREE_MODEL_TYPES, HybridForCausalLM
+
+    if read_model_type(folder, field)[0] in IN_TREE_MODEL_TYPES and module_class != "transformers":
+        return HybridForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    check_trainable(folder, field)
+    return load_causal_lm(folder, field, dtype=getattr(torch, dtype))
+
+
+def final_hidden(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The last layer's normed hidden states (1, L, H) of a packed row (``positions`` restart at 0 at each sequence),
+    through ``model`` itself (a DDP wrapper syncs its gradients): the in-tree model without logits; a transformers
+    model without a cache, its packed-sequence masks read off the positions, and the logits of one position only."""
+    if is_in_tree(model):
+        return model(ids, position_ids=positions, return_logits=False).hidden_states
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(core_model(model).forward).parameters else {}
+    out = model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True, **extra)
+    return out.hidden_states[-1]
+
+
+def head_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+    """Log-probs (and entropies) of ``targets`` under ``core``'s output layer at ``temperature``, by the fused chunked
+    kernel (no full logits tensor); a transformers model's head is its output embeddings, Granite's logits divided by
+    its ``logits_scaling``."""
+    if is_in_tree(core):
+        return core.token_logprobs(hidden, targets, temperature=temperature, return_entropy=entropy)
+    from posttrain.kernels import fused_linear_logprobs
+
+    head, config = core.get_output_embeddings(), core.config
+    if getattr(head, "bias", None) is not None or getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"model.path: GRPO computes log-probabilities with the fused kernel, which has no output "
+                         f"bias or logit soft-capping; the {config.model_type} model has one")
+    return fused_linear_logprobs(hidden, head.weight, targets, temperature=temperature,
+                                 logits_scaling=getattr(config, "logits_scaling", 1.0), return_entropy=entropy)
+
+
 def _seed_for(seed: int, round_index: int, first_prompt: int) -> int:
     return (seed * 1_000_003 + round_index * 7_919 + first_prompt) % (2**62)
 
 
 class GrpoTrainer:
-    """GRPO/DAPO training of a ``HybridForCausalLM``. Everything the config names can be given directly instead
-    (``model``, ``tokenizer``, ``rows``, ``eval_rows``, ``reward_set``) for tests and notebooks."""
+    """GRPO/DAPO training of a causal LM: the in-tree ``HybridForCausalLM`` for the in-tree families (Granite 4.0-H,
+    dense Granite) unless the engine decodes transformers' classes, transformers' own class for any other family.
+    Everything the config names can be given directly instead (``model``, ``tokenizer``, ``rows``, ``eval_rows``,
+    ``reward_set``) for tests and notebooks."""
 
     def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
                  eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None,
                  env=None):
         from accelerate import Accelerator
 
-        from posttrain.models.hybrid import HybridForCausalLM
         from posttrain.tokenizer import load_tokenizer
         from posttrain.train.checkpointing import CheckpointManager
         from posttrain.train.schedules import build_scheduler
@@ -130,7 +173,11 @@ class GrpoTrainer:
         self.engine_spec = choose_engine(c.rollout.engine, None if model is not None else c.model.path,
                                          family=self.engine_family, field="rollout.engine", needs=self.engine_needs)
         if model is None:
-            model = HybridForCausalLM.from_pretrained(c.model.path, dtype=getattr(torch, c.model.dtype))
+            model = load_policy(c.model.path, c.model.dtype, "model.path", self.engine_spec.module_class)
+        if not is_in_tree(model):  # the update packs samples into padding-free rows: they must stay apart
+            from posttrain.families import check_packed_rows
+
+            check_packed_rows(model, "model.path")
         if tokenizer is None:
             tokenizer = load_tokenizer(c.model.tokenizer or c.model.path)
         self.tokenizer = tokenizer
@@ -187,7 +234,8 @@ class GrpoTrainer:
             if c.model.ref_path:
                 if not (Path(c.model.ref_path) / "config.json").is_file():
                     raise ValueError(f"model.ref_path: no checkpoint (config.json) in {c.model.ref_path}")
-                self.ref_model = HybridForCausalLM.from_pretrained(c.model.ref_path, dtype=getattr(torch, c.model.dtype))
+                self.ref_model = load_policy(c.model.ref_path, c.model.dtype, "model.ref_path",
+                                             "in-tree" if is_in_tree(model) else "transformers")
             elif not hasattr(model, "disable_adapter"):  # with LoRA the reference is the policy, adapters off
                 self.ref_model = copy.deepcopy(model)
             if self.ref_model is not None:
@@ -276,13 +324,7 @@ class GrpoTrainer:
             self.engine.close()
 
     def _completion_for_reward(self, row: dict, ids: list[int]):
-        # the text the model wrote, markup included (``<tool_call>`` tags are special tokens, and two calls in one
-        # answer do not parse without them), less the end-of-sequence and padding tokens that close it
-        closing = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}
-        end = len(ids)
-        while end and ids[end - 1] in closing:
-            end -= 1
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
+        text = completion_text(self.tokenizer, ids)  # markup included, less the closing EOS
         prompt = row[self.config.data.prompt_column]
         return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
@@ -440,9 +482,8 @@ class GrpoTrainer:
         targets = torch.tensor([t for s in samples for t in s.trained_ids], device=device)
         autocast = contextlib.nullcontext() if model is self.model else self.accelerator.autocast()
         with autocast:
-            hidden = model(ids, position_ids=positions, return_logits=False).hidden_states[0, target_pos]
-        result = (head or self.core).token_logprobs(hidden, targets, temperature=self.config.rollout.temperature,
-                                                    return_entropy=entropy)
+            hidden = final_hidden(model, ids, positions)[0, target_pos]
+        result = head_logprobs(head or self.core, hidden, targets, self.config.rollout.temperature, entropy)
         seq_ids = torch.repeat_interleave(torch.arange(len(samples), device=device),
                                           torch.tensor([s.num_trained for s in samples], device=device))
         return result, seq_ids
@@ -548,8 +589,8 @@ class GrpoTrainer:
             sync = contextlib.nullcontext() if j == len(rows) - 1 else acc.no_sync(self.model)
             with sync:
                 if not idxs:  # nothing here for this process: a zero loss keeps the gradient all-reduce in step
-                    out = self.model(torch.zeros(1, 1, dtype=torch.long, device=self.core.device), return_logits=False)
-                    acc.backward(out.hidden_states.sum() * 0.0)
+                    ids = torch.zeros(1, 1, dtype=torch.long, device=self.core.device)
+                    acc.backward(final_hidden(self.model, ids, torch.zeros_like(ids)).sum() * 0.0)
                     continue
                 part = [mine[i] for i in idxs]
                 (logp, entropy), seq_ids = self._logprobs(self.model, part, entropy=True)

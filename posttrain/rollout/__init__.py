@@ -1,4 +1,12 @@
-"""Rollout engines: one protocol (:mod:`posttrain.rollout.base`), chosen by name."""
+"""Rollout engines: one protocol (:mod:`posttrain.rollout.base`), chosen by name (:mod:`posttrain.rollout.registry`).
+
+- ``native`` / ``native_decode``: the in-tree models' engine and its prefill and decode step;
+- ``transformers_engine``: any causal LM transformers loads; ``vllm``: vLLM on a GPU; ``remote``: a rollout server;
+- ``batching``: concurrent requests batched onto one engine (``posttrain serve``); ``multiturn``: tool-use rollouts;
+  ``async_rollout``: rollouts in a background thread; ``weight_sync``: the trainer's broadcast to rollout servers;
+- ``cli``: ``posttrain generate``.
+Importing this package imports no engine (and never vLLM): ``registry.build_engine`` imports the one it builds.
+"""
 
 from posttrain.rollout.base import (
     Capabilities,

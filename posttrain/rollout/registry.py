@@ -43,6 +43,9 @@ class EngineSpec:
     families: tuple[str, ...] | None
     builder: str
     needs_model_dir: bool = True
+    # for an engine that decodes the module it is given (shares_module): the class that module must be, "in-tree"
+    # (posttrain.models) or "transformers" (transformers' own class, whatever the family); None: any (a copy is made)
+    module_class: str | None = None
 
     def runs(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -55,10 +58,10 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
     EngineSpec("native", "the in-tree models, CPU and GPU", Capabilities(weight_sync=True, streaming=True,
                                                                         shares_module=True),
-               IN_TREE_FAMILIES, "posttrain.rollout.registry:_build_native"),
+               IN_TREE_FAMILIES, "posttrain.rollout.registry:_build_native", module_class="in-tree"),
     EngineSpec("transformers", "any causal LM transformers loads, CPU and GPU",
                Capabilities(weight_sync=True, streaming=True, shares_module=True), None,
-               "posttrain.rollout.registry:_build_transformers"),
+               "posttrain.rollout.registry:_build_transformers", module_class="transformers"),
     EngineSpec("vllm", "colocated vLLM, GPU (pip install 'posttrain[vllm]')",
                Capabilities(weight_sync=True, sleep=True, close=True), None, "posttrain.rollout.registry:_build_vllm"),
     EngineSpec("server", "a posttrain vllm-serve over HTTP", Capabilities(weight_sync=True, close=True), None,
@@ -172,12 +175,12 @@ def _build_native(*, model_dir, model, device, dtype, max_num_seqs, **_: Any) ->
 
 
 def _build_transformers(*, model_dir, model, device, dtype, max_num_seqs, **_: Any) -> Engine:
-    module = importlib.import_module("posttrain.rollout.transformers_engine")
+    from posttrain.rollout.transformers_engine import TransformersEngine
+
     if model is not None:
-        return module.TransformersEngine(model, max_num_seqs=max_num_seqs)
+        return TransformersEngine(model, max_num_seqs=max_num_seqs)
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    return module.TransformersEngine.from_pretrained(model_dir, device=device, dtype=torch_dtype,
-                                                     max_num_seqs=max_num_seqs)
+    return TransformersEngine.from_pretrained(model_dir, device=device, dtype=torch_dtype, max_num_seqs=max_num_seqs)
 
 
 def _build_vllm(*, model_dir, model, tokenizer, dtype, seed, max_model_len, gpu_memory_utilization, sleep_mode,
