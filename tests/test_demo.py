@@ -60,7 +60,7 @@ def test_held_out_items_are_disjoint_from_every_training_item(tmp_path):
     for op, n in (("+", 300), ("*", 250)):
         held_pairs = pairs(held, op)
         assert len(held_pairs) == n
-        for name in ("sft_candidates.jsonl", "grpo_prompts.jsonl", "dpo_prompts.jsonl"):
+        for name in ("sft_candidates.jsonl", "grpo_prompts.jsonl"):
             text = (folder / name).read_text()
             assert not pairs(text, op) & held_pairs, (name, op)
     # the calls of the clean SFT demonstrations and the GRPO ground truth name no held-out pair either (an injected

@@ -32,10 +32,29 @@ def test_the_validation_slice_is_training_items_that_no_pair_and_no_demonstratio
         assert mine <= operands(training, op)
         assert not mine & operands(held, op) and not mine & operands(demonstrations, op)
         assert not mine & operands(pairs_text, op)
-    # the pairs are built on every other training addition
-    assert operands(pairs_text, "+") == operands(training, "+") - operands(validation_text, "+")
-    assert all(r["task"] == "add" for r in pair_prompts)
+    # the pairs are built on every other training item, each task's on its own file
+    for op, task in (("+", "add"), ("*", "tool")):
+        assert operands(json.dumps(pair_prompts[task]), op) == operands(training, op) - operands(validation_text, op)
+        assert all(r["task"] == task for r in pair_prompts[task])
     assert demo._dpo_slices(6)[1] != validation  # another seed, another slice
+
+
+def test_reference_answers_are_written_as_the_sft_targets_are(tmp_path):
+    """The chosen answer a pair falls back on is the assistant turn of the item's SFT demonstration as the chat
+    template renders it: the sum, or the tagged call (which the tool-call reward verifies), without the end of turn."""
+    from posttrain.rewards import get
+
+    from posttrain.tokenizer import load_tokenizer
+
+    demo.stage_data(tmp_path, argparse.Namespace(seed=0))
+    tokenizer = load_tokenizer(tmp_path / "data" / "tokenizer")
+    add, tool = demo._item("add", 47, 8), demo._item("tool", 47, 6)
+    assert demo._reference_answer(tokenizer, add) == "55"
+    call = demo._reference_answer(tokenizer, tool)
+    assert call == '<tool_call>{"name": "multiply", "arguments": {"a": 47, "b": 6}}</tool_call>'
+    reward = get("tool_call", **demo.TOOL_REWARD_OPTIONS)
+    assert reward([tool["prompt"]], [[{"role": "assistant", "content": call}]],
+                  ground_truth=[tool["ground_truth"]], tool_schema=[tool["tool_schema"]]) == [1.0]
 
 
 def test_seed_reaches_every_stage(tmp_path, monkeypatch):
@@ -47,19 +66,26 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
         command, recipe = argv[0], yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
         seen[command] = recipe
         if command == "pairs":  # what posttrain pairs leaves behind, for the stage to count
-            out = tmp_path / "dpo" / "pairs.jsonl"
+            seen.setdefault("pairs_all", []).append(recipe)
+            out = Path(recipe["output"])
             out.write_text(json.dumps({"prompt": "1+2=", "chosen": "3", "rejected": "4"}) + "\n")
-            (tmp_path / "dpo" / "pairs.jsonl.manifest.json").write_text(json.dumps({"on_policy": {
+            Path(f"{out}.manifest.json").write_text(json.dumps({"on_policy": {
                 "chosen_from_sample": 0, "chosen_from_reference": 0, "greedy_refuted": 0}}))
 
     monkeypatch.setattr(demo, "_cli", fake_cli)
     monkeypatch.setattr(demo, "_accuracy", lambda folder, items, *a, **k: [0.0] * len(items))
     args = argparse.Namespace(seed=7, quick=True, judge_url=None)
+    demo.stage_data(tmp_path, args)
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         getattr(demo, f"stage_{stage}")(tmp_path, args)
     assert seen["pretrain"]["seed"] == seen["sft"]["seed"] == seen["dpo"]["seed"] == 7
     assert seen["pairs"]["sampling"]["seed"] == 7 and seen["grpo"]["run"]["seed"] == 7
-    assert seen["pairs"]["pairing"] == "on_policy" and seen["pairs"]["prompts_file"].endswith("pair_prompts.jsonl")
+    by_task = {Path(r["prompts_file"]).name: r for r in seen["pairs_all"]}
+    assert sorted(by_task) == ["pair_prompts_add.jsonl", "pair_prompts_tool.jsonl"]
+    assert {r["verdict"]["reward"] for r in by_task.values()} == {"math", "tool_call"}
+    assert all(r["pairing"] == "on_policy" and r["verdict"]["reference_answer"] == "{reference}"
+               for r in by_task.values())
+    assert sorted(Path(f).name for f in seen["dpo"]["data"]["train_files"]) == ["pairs_add.jsonl", "pairs_tool.jsonl"]
     text = (tmp_path / "recipes" / "dpo.yaml").read_text()
     assert text.startswith("# beta, nll_weight, lr and steps") and "validation slice" in text
     assert seen["dpo"]["loss"]["beta"] == demo.DPO_SETTINGS["beta"] and seen["dpo"]["optim"]["max_steps"] == 10

@@ -43,13 +43,16 @@ def test_greedy_equals_transformers_generate(trained):
 
 
 def _kept_probability(probs: torch.Tensor, token: int, top_k: int, top_p: float) -> float:
-    """The token's probability after top-k, then top-p (the smallest prefix reaching top_p), renormalised."""
+    """The token's probability after top-k, then top-p (the smallest prefix of the top-k tokens, renormalised, that
+    reaches top_p), renormalised."""
+    order = torch.argsort(probs, descending=True).tolist()[:top_k or None]
+    total = probs[order].sum().item()
     kept, mass = [], 0.0
-    for rank, v in enumerate(torch.argsort(probs, descending=True).tolist()):
-        if (top_k and rank >= top_k) or mass >= top_p:
+    for v in order:
+        if mass >= top_p:
             break
         kept.append(v)
-        mass += probs[v].item()
+        mass += probs[v].item() / total
     assert token in kept
     return probs[token].item() / probs[kept].sum().item()
 
@@ -123,6 +126,35 @@ def test_top_k_and_top_p_truncate_and_logprobs_are_of_the_renormalised_distribut
             seen.add(int(tok))
             assert float(lp) == pytest.approx(math.log(probs[int(tok)] / 0.8), abs=1e-6)
         assert seen == {0, 1}
+
+
+def test_top_p_is_measured_on_the_top_k_distribution_renormalised():
+    """With both set, top-p's mass is counted on the top-k tokens' renormalised probabilities (as transformers'
+    warpers and vLLM's sampler do), not on the full distribution: of 0.5 and 0.3, renormalised to 0.625 and 0.375,
+    top_p = 0.6 keeps the first token alone (on the full distribution its 0.5 is short of 0.6, and both were kept)."""
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = torch.log(torch.tensor([probs] * 400))
+    tokens, logprobs = sample(logits, SamplingParams(top_k=2, top_p=0.6), torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0}
+    torch.testing.assert_close(logprobs, torch.zeros(400))  # the only token kept: probability 1
+    # a naive float64 reference agrees on a random distribution
+    g = torch.Generator().manual_seed(1)
+    row = torch.randn(1, 50, generator=g, dtype=torch.float64) * 2
+    params = SamplingParams(top_k=10, top_p=0.7, temperature=0.8)
+    tokens, logprobs = sample(row.repeat(300, 1).float(), params, g)
+    probs64 = torch.softmax(row[0] / 0.8, -1)
+    top = torch.argsort(probs64, descending=True)[:10].tolist()
+    renormalised = probs64[top] / probs64[top].sum()
+    kept, mass = [], 0.0
+    for v, q in zip(top, renormalised.tolist()):
+        if mass >= 0.7:
+            break
+        kept.append(v)
+        mass += q
+    assert set(tokens.tolist()) <= set(kept) and len(set(tokens.tolist())) > 1
+    want = {v: math.log(probs64[v] / probs64[kept].sum()) for v in kept}
+    for t, lp in zip(tokens.tolist(), logprobs.tolist()):
+        assert lp == pytest.approx(want[t], abs=1e-5)
 
 
 def test_bad_prompts_are_clear_errors(trained):

@@ -139,7 +139,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = logp.topk(params.top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logp, order = filtered.sort(dim=-1, descending=True)
+        # the mass is counted on what top-k kept, renormalised (transformers' warpers and vLLM's sampler do the same)
+        kept = filtered if filtered is logp else torch.log_softmax(filtered, dim=-1)
+        sorted_logp, order = kept.sort(dim=-1, descending=True)
         cumulative = sorted_logp.exp().cumsum(dim=-1)
         drop_sorted = cumulative - sorted_logp.exp() >= params.top_p  # keep the smallest set reaching top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
