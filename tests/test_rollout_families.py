@@ -207,3 +207,18 @@ def test_grpo_packed_logprobs_of_a_transformers_model_match_its_engine(family, t
     metrics = trainer.step()
     assert metrics["rollout_correction/mismatch_abs_mean"] < 1e-4
     assert metrics["optim/updates"] == 2 and metrics["micro_batches"] >= 2
+
+
+@pytest.mark.parametrize("family", ["hybrid", "granite"])
+def test_an_in_tree_family_reads_the_same_on_both_engines(family, tok, tmp_path, capsys):
+    """The in-tree families run on the transformers engine too (as transformers' own classes), and greedy decoding
+    gives the same tokens as on the native engine."""
+    folder = tmp_path / "model"
+    save_tiny(family, tok, folder)
+    texts = {}
+    for engine in ("native", "transformers"):
+        assert main(["generate", str(folder), "1+1=", "Question: 12+7=", "--max-new-tokens", "6", "--json",
+                     "--engine", engine]) == 0
+        texts[engine] = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert texts["native"] == texts["transformers"] and all(t["num_tokens"] == 6 or t["finish_reason"] == "stop"
+                                                            for t in texts["native"])

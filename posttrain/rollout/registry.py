@@ -191,7 +191,7 @@ def _build_vllm(*, model_dir, model, tokenizer, dtype, seed, max_model_len, gpu_
                "sleep_mode": sleep_mode, "field": field, "alternatives": _alternatives(model_dir)}
     if model is not None:
         return VllmEngine.for_policy(model, tokenizer, **options)
-    return VllmEngine(model_dir, dtype="bfloat16" if dtype == "auto" else dtype, **options)
+    return VllmEngine(model_dir, dtype=dtype, **options)  # vLLM reads "auto" as the checkpoint's dtype
 
 
 def _build_server(*, url, timeout_s, field, processes, sync_group, **_: Any) -> Engine:
