@@ -33,12 +33,10 @@ IN_TREE_FAMILIES = ("granitemoehybrid", "granite")  # posttrain.models.hybrid.IN
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One engine: its name, what it does (a line for error messages and ``--help``), its capabilities, the model
-    families it runs (None: any causal LM transformers loads; ``server``: whatever the server runs), and how it is
-    built (``module:function``, imported when built)."""
+    """One engine: its name, its capabilities, the model families it runs (None: any causal LM transformers loads;
+    ``server``: whatever the server runs), and how it is built (``module:function``, imported when built)."""
 
     name: str
-    summary: str
     capabilities: Capabilities
     families: tuple[str, ...] | None
     builder: str
@@ -56,16 +54,14 @@ class EngineSpec:
 
 
 ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("native", "the in-tree models, CPU and GPU", Capabilities(weight_sync=True, streaming=True,
-                                                                        shares_module=True),
-               IN_TREE_FAMILIES, "posttrain.rollout.registry:_build_native", module_class="in-tree"),
-    EngineSpec("transformers", "any causal LM transformers loads, CPU and GPU",
-               Capabilities(weight_sync=True, streaming=True, shares_module=True), None,
+    EngineSpec("native", Capabilities(weight_sync=True, streaming=True, shares_module=True), IN_TREE_FAMILIES,
+               "posttrain.rollout.registry:_build_native", module_class="in-tree"),
+    EngineSpec("transformers", Capabilities(weight_sync=True, streaming=True, shares_module=True), None,
                "posttrain.rollout.registry:_build_transformers", module_class="transformers"),
-    EngineSpec("vllm", "colocated vLLM, GPU (pip install 'posttrain[vllm]')",
-               Capabilities(weight_sync=True, sleep=True, close=True), None, "posttrain.rollout.registry:_build_vllm"),
-    EngineSpec("server", "a posttrain vllm-serve over HTTP", Capabilities(weight_sync=True, close=True), None,
-               "posttrain.rollout.registry:_build_server", needs_model_dir=False),
+    EngineSpec("vllm", Capabilities(weight_sync=True, sleep=True, close=True), None,
+               "posttrain.rollout.registry:_build_vllm"),
+    EngineSpec("server", Capabilities(weight_sync=True, close=True), None, "posttrain.rollout.registry:_build_server",
+               needs_model_dir=False),
 )}
 
 ENGINE_NAMES = tuple(ENGINES)
