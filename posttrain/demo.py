@@ -49,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dpo-setting", action="append", metavar="KEY=VALUE",
                         help="override one of the DPO stage's settings (beta, nll_weight, lr, steps), to choose them "
                              "on its validation slice (repeatable)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch's CPU threads for every stage (default 2, what the README's tables were taken "
-                             "with: float sums are ordered by the thread count, so another count gives other numbers)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's CPU threads for every stage (default 1, what the README's tables were taken "
+                             "with: float sums are ordered by the thread count, so another count gives other numbers; "
+                             "one thread gives the same numbers on any machine and is slowed least by a busy one)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds every stage: the data (operand split, corpus, injected samples), the model's "
                              "initialisation, data order, sampled pairs and rollouts, the sampled evaluation")
