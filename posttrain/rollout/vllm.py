@@ -101,7 +101,7 @@ class VllmEngine:
     @torch.no_grad()
     def load_named_tensors(self, items: list[tuple[str, torch.Tensor]]) -> None:
         """Load ``(checkpoint name, tensor)`` pairs into vLLM's model (what the server mode's sync received)."""
-        self.wake_up()
+        self.wake()
         self._model().load_weights(weights=iter(items))
         self.llm.reset_prefix_cache()
 
@@ -117,11 +117,10 @@ class VllmEngine:
         return dict(self._model().named_parameters())
 
     def wake(self) -> None:
+        """Take the caches back after ``sleep`` (generate and the weight loads call it)."""
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
-
-    wake_up = wake
 
     def sleep(self) -> None:
         """Free vLLM's KV/state cache (level 1 keeps the weights) while the trainer runs."""
