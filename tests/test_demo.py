@@ -23,7 +23,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert "injected bad samples" in proc.stdout and all(s["time"]["cpu_s"] > 0 for s in summaries.values())
     # every stage's output is on disk
     for path in ("pretrain/final/config.json", "sft/final/model.safetensors", "grpo/final/config.json",
-                 "dpo/pairs.jsonl", "dpo/final/config.json",
+                 "dpo/pairs_add.jsonl", "dpo/pairs_tool.jsonl", "dpo/final/config.json",
                  "export/manifest.json", "filter/manifest.json", "filter/kept.jsonl"):
         assert (out / path).is_file(), path
     assert "signature valid" in proc.stdout

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -161,19 +162,10 @@ def test_pairs_generate_serve_and_eval(family_dir, rewards_module, tmp_path, cap
         assert server.scheduler.engine.name == engine
         body = {"model": server.name, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 4,
                 "temperature": 0}
-        try:
-            import openai
-        except ImportError:  # the client is an optional extra here: the same request through httpx
-            import httpx
-
-            answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
-            message, usage = answer["choices"][0]["message"], answer["usage"]
-            assert message["role"] == "assistant" and isinstance(message["content"], str)
-            assert 1 <= usage["completion_tokens"] <= 4
-        else:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-            answer = client.chat.completions.create(**body)
-            assert answer.choices[0].message.role == "assistant" and 1 <= answer.usage.completion_tokens <= 4
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        answer = client.chat.completions.create(**body)
+        assert answer.choices[0].message.role == "assistant" and 1 <= answer.usage.completion_tokens <= 4
+        assert isinstance(answer.choices[0].message.content, str)
 
     results = tmp_path / "eval.json"
     assert main(["eval", "--model", str(folder), "--data-dir", str(shared_data), "--tasks", "gsm8k", "--limit", "1",
