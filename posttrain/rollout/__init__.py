@@ -11,6 +11,7 @@ Importing this package imports no engine (and never vLLM): ``registry.build_engi
 from posttrain.rollout.base import (
     Capabilities,
     Completion,
+    DecodeRows,
     Engine,
     EngineError,
     EngineStats,
@@ -20,5 +21,5 @@ from posttrain.rollout.base import (
     sample,
 )
 
-__all__ = ["Capabilities", "Completion", "Engine", "EngineError", "EngineStats", "SamplingParams", "StepCallback",
+__all__ = ["Capabilities", "Completion", "DecodeRows", "Engine", "EngineError", "EngineStats", "SamplingParams", "StepCallback",
            "StepTokens", "sample"]

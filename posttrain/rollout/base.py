@@ -91,6 +91,64 @@ class EngineStats:
     cache_bytes: int = 0  # the largest generation state allocated
 
 
+class DecodeRows:
+    """The bookkeeping every engine's decode loop shares, for one wave of ``total`` rows (prompt-major, ``n`` per
+    prompt; ``offset`` is the wave's first prompt in the whole call): each row's tokens, log-probabilities and why it
+    stopped; which rows are still in the batch (``active``: batch row -> result row); stop tokens; the ``on_step``
+    callback, whose aborts finish rows with "abort". The engine samples, then calls :meth:`record`, and selects its
+    state's rows when some leave."""
+
+    def __init__(self, total: int, n: int, offset: int, params: SamplingParams, device,
+                 on_step: StepCallback | None = None):
+        self.n, self.offset, self.max_new_tokens, self.on_step = n, offset, params.max_new_tokens, on_step
+        self.tokens: list[list[int]] = [[] for _ in range(total)]
+        self.logprobs: list[list[float]] = [[] for _ in range(total)]
+        self.reasons = ["length"] * total
+        self.active = list(range(total))  # which result row each batch row writes to
+        stop_ids = params.stop_ids()
+        self.stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+        self.done = False
+
+    def record(self, step: int, next_tokens: torch.Tensor, next_logprobs: torch.Tensor) -> list[int] | None:
+        """Record step ``step``'s sampled tokens. Sets ``done`` when the loop is over (the last step, or every row
+        finished); otherwise returns the batch rows that go on when some finished (select them, in this order, from
+        the state and from ``next_tokens``), or None when every row goes on."""
+        step_tokens = next_tokens.tolist()
+        for row, tok, lp in zip(self.active, step_tokens, next_logprobs.tolist()):
+            self.tokens[row].append(tok)
+            self.logprobs[row].append(lp)
+        last = step + 1 == self.max_new_tokens
+        stopped = [] if self.stop is None else torch.isin(next_tokens, self.stop).nonzero()[:, 0].tolist()
+        for i in stopped:
+            self.reasons[self.active[i]] = "stop"
+        if self.on_step is not None:
+            first = self.offset * self.n
+            finish: list[str | None] = ["length" if last else None] * len(self.active)
+            for i in stopped:
+                finish[i] = "stop"
+            aborted = self.on_step(StepTokens([first + row for row in self.active], step_tokens, finish))
+            if aborted and not last:
+                aborted = {a - first for a in aborted}
+                more = [i for i, row in enumerate(self.active) if row in aborted and finish[i] is None]
+                for i in more:
+                    self.reasons[self.active[i]] = "abort"
+                stopped = sorted(set(stopped) | set(more))
+        if last:
+            self.done = True
+            return None
+        if not stopped:
+            return None
+        gone = set(stopped)
+        keep = [i for i in range(len(self.active)) if i not in gone]
+        self.active = [self.active[i] for i in keep]
+        self.done = not keep
+        return keep
+
+    def completions(self) -> list[Completion]:
+        return [Completion(self.offset + i // self.n, self.tokens[i], self.logprobs[i], self.reasons[i])
+                for i in range(len(self.tokens))]
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine can do besides ``generate``; each true flag promises the method beside it."""

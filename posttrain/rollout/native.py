@@ -21,10 +21,10 @@ from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
 from posttrain.rollout.base import (
     Capabilities,
     Completion,
+    DecodeRows,
     EngineStats,
     SamplingParams,
     StepCallback,
-    StepTokens,
     sample,
 )
 from posttrain.rollout.native_decode import DecodePlan, prefill
@@ -104,45 +104,16 @@ class NativeEngine:
             rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
             cache, logits = cache.index_select(rows), logits.index_select(0, rows)
         self.stats.cache_bytes = max(self.stats.cache_bytes, cache.nbytes())
-        total = n_prompts * n
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        logprobs: list[list[float]] = [[] for _ in range(total)]
-        reasons = ["length"] * total
-        active = list(range(total))  # which output each cache row writes to
-        stop_ids = params.stop_ids()
-        stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+        book = DecodeRows(n_prompts * n, n, offset, params, device, on_step)
         for step in range(params.max_new_tokens):
             next_tokens, next_logprobs = sample(logits, params, generator)
-            step_tokens = next_tokens.tolist()
-            for row, tok, lp in zip(active, step_tokens, next_logprobs.tolist()):
-                tokens[row].append(tok)
-                logprobs[row].append(lp)
-            last = step + 1 == params.max_new_tokens
-            stopped = [] if stop is None else torch.isin(next_tokens, stop).nonzero()[:, 0].tolist()
-            for i in stopped:
-                reasons[active[i]] = "stop"
-            if on_step is not None:
-                finish: list[str | None] = ["length" if last else None] * len(active)
-                for i in stopped:
-                    finish[i] = "stop"
-                aborted = on_step(StepTokens([offset * n + row for row in active], step_tokens, finish))
-                if aborted and not last:
-                    aborted = {a - offset * n for a in aborted}
-                    more = [i for i, row in enumerate(active) if row in aborted and finish[i] is None]
-                    for i in more:
-                        reasons[active[i]] = "abort"
-                    stopped = sorted(set(stopped) | set(more))
-            if last:
+            keep = book.record(step, next_tokens, next_logprobs)
+            if book.done:
                 break
-            if stopped:  # finished rows leave the batch
-                gone = set(stopped)
-                keep_rows = [i for i in range(len(active)) if i not in gone]
-                if not keep_rows:
-                    break
-                keep = torch.tensor(keep_rows, device=device)
-                cache, next_tokens = cache.index_select(keep), next_tokens[keep]
-                active = [active[i] for i in keep_rows]
+            if keep is not None:  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                cache, next_tokens = cache.index_select(index), next_tokens[index]
             logits = plan.step(next_tokens, cache)
             self.stats.steps += 1
-            self.stats.rows_forwarded += len(active)
-        return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
+            self.stats.rows_forwarded += len(book.active)
+        return book.completions()

@@ -45,11 +45,11 @@ from transformers.cache_utils import StaticLayer
 from posttrain.rollout.base import (
     Capabilities,
     Completion,
+    DecodeRows,
     EngineError,
     EngineStats,
     SamplingParams,
     StepCallback,
-    StepTokens,
     sample,
 )
 
@@ -195,46 +195,17 @@ class TransformersEngine:
         self.stats.cache_bytes = max(self.stats.cache_bytes, _cache_bytes(cache))
         padded = min(lengths) < width  # with no padding, a decode step's token sees every written slot: no mask
         mask = self._decode_mask(keep)
-        total = n_prompts * n
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        logprobs: list[list[float]] = [[] for _ in range(total)]
-        reasons = ["length"] * total
-        active = list(range(total))  # which output each cache row writes to
-        stop_ids = params.stop_ids()
-        stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+        book = DecodeRows(n_prompts * n, n, offset, params, device, on_step)
         for step in range(params.max_new_tokens):
             next_tokens, next_logprobs = sample(logits, params, generator)
-            step_tokens = next_tokens.tolist()
-            for row, tok, lp in zip(active, step_tokens, next_logprobs.tolist()):
-                tokens[row].append(tok)
-                logprobs[row].append(lp)
-            last = step + 1 == params.max_new_tokens
-            stopped = [] if stop is None else torch.isin(next_tokens, stop).nonzero()[:, 0].tolist()
-            for i in stopped:
-                reasons[active[i]] = "stop"
-            if on_step is not None:
-                finish: list[str | None] = ["length" if last else None] * len(active)
-                for i in stopped:
-                    finish[i] = "stop"
-                aborted = on_step(StepTokens([offset * n + row for row in active], step_tokens, finish))
-                if aborted and not last:
-                    aborted = {a - offset * n for a in aborted}
-                    more = [i for i, row in enumerate(active) if row in aborted and finish[i] is None]
-                    for i in more:
-                        reasons[active[i]] = "abort"
-                    stopped = sorted(set(stopped) | set(more))
-            if last:
+            kept = book.record(step, next_tokens, next_logprobs)
+            if book.done:
                 break
-            if stopped:  # finished rows leave the batch
-                gone = set(stopped)
-                keep_rows = [i for i in range(len(active)) if i not in gone]
-                if not keep_rows:
-                    break
-                index = torch.tensor(keep_rows, device=device)
+            if kept is not None:  # finished rows leave the batch
+                index = torch.tensor(kept, device=device)
                 _select_rows(cache, index)
                 next_tokens, keep, positions = next_tokens[index], keep[index], positions[index]
                 mask = self._decode_mask(keep)
-                active = [active[i] for i in keep_rows]
             slot = width + step
             keep[:, slot] = True  # the token fed now is visible to itself and every later step
             written[0] = slot + 1
@@ -250,8 +221,8 @@ class TransformersEngine:
             logits = self._forward(next_tokens[:, None], step_mask, positions, cache, slot)
             positions += 1
             self.stats.steps += 1
-            self.stats.rows_forwarded += len(active)
-        return [Completion(offset + i // n, tokens[i], logprobs[i], reasons[i]) for i in range(total)]
+            self.stats.rows_forwarded += len(book.active)
+        return book.completions()
 
     def _decode_mask(self, keep: torch.Tensor) -> torch.Tensor | None:
         """The 4D decode mask the engine keeps itself (a view of ``keep`` for sdpa, an additive copy for eager), or
