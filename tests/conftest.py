@@ -29,3 +29,15 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return shared_data_dir()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the CI machine has 2 shared cores, and one thread per process avoids
+    oversubscription stalls (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

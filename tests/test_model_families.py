@@ -60,13 +60,7 @@ HYBRID_PROJECTIONS = {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_pr
 HYBRIDS = ("hybrid", "granitemoehybrid")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores; one thread per process avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

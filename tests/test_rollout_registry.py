@@ -21,13 +21,7 @@ from posttrain.rollout.registry import ENGINE_NAMES, ENGINES, build_engine, choo
 from posttrain.synthetic import tiny_model
 from posttrain.tokenizer import build_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

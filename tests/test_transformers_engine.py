@@ -50,13 +50,7 @@ OTHER_LAYOUTS = {
 LENGTHS = (7, 13, 2, 20)  # different lengths: left padding, each row must equal its prompt alone
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores; one thread per process avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,27 @@ class DecodeRows:
                 for i in range(len(self.tokens))]
 
 
+class ModuleWeights:
+    """Weight sync for an engine that decodes a module in this process (``self.model``): the trainer's own module
+    needs none; a copy takes the trainer's state, or a rollout server's received tensors, strictly."""
+
+    model: torch.nn.Module
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> int:
+        """Take ``model``'s weights (a no-op when it is the module this engine decodes); returns the tensors taken."""
+        if model is self.model:
+            return 0
+        state = model.state_dict()
+        self.model.load_state_dict(state, strict=True)
+        return len(state)
+
+    @torch.no_grad()
+    def load_named_tensors(self, items) -> None:
+        """Load ``(checkpoint name, tensor)`` pairs, every tensor of the model (what a rollout server received)."""
+        self.model.load_state_dict(dict(items), strict=True)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine can do besides ``generate``; each true flag promises the method beside it."""

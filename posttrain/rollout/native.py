@@ -23,6 +23,7 @@ from posttrain.rollout.base import (
     Completion,
     DecodeRows,
     EngineStats,
+    ModuleWeights,
     SamplingParams,
     StepCallback,
     sample,
@@ -30,7 +31,7 @@ from posttrain.rollout.base import (
 from posttrain.rollout.native_decode import DecodePlan, prefill
 
 
-class NativeEngine:
+class NativeEngine(ModuleWeights):
     """Batched sampling from an in-tree model (see the module docstring)."""
 
     name = "native"
@@ -47,20 +48,6 @@ class NativeEngine:
         """The engine on the in-tree checkpoint in ``folder`` (hybrid or dense Granite), in eval mode."""
         model = HybridForCausalLM.from_pretrained(folder, device=device, dtype=dtype).eval()
         return cls(model, max_num_seqs=max_num_seqs)
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> int:
-        """Take ``model``'s weights (a no-op when it is the module this engine decodes); returns the tensors taken."""
-        if model is self.model:
-            return 0
-        state = model.state_dict()
-        self.model.load_state_dict(state, strict=True)
-        return len(state)
-
-    @torch.no_grad()
-    def load_named_tensors(self, items) -> None:
-        """Load ``(checkpoint name, tensor)`` pairs, every tensor of the model (what a rollout server received)."""
-        self.model.load_state_dict(dict(items), strict=True)
 
     @torch.inference_mode()  # not only no_grad: no version counters or view tracking, ~10% off each decode step
     def generate(self, prompts: list[list[int]], params: SamplingParams,

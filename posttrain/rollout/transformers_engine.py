@@ -48,6 +48,7 @@ from posttrain.rollout.base import (
     DecodeRows,
     EngineError,
     EngineStats,
+    ModuleWeights,
     SamplingParams,
     StepCallback,
     sample,
@@ -61,7 +62,7 @@ SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
     "DummyLayer") if hasattr(cache_utils, name))
 
 
-class TransformersEngine:
+class TransformersEngine(ModuleWeights):
     name = "transformers"
     # decodes with the module it holds: the trainer's policy needs no copy (sync_weights of it is a no-op)
     capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True)
@@ -112,20 +113,6 @@ class TransformersEngine:
 
         model = load_causal_lm(folder, "model", dtype=dtype if dtype is not None else "auto")
         return cls(model.to(device).eval() if device else model.eval(), max_num_seqs=max_num_seqs)
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> int:
-        """Take ``model``'s weights (a no-op when it is the module this engine decodes); returns the tensors taken."""
-        if model is self.model:
-            return 0
-        state = model.state_dict()
-        self.model.load_state_dict(state, strict=True)
-        return len(state)
-
-    @torch.no_grad()
-    def load_named_tensors(self, items) -> None:
-        """Load ``(checkpoint name, tensor)`` pairs, every tensor of the model (what a rollout server received)."""
-        self.model.load_state_dict(dict(items), strict=True)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
