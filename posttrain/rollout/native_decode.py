@@ -22,7 +22,6 @@ from posttrain.models.hybrid.modeling import (
     HybridBlock,
     HybridCache,
     HybridForCausalLM,
-    apply_rope,
     causal_mask,
     cu_seqlens_from_lengths,
     rope_frequencies,
@@ -166,7 +165,7 @@ class _MambaStep:
             self.out_proj = None
             self.out_weight_t, self.out_bias = m.out_proj.weight.t(), m.out_proj.bias
 
-    def __call__(self, h: torch.Tensor, cache: HybridCache, rope) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
         b, inner, gn = h.shape[0], self.inner, self.n_groups * self.d_state
         zxbcdt = self.in_proj(h, _rms_factor(h, self.eps))
         z, xbc, dt = zxbcdt[:, :inner], zxbcdt[:, inner:inner + self.conv_dim], zxbcdt[:, inner + self.conv_dim:]
@@ -219,17 +218,21 @@ class _AttentionStep:
         self.qkv = q
         self.out_weight_t, self.out_bias = a.o_proj.weight.t(), a.o_proj.bias
 
-    def __call__(self, h: torch.Tensor, cache: HybridCache, rope) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
         b, heads, kv, d = h.shape[0], self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(h, _rms_factor(h, self.eps))
-        q = qkv[:, : heads * d].view(b, heads, 1, d)
-        k = qkv[:, heads * d:(heads + kv) * d].view(b, kv, 1, d)
         v = qkv[:, (heads + kv) * d:].view(b, kv, 1, d)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:  # q and k rotated together (see DecodePlan.step for the halves' swap)
+            cos, sin_signed = rope
+            qk = qkv[:, : (heads + kv) * d].view(b, heads + kv, 1, d)
+            swapped = qk.view(b, heads + kv, 1, 2, d // 2).flip(-2).reshape(b, heads + kv, 1, d)
+            qk = qk * cos + swapped * sin_signed
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = qkv[:, : heads * d].view(b, heads, 1, d)
+            k = qkv[:, heads * d:(heads + kv) * d].view(b, kv, 1, d)
         key, value, pos = cache.key[self.layer], cache.value[self.layer], cache.lengths
-        first, last = (int(p) for p in torch.aminmax(pos))
+        first, last = span  # the rows' shortest and longest lengths before this token
         if first == last:  # every row at the same position: plain slices, no mask
             key[:, :, last] = k[:, :, 0]
             value[:, :, last] = v[:, :, 0]
@@ -296,6 +299,7 @@ class DecodePlan:
         for block in model.model.layers:
             mixer = (_MambaStep if block.kind == "mamba" else _AttentionStep)(block, c, fold)
             self.layers.append((mixer, _FeedForwardStep(block, c, fold)))
+        self.attention = any(isinstance(mixer, _AttentionStep) for mixer, _ in self.layers)
         self.eps = _eps_tensor(c, model)
         self.head = _NormedLinear([model.lm_head.weight], model.model.norm.weight, None, fold,
                                   scale=1.0 / c.logits_scaling)
@@ -306,8 +310,14 @@ class DecodePlan:
         h = F.embedding(input_ids, self.embedding) * self.embedding_multiplier
         rope = None
         if self.rope is not None:  # the new token's position in each row
-            rope = rope_tables(cache.lengths[:, None], self.rope, h.dtype)
+            # RoPE's x * cos + cat(-x2, x1) * sin as x * cos + cat(x2, x1) * cat(-sin1, sin2): the halves' swap is
+            # one flip, and the sign goes into sin once per step instead of into x in every layer (exact: a sign)
+            cos, sin = rope_tables(cache.lengths[:, None], self.rope, h.dtype)
+            half = sin.shape[-1] // 2
+            rope = cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        # the rows' shortest and longest lengths, read once per step for every attention layer
+        span = tuple(int(p) for p in torch.aminmax(cache.lengths)) if self.attention else None
         for mixer, feed_forward in self.layers:
-            h = feed_forward(mixer(h, cache, rope))
+            h = feed_forward(mixer(h, cache, rope, span))
         cache.lengths += 1
         return self.head(h, _rms_factor(h, self.eps))
