@@ -48,9 +48,8 @@ from posttrain.rollout.base import (
     DecodeRows,
     EngineError,
     EngineStats,
-    ModuleWeights,
+    ModuleEngine,
     SamplingParams,
-    StepCallback,
     sample,
 )
 
@@ -62,7 +61,7 @@ SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
     "DummyLayer") if hasattr(cache_utils, name))
 
 
-class TransformersEngine(ModuleWeights):
+class TransformersEngine(ModuleEngine):
     name = "transformers"
     # decodes with the module it holds: the trainer's policy needs no copy (sync_weights of it is a no-op)
     capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True)
@@ -114,35 +113,8 @@ class TransformersEngine(ModuleWeights):
         model = load_causal_lm(folder, "model", dtype=dtype if dtype is not None else "auto")
         return cls(model.to(device).eval() if device else model.eval(), max_num_seqs=max_num_seqs)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
-                 on_step: StepCallback | None = None) -> list[Completion]:
-        """Sample ``params.n`` completions per prompt; results are prompt-major (prompt i's j-th at i * n + j).
-
-        ``on_step``, if given, sees each step's tokens as soon as they are sampled (see :data:`StepCallback`)."""
-        if not prompt_ids:
-            return []
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-        vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        for i, p in enumerate(prompt_ids):
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        per_wave = max(1, self.max_num_seqs // params.n)
-        out: list[Completion] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(prompt_ids), per_wave):
-                out += self._generate_wave(prompt_ids[start:start + per_wave], start, params, generator, on_step)
-        finally:
-            self.model.train(was_training)
-        return out
+    def _vocab_size(self) -> int:
+        return self.model.config.get_text_config(decoder=True).vocab_size
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, slot: int, **extra) -> torch.Tensor:
         """One forward through the model with the cache; returns the last position's logits."""
@@ -153,7 +125,7 @@ class TransformersEngine(ModuleWeights):
                          use_cache=True, **kwargs)
         return out.logits[:, -1]
 
-    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, on_step) -> list[Completion]:
+    def _generate_wave(self, prompts, offset, params: SamplingParams, generator, _state, on_step) -> list[Completion]:
         model, device = self.model, self.model.device
         n_prompts, n = len(prompts), params.n
         lengths = [len(p) for p in prompts]
