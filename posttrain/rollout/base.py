@@ -13,6 +13,7 @@ needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
@@ -149,7 +150,7 @@ class DecodeRows:
                 for i in range(len(self.tokens))]
 
 
-class ModuleEngine:
+class ModuleEngine(ABC):
     """What the engines that decode a module in this process (``self.model``) share: ``generate``'s checks, seeded
     generator, waves of at most ``max_num_seqs`` rows and eval mode; and weight sync (the trainer's own module needs
     none; a copy takes the trainer's state, or a rollout server's received tensors, strictly). A subclass decodes one
@@ -165,8 +166,9 @@ class ModuleEngine:
     def _prepare(self):
         return None
 
+    @abstractmethod
     def _generate_wave(self, prompts, offset, params, generator, state, on_step) -> list[Completion]:
-        raise NotImplementedError
+        """Decode one wave of prompts (results prompt-major, prompt indices counted from ``offset``)."""
 
     @torch.inference_mode()  # not only no_grad: no version counters or view tracking, ~10% off each decode step
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
