@@ -115,8 +115,11 @@ class _NormedLinear:
         else:
             self.weights, self.norm_weight, self.scale = [w.t() for w in weights], norm_weight, scale
         self.bias = bias if bias is None or scale == 1.0 else bias * scale
+        self.plain = self.bias is None and self.norm_weight is None and len(self.weights) == 1 and self.scale == 1.0
 
     def __call__(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.plain:  # the folded case, every layer's: one matmul and the row factor in place
+            return torch.mm(h, self.weights[0]).mul_(r)
         x = h if self.norm_weight is None else h * self.norm_weight
         y = torch.mm(x, self.weights[0]) if len(self.weights) == 1 else torch.cat([x @ w for w in self.weights], -1)
         if self.scale != 1.0:
@@ -203,14 +206,15 @@ class _AttentionStep:
         a = block.self_attn
         self.layer, self.eps, self.alpha = block.layer, _eps_tensor(config, block), block.residual_multiplier
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
+        self.split = [a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim]
         biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
         bias = None if a.q_proj.bias is None else torch.cat(
             [biases[0] * (a.scale if fold else 1.0), biases[1], biases[2]])
         if fold:  # the attention scale goes into q's weight and bias
             q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                              None, fold)
+                              bias, fold)  # q's part of the bias is scaled already
             q.weights[0][:, : a.n_heads * a.head_dim].mul_(a.scale)
-            q.bias, self.scale = bias, 1.0
+            self.scale = 1.0
         else:
             q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
                               bias, fold)
@@ -220,35 +224,29 @@ class _AttentionStep:
 
     def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
         b, heads, kv, d = h.shape[0], self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv(h, _rms_factor(h, self.eps))
-        v = qkv[:, (heads + kv) * d:].view(b, kv, 1, d)
-        if rope is not None:  # q and k rotated together (see DecodePlan.step for the halves' swap)
+        qkv = self.qkv(h, _rms_factor(h, self.eps))  # a fresh tensor: rotated in place below
+        if rope is not None:  # q and k rotated together, in place (see DecodePlan.step for the halves' swap)
             cos, sin_signed = rope
             qk = qkv[:, : (heads + kv) * d].view(b, heads + kv, 1, d)
-            swapped = qk.view(b, heads + kv, 1, 2, d // 2).flip(-2).reshape(b, heads + kv, 1, d)
-            qk = qk * cos + swapped * sin_signed
-            q, k = qk[:, :heads], qk[:, heads:]
-        else:
-            q = qkv[:, : heads * d].view(b, heads, 1, d)
-            k = qkv[:, heads * d:(heads + kv) * d].view(b, kv, 1, d)
+            swapped = qk.view(b, heads + kv, 1, 2, d // 2).flip(-2).view(b, heads + kv, 1, d)  # flip copies
+            qk.mul_(cos).addcmul_(swapped, sin_signed)
+        q, k, v = qkv.split(self.split, dim=1)
+        q = q.view(b, kv, heads // kv, d)  # each kv head serves heads // kv consecutive q heads
+        k, v = k.view(b, kv, d), v.view(b, kv, d)
         key, value, pos = cache.key[self.layer], cache.value[self.layer], cache.lengths
         first, last = span  # the rows' shortest and longest lengths before this token
         if first == last:  # every row at the same position: plain slices, no mask
-            key[:, :, last] = k[:, :, 0]
-            value[:, :, last] = v[:, :, 0]
+            key.select(2, last).copy_(k)
+            value.select(2, last).copy_(v)
             mask = None
         else:
             rows = torch.arange(b, device=h.device)
-            key[rows, :, pos] = k[:, :, 0]
-            value[rows, :, pos] = v[:, :, 0]
-            mask = (torch.arange(last + 1, device=h.device)[None, :] > pos[:, None])[:, None, None, :]
-        # grouped-query attention without repeating the keys: each kv head serves heads // kv consecutive q heads
-        scores = torch.matmul(q.reshape(b, kv, heads // kv, d), key[:, :, : last + 1].transpose(-1, -2))
-        if self.scale != 1.0:
-            scores.mul_(self.scale)
-        if mask is not None:
-            scores.masked_fill_(mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, : last + 1])  # (b, kv, heads // kv, d)
+            key[rows, :, pos] = k
+            value[rows, :, pos] = v
+            mask = (torch.arange(last + 1, device=h.device)[None, :] <= pos[:, None])[:, None, None, :]  # True: seen
+        # grouped-query attention without repeating the keys, (b, kv, heads // kv, d)
+        out = F.scaled_dot_product_attention(q, key[:, :, : last + 1], value[:, :, : last + 1], attn_mask=mask,
+                                             scale=self.scale)
         return _residual_linear(h, out.reshape(b, heads * d), self.out_weight_t, self.out_bias, self.alpha)
 
 
@@ -304,17 +302,27 @@ class DecodePlan:
         self.head = _NormedLinear([model.lm_head.weight], model.model.norm.weight, None, fold,
                                   scale=1.0 / c.logits_scaling)
         self.rope = rope_frequencies(c, model.device) if c.position_embedding_type == "rope" else None
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions 0..length-1, as (length, 1, 1, head_dim) tables made once per plan.
+
+        RoPE's x * cos + cat(-x2, x1) * sin is computed as x * cos + cat(x2, x1) * cat(-sin1, sin2): the halves'
+        swap is one flip, and the sign is in the table instead of in x in every layer (exact: a sign)."""
+        if self.rope_tables is None or self.rope_tables[0].shape[0] < length or self.rope_tables[0].dtype != dtype:
+            positions = torch.arange(length, device=self.embedding.device)
+            cos, sin = rope_tables(positions[:, None], self.rope, dtype)  # (length, 1, 1, head_dim), as the model's
+            half = sin.shape[-1] // 2
+            self.rope_tables = cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return self.rope_tables
 
     def step(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """One new token per row of ``cache``: input_ids (batch,) -> next-token logits (batch, vocab)."""
         h = F.embedding(input_ids, self.embedding) * self.embedding_multiplier
         rope = None
-        if self.rope is not None:  # the new token's position in each row
-            # RoPE's x * cos + cat(-x2, x1) * sin as x * cos + cat(x2, x1) * cat(-sin1, sin2): the halves' swap is
-            # one flip, and the sign goes into sin once per step instead of into x in every layer (exact: a sign)
-            cos, sin = rope_tables(cache.lengths[:, None], self.rope, h.dtype)
-            half = sin.shape[-1] // 2
-            rope = cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        if self.rope is not None:  # the new token's position in each row, looked up in the plan's tables
+            cos, sin_signed = self._rope_tables(cache.max_len, h.dtype)
+            rope = cos[cache.lengths], sin_signed[cache.lengths]
         # the rows' shortest and longest lengths, read once per step for every attention layer
         span = tuple(int(p) for p in torch.aminmax(cache.lengths)) if self.attention else None
         for mixer, feed_forward in self.layers:
