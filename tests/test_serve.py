@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from posttrain.rollout import SamplingParams
+from posttrain.rollout import Capabilities, SamplingParams
 from posttrain.rollout.native import NativeEngine
 from posttrain.serving.generation import TextGenerator
 from posttrain.serving.server import ModelServer
@@ -61,7 +61,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     tokenizer, model, _ = checkpoint
-    with ModelServer(tokenizer, NativeEngine(model), "tiny-tools", model.config, port=0) as srv:
+    with ModelServer(tokenizer, NativeEngine(model), "tiny-tools", model.config, port=0,
+                     max_request_tokens=2048) as srv:
         yield srv
 
 
@@ -295,8 +296,22 @@ def test_streaming_chat_tool_calls(client):
     ("/completions", {"prompt": [[1, 2, 10**7]]}, 400, "prompt[0]"),
     ("/completions", {"prompt": ""}, 400, "prompt[0]"),
     ("/completions", {}, 400, "prompt"),
-    ("/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
-    ("/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ("/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
+    ("/completions", {"prompt": "x", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
+    ("/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
+    ("/completions", {"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
+    ("/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("/completions", {"prompt": "x", "max_tokens": 64, "n": 64, "echo": True}, 400, "max_tokens"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "chat_template_kwargs": {"tools": []}}, 400,
+     "chat_template_kwargs"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "continue_final_message": True}, 400,
+     "continue_final_message"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/chat/completions", {}, 400, "messages"),
     ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
@@ -305,8 +320,8 @@ def test_streaming_chat_tool_calls(client):
      "messages[0].content[0]"),
     ("/chat/completions", {"messages": TOOL_QUESTION, "tools": [{"type": "function", "function": {}}]}, 400,
      "tools[0].function.name"),
-    ("/chat/completions", {"messages": TOOL_QUESTION, "tools": TOOLS, "tool_choice": "required"}, 400,
-     "tool_choice"),
+    ("/chat/completions", {"messages": TOOL_QUESTION, "tools": TOOLS,
+                           "tool_choice": {"type": "function", "function": {"name": "multiply"}}}, 400, "tool_choice"),
     ("/chat/completions", {"messages": TOOL_QUESTION, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
 ])
 def test_bad_requests_name_the_field(client, path, body, status, param):
@@ -446,6 +461,9 @@ def test_sampling_params_match_the_engine_contract(checkpoint):
 
 class RecordingEngine:
     """Stands in for the engine to watch how the scheduler groups jobs: token i of a row is prompt[0] + i."""
+
+    name = "recording"
+    capabilities = Capabilities()
 
     def __init__(self):
         self.calls = []

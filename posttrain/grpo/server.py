@@ -17,23 +17,40 @@ chosen through ``posttrain.rollout.registry`` and must take weights. Endpoints, 
 A failed or timed-out sync leaves the server serving the weights it had and reports ``sync: failed`` with the
 error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyncError` within the time-out.
 
+Beside them, the OpenAI API of ``posttrain serve`` (``posttrain.serving.server.OpenAIRoutes``) on the same engine,
+for evaluating or probing the policy being trained: chat and completions with log-probs, penalties and grammars
+through the engine's own sampler (with ``--engine vllm``, vLLM's sampler, log-probs and structured outputs carry
+them), ``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine
+that streams (native, transformers). The transport is ``posttrain.serving.http``'s.
+
 The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
-The server binds 127.0.0.1 unless told otherwise and has no authentication: never expose it to an untrusted network.
+The server binds 127.0.0.1 unless told otherwise; ``--api-key`` guards the ``/v1`` routes only (as vLLM's server
+does), not the rollout and weight-sync endpoints: never expose it to an untrusted network.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from posttrain.rollout.base import EngineError, SamplingParams
+from posttrain.rollout.batching import BatchScheduler
 from posttrain.rollout.remote import SAMPLING_FIELDS
 from posttrain.rollout.weight_sync import SyncGroupConfig, WeightReceiver
+from posttrain.serving.http import HttpServer, RequestError, ServingApp, read_json
+from posttrain.serving.server import OpenAIRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -116,45 +133,37 @@ class RolloutServer:
         return {"closed": True}
 
 
-def _handler(server: RolloutServer):
-    routes = {"/generate": server.generate, "/init_weight_sync": server.init_weight_sync,
-              "/update_weights": server.update_weights, "/close_weight_sync": server.close_weight_sync}
+def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_key: str | None = None,
+              max_body_bytes: int = 1 << 30, **api_options) -> ServingApp:
+    """The server's ASGI app: the rollout endpoints above and, given a tokenizer, the OpenAI API
+    (``posttrain.serving.server``) on the same engine, whose generation and weight loading share ``server.lock``."""
+    registry = CollectorRegistry()
+    scheduler = None
+    if tokenizer is not None:
+        scheduler = BatchScheduler(server.engine, lock=server.lock)
+        api = OpenAIRoutes(tokenizer, server.engine, scheduler, name, model_config, registry=registry, **api_options)
 
-    class Handler(BaseHTTPRequestHandler):
-        disable_nagle_algorithm = True  # headers and body are two writes: the body must not wait for an ACK
+    def post(method):
+        async def endpoint(request: Request) -> JSONResponse:
+            body = await read_json(request, max_body_bytes)
+            try:  # in a worker thread: generation and weight sync block
+                return JSONResponse(await run_in_threadpool(method, body))
+            except (ValueError, TypeError) as e:
+                raise RequestError(str(e)) from e
+        return endpoint
 
-        def log_message(self, fmt, *args):  # requests are not worth a line each
-            logger.debug(fmt, *args)
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(server.health())
 
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/health":
-                self._send(200, server.health())
-            else:
-                self._send(404, {"error": f"no route {self.path}"})
-
-        def do_POST(self):
-            route = routes.get(self.path)
-            if route is None:
-                self._send(404, {"error": f"no route {self.path}"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise TypeError("the request body must be a JSON object")
-                self._send(200, route(body))
-            except (ValueError, TypeError, json.JSONDecodeError) as e:
-                self._send(400, {"error": str(e)})
-
-    return Handler
+    routes = [Route("/health", health, methods=["GET"])]
+    routes += [Route(path, post(method), methods=["POST"]) for path, method in (
+        ("/generate", server.generate), ("/init_weight_sync", server.init_weight_sync),
+        ("/update_weights", server.update_weights), ("/close_weight_sync", server.close_weight_sync))]
+    if scheduler is not None:
+        routes += [route for route in api.routes() if route.path != "/health"]
+    app = ServingApp(routes, api_key=api_key, registry=registry)
+    app.scheduler = scheduler
+    return app
 
 
 def build_server(model_path: str, engine: str | None, dtype: str = "float32", gpu_memory_utilization: float = 0.9,
@@ -184,6 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id for the OpenAI routes' clients (default: the folder name)")
+    parser.add_argument("--api-key", default=os.environ.get("POSTTRAIN_API_KEY"),
+                        help="every /v1 route wants 'Authorization: Bearer KEY' (default: $POSTTRAIN_API_KEY; none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,12 +207,25 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, FileNotFoundError) as e:
         print(f"posttrain vllm-serve: {e}", file=sys.stderr)
         return 2
-    httpd = ThreadingHTTPServer((args.host, args.port), _handler(server))
-    print(f"posttrain vllm-serve: {server.engine_name} engine on http://{args.host}:{httpd.server_address[1]}", flush=True)
+    from posttrain.serving.generation import read_model_config
+    from posttrain.tokenizer import load_tokenizer
+
+    name = args.served_model_name or Path(args.model).resolve().name
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError as e:  # token ids in and out still work: the rollout endpoints need no tokenizer
+        tokenizer = None
+        logging.getLogger(__name__).info("no OpenAI routes: %s", e)
+    app = build_app(server, tokenizer, read_model_config(args.model), name, api_key=args.api_key)
+    http = HttpServer(app, args.host, args.port, name="posttrain-vllm-serve").start()
+    print(f"posttrain vllm-serve: {server.engine_name} engine on {http.url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
     finally:
-        httpd.server_close()
+        http.close()
+        if app.scheduler is not None:
+            app.scheduler.close()
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ class TextCompletion:
     token_ids: list[int]  # the tokens behind ``text`` (no closing EOS/stop token, nothing past a stop string)
     num_generated: int  # tokens the engine generated for this sample (what usage counts)
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    # the tokens whose log-probs are reported (``token_ids`` and the closing stop token, as vLLM reports them), with
+    # their log-probs and top alternatives ((token id, log-prob), best first), when the request asked for them
+    logprob_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def load_checkpoint(folder: str | Path, engine: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -88,6 +93,11 @@ class TextGenerator:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer may refuse concurrent use ("Already borrowed")
+        # the special tokens skip_special_tokens drops: the tokenizer's own and every added token marked special
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", [])) | frozenset(
+            i for i, token in added.items() if getattr(token, "special", False))
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def for_model(cls, tokenizer: Any, config: Any, generate: GenerateFn | None) -> TextGenerator:
@@ -101,14 +111,25 @@ class TextGenerator:
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of ``messages`` rendered by the tokenizer's chat template, ending with the assistant header."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered by the tokenizer's chat template, by default ending with the assistant
+        header; ``continue_final_message`` leaves the last (assistant) message open instead."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("the checkpoint's tokenizer has no chat template; use plain-text completions")
         with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message,
+                                                      **(template_kwargs or {}))
         return self.encode_text(text)
+
+    def token_ids_of(self, texts: Sequence[str]) -> list[int]:
+        """The ids of tokens given by their text (those the tokenizer has), e.g. the tool-call tags."""
+        with self._tokenizer_lock:
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in texts]
+        return [i for i in ids if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id]
 
     def chat_stop_token_ids(self) -> list[int]:
         """Tokens that end an assistant turn besides EOS: the start of another role's header."""
@@ -132,11 +153,13 @@ class TextGenerator:
     # -- sampling ---------------------------------------------------------------------------------------------
     def sampling_params(self, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                         n: int = 1, seed: int | None = None, stop: Sequence[str] = (),
-                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> SamplingParams:
+                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, **extra: Any
+                        ) -> SamplingParams:
+        """The engine's parameters; ``extra`` are further ``SamplingParams`` fields (penalties, log-probs...)."""
         stops = sorted(set(stop_token_ids) | set(self.single_token_ids(stop)))
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
                               seed=seed, stop_token_ids=stops, eos_token_id=list(self.eos_token_ids) or None,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, **extra)
 
     def complete(self, prompts: list[list[int]], params: SamplingParams, stop: Sequence[str] = ()
                  ) -> list[TextCompletion]:
@@ -145,36 +168,58 @@ class TextGenerator:
             raise RuntimeError("this TextGenerator was built without an engine: it only encodes and decodes")
         return [self.finish(c, params, stop) for c in self._generate(prompts, params)]
 
-    def finish(self, completion: Completion, params: SamplingParams, stop: Sequence[str] = ()) -> TextCompletion:
-        """Decode one engine completion: drop the closing stop token, cut at the first stop string."""
+    def finish(self, completion: Completion, params: SamplingParams, stop: Sequence[str] = (),
+               skip_special_tokens: bool = False, keep: Sequence[int] = ()) -> TextCompletion:
+        """Decode one engine completion: drop the closing stop token, cut at the first stop string; with
+        ``skip_special_tokens``, special tokens (but those in ``keep``) are not part of the text."""
         ids = list(completion.token_ids)
         reason = completion.finish_reason
         if len(ids) > params.max_new_tokens:  # generated in a batch with a larger limit
             ids, reason = ids[: params.max_new_tokens], "length"
         generated = len(ids)
+        reported = list(ids)
         if reason == "stop" and ids and ids[-1] in params.stop_ids():
             ids = ids[:-1]
-        text = self.decode(ids)
+        skip = self.special_ids - set(keep) if skip_special_tokens else frozenset()
+        text = self.decode(ids, skip)
         cut = _first_stop(text, stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
-            ids = self._tokens_covering(ids, cut)
-        return TextCompletion(completion.prompt_index, text, ids, generated, reason)
+            ids = self._tokens_covering(ids, cut, skip)
+            reported = list(ids)
+        out = TextCompletion(completion.prompt_index, text, ids, generated, reason)
+        top = getattr(completion, "top_logprobs", None)
+        if top is not None:
+            out.logprob_ids = reported
+            out.logprobs = list(completion.reported_logprobs[:len(reported)])
+            out.top_logprobs = list(top[:len(reported)])
+        return out
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip: frozenset[int] | set[int] = frozenset()) -> str:
+        """The text of ``ids``, the tokens in ``skip`` left out."""
+        ids = [i for i in ids if i not in skip] if skip else list(ids)
         with self._tokenizer_lock:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _tokens_covering(self, ids: list[int], length: int) -> list[int]:
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as log-probs name it."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id])
+        return text
+
+    def _tokens_covering(self, ids: list[int], length: int, skip: frozenset[int] = frozenset()) -> list[int]:
         """The shortest prefix of ``ids`` whose text reaches ``length`` characters."""
         for end in range(len(ids) + 1):
-            if len(self.decode(ids[:end])) >= length:
+            if len(self.decode(ids[:end], skip)) >= length:
                 return ids[:end]
         return ids
 
-    def text_stream(self, params: SamplingParams, stop: Sequence[str] = (), hold: Sequence[str] = ()) -> TextStream:
-        """An incremental decoder for one choice streamed with ``params`` (see :class:`TextStream`)."""
-        return TextStream(self, params.stop_ids(), stop, hold)
+    def text_stream(self, params: SamplingParams, stop: Sequence[str] = (), hold: Sequence[str] = (),
+                    skip: frozenset[int] = frozenset()) -> TextStream:
+        """An incremental decoder for one choice streamed with ``params`` (see :class:`TextStream`); tokens in
+        ``skip`` are left out of the text."""
+        return TextStream(self, params.stop_ids(), stop, hold, skip)
 
 
 class TextStream:
@@ -188,8 +233,9 @@ class TextStream:
     that is only a tool call has no content). ``rest(final)`` returns what is left of the final text."""
 
     def __init__(self, generator: TextGenerator, stop_ids: Sequence[int], stop: Sequence[str] = (),
-                 hold: Sequence[str] = ()):
+                 hold: Sequence[str] = (), skip: frozenset[int] = frozenset()):
         self.generator = generator
+        self.skip = skip
         self.stop_ids = set(stop_ids)
         self.stop = [s for s in stop if s]
         self.hold = [h for h in hold if h]
@@ -202,7 +248,7 @@ class TextStream:
     def push(self, token_id: int, finish_reason: str | None = None) -> str:
         if self.closed:
             return ""
-        if not (finish_reason == "stop" and token_id in self.stop_ids):
+        if not (finish_reason == "stop" and token_id in self.stop_ids) and token_id not in self.skip:
             self.ids.append(token_id)
         window = self.generator.decode(self.ids[self.prefix:])
         if finish_reason is None and window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more

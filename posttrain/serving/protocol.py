@@ -1,10 +1,17 @@
-"""The OpenAI API's request and response shapes for ``posttrain serve``: validation in, JSON objects out.
+"""The OpenAI API's request and response shapes as vLLM serves them, for ``posttrain serve``: validation in, JSON
+objects out.
 
 Requests are checked field by field before any work starts; a bad one raises :class:`RequestError`, which the
-server answers with HTTP 400 and OpenAI's error object naming the field (``param``). Options the server cannot
-honour (penalties, logit bias, log-probabilities, JSON mode, forced tool choice) are refused with a 400 rather
-than silently ignored. Extensions from vLLM's server: ``top_k`` and ``ignore_eos``. This module does no HTTP and
-no generation.
+server answers with HTTP 400 and OpenAI's error object naming the field (``param``). A field this server does not
+know or cannot honour is a 400 naming it, never silently ignored. Besides OpenAI's fields, vLLM's extensions are
+read: ``top_k``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``skip_special_tokens``,
+``stop_token_ids``, ``chat_template_kwargs``, ``add_generation_prompt``, ``continue_final_message``.
+
+Log-probabilities (``logprobs``/``top_logprobs``, and prompt log-probs with ``echo``) are of the model's raw
+distribution unless the server reports the processed one (``logprobs_mode``). ``response_format`` and a required or
+named ``tool_choice`` decode under a grammar (``posttrain.rollout.constrained``), as vLLM does: a forced tool call
+is generated as JSON (a list of ``{"name", "parameters"}``, or the named function's arguments) and returned as
+``tool_calls`` with ``content: null``. This module does no HTTP and no generation.
 """
 
 from __future__ import annotations
@@ -17,22 +24,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.serving.generation import TextCompletion
+from posttrain.serving.http import RequestError
 
 MAX_N = 64
 MAX_STOP = 16
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
-
-class RequestError(Exception):
-    """A request the server refuses; ``status`` is the HTTP status, ``param`` the offending field."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+_SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
+             "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "user",
+             "ignore_eos", "skip_special_tokens", "stop_token_ids", "response_format", "max_tokens"}
+CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                           "parallel_tool_calls", "chat_template_kwargs", "continue_final_message",
+                           "add_generation_prompt"}
+COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "best_of", "suffix"}
+# what a chat template call takes from the server itself: chat_template_kwargs must not set these
+_TEMPLATE_RESERVED = {"conversation", "messages", "tools", "add_generation_prompt", "continue_final_message",
+                      "tokenize", "return_dict", "chat_template"}
 
 
 @dataclass
@@ -49,11 +57,28 @@ class GenerationRequest:
     n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None: no log-probs; k: the sampled token's and the top k alternatives
+    skip_special_tokens: bool = True
     tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions rendered into the prompt and parsed back
+    # None/"auto": tool calls parsed from the text; "required": at least one, by grammar; else the function's name
+    tool_choice: str | None = None
+    parallel_tool_calls: bool = True
+    # the JSON schema the answer must follow (a forced tool call's too); {} for any JSON object; None: free text
+    json_schema: dict[str, Any] | None = None
+
+    @property
+    def forced_tool(self) -> bool:
+        return self.tools is not None and self.tool_choice not in (None, "auto")
 
 
 # -- field checks ---------------------------------------------------------------------------------------------
@@ -63,7 +88,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if value < low or value > high or (low_open and value == low):
+    if not value == value or value < low or value > high or (low_open and value == low):  # NaN fails every test
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise RequestError(f"'{name}' must be in {interval}, got {value}", name)
     return float(value)
@@ -104,57 +129,106 @@ def _stop(body: dict) -> list[str]:
     return list(value)
 
 
-def _refuse_unsupported(body: dict) -> None:
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise RequestError(f"'{name}' is not supported by posttrain serve (leave it out or 0)", name)
-    if body.get("logit_bias"):
-        raise RequestError("'logit_bias' is not supported by posttrain serve", "logit_bias")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise RequestError("'logprobs' is not supported by posttrain serve", "logprobs")
+def _token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise RequestError(f"'{name}' must be a list of token ids", name)
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"'{name}' has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}", name)
+    return list(value)
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise RequestError(f"'logit_bias' token id {token} is outside the vocabulary (size {vocab_size})",
+                               "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise RequestError(f"'logit_bias[{key}]' must be a number in [-100, 100], got {bias!r}", "logit_bias")
+        out[token] = float(bias)
+    return out or None
+
+
+def _response_format(body: dict) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks for ({} for any JSON object), or None for free text."""
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise RequestError("'response_format' other than {'type': 'text'} is not supported", "response_format")
-    if body.get("suffix") is not None:
-        raise RequestError("'suffix' is not supported by posttrain serve", "suffix")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise RequestError("'response_format.json_schema' must be an object with a 'schema' object",
+                               "response_format.json_schema")
+        schema = spec.get("schema")
+        return {"type": "object"} if schema is None else schema
+    raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
-def _common(body: dict, served_name: str) -> dict[str, Any]:
+def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(f"unknown or unsupported field '{unknown[0]}'"
+                           + (f" (and {', '.join(unknown[1:])})" if len(unknown) > 1 else ""), unknown[0])
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
     if model not in (None, served_name):
         raise RequestError(f"the model '{model}' does not exist; this server serves '{served_name}'", "model",
                            status=404, code="model_not_found")
-    _refuse_unsupported(body)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise RequestError("'user' must be a string", "user")
     n = _integer(body, "n", 1, 1, MAX_N)
-    best_of = _integer(body, "best_of", None, 1, MAX_N)
-    if best_of is not None and best_of != n:
-        raise RequestError("'best_of' different from 'n' is not supported", "best_of")
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
         raise RequestError("'stream_options' must be an object, and is only allowed with 'stream': true",
                            "stream_options")
-    include_usage = bool(options and _boolean(options, "include_usage"))
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if options and set(options) - {"include_usage", "continuous_usage_stats"}:
+        extra = sorted(set(options) - {"include_usage", "continuous_usage_stats"})[0]
+        raise RequestError(f"unknown field 'stream_options.{extra}'", f"stream_options.{extra}")
+    if options and options.get("continuous_usage_stats"):
+        raise RequestError("'stream_options.continuous_usage_stats' is not supported", "stream_options")
+    stop_token_ids = body.get("stop_token_ids")
     return {
         "n": n,
-        "temperature": temperature,
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         "top_k": max(0, _integer(body, "top_k", 0, -1)),  # vLLM's -1 and 0 both mean no top-k
         "seed": _integer(body, "seed", None, -(2**63), 2**63 - 1),
         "stop": _stop(body),
+        "stop_token_ids": [] if stop_token_ids is None else _token_ids(stop_token_ids, "stop_token_ids", vocab_size),
         "ignore_eos": _boolean(body, "ignore_eos"),
         "stream": stream,
-        "include_usage": include_usage,
+        "include_usage": bool(options and _boolean(options, "include_usage")),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        "min_tokens": _integer(body, "min_tokens", 0, 0),
+        "logit_bias": _logit_bias(body, vocab_size),
+        "skip_special_tokens": _boolean(body, "skip_special_tokens", True),
+        "json_schema": _response_format(body),
     }
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], default: int,
-                max_context: int | None) -> int:
+                max_context: int | None, n: int, max_request_tokens: int | None) -> int:
     given = [name for name in names if body.get(name) is not None]
     name = given[0] if given else names[0]
     value = _integer(body, name, None, 1)
@@ -164,11 +238,21 @@ def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], de
         raise RequestError(f"the prompt has {longest} tokens; the model's context is {max_context}",
                            "messages" if "max_completion_tokens" in names else "prompt")
     if value is None:
-        return default if room is None else min(default, room)
-    if room is not None and value > room:
+        value = default if room is None else min(default, room)
+    elif room is not None and value > room:
         raise RequestError(f"'{name}' = {value} plus the prompt's {longest} tokens exceeds the model's context of "
                            f"{max_context} tokens", name)
+    if max_request_tokens is not None and len(prompts) * n * value > max_request_tokens:
+        raise RequestError(f"the request asks for {len(prompts)} prompt(s) x n={n} x {name}={value} = "
+                           f"{len(prompts) * n * value} tokens; this server's per-request cap "
+                           f"(--max-request-tokens) is {max_request_tokens}", name)
     return value
+
+
+def _check_min_tokens(common: dict, max_tokens: int) -> None:
+    if common["min_tokens"] > max_tokens:
+        raise RequestError(f"'min_tokens' = {common['min_tokens']} is more than the maximum of {max_tokens} tokens",
+                           "min_tokens")
 
 
 # -- chat -----------------------------------------------------------------------------------------------------
@@ -227,13 +311,14 @@ def _assistant_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(body: dict) -> list[dict[str, Any]] | None:
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The tools rendered into the prompt (None: none) and the tool choice: None (auto), "required" or a name."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none", "auto"):
             raise RequestError("'tool_choice' needs 'tools'", "tool_choice")
-        return None
+        return None, None
     if not isinstance(tools, list):
         raise RequestError("'tools' must be a list", "tools")
     for i, tool in enumerate(tools):
@@ -250,23 +335,85 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
                                f"{where}.function.parameters")
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise RequestError(f"'{where}.function.description' must be a string", f"{where}.function.description")
-    if choice in ("required",) or isinstance(choice, dict):
-        raise RequestError("'tool_choice' other than 'auto' or 'none' is not supported by posttrain serve",
+    names = [tool["function"]["name"] for tool in tools]
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RequestError("'tool_choice' as an object must be {'type': 'function', 'function': {'name': ...}}",
+                               "tool_choice")
+        if fn["name"] not in names:
+            raise RequestError(f"'tool_choice' names the function '{fn['name']}', which is not in 'tools' "
+                               f"({', '.join(names)})", "tool_choice")
+        choice = fn["name"]
+    elif choice == "required":
+        if not tools:
+            raise RequestError("'tool_choice': 'required' needs at least one tool", "tool_choice")
+    elif choice not in (None, "auto", "none"):
+        raise RequestError(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {choice!r}",
                            "tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise RequestError(f"'tool_choice' must be 'auto' or 'none', got {choice!r}", "tool_choice")
     if choice == "none" or not tools:
-        return None
-    return [{"type": "function", "function": tool["function"]} for tool in tools]
+        return None, None
+    return [{"type": "function", "function": tool["function"]} for tool in tools], (
+        None if choice in (None, "auto") else choice)
 
 
-def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_tokens: int) -> GenerationRequest:
+def tool_call_schema(tools: list[dict[str, Any]], choice: str, parallel: bool) -> dict[str, Any]:
+    """The JSON schema of a forced tool call, as vLLM generates it: for "required", a list of
+    ``{"name", "parameters"}`` (one item unless ``parallel``); for a named function, its arguments."""
+    def parameters(fn: dict[str, Any]) -> dict[str, Any]:
+        return fn.get("parameters") or {"type": "object"}
+
+    if choice != "required":
+        return parameters(next(t["function"] for t in tools if t["function"]["name"] == choice))
+    item = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [fn["name"]]},
+                                                        "parameters": parameters(fn)},
+                       "required": ["name", "parameters"], "additionalProperties": False}
+                      for fn in (t["function"] for t in tools)]}
+    schema = {"type": "array", "minItems": 1, "items": item}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _template_options(body: dict) -> dict[str, Any]:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+        reserved = sorted(set(kwargs) & _TEMPLATE_RESERVED)
+        if reserved:
+            raise RequestError(f"'chat_template_kwargs' must not set '{reserved[0]}' (the server sets it; use the "
+                               "request's own field where there is one)", "chat_template_kwargs")
+    add = _boolean(body, "add_generation_prompt", True)
+    cont = _boolean(body, "continue_final_message", False)
+    if add and cont:
+        raise RequestError("'continue_final_message' needs 'add_generation_prompt': false (as in vLLM)",
+                           "continue_final_message")
+    return {"template_kwargs": kwargs or {}, "add_generation_prompt": add, "continue_final_message": cont}
+
+
+def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_tokens: int,
+                       max_request_tokens: int | None = None) -> GenerationRequest:
     """Validate a ``/v1/chat/completions`` body and render its prompt with the chat template."""
-    common = _common(body, served_name)
+    common = _common(body, served_name, CHAT_FIELDS, generator.vocab_size)
     messages = _messages(body.get("messages"))
-    tools = _tools(body)
+    tools, choice = _tools(body)
+    parallel = _boolean(body, "parallel_tool_calls", True)
+    logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    options = _template_options(body)
+    if options["continue_final_message"] and messages[-1]["role"] != "assistant":
+        raise RequestError("'continue_final_message' needs the last message to be the assistant's",
+                           "continue_final_message")
+    if choice is not None:
+        if common["json_schema"] is not None:
+            raise RequestError("'response_format' cannot be combined with a required or named 'tool_choice'",
+                               "response_format")
+        common["json_schema"] = tool_call_schema(tools, choice, parallel)
     try:
-        prompt = generator.encode_chat(messages, tools)
+        prompt = generator.encode_chat(messages, tools, **options)
     except ValueError as exc:
         raise RequestError(str(exc), "messages") from exc
     except Exception as exc:  # the chat template raised (jinja): the messages do not fit it
@@ -274,16 +421,24 @@ def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_
     if not prompt:
         raise RequestError("'messages' rendered to an empty prompt", "messages")
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), [prompt], default_max_tokens,
-                             generator.max_context)
-    return GenerationRequest("chat", [prompt], [""], max_tokens, tools=tools, **common)
+                             generator.max_context, common["n"], max_request_tokens)
+    _check_min_tokens(common, max_tokens)
+    return GenerationRequest("chat", [prompt], [""], max_tokens, tools=tools, tool_choice=choice,
+                             parallel_tool_calls=parallel, logprobs=(top or 0) if logprobs else None, **common)
 
 
-def parse_completion_request(body: Any, served_name: str, generator: Any,
-                             default_max_tokens: int) -> GenerationRequest:
+def parse_completion_request(body: Any, served_name: str, generator: Any, default_max_tokens: int,
+                             max_request_tokens: int | None = None) -> GenerationRequest:
     """Validate a ``/v1/completions`` body: ``prompt`` is a string, strings, token ids or lists of token ids."""
-    common = _common(body, served_name)
+    common = _common(body, served_name, COMPLETION_FIELDS, generator.vocab_size)
+    if body.get("suffix") is not None:
+        raise RequestError("'suffix' is not supported by this server", "suffix")
+    best_of = _integer(body, "best_of", None, 1, MAX_N)
+    if best_of is not None and best_of != common["n"]:
+        raise RequestError("'best_of' different from 'n' is not supported", "best_of")
     value = body.get("prompt")
-    if isinstance(value, str) or isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if isinstance(value, str) or isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value):
         value = [value]
     if not isinstance(value, list) or not value:
         raise RequestError("'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
@@ -293,20 +448,20 @@ def parse_completion_request(body: Any, served_name: str, generator: Any,
         if isinstance(item, str):
             ids = generator.encode_text(item)
             texts.append(item)
-        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            bad = [t for t in item if not 0 <= t < generator.vocab_size]
-            if bad:
-                raise RequestError(f"'prompt[{i}]' has token ids outside the vocabulary (size "
-                                   f"{generator.vocab_size}): {bad[:5]}", f"prompt[{i}]")
-            ids = list(item)
+        elif isinstance(item, list):
+            ids = _token_ids(item, f"prompt[{i}]", generator.vocab_size)
             texts.append(generator.decode(ids))
         else:
             raise RequestError(f"'prompt[{i}]' must be a string or a list of token ids", f"prompt[{i}]")
         if not ids:
             raise RequestError(f"'prompt[{i}]' is empty", f"prompt[{i}]")
         prompts.append(ids)
-    max_tokens = _max_tokens(body, ("max_tokens",), prompts, default_max_tokens, generator.max_context)
-    return GenerationRequest("completion", prompts, texts, max_tokens, echo=_boolean(body, "echo"), **common)
+    max_tokens = _max_tokens(body, ("max_tokens",), prompts, default_max_tokens, generator.max_context, common["n"],
+                             max_request_tokens)
+    _check_min_tokens(common, max_tokens)
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    return GenerationRequest("completion", prompts, texts, max_tokens, echo=_boolean(body, "echo"),
+                             logprobs=logprobs, **common)
 
 
 # -- responses ------------------------------------------------------------------------------------------------
@@ -322,16 +477,41 @@ def usage(request: GenerationRequest, completions: list[TextCompletion]) -> dict
 
 
 def chat_message(request: GenerationRequest, completion: TextCompletion) -> tuple[dict[str, Any], str]:
-    """The assistant message of one choice and its finish reason; tool calls parsed when tools were given."""
+    """The assistant message of one choice and its finish reason; tool calls parsed when tools were given (from
+    the JSON the grammar made, when the tool choice was forced)."""
     text = completion.text
-    calls = parse_tool_calls(text) if request.tools else []
+    if request.forced_tool and completion.finish_reason != "length":
+        calls = _forced_calls(request, text)
+        if calls is not None:
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    calls = parse_tool_calls(text) if request.tools and not request.forced_tool else []
+    if not request.parallel_tool_calls:
+        calls = calls[:1]
     if not calls:
         return {"role": "assistant", "content": text}, completion.finish_reason
     cut = text.find("<tool_call>")
     content = text[:cut] if cut > 0 and text[:cut].strip() else ""  # as streamed: whitespace alone is no content
-    tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                   "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+    tool_calls = [_tool_call(c["name"], json.dumps(c["arguments"])) for c in calls]
     return {"role": "assistant", "content": content or None, "tool_calls": tool_calls}, "tool_calls"
+
+
+def _tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _forced_calls(request: GenerationRequest, text: str) -> list[dict[str, Any]] | None:
+    """The tool calls of a forced choice's JSON (see :func:`tool_call_schema`), or None if it does not parse."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if request.tool_choice != "required":
+        return [_tool_call(request.tool_choice, json.dumps(value))]
+    if not isinstance(value, list):
+        return None
+    return [_tool_call(item["name"], json.dumps(item.get("parameters", {}))) for item in value
+            if isinstance(item, dict) and isinstance(item.get("name"), str)] or None
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
@@ -340,18 +520,73 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     return parse(text)
 
 
-def response(request: GenerationRequest, completions: list[TextCompletion], model: str) -> dict[str, Any]:
-    """The non-streaming response object for ``completions`` (prompt-major, ``n`` per prompt)."""
+# -- log-probabilities ------------------------------------------------------------------------------------------
+TokenText = Callable[[int], str]
+
+
+def chat_logprobs(completion: TextCompletion, token_text: TokenText) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object of one choice: each answer token, its log-prob and its top alternatives."""
+    content = []
+    for token, logprob, top in zip(completion.logprob_ids, completion.logprobs, completion.top_logprobs):
+        text = token_text(token)
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": (t := token_text(i)), "logprob": lp, "bytes": list(t.encode())}
+                                         for i, lp in top]})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(completion: TextCompletion, token_text: TokenText, prompt: list[int] | None = None,
+                        prompt_logprobs: list | None = None, start: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object of one choice: ``tokens``, ``token_logprobs``, ``top_logprobs``
+    (token -> log-prob, the chosen token included, as vLLM) and ``text_offset``; with ``echo``, the prompt's tokens
+    first (the first has no log-prob)."""
+    tokens, values, tops = [], [], []
+    if prompt is not None:
+        for token, entry in zip(prompt, prompt_logprobs):
+            tokens.append(token_text(token))
+            if entry is None:
+                values.append(None)
+                tops.append(None)
+            else:
+                logprob, top = entry
+                values.append(logprob)
+                tops.append({**{token_text(i): lp for i, lp in top}, token_text(token): logprob})
+    for token, logprob, top in zip(completion.logprob_ids, completion.logprobs, completion.top_logprobs):
+        tokens.append(token_text(token))
+        values.append(logprob)
+        tops.append({**{token_text(i): lp for i, lp in top}, token_text(token): logprob})
+    offsets, position = [], start
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def response(request: GenerationRequest, completions: list[TextCompletion], model: str,
+             token_text: TokenText | None = None, prompt_logprobs: list | None = None) -> dict[str, Any]:
+    """The non-streaming response object for ``completions`` (prompt-major, ``n`` per prompt); ``token_text``
+    decodes one token for the log-probs, ``prompt_logprobs`` (per prompt) are the echoed prompts' log-probs."""
     created = int(time.time())
+    want = request.logprobs is not None
     if request.kind == "chat":
         choices = []
         for i, c in enumerate(completions):
             message, reason = chat_message(request, c)
-            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "logprobs": chat_logprobs(c, token_text) if want else None})
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": (request.prompt_texts[c.prompt_index] if request.echo else "") + c.text,
-                    "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(completions)]
+        choices = []
+        for i, c in enumerate(completions):
+            echo = request.prompt_texts[c.prompt_index] if request.echo else ""
+            logprobs = None
+            if want:
+                echoed = request.echo and prompt_logprobs is not None
+                logprobs = completion_logprobs(c, token_text, request.prompts[c.prompt_index] if echoed else None,
+                                               prompt_logprobs[c.prompt_index] if echoed else None,
+                                               0 if echoed else len(echo))
+            choices.append({"index": i, "text": echo + c.text, "finish_reason": c.finish_reason,
+                            "logprobs": logprobs})
         obj = "text_completion"
     return {"id": new_id(request.kind), "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(request, completions)}
