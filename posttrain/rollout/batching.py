@@ -90,12 +90,12 @@ _unique = itertools.count()
 
 
 def merge_key(params: SamplingParams) -> tuple:
-    """Jobs with equal keys can share one engine call (everything but ``max_new_tokens`` agrees)."""
+    """Jobs with equal keys can share one engine call (everything but ``max_new_tokens`` agrees; for greedy jobs,
+    the sampling knobs greedy ignores need not)."""
     if params.seed is not None and not params.greedy:
         return ("seeded", next(_unique))
-    extra = dataclasses.replace(params, max_new_tokens=1, seed=None)
-    return ("merge", repr(extra)) if not params.greedy else ("greedy", repr(dataclasses.replace(
-        extra, temperature=0.0, top_p=1.0, top_k=0)))
+    ignored = {"max_new_tokens", "seed"} | ({"temperature", "top_p", "top_k"} if params.greedy else set())
+    return tuple((f.name, repr(getattr(params, f.name))) for f in dataclasses.fields(params) if f.name not in ignored)
 
 
 def _piece_seed(seed: int, index: int) -> int:
@@ -108,7 +108,7 @@ class BatchScheduler:
     module docstring)."""
 
     def __init__(self, engine, gather_s: float = 0.02, max_batch_seqs: int = 256, max_gather_s: float | None = None,
-                 piece_seqs: int = 64, lock: threading.Lock | None = None):
+                 piece_seqs: int = 16, lock: threading.Lock | None = None):
         if gather_s < 0 or max_batch_seqs < 1 or piece_seqs < 1:
             raise ValueError(f"gather_s must be >= 0, max_batch_seqs and piece_seqs >= 1, got {gather_s}, "
                              f"{max_batch_seqs}, {piece_seqs}")

@@ -74,7 +74,7 @@ class ServeConfig:
     gather_ms: float = 20.0  # a batch keeps gathering while requests arrive less than this apart (x10 at most)
     max_batch_seqs: int = 256  # sequences (prompts x n) per batch
     # a request's prompts run in pieces of at most this many sequences, interleaved with other requests' pieces
-    piece_seqs: int = 64
+    piece_seqs: int = 16
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context left)
     max_request_tokens: int = 1 << 17  # prompts x n x max tokens of one request; more is a 400
     max_body_bytes: int = 16 << 20
@@ -392,7 +392,7 @@ class ModelServer:
 
     def __init__(self, tokenizer: Any, engine: Engine, name: str, model_config: Any, host: str = "127.0.0.1",
                  port: int = 0, gather_ms: float = 20.0, max_batch_seqs: int = 256, default_max_tokens: int = 256,
-                 max_body_bytes: int = 16 << 20, stream_interval_ms: float = 40.0, *, piece_seqs: int = 64,
+                 max_body_bytes: int = 16 << 20, stream_interval_ms: float = 40.0, *, piece_seqs: int = 16,
                  max_request_tokens: int = 1 << 17, api_key: str | None = None, request_timeout_s: float = 30.0,
                  keep_alive_s: float = 5.0, logprobs_mode: str = "raw_logprobs"):
         """``engine`` must stream (``capabilities.streaming``); ``model_config`` is its model's config (object or
@@ -459,9 +459,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "10x this after its first (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch-seqs", type=int, default=256, help="sequences (prompts x n) per batch")
-    parser.add_argument("--piece-seqs", type=int, default=64,
+    parser.add_argument("--piece-seqs", type=int, default=16,
                         help="a request runs in pieces of at most this many sequences, interleaved with other "
-                             "requests (default 64)")
+                             "requests (default 16)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="completion length when a request gives no max_tokens")
     parser.add_argument("--max-request-tokens", type=int, default=1 << 17,
