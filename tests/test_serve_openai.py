@@ -257,3 +257,28 @@ def test_chunked_body_and_refusals(server):
                        (b'{"prompt": "x", "frobnicate": 1}', "frobnicate")):
         response = httpx.post(server.url + "/v1/completions", content=raw, headers=headers, timeout=60)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, raw
+
+
+def test_vllm_serve_answers_the_openai_api_beside_its_rollout_endpoints(checkpoint):
+    """``posttrain vllm-serve``'s app: the rollout endpoints and the same OpenAI API on one engine."""
+    from posttrain.grpo.server import RolloutServer, build_app
+    from posttrain.serving.http import HttpServer
+
+    tokenizer, model, _ = checkpoint
+    engine = NativeEngine(model)
+    app = build_app(RolloutServer(engine, engine.load_named_tensors, "native"), tokenizer, model.config, "tiny")
+    http = HttpServer(app).start()
+    try:
+        client = openai.OpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+        ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        rollout = httpx.post(http.url + "/generate", timeout=120, json={
+            "prompts": [ids], "sampling": {"max_new_tokens": 6, "temperature": 0}}).json()["completions"][0]
+        assert tokenizer.decode(rollout["token_ids"]) == text
+        assert httpx.get(http.url + "/health").json()["engine"] == "native"
+        out = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, logprobs=1, echo=True,
+                                        temperature=0)
+        assert len(out.choices[0].logprobs.token_logprobs) == len(ids) + 1
+    finally:
+        http.close()
+        app.scheduler.close()
