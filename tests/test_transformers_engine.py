@@ -292,7 +292,7 @@ def test_waves_of_max_num_seqs_keep_prompt_major_results_and_stream_their_own_in
     prompts = prompts_of(tok, (4, 9, 2, 6, 11))
     engine = TransformersEngine(model, max_num_seqs=4)  # n = 2: two prompts a wave, three waves
     assert isinstance(engine, Engine) and engine.name == "transformers"
-    assert engine.capabilities.names() == ["weight_sync", "streaming", "shares_module"]
+    assert engine.capabilities.names() == ["weight_sync", "streaming", "shares_module", "prompt_logprobs"]
     params = SamplingParams(max_new_tokens=6, temperature=0, n=2, ignore_eos=True)
     seen: dict[int, list[int]] = {}
 

@@ -2,6 +2,7 @@
 
 - ``native`` / ``native_decode``: the in-tree models' engine and its prefill and decode step;
 - ``transformers_engine``: any causal LM transformers loads; ``vllm``: vLLM on a GPU; ``remote``: a rollout server;
+- ``constrained``: grammar-constrained decoding (JSON, JSON schemas) with xgrammar, for ``SamplingParams.constraint``;
 - ``batching``: concurrent requests batched onto one engine (``posttrain serve``); ``multiturn``: tool-use rollouts;
   ``async_rollout``: rollouts in a background thread; ``weight_sync``: the trainer's broadcast to rollout servers;
 - ``cli``: ``posttrain generate``.
@@ -15,11 +16,12 @@ from posttrain.rollout.base import (
     Engine,
     EngineError,
     EngineStats,
+    LogitsProcessors,
     SamplingParams,
     StepCallback,
     StepTokens,
     sample,
 )
 
-__all__ = ["Capabilities", "Completion", "DecodeRows", "Engine", "EngineError", "EngineStats", "SamplingParams", "StepCallback",
-           "StepTokens", "sample"]
+__all__ = ["Capabilities", "Completion", "DecodeRows", "Engine", "EngineError", "EngineStats", "LogitsProcessors",
+           "SamplingParams", "StepCallback", "StepTokens", "sample"]

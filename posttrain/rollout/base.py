@@ -5,7 +5,10 @@ shared sampler, the ``Engine`` protocol with its declared capabilities, and the 
 An engine turns token-id prompts into completions: ``generate(prompt_ids, params) -> list[Completion]``, prompt-major
 (prompt i's j-th sample at ``i * params.n + j``). Each completion carries the sampled token ids, each token's
 log-probability under the distribution it was drawn from (temperature-scaled, then truncated by top_k/top_p and
-renormalised: vLLM's ``processed_logprobs``; greedy: the plain distribution), and why it stopped. Everything else an
+renormalised: vLLM's ``processed_logprobs``; greedy: the plain distribution), and why it stopped. A request may
+also ask for vLLM's features (penalties, ``min_tokens``, ``logit_bias``, a report of log-probabilities and their top
+alternatives, a grammar): the in-process engines apply them in one shared step (``DecodeRows.decode`` with
+``LogitsProcessors``), built only when asked for, so a plain step does what it always did. Everything else an
 engine may do is an explicit capability (``Capabilities``): taking new weights from a trainer, sleeping and waking
 (giving its memory back between rollouts), streaming each step's tokens, being closed. A command states what it
 needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run the model's family, before any work.
@@ -13,17 +16,30 @@ needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:  # importing xgrammar is the constrained module's business, not every engine's
+    from posttrain.rollout.constrained import ConstraintFactory
+
+
+MAX_LOGPROBS = 20  # the most alternatives a step reports (vLLM's default max_logprobs)
+LOGPROBS_MODES = ("raw", "processed")
 
 
 @dataclass
 class SamplingParams:
-    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution)."""
+    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution).
+
+    The fields after ``seed`` are a request's features, with vLLM's (and OpenAI's) meanings; each step applies them
+    in vLLM's order: ``logit_bias``, the ``min_tokens`` mask, ``repetition_penalty``, then ``presence_penalty`` and
+    ``frequency_penalty``, the ``constraint``'s grammar mask; then temperature, top-k and top-p, and the sampler.
+    Left at their defaults, a step does exactly what it did without them (``has_features`` is false)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 means greedy
@@ -34,26 +50,80 @@ class SamplingParams:
     eos_token_id: int | list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
+    # logits -= presence_penalty for every token the row generated so far, in [-2, 2]
+    presence_penalty: float = 0.0
+    # logits -= frequency_penalty * how often the row generated the token so far, in [-2, 2]
+    frequency_penalty: float = 0.0
+    # tokens of the row's prompt or generated so far: a positive logit is divided by it, a negative one multiplied
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and the stop tokens cannot be sampled before this many tokens are generated
+    # token id -> added to its logit, in [-100, 100]; generate checks the ids against the model's vocabulary
+    logit_bias: dict[int, float] | None = None
+    # None: no report; k in 0..20: per generated token, the sampled token's log-probability and the k most likely
+    # tokens' (Completion.reported_logprobs / top_logprobs), under the distribution logprobs_mode names
+    logprobs: int | None = None
+    # "raw": log_softmax of the model's logits as they come (vLLM's raw_logprobs); "processed": the distribution
+    # sampled from (after the features, temperature, top-k/top-p renormalised; greedy: the processed logits')
+    logprobs_mode: str = "raw"
+    constraint: ConstraintFactory | None = None  # a grammar the completion must follow (rollout.constrained)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.n < 1:
             raise ValueError(f"top_k must be >= 0 and n >= 1, got top_k={self.top_k}, n={self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens}")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "rows", None)):
+            raise ValueError("constraint must be a posttrain.rollout.constrained.ConstraintFactory, got "
+                             f"{type(self.constraint).__name__}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_features(self) -> bool:
+        """Whether a step does more than sample: a penalty, min_tokens, a bias, a report or a grammar is asked for."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.min_tokens or self.logit_bias or self.logprobs is not None
+                    or self.constraint is not None)
 
     def stop_ids(self) -> list[int]:
         ids = list(self.stop_token_ids)
         if not self.ignore_eos and self.eos_token_id is not None:
             ids += [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
         return ids
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The checks that need the model's vocabulary: ``logit_bias`` ids and the ``constraint``'s vocabulary."""
+        bad = sorted(t for t in (self.logit_bias or {}) if t >= vocab_size)
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")
+        if self.constraint is not None and self.constraint.vocab_size != vocab_size:
+            raise ValueError(f"constraint was compiled for a vocabulary of {self.constraint.vocab_size} tokens; the "
+                             f"model has {vocab_size}")
 
 
 @dataclass
@@ -66,6 +136,10 @@ class Completion:
     # "stop": an EOS or stop token was sampled (it is the last token); "length": max_new_tokens; "abort": the
     # ``on_step`` callback asked for the row to stop
     finish_reason: str
+    # with params.logprobs set: each sampled token's log-probability under params.logprobs_mode's distribution, and
+    # per token the params.logprobs most likely (token id, log-probability) pairs, highest first
+    reported_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -92,16 +166,84 @@ class EngineStats:
     cache_bytes: int = 0  # the largest generation state allocated
 
 
-class DecodeRows:
-    """The bookkeeping every engine's decode loop shares, for one wave of ``total`` rows (prompt-major, ``n`` per
-    prompt; ``offset`` is the wave's first prompt in the whole call): each row's tokens, log-probabilities and why it
-    stopped; which rows are still in the batch (``active``: batch row -> result row); stop tokens; the ``on_step``
-    callback, whose aborts finish rows with "abort". The engine samples, then calls :meth:`record`, and selects its
-    state's rows when some leave."""
+class LogitsProcessors:
+    """The request features of :class:`SamplingParams` for one wave's rows (prompt-major, ``n`` per prompt): the
+    per-row state they need (how often each row generated each token; which tokens its prompt or completion holds;
+    its grammar matcher) and the step that turns the model's logits into the ones sampled from. Built only when the
+    params have features, so a plain step never pays for them."""
 
-    def __init__(self, total: int, n: int, offset: int, params: SamplingParams, device,
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], vocab_size: int, device):
+        self.params = params
+        rows = len(prompts) * params.n
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size, device=device)
+            self.bias[torch.tensor(list(params.logit_bias), device=device)] = torch.tensor(
+                list(params.logit_bias.values()), device=device)
+        stop_ids = params.stop_ids()
+        self.min_stop = torch.tensor(stop_ids, device=device) if params.min_tokens and stop_ids else None
+        self.seen = None  # (rows, vocab) bool: in the prompt or generated, for the repetition penalty
+        if params.repetition_penalty != 1:
+            seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                seen[i, torch.tensor(p, device=device)] = True
+            self.seen = seen.repeat_interleave(params.n, dim=0)
+        self.counts = None  # (rows, vocab) float: how often each row generated each token
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(rows, vocab_size, device=device)
+        self.grammar = params.constraint.rows(rows, stop_ids) if params.constraint is not None else None
+
+    def apply(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        """The logits to sample step ``step`` from (float32, a new tensor; ``logits`` is left as it is)."""
+        p = self.params
+        out = logits.float().clone()
+        if self.bias is not None:
+            out += self.bias
+        if self.min_stop is not None and step < p.min_tokens:
+            out[:, self.min_stop] = float("-inf")
+        if self.seen is not None:
+            penalised = torch.where(out > 0, out / p.repetition_penalty, out * p.repetition_penalty)
+            out = torch.where(self.seen, penalised, out)
+        if self.counts is not None:
+            out -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
+        if self.grammar is not None:
+            self.grammar.mask_(out)
+        return out
+
+    def advance(self, tokens: torch.Tensor) -> list[int]:
+        """Take each batch row's sampled token; returns the batch rows whose grammar is now complete."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        return self.grammar.advance(tokens.tolist()) if self.grammar is not None else []
+
+    def select(self, keep: list[int]) -> None:
+        """Keep the batch rows ``keep``, in this order (the rows that go on after some finished)."""
+        if self.counts is not None or self.seen is not None:
+            index = torch.tensor(keep, device=(self.counts if self.counts is not None else self.seen).device)
+            if self.counts is not None:
+                self.counts = self.counts[index]
+            if self.seen is not None:
+                self.seen = self.seen[index]
+        if self.grammar is not None:
+            self.grammar.select(keep)
+
+
+class DecodeRows:
+    """The bookkeeping every engine's decode loop shares, for one wave of ``prompts`` (rows prompt-major, ``n`` per
+    prompt; ``offset`` is the wave's first prompt in the whole call): each row's tokens, log-probabilities and why it
+    stopped; which rows are still in the batch (``active``: batch row -> result row); stop tokens; the request
+    features (:class:`LogitsProcessors`, only when the params have some) and their reported log-probabilities; the
+    ``on_step`` callback, whose aborts finish rows with "abort". Each step the engine calls :meth:`decode` with the
+    model's logits, feeds the tokens it returns, and selects its state's rows when some leave."""
+
+    def __init__(self, prompts: list[list[int]], offset: int, params: SamplingParams, device,
                  on_step: StepCallback | None = None):
-        self.n, self.offset, self.max_new_tokens, self.on_step = n, offset, params.max_new_tokens, on_step
+        total = len(prompts) * params.n
+        self.prompts, self.params = prompts, params
+        self.n, self.offset, self.max_new_tokens, self.on_step = params.n, offset, params.max_new_tokens, on_step
         self.tokens: list[list[int]] = [[] for _ in range(total)]
         self.logprobs: list[list[float]] = [[] for _ in range(total)]
         self.reasons = ["length"] * total
@@ -109,17 +251,55 @@ class DecodeRows:
         stop_ids = params.stop_ids()
         self.stop = torch.tensor(stop_ids, device=device) if stop_ids else None
         self.done = False
+        self.plain = not params.has_features  # a plain step samples and records, nothing more
+        self.processors: LogitsProcessors | None = None  # made at the first step, which knows the vocabulary
+        report = params.logprobs is not None
+        self.reported: list[list[float]] | None = [[] for _ in range(total)] if report else None
+        self.top: list[list[list[tuple[int, float]]]] | None = [[] for _ in range(total)] if report else None
 
-    def record(self, step: int, next_tokens: torch.Tensor, next_logprobs: torch.Tensor) -> list[int] | None:
-        """Record step ``step``'s sampled tokens. Sets ``done`` when the loop is over (the last step, or every row
-        finished); otherwise returns the batch rows that go on when some finished (select them, in this order, from
-        the state and from ``next_tokens``), or None when every row goes on."""
+    def decode(self, step: int, logits: torch.Tensor, generator: torch.Generator | None):
+        """Sample step ``step`` from the model's ``logits`` (one row per active row) and record it. Returns the
+        sampled tokens and, as :meth:`record`, the batch rows that go on when some finished (else None)."""
+        params = self.params
+        if self.plain:
+            tokens, logprobs = sample(logits, params, generator)
+            return tokens, self.record(step, tokens, logprobs)
+        if self.processors is None:
+            self.processors = LogitsProcessors(params, self.prompts, logits.shape[-1], logits.device)
+        processed = self.processors.apply(step, logits)
+        tokens, logp = _sample(processed, params, generator)
+        if params.logprobs is not None:
+            self._report(torch.log_softmax(logits.float(), dim=-1) if params.logprobs_mode == "raw" else logp,
+                         tokens)
+        complete = self.processors.advance(tokens)
+        return tokens, self.record(step, tokens, logp.gather(1, tokens[:, None])[:, 0], complete)
+
+    def _report(self, logp: torch.Tensor, tokens: torch.Tensor) -> None:
+        for row, lp in zip(self.active, logp.gather(1, tokens[:, None])[:, 0].tolist()):
+            self.reported[row].append(lp)
+        k = self.params.logprobs
+        if k:
+            values, ids = logp.topk(k, dim=-1)
+            for row, v, i in zip(self.active, values.tolist(), ids.tolist()):
+                self.top[row].append(list(zip(i, v)))
+        else:
+            for row in self.active:
+                self.top[row].append([])
+
+    def record(self, step: int, next_tokens: torch.Tensor, next_logprobs: torch.Tensor,
+               complete: list[int] = ()) -> list[int] | None:
+        """Record step ``step``'s sampled tokens (``complete``: batch rows whose grammar ended, which stop too).
+        Sets ``done`` when the loop is over (the last step, or every row finished); otherwise returns the batch rows
+        that go on when some finished (select them, in this order, from the state and from ``next_tokens``), or
+        None when every row goes on."""
         step_tokens = next_tokens.tolist()
         for row, tok, lp in zip(self.active, step_tokens, next_logprobs.tolist()):
             self.tokens[row].append(tok)
             self.logprobs[row].append(lp)
         last = step + 1 == self.max_new_tokens
         stopped = [] if self.stop is None else torch.isin(next_tokens, self.stop).nonzero()[:, 0].tolist()
+        if complete:
+            stopped = sorted(set(stopped) | set(complete))
         for i in stopped:
             self.reasons[self.active[i]] = "stop"
         if self.on_step is not None:
@@ -143,10 +323,14 @@ class DecodeRows:
         keep = [i for i in range(len(self.active)) if i not in gone]
         self.active = [self.active[i] for i in keep]
         self.done = not keep
+        if self.processors is not None and keep:
+            self.processors.select(keep)
         return keep
 
     def completions(self) -> list[Completion]:
-        return [Completion(self.offset + i // self.n, self.tokens[i], self.logprobs[i], self.reasons[i])
+        return [Completion(self.offset + i // self.n, self.tokens[i], self.logprobs[i], self.reasons[i],
+                           self.reported[i] if self.reported is not None else None,
+                           self.top[i] if self.top is not None else None)
                 for i in range(len(self.tokens))]
 
 
@@ -178,14 +362,8 @@ class ModuleEngine(ABC):
         ``on_step``, if given, sees each step's tokens as soon as they are sampled (see :data:`StepCallback`)."""
         if not prompt_ids:
             return []
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-        vocab = self._vocab_size()
-        for i, p in enumerate(prompt_ids):
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        self._check_prompts(prompt_ids)
+        params.check_vocabulary(self._vocab_size())
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
@@ -198,6 +376,53 @@ class ModuleEngine(ABC):
             for start in range(0, len(prompt_ids), per_wave):
                 out += self._generate_wave(prompt_ids[start:start + per_wave], start, params, generator, state,
                                            on_step)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
+        vocab = self._vocab_size()
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[list[int]], top_n: int
+                        ) -> list[list[tuple[float, list[tuple[int, float]]] | None]]:
+        """Per prompt, per position: None for the first token, else (its log-probability given the tokens before
+        it, the ``top_n`` most likely (token id, log-probability) pairs there, highest first); the model's raw
+        log_softmax in float32. Prompts go through in right-padded batches of at most ``max_num_seqs``: the model
+        is causal, so the padding after a prompt changes none of its positions."""
+        if not 0 <= top_n <= MAX_LOGPROBS:
+            raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
+        if not prompt_ids:
+            return []
+        self._check_prompts(prompt_ids)
+        device = self.model.device
+        out: list[list[tuple[float, list[tuple[int, float]]] | None]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompt_ids), self.max_num_seqs):
+                batch = prompt_ids[start:start + self.max_num_seqs]
+                width = max(len(p) for p in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, p in enumerate(batch):
+                    ids[i, :len(p)] = torch.tensor(p)
+                    mask[i, :len(p)] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+                chosen = logp.gather(2, ids[:, 1:, None])[..., 0].tolist()
+                top_values, top_ids = (x.tolist() for x in logp.topk(top_n, dim=-1))  # top_n 0: empty lists
+                for i, p in enumerate(batch):
+                    entries: list[tuple[float, list[tuple[int, float]]] | None] = [None]
+                    entries += [(chosen[i][t], list(zip(top_ids[i][t], top_values[i][t]))) for t in range(len(p) - 1)]
+                    out.append(entries)
         finally:
             self.model.train(was_training)
         return out
@@ -232,6 +457,8 @@ class Capabilities:
     # so GRPO may use them as the old policy's instead of recomputing them; an engine with its own copy of the
     # weights (vLLM, a server) has some mismatch built in, which GRPO corrects by default
     shares_module: bool = False
+    # prompt_logprobs(prompt_ids, top_n): each prompt token's log-probability given the ones before it (``echo``)
+    prompt_logprobs: bool = False
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
@@ -254,11 +481,15 @@ class EngineError(ValueError):
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
     """Pick one token per row; return it and its log-probability under the distribution it was drawn from: the
     temperature-scaled one, truncated by top_k/top_p and renormalised (for greedy: the plain distribution)."""
+    tokens, logp = _sample(logits, params, generator)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """``sample``'s tokens, and the whole log-distribution they were drawn from (rows, vocab)."""
     logits = logits.float()
     if params.greedy:
-        tokens = logits.argmax(dim=-1)
-        logp = torch.log_softmax(logits, dim=-1)
-        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+        return logits.argmax(dim=-1), torch.log_softmax(logits, dim=-1)
     logp = torch.log_softmax(logits / params.temperature, dim=-1)
     filtered = logp
     if params.top_k and params.top_k < logp.shape[-1]:
@@ -276,4 +507,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     if filtered is not logp:
         logp = torch.log_softmax(filtered, dim=-1)  # renormalised over the kept tokens
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, logp

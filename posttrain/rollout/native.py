@@ -25,7 +25,7 @@ from posttrain.rollout.base import (
     EngineStats,
     ModuleEngine,
     SamplingParams,
-    sample,
+    sample,  # noqa: F401  (re-exported: callers import the sampler beside the engine)
 )
 from posttrain.rollout.native_decode import DecodePlan, prefill
 
@@ -34,7 +34,7 @@ class NativeEngine(ModuleEngine):
     """Batched sampling from an in-tree model (see the module docstring)."""
 
     name = "native"
-    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True)
+    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
 
     def __init__(self, model: HybridForCausalLM, max_num_seqs: int = 256):
         self.model = model
@@ -62,10 +62,9 @@ class NativeEngine(ModuleEngine):
             rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
             cache, logits = cache.index_select(rows), logits.index_select(0, rows)
         self.stats.cache_bytes = max(self.stats.cache_bytes, cache.nbytes())
-        book = DecodeRows(n_prompts * n, n, offset, params, device, on_step)
+        book = DecodeRows(prompts, offset, params, device, on_step)
         for step in range(params.max_new_tokens):
-            next_tokens, next_logprobs = sample(logits, params, generator)
-            keep = book.record(step, next_tokens, next_logprobs)
+            next_tokens, keep = book.decode(step, logits, generator)
             if book.done:
                 break
             if keep is not None:  # finished rows leave the batch

@@ -54,11 +54,12 @@ class EngineSpec:
 
 
 ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("native", Capabilities(weight_sync=True, streaming=True, shares_module=True), IN_TREE_FAMILIES,
-               "posttrain.rollout.registry:_build_native", module_class="in-tree"),
-    EngineSpec("transformers", Capabilities(weight_sync=True, streaming=True, shares_module=True), None,
+    EngineSpec("native", Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True),
+               IN_TREE_FAMILIES, "posttrain.rollout.registry:_build_native", module_class="in-tree"),
+    EngineSpec("transformers", Capabilities(weight_sync=True, streaming=True, shares_module=True,
+                                            prompt_logprobs=True), None,
                "posttrain.rollout.registry:_build_transformers", module_class="transformers"),
-    EngineSpec("vllm", Capabilities(weight_sync=True, sleep=True, close=True), None,
+    EngineSpec("vllm", Capabilities(weight_sync=True, sleep=True, close=True, prompt_logprobs=True), None,
                "posttrain.rollout.registry:_build_vllm"),
     EngineSpec("server", Capabilities(weight_sync=True, close=True), None, "posttrain.rollout.registry:_build_server",
                needs_model_dir=False),

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 # the SamplingParams fields that cross the wire, as the server reads them
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "eos_token_id",
                    "ignore_eos", "seed")
+# request features sent only when set (plain numbers the server's SamplingParams takes), so that a server that
+# predates them still serves every plain request
+OPTIONAL_FIELDS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0}
+# features the wire does not carry: their results (reports) or values (a compiled grammar; token-id keys, which
+# JSON turns into strings) have no place in the server's request or answer
+REFUSED_FIELDS = ("logit_bias", "logprobs", "constraint")
 
 
 class RemoteEngine:
@@ -58,7 +64,14 @@ class RemoteEngine:
         return self._request("GET", "/health").json()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        refused = [k for k in REFUSED_FIELDS if getattr(params, k) is not None]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: the server engine cannot carry "
+                             f"{'this field' if len(refused) == 1 else 'these fields'} to a rollout server; use an "
+                             "in-process engine (native, transformers) or vllm")
         sampling = {k: getattr(params, k) for k in SAMPLING_FIELDS}
+        sampling.update({k: getattr(params, k) for k, default in OPTIONAL_FIELDS.items()
+                         if getattr(params, k) != default})
         out = self._post("/generate", {"prompts": prompts, "sampling": sampling})
         return [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"])
                 for c in out["completions"]]

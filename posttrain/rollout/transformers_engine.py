@@ -50,7 +50,6 @@ from posttrain.rollout.base import (
     EngineStats,
     ModuleEngine,
     SamplingParams,
-    sample,
 )
 
 # the cache layers this engine has been checked with (tests/test_transformers_engine.py): full attention (Llama,
@@ -64,7 +63,7 @@ SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
 class TransformersEngine(ModuleEngine):
     name = "transformers"
     # decodes with the module it holds: the trainer's policy needs no copy (sync_weights of it is a no-op)
-    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True)
+    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
 
     def __init__(self, model, max_num_seqs: int = 256):
         config = model.config
@@ -154,10 +153,9 @@ class TransformersEngine(ModuleEngine):
         self.stats.cache_bytes = max(self.stats.cache_bytes, _cache_bytes(cache))
         padded = min(lengths) < width  # with no padding, a decode step's token sees every written slot: no mask
         mask = self._decode_mask(keep)
-        book = DecodeRows(n_prompts * n, n, offset, params, device, on_step)
+        book = DecodeRows(prompts, offset, params, device, on_step)
         for step in range(params.max_new_tokens):
-            next_tokens, next_logprobs = sample(logits, params, generator)
-            kept = book.record(step, next_tokens, next_logprobs)
+            next_tokens, kept = book.decode(step, logits, generator)
             if book.done:
                 break
             if kept is not None:  # finished rows leave the batch

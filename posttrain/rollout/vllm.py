@@ -1,7 +1,10 @@
 """The vLLM engine (GPU): one wrapper for GRPO's colocated rollouts, ``posttrain vllm-serve``, eval and pairs.
 
 Same protocol as every engine (``generate(prompt_ids, SamplingParams) -> list[Completion]``, prompt-major, the
-sampled tokens' log-probabilities), plus weight sync, sleep and close. Built on a checkpoint folder
+sampled tokens' log-probabilities), plus weight sync, sleep, close and prompt log-probabilities. The request features
+(penalties, ``min_tokens``, ``logit_bias``, reported log-probabilities, a JSON-schema ``constraint``) map to vLLM's
+fields of the same names (the constraint to its structured outputs); reports are of the processed distribution
+only, vLLM's ``logprobs_mode`` being an engine setting. Built on a checkpoint folder
 (``VllmEngine(folder)``), or on a policy being trained (``VllmEngine.for_policy``: its weights and tokenizer are saved
 to a temporary folder vLLM starts from, removed by ``close``). ``sync_weights(model)`` hands the trainer's tensors to
 vLLM's ``load_weights`` under their checkpoint names as they are (they already are transformers' names, so there is
@@ -18,6 +21,8 @@ building the engine without it, or without a CUDA device, is a clear error. This
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +30,7 @@ from typing import Any
 
 import torch
 
-from posttrain.rollout.base import Capabilities, Completion, EngineError, SamplingParams
+from posttrain.rollout.base import MAX_LOGPROBS, Capabilities, Completion, EngineError, SamplingParams
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -51,7 +56,7 @@ class VllmEngine:
     """vLLM in this process on one GPU; see the module docstring."""
 
     name = "vllm"
-    capabilities = Capabilities(weight_sync=True, sleep=True, close=True)
+    capabilities = Capabilities(weight_sync=True, sleep=True, close=True, prompt_logprobs=True)
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 4096, seed: int = 0, sleep_mode: bool = False, field: str = "engine",
@@ -128,23 +133,78 @@ class VllmEngine:
             self.llm.sleep(level=1)
             self.sleeping = True
 
+    def _sampling_params(self, params: SamplingParams):
+        """vLLM's SamplingParams for ``params``: the same names and meanings (vLLM's are the reference)."""
+        if params.logprobs is not None and params.logprobs_mode != "processed":
+            # vLLM's logprobs_mode is an engine setting, not a request's: this engine runs processed_logprobs, so
+            # that Completion.logprobs is the sampled distribution's (what GRPO needs); raw reports need another
+            raise ValueError("logprobs_mode: the vllm engine reports the processed distribution only "
+                             f"(vLLM's logprobs_mode is set per engine), got {params.logprobs_mode!r}")
+        extra: dict[str, Any] = {}
+        if params.constraint is not None:
+            extra.update(self._structured_outputs(params.constraint))
+        return self._vllm.SamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
+            max_tokens=params.max_new_tokens, seed=params.seed, stop_token_ids=params.stop_ids(),
+            ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+            min_tokens=params.min_tokens, logit_bias=params.logit_bias,
+            logprobs=params.logprobs or 0,  # 0: the sampled token's own log-probability, for Completion.logprobs
+            **extra,
+        )
+
+    def _structured_outputs(self, constraint) -> dict[str, Any]:
+        """The constraint's JSON schema as vLLM's structured outputs (vLLM compiles it with its own xgrammar backend,
+        over the tokenizer as xgrammar reads it: special tokens and control bytes are not kept out as
+        ``posttrain.rollout.constrained`` keeps them)."""
+        sampling = importlib.import_module("vllm.sampling_params")
+        options = {"json": json.loads(constraint.schema), "disable_any_whitespace": not constraint.any_whitespace}
+        if hasattr(sampling, "StructuredOutputsParams"):  # vLLM >= 0.11
+            return {"structured_outputs": sampling.StructuredOutputsParams(**options)}
+        return {"guided_decoding": sampling.GuidedDecodingParams(**options)}  # before 0.11
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
         self.wake()
-        sp = self._vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-            max_tokens=params.max_new_tokens, logprobs=0, seed=params.seed, stop_token_ids=params.stop_ids(),
-            ignore_eos=params.ignore_eos,
-        )
+        sp = self._sampling_params(params)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)
         result: list[Completion] = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs or [], strict=True)]
-                result.append(Completion(i, ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+                steps = c.logprobs or []
+                lps = [step[tok].logprob for tok, step in zip(ids, steps, strict=True)]
+                completion = Completion(i, ids, lps, "stop" if c.finish_reason == "stop" else "length")
+                if params.logprobs is not None:  # processed: the same distribution as Completion.logprobs
+                    completion.reported_logprobs = list(lps)
+                    completion.top_logprobs = [_top(step, params.logprobs) for step in steps]
+                result.append(completion)
+        return result
+
+    def prompt_logprobs(self, prompt_ids: list[list[int]], top_n: int
+                        ) -> list[list[tuple[float, list[tuple[int, float]]] | None]]:
+        """Each prompt token's log-probability given the ones before it, and the ``top_n`` most likely there (None
+        for the first token); temperature 1 and no truncation, so that the processed distribution is the raw one."""
+        if not 0 <= top_n <= MAX_LOGPROBS:
+            raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
+        self.wake()
+        sp = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_n)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)
+        result = []
+        for prompt, out in zip(prompt_ids, outputs, strict=True):
+            entries: list[tuple[float, list[tuple[int, float]]] | None] = [None]
+            for token, step in zip(prompt[1:], out.prompt_logprobs[1:], strict=True):
+                entries.append((step[token].logprob, _top(step, top_n)))
+            result.append(entries)
         return result
 
     def close(self) -> None:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+def _top(step: dict, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely (token id, log-probability) pairs of one vLLM logprobs entry (token id -> Logprob, the
+    sampled token's included whatever its rank), highest first."""
+    ranked = sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank is not None and lp.rank <= k)
+    return [(token, logprob) for _, token, logprob in ranked]
