@@ -288,6 +288,15 @@ def test_a_constraint_with_features_and_reports(engine, tok):
         assert max(c.logprobs) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_complete_grammar_ends_the_row_before_min_tokens(engine, tok):
+    """min_tokens masks the stop tokens, but a complete grammar allows nothing else: the grammar wins."""
+    vocab = engine.model.config.vocab_size
+    rows = constrained_rows(engine, tok, json_schema_constraint(tok, CLOCK, vocab), n=3, min_tokens=40)
+    for c in rows:
+        jsonschema.validate(json.loads(json_text(tok, c)), CLOCK)
+        assert len(c.token_ids) < 40
+
+
 # -- bad values ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, name", [

@@ -56,7 +56,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # tokens of the row's prompt or generated so far: a positive logit is divided by it, a negative one multiplied
     repetition_penalty: float = 1.0
-    min_tokens: int = 0  # EOS and the stop tokens cannot be sampled before this many tokens are generated
+    # EOS and the stop tokens cannot be sampled before this many tokens are generated (unless a complete grammar
+    # allows nothing else)
+    min_tokens: int = 0
     # token id -> added to its logit, in [-100, 100]; generate checks the ids against the model's vocabulary
     logit_bias: dict[int, float] | None = None
     # None: no report; k in 0..20: per generated token, the sampled token's log-probability and the k most likely
@@ -208,6 +210,12 @@ class LogitsProcessors:
             out -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
         if self.grammar is not None:
             self.grammar.mask_(out)
+            if self.min_stop is not None and step < p.min_tokens:
+                # a complete grammar allows only the stop tokens, which min_tokens masks: the grammar wins (the
+                # row cannot go on), else nothing could be sampled
+                dead = torch.isneginf(out).all(dim=-1)
+                if dead.any():
+                    out[dead.nonzero()[:, 0][:, None], self.min_stop] = 0.0
         return out
 
     def advance(self, tokens: torch.Tensor) -> list[int]:
