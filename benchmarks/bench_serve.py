@@ -44,7 +44,8 @@ def main() -> None:
             for prompt in prompts:
                 out = theirs.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id)
-                texts.append(tokenizer.decode(out[0, PROMPT:].tolist(), skip_special_tokens=False))
+                # the server skips special tokens by default, as vLLM does
+                texts.append(tokenizer.decode(out[0, PROMPT:].tolist(), skip_special_tokens=True))
         return texts
 
     with ModelServer(tokenizer, NativeEngine(model), "tiny", model.config, port=0) as server, \
