@@ -303,7 +303,6 @@ def test_streaming_chat_tool_calls(client):
     ("/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
     ("/completions", {"prompt": "x", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
     ("/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
-    ("/completions", {"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
     ("/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/completions", {"prompt": "x", "max_tokens": 64, "n": 64, "echo": True}, 400, "max_tokens"),
     ("/chat/completions", {"messages": TOOL_QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),

@@ -20,7 +20,7 @@ error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyn
 Beside them, the OpenAI API of ``posttrain serve`` (``posttrain.serving.server.OpenAIRoutes``) on the same engine,
 for evaluating or probing the policy being trained: chat and completions with log-probs, penalties and grammars
 through the engine's own sampler (with ``--engine vllm``, vLLM's sampler, log-probs and structured outputs carry
-them), ``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine
+them, and log-probs are the processed ones: vLLM fixes ``logprobs_mode`` per engine, and GRPO needs those), ``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine
 that streams (native, transformers). The transport is ``posttrain.serving.http``'s.
 
 The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
@@ -139,6 +139,8 @@ def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_
     (``posttrain.serving.server``) on the same engine, whose generation and weight loading share ``server.lock``."""
     registry = CollectorRegistry()
     scheduler = None
+    if server.engine_name == "vllm":  # its log-probs are the processed ones GRPO needs: vLLM sets that per engine
+        api_options.setdefault("logprobs_mode", "processed_logprobs")
     if tokenizer is not None:
         scheduler = BatchScheduler(server.engine, lock=server.lock)
         api = OpenAIRoutes(tokenizer, server.engine, scheduler, name, model_config, registry=registry, **api_options)

@@ -153,6 +153,9 @@ class StepTokens:
     rows: list[int]
     token_ids: list[int]
     finish_reasons: list[str | None]
+    # when the parameters ask for reports (``logprobs``): each token's reported log-prob and top alternatives
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # Called after every step with what it produced; may return result indices whose rows should stop now (a client
@@ -315,7 +318,11 @@ class DecodeRows:
             finish: list[str | None] = ["length" if last else None] * len(self.active)
             for i in stopped:
                 finish[i] = "stop"
-            aborted = self.on_step(StepTokens([first + row for row in self.active], step_tokens, finish))
+            reports = {}
+            if self.reported is not None:
+                reports = {"logprobs": [self.reported[row][-1] for row in self.active],
+                           "top_logprobs": [self.top[row][-1] for row in self.active]}
+            aborted = self.on_step(StepTokens([first + row for row in self.active], step_tokens, finish, **reports))
             if aborted and not last:
                 aborted = {a - first for a in aborted}
                 more = [i for i, row in enumerate(self.active) if row in aborted and finish[i] is None]

@@ -14,7 +14,8 @@ pieces are retried one by one so that one bad request does not fail the others (
 tokens: those fail).
 
 A streaming job gives ``on_tokens``: after every engine step it receives its own new tokens, as
-``(choice index, token id, finish reason or None)`` triples, already cut to its own token limit. ``cancel`` a
+``(choice index, token id, finish reason or None, report)`` tuples, already cut to its own token limit (``report``:
+the token's ``(log-prob, top alternatives)`` when the parameters ask for log-probs, else None). ``cancel`` a
 job's handle (its client went away) and its rows leave the running batch at the next step, its queued pieces are
 dropped.
 
@@ -37,7 +38,8 @@ from dataclasses import dataclass, field
 
 from posttrain.rollout import Completion, SamplingParams, StepTokens
 
-TokenSink = Callable[[list[tuple[int, int, str | None]]], None]
+# a streaming job's sink: (choice, token id, finish reason or None, (log-prob, top alternatives) or None) per token
+TokenSink = Callable[[list[tuple[int, int, str | None, tuple | None]]], None]
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +349,8 @@ class _StepRouter:
     def __call__(self, step: StepTokens) -> list[int]:
         per_job: dict[int, tuple[_Job, list]] = {}
         done = []
-        for row, token, reason in zip(step.rows, step.token_ids, step.finish_reasons, strict=True):
+        reports = step.logprobs is not None
+        for i, (row, token, reason) in enumerate(zip(step.rows, step.token_ids, step.finish_reasons, strict=True)):
             job, choice = self.owner[row]
             if job.cancelled.is_set():
                 done.append(row)
@@ -361,7 +364,8 @@ class _StepRouter:
                 reason = reason or "length"
                 done.append(row)
             if job.on_tokens is not None:
-                per_job.setdefault(id(job), (job, []))[1].append((choice, token, reason))
+                report = (step.logprobs[i], step.top_logprobs[i]) if reports else None
+                per_job.setdefault(id(job), (job, []))[1].append((choice, token, reason, report))
         for job, items in per_job.values():
             job.streamed = True
             try:

@@ -244,6 +244,7 @@ class TextStream:
         self.prefix = self.read = 0  # decode ids[prefix:] and drop the text of ids[prefix:read]: O(1) per token
         self.sent = ""
         self.closed = False  # a stop string or a held marker appeared: nothing more is sent before the end
+        self.reports: list[tuple] = []  # (token, log-prob, top) of tokens whose log-probs are not sent yet
 
     def push(self, token_id: int, finish_reason: str | None = None) -> str:
         if self.closed:

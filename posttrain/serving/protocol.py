@@ -524,10 +524,10 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
 TokenText = Callable[[int], str]
 
 
-def chat_logprobs(completion: TextCompletion, token_text: TokenText) -> dict[str, Any]:
-    """OpenAI's chat ``logprobs`` object of one choice: each answer token, its log-prob and its top alternatives."""
+def chat_logprobs(ids: list[int], logprobs: list[float], tops: list, token_text: TokenText) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object for tokens ``ids``: each token, its log-prob and its top alternatives."""
     content = []
-    for token, logprob, top in zip(completion.logprob_ids, completion.logprobs, completion.top_logprobs):
+    for token, logprob, top in zip(ids, logprobs, tops):
         text = token_text(token)
         content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()),
                         "top_logprobs": [{"token": (t := token_text(i)), "logprob": lp, "bytes": list(t.encode())}
@@ -535,31 +535,25 @@ def chat_logprobs(completion: TextCompletion, token_text: TokenText) -> dict[str
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(completion: TextCompletion, token_text: TokenText, prompt: list[int] | None = None,
-                        prompt_logprobs: list | None = None, start: int = 0) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object of one choice: ``tokens``, ``token_logprobs``, ``top_logprobs``
-    (token -> log-prob, the chosen token included, as vLLM) and ``text_offset``; with ``echo``, the prompt's tokens
-    first (the first has no log-prob)."""
-    tokens, values, tops = [], [], []
-    if prompt is not None:
-        for token, entry in zip(prompt, prompt_logprobs):
-            tokens.append(token_text(token))
-            if entry is None:
-                values.append(None)
-                tops.append(None)
-            else:
-                logprob, top = entry
-                values.append(logprob)
-                tops.append({**{token_text(i): lp for i, lp in top}, token_text(token): logprob})
-    for token, logprob, top in zip(completion.logprob_ids, completion.logprobs, completion.top_logprobs):
-        tokens.append(token_text(token))
+def completion_logprobs(ids: list[int], logprobs: list, tops: list, token_text: TokenText, start: int = 0
+                        ) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for tokens ``ids`` whose text begins at character ``start``:
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (token -> log-prob, the chosen token included, as vLLM) and
+    ``text_offset``; an entry without a log-prob (an echoed prompt's first token) is None in both lists."""
+    tokens, values, top_maps, offsets, position = [], [], [], [], start
+    for token, logprob, top in zip(ids, logprobs, tops):
+        text = token_text(token)
+        tokens.append(text)
         values.append(logprob)
-        tops.append({**{token_text(i): lp for i, lp in top}, token_text(token): logprob})
-    offsets, position = [], start
-    for text in tokens:
+        top_maps.append(None if logprob is None else {**{token_text(i): lp for i, lp in top}, text: logprob})
         offsets.append(position)
         position += len(text)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top_maps, "text_offset": offsets}
+
+
+def _echoed_logprobs(entries: list) -> tuple[list, list]:
+    """An echoed prompt's log-probs and top alternatives, from the engine's (None, or (log-prob, top)) entries."""
+    return ([None if e is None else e[0] for e in entries], [None if e is None else e[1] for e in entries])
 
 
 def response(request: GenerationRequest, completions: list[TextCompletion], model: str,
@@ -572,8 +566,8 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
         choices = []
         for i, c in enumerate(completions):
             message, reason = chat_message(request, c)
-            choices.append({"index": i, "message": message, "finish_reason": reason,
-                            "logprobs": chat_logprobs(c, token_text) if want else None})
+            logprobs = chat_logprobs(c.logprob_ids, c.logprobs, c.top_logprobs, token_text) if want else None
+            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs})
         obj = "chat.completion"
     else:
         choices = []
@@ -581,10 +575,15 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
             echo = request.prompt_texts[c.prompt_index] if request.echo else ""
             logprobs = None
             if want:
-                echoed = request.echo and prompt_logprobs is not None
-                logprobs = completion_logprobs(c, token_text, request.prompts[c.prompt_index] if echoed else None,
-                                               prompt_logprobs[c.prompt_index] if echoed else None,
-                                               0 if echoed else len(echo))
+                ids, values, tops = list(c.logprob_ids), list(c.logprobs), list(c.top_logprobs)
+                if request.echo and prompt_logprobs is not None:  # the prompt's tokens first
+                    prompt = request.prompts[c.prompt_index]
+                    prompt_values, prompt_tops = _echoed_logprobs(prompt_logprobs[c.prompt_index])
+                    ids, values, tops = prompt + ids, prompt_values + values, prompt_tops + tops
+                    echo_start = 0
+                else:
+                    echo_start = len(echo)
+                logprobs = completion_logprobs(ids, values, tops, token_text, echo_start)
             choices.append({"index": i, "text": echo + c.text, "finish_reason": c.finish_reason,
                             "logprobs": logprobs})
         obj = "text_completion"
@@ -625,8 +624,17 @@ class StreamEvents:
             return [self._delta(i, {"content": request.prompt_texts[i // request.n]}) for i in choices]
         return []
 
-    def text(self, index: int, piece: str) -> dict[str, Any]:
-        return self._delta(index, {"content": piece})
+    def text(self, index: int, piece: str, reports: list | None = None, token_text: TokenText | None = None,
+             offset: int = 0) -> dict[str, Any]:
+        """A piece of choice ``index``'s text; ``reports`` ((token id, log-prob, top) of the tokens it came from)
+        add their log-probs, as vLLM streams them, the text beginning at character ``offset`` of the choice."""
+        event = self._delta(index, {"content": piece})
+        if reports:
+            ids, values, tops = (list(column) for column in zip(*reports))
+            logprobs = (chat_logprobs(ids, values, tops, token_text) if self.chat
+                        else completion_logprobs(ids, values, tops, token_text, offset))
+            event["choices"][0]["logprobs"] = logprobs
+        return event
 
     def closing(self, index: int, completion: TextCompletion, rest: Callable[[str], str]) -> list[dict[str, Any]]:
         """The end of choice ``index``: the text not yet sent (``rest(final text)`` says what it is), its tool

@@ -275,9 +275,6 @@ class OpenAIRoutes:
     async def _answer(self, request: Request, parsed: GenerationRequest):
         if parsed.stream and not self.streaming:
             raise RequestError(f"'stream': this server's {self.engine.name} engine does not stream", "stream")
-        if parsed.stream and parsed.logprobs is not None:
-            raise RequestError("'logprobs' with 'stream': true is not supported by this server; ask without "
-                               "streaming", "logprobs")
         if parsed.echo and parsed.logprobs is not None and not self.prompt_logprobs:
             raise RequestError(f"'echo' with 'logprobs': the {self.engine.name} engine gives no prompt "
                                "log-probabilities", "echo")
@@ -349,8 +346,7 @@ class OpenAIRoutes:
                     if not done:
                         steps.append(item)
                 if not parsed.forced_tool:  # a forced tool call is JSON: it goes out whole, as tool_calls, at the end
-                    data = _sse(events.text(choice, piece) for step in steps for choice, token, reason in step
-                                if (piece := streams[choice].push(token, reason)))
+                    data = _sse(self._pieces(events, streams, steps))
                     if data:
                         yield data
                 if not done:
@@ -372,6 +368,23 @@ class OpenAIRoutes:
             if not future.done():  # the client went away mid-stream: free its rows, keep the others
                 logger.info("a client went away mid-stream; its rows leave the batch")
                 self.scheduler.cancel(future)
+
+
+    def _pieces(self, events: StreamEvents, streams: list, steps: list) -> list[dict[str, Any]]:
+        """The events for the tokens of ``steps``: per choice, its new text and, when asked for, the log-probs of the
+        tokens behind it (sent with the text they make, or with the next text when it is held back)."""
+        out = []
+        for step in steps:
+            for choice, token, reason, report in step:
+                stream = streams[choice]
+                offset, was_closed = len(stream.sent), stream.closed
+                piece = stream.push(token, reason)
+                if report is not None and not was_closed:  # nothing past a stop string, as in the plain answer
+                    stream.reports.append((token, *report))
+                if piece or (stream.reports and reason is not None):
+                    out.append(events.text(choice, piece, stream.reports, self.generator.token_text, offset))
+                    stream.reports = []
+        return out
 
 
 def _sse(events) -> bytes:
