@@ -232,8 +232,8 @@ def required_tool_schema(tools: dict[str, dict]) -> dict:
 
 
 def constrained_rows(engine, tok, constraint, n: int = 6, seed: int = 0, max_new_tokens: int = 64, **kw):
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed, eos_token_id=tok.eos_token_id,
-                            constraint=constraint, **kw)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed,
+                            eos_token_id=tok.eos_token_id, constraint=constraint, **kw)
     return engine.generate(prompts_of(tok)[:1], params)
 
 

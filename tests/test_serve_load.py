@@ -141,9 +141,9 @@ def test_a_small_request_beside_a_large_one_stays_within_3x_idle(served):
 def test_a_client_that_leaves_is_one_log_line(served):
     url, log = served
     before = log.read_text()
-    with httpx.Client(base_url=url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json={**BODY, "max_tokens": 200, "stream": True}) as response:
-            next(response.iter_raw())  # the first event: then the client goes away
+    with httpx.Client(base_url=url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json={**BODY, "max_tokens": 200, "stream": True}) as response:
+        next(response.iter_raw())  # the first event: then the client goes away
     with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up waiting
         httpx.post(url + "/v1/completions", json={**BODY, "max_tokens": 400}, timeout=0.3)
     time.sleep(1.0)

@@ -128,8 +128,8 @@ def test_streamed_logprobs_equal_the_plain_answers(client, chat):
     """Streamed chunks carry the log-probs of the tokens behind their text; together, the plain answer's."""
     messages = [{"role": "user", "content": "What is 2 plus 3?"}]
     if chat:
-        ask = dict(model="tiny", messages=messages, max_tokens=8, temperature=0.8, seed=5, logprobs=True,
-                   top_logprobs=2)
+        ask = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0.8, "seed": 5,
+               "logprobs": True, "top_logprobs": 2}
         plain = client.chat.completions.create(**ask).choices[0].logprobs.content
         chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
         streamed = [entry for c in chunks if c.logprobs for entry in c.logprobs.content]
@@ -138,7 +138,7 @@ def test_streamed_logprobs_equal_the_plain_answers(client, chat):
                [(e.token, round(e.logprob, 5), [(t.token, round(t.logprob, 5)) for t in e.top_logprobs])
                 for e in plain]
     else:
-        ask = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.8, seed=5, logprobs=2)
+        ask = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.8, "seed": 5, "logprobs": 2}
         plain = client.completions.create(**ask).choices[0].logprobs
         chunks = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices]
         tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]

@@ -20,8 +20,9 @@ error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyn
 Beside them, the OpenAI API of ``posttrain serve`` (``posttrain.serving.server.OpenAIRoutes``) on the same engine,
 for evaluating or probing the policy being trained: chat and completions with log-probs, penalties and grammars
 through the engine's own sampler (with ``--engine vllm``, vLLM's sampler, log-probs and structured outputs carry
-them, and log-probs are the processed ones: vLLM fixes ``logprobs_mode`` per engine, and GRPO needs those), ``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine
-that streams (native, transformers). The transport is ``posttrain.serving.http``'s.
+them, and log-probs are the processed ones: vLLM fixes ``logprobs_mode`` per engine, and GRPO needs those),
+``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine that streams
+(native, transformers). The transport is ``posttrain.serving.http``'s.
 
 The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
 The server binds 127.0.0.1 unless told otherwise; ``--api-key`` guards the ``/v1`` routes only (as vLLM's server

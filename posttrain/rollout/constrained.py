@@ -15,8 +15,8 @@ Whitespace between JSON tokens is not allowed by default (``any_whitespace=False
 ``disable_any_whitespace``): a weak model may otherwise spend its whole budget on newlines inside a valid prefix.
 Known limit: xgrammar reads UTF-8 leniently, taking an encoded UTF-16 surrogate (bytes ED A0-BF xx) for a character
 inside a JSON string; byte-level tokens can spell one, and decoding then replaces it. A schema's ``pattern`` or
-``enum`` keeps a string to known characters. xgrammar's compilers are cached per tokenizer and vocabulary size (and each caches its compiled grammars), so a
-repeated schema costs nothing. This module never samples: it only says which tokens may come next.
+``enum`` keeps a string to known characters. xgrammar's compilers are cached per tokenizer and vocabulary size
+(and each caches its compiled grammars), so a repeated schema costs nothing. This module never samples: it only says which tokens may come next.
 """
 
 from __future__ import annotations

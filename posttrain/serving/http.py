@@ -178,7 +178,7 @@ class ServingApp:
 
         try:
             await self.app(scope, receive, record_status)
-        except (ClientGone, ClientDisconnect, OSError) as exc:  # the client left (or its connection broke): one line, no traceback
+        except (ClientGone, ClientDisconnect, OSError) as exc:  # the client left: one line, no traceback
             logger.info("client %s went away during %s%s", _client(scope), path, f": {exc}" if str(exc) else "")
             status[0] = status[0] or "499"
         except Exception as exc:
@@ -252,7 +252,7 @@ class _TimedProtocol(H11Protocol):
         self._deadline = None
         if not self.transport.is_closing():
             logger.info("closing a connection from %s: no whole request within %.0f s",
-                        "%s:%d" % self.client if self.client else "?", self.request_timeout_s)
+                        f"{self.client[0]}:{self.client[1]}" if self.client else "?", self.request_timeout_s)
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:

@@ -17,6 +17,7 @@ is generated as JSON (a list of ``{"name", "parameters"}``, or the named functio
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -88,7 +89,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if not value == value or value < low or value > high or (low_open and value == low):  # NaN fails every test
+    if math.isnan(value) or value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise RequestError(f"'{name}' must be in {interval}, got {value}", name)
     return float(value)
@@ -201,7 +202,7 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
         raise RequestError("'stream_options' must be an object, and is only allowed with 'stream': true",
                            "stream_options")
     if options and set(options) - {"include_usage", "continuous_usage_stats"}:
-        extra = sorted(set(options) - {"include_usage", "continuous_usage_stats"})[0]
+        extra = min(set(options) - {"include_usage", "continuous_usage_stats"})
         raise RequestError(f"unknown field 'stream_options.{extra}'", f"stream_options.{extra}")
     if options and options.get("continuous_usage_stats"):
         raise RequestError("'stream_options.continuous_usage_stats' is not supported", "stream_options")
