@@ -41,3 +41,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def save_tiny_checkpoint(tmp_path_factory):
+    """A function ``(name, steps=0) -> (tokenizer, model, folder)``: ``posttrain.synthetic.tiny_model`` trained for
+    ``steps`` on one torch thread, saved with its tokenizer in a fresh folder called ``name``."""
+    import torch
+
+    from posttrain.synthetic import tiny_model
+
+    def save(name: str, steps: int = 0):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            tokenizer, model = tiny_model(steps=steps)
+        finally:
+            torch.set_num_threads(before)
+        folder = tmp_path_factory.mktemp(f"{name}_ckpt") / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return tokenizer, model, folder
+
+    return save

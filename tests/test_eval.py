@@ -11,7 +11,6 @@ import random
 import sys
 
 import pytest
-import torch
 
 from posttrain.cli import main
 from posttrain.eval import (
@@ -184,17 +183,8 @@ def test_vllm_engine_without_vllm_is_a_clear_error(tiny_checkpoint, shared_data,
 
 # -- a real run -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from posttrain.synthetic import tiny_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tokenizer, model = tiny_model(steps=0)
-    folder = tmp_path_factory.mktemp("eval_ckpt") / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    yield tokenizer, model, folder
-    torch.set_num_threads(threads)
+def tiny_checkpoint(save_tiny_checkpoint):
+    return save_tiny_checkpoint("tiny")
 
 
 def test_posttrain_eval_on_a_tiny_model(tiny_checkpoint, shared_data, tmp_path, capsys):

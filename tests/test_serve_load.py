@@ -16,9 +16,6 @@ import time
 
 import httpx
 import pytest
-import torch
-
-from posttrain.synthetic import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,13 +25,9 @@ TIMEOUT_S = 2  # the server's --request-timeout here
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(save_tiny_checkpoint):
     """(base URL, server log path) of a ``posttrain serve`` process."""
-    torch.manual_seed(0)
-    tokenizer, model = tiny_model(steps=0)
-    folder = tmp_path_factory.mktemp("load") / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    _, _, folder = save_tiny_checkpoint("tiny")
     log = folder.parent / "server.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(

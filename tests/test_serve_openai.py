@@ -18,7 +18,6 @@ from transformers import GraniteMoeHybridForCausalLM
 from posttrain.rollout.native import NativeEngine
 from posttrain.serving.generation import TextGenerator
 from posttrain.serving.server import ModelServer
-from posttrain.synthetic import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,15 +36,8 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add tw
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tokenizer, model = tiny_model(steps=30)
-    folder = tmp_path_factory.mktemp("openai_ckpt") / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    yield tokenizer, model, folder
-    torch.set_num_threads(threads)
+def checkpoint(save_tiny_checkpoint):
+    return save_tiny_checkpoint("tiny", steps=30)
 
 
 @pytest.fixture(scope="module")
