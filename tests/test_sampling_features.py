@@ -212,6 +212,23 @@ def test_prompt_logprobs_equal_a_fresh_forward(engine, tok):
     assert [e[1] for e in engine.prompt_logprobs(prompts[:1], 0)[0][1:]] == [[]] * (len(prompts[0]) - 1)
 
 
+def test_prompt_logprobs_batches_fit_the_logits_budget(engine, tok, monkeypatch):
+    """With a budget for about one prompt's logits, prompts go in small batches and give the same log-probs."""
+    from posttrain.rollout import base
+
+    prompts = prompts_of(tok) + [tok.encode("7"), tok.encode("Question: Ben has 40 coins and gives away 13.")]
+    whole = engine.prompt_logprobs(prompts, 2)
+    budget = max(map(len, prompts)) * engine._vocab_size() * 4 + 1
+    monkeypatch.setattr(base, "PROMPT_LOGITS_BYTES", budget)
+    batches = list(engine._logit_batches(prompts))
+    assert [p for batch in batches for p in batch] == prompts and len(batches) > 1
+    assert all(len(b) * max(map(len, b)) * engine._vocab_size() * 4 <= budget for b in batches)
+    small = engine.prompt_logprobs(prompts, 2)
+    for a, b in zip(whole, small):
+        assert [x if x is None else (pytest.approx(x[0], abs=1e-5), [i for i, _ in x[1]]) for x in a] == \
+               [x if x is None else (x[0], [i for i, _ in x[1]]) for x in b]
+
+
 # -- grammar-constrained decoding ----------------------------------------------------------------------------
 
 # a pattern, not a bare maxLength, for the city: a random model's free string may hold an encoded UTF-16 surrogate

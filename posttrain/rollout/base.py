@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # importing xgrammar is the constrained module's business, no
 
 
 MAX_LOGPROBS = 20  # the most alternatives a step reports (vLLM's default max_logprobs)
+PROMPT_LOGITS_BYTES = 512 * 1024**2  # the float32 logits one batch of prompt_logprobs may hold
 LOGPROBS_MODES = ("raw", "processed")
 
 
@@ -421,8 +422,7 @@ class ModuleEngine(ABC):
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(prompt_ids), self.max_num_seqs):
-                batch = prompt_ids[start:start + self.max_num_seqs]
+            for batch in self._logit_batches(prompt_ids):
                 width = max(len(p) for p in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -441,6 +441,22 @@ class ModuleEngine(ABC):
         finally:
             self.model.train(was_training)
         return out
+
+    def _logit_batches(self, prompt_ids: list[list[int]]):
+        """Consecutive batches of at most ``max_num_seqs`` prompts whose padded float32 logits stay within
+        ``PROMPT_LOGITS_BYTES`` (a prompt longer than that goes alone): a real vocabulary makes every position's
+        logits large."""
+        vocab, batch, width = self._vocab_size(), [], 0
+        for p in prompt_ids:
+            wider = max(width, len(p))
+            full = len(batch) == self.max_num_seqs or (len(batch) + 1) * wider * vocab * 4 > PROMPT_LOGITS_BYTES
+            if batch and full:
+                yield batch
+                batch, wider = [], len(p)
+            batch.append(p)
+            width = wider
+        if batch:
+            yield batch
 
     @torch.no_grad()
     def sync_weights(self, model) -> int:
