@@ -298,3 +298,30 @@ def test_vllm_serve_answers_the_openai_api_beside_its_rollout_endpoints(checkpoi
     finally:
         http.close()
         app.scheduler.close()
+
+
+def test_chat_template_kwargs_reach_the_template(checkpoint):
+    """A template variable set by the request appears in the rendered prompt (vLLM's chat_template_kwargs)."""
+    import copy
+
+    tokenizer, model, _ = checkpoint
+    greeting = copy.deepcopy(tokenizer)
+    greeting.chat_template = "{% if greeting %}{{ greeting }}{% endif %}" + tokenizer.chat_template
+    messages = [{"role": "user", "content": "What is 2 plus 3?"}]
+    with ModelServer(greeting, NativeEngine(model), "tiny", model.config, port=0) as srv:
+        def tokens(**extra):
+            return httpx.post(srv.url + "/tokenize", json={"messages": messages, **extra}, timeout=60).json()["tokens"]
+
+        plain, greeted = tokens(), tokens(chat_template_kwargs={"greeting": "Hello there. "})
+        assert greeted[-len(plain):] == plain and greeting.decode(greeted[:-len(plain)]) == "Hello there. "
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0,
+                                             extra_body={"chat_template_kwargs": {"greeting": "Hello there. "}})
+        assert out.usage.prompt_tokens == len(greeted)
+
+
+def test_parallel_tool_calls_false_forces_one_call(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add 2 and 3."}],
+                                         tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                         max_tokens=80, temperature=1.0, seed=4)
+    assert out.choices[0].message.content is None and len(out.choices[0].message.tool_calls) == 1
