@@ -292,6 +292,12 @@ def test_vllm_serve_answers_the_openai_api_beside_its_rollout_endpoints(checkpoi
             "prompts": [ids], "sampling": {"max_new_tokens": 6, "temperature": 0}}).json()["completions"][0]
         assert tokenizer.decode(rollout["token_ids"]) == text
         assert httpx.get(http.url + "/health").json()["engine"] == "native"
+        from posttrain.rollout import SamplingParams
+        from posttrain.rollout.remote import RemoteEngine
+
+        penalised = SamplingParams(max_new_tokens=6, temperature=0, presence_penalty=2.0, min_tokens=2)
+        remote = RemoteEngine(http.url).generate([ids], penalised)[0]  # the client's optional fields are taken
+        assert remote.token_ids == engine.generate([ids], penalised)[0].token_ids
         out = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, logprobs=1, echo=True,
                                         temperature=0)
         assert len(out.choices[0].logprobs.token_logprobs) == len(ids) + 1

@@ -48,7 +48,7 @@ from starlette.routing import Route
 
 from posttrain.rollout.base import EngineError, SamplingParams
 from posttrain.rollout.batching import BatchScheduler
-from posttrain.rollout.remote import SAMPLING_FIELDS
+from posttrain.rollout.remote import OPTIONAL_FIELDS, SAMPLING_FIELDS
 from posttrain.rollout.weight_sync import SyncGroupConfig, WeightReceiver
 from posttrain.serving.http import HttpServer, RequestError, ServingApp, read_json
 from posttrain.serving.server import OpenAIRoutes
@@ -75,9 +75,10 @@ class RolloutServer:
         if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
             raise ValueError("generate: 'prompts' must be a list of token-id lists")
         sampling = body.get("sampling", {})
-        unknown = set(sampling) - set(SAMPLING_FIELDS)
+        known = [*SAMPLING_FIELDS, *OPTIONAL_FIELDS]
+        unknown = set(sampling) - set(known)
         if unknown:
-            raise ValueError(f"generate: unknown sampling fields {sorted(unknown)} (known: {list(SAMPLING_FIELDS)})")
+            raise ValueError(f"generate: unknown sampling fields {sorted(unknown)} (known: {known})")
         params = SamplingParams(**sampling)
         with self.lock:
             outs = self.engine.generate(prompts, params)
