@@ -7,7 +7,6 @@ cache stores what the judge said; it never decides anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -15,13 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posttrain.provenance import bytes_digest
+
 
 def request_key(model: str, messages: list[dict[str, Any]], sampling: dict[str, Any], attempt: int = 0) -> str:
     payload = json.dumps(
         {"model": model, "messages": messages, "sampling": sampling, "attempt": attempt},
         sort_keys=True, ensure_ascii=False, separators=(",", ":"),
     )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return bytes_digest(payload)
 
 
 class JudgeCache:

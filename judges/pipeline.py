@@ -33,13 +33,14 @@ from posttrain.judges.samples import (
     Sample,
     StdlibJsonRow,
     detect_format,
-    file_sha256,
     output_name,
     read_samples,
     remove_stale_temporaries,
     write_json,
     write_rows,
 )
+
+from posttrain.provenance import file_digest
 
 RESULT_COLUMN = "filter_result"
 
@@ -208,7 +209,7 @@ def _filter_samples(config: FilterConfig, samples: list[Sample], rules: list[Rul
 
     stage_rejections = Counter(d.stage for d in decisions if not d.kept)
     manifest: dict[str, Any] = {
-        "input": {"path": str(input_path), "format": fmt, "split": split, "sha256": file_sha256(input_path),
+        "input": {"path": str(input_path), "format": fmt, "split": split, "sha256": file_digest(input_path),
                   "rows": len(samples)},
         "config_source": config_source,
         "config": config.to_dict(),
@@ -227,7 +228,7 @@ def _filter_samples(config: FilterConfig, samples: list[Sample], rules: list[Rul
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 3),
     }
-    manifest["outputs_sha256"] = {name: file_sha256(path) for name, path in outputs.items()}
+    manifest["outputs_sha256"] = {name: file_digest(path) for name, path in outputs.items()}
     report = FilterReport(
         total=len(samples), kept=len(kept_rows), rejected_by=rejected_by_filter,
         stage_rejections=dict(stage_rejections), judge_scores=judge_scores,

@@ -9,7 +9,6 @@ filters or judges anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -54,19 +53,6 @@ def detect_format(path: Path) -> Format:
     if suffix in (".parquet", ".pq"):
         return "parquet"
     raise SampleError(f"{path}: cannot tell the format (use .jsonl, .parquet, or a saved datasets folder)")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (sorted relative paths and contents)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- reading

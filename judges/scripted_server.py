@@ -10,7 +10,6 @@ server (``http.server`` in threads) but it is not a model: never point a real fi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import threading
@@ -19,11 +18,13 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
+from posttrain.provenance import bytes_digest
+
 _SECTION = re.compile(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\nAnswer with", re.DOTALL)
 
 
 def prompt_key(content: str) -> str:
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+    return bytes_digest(content)
 
 
 def pointwise_score(content: str) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from posttrain.provenance import bytes_digest, file_digest, weights_digest
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -39,14 +40,6 @@ UNSIGNED = {MANIFEST, SIGNATURE, PUBLIC_KEY}
 
 class ExportError(ValueError):
     """An export that cannot be made (no chat template, bad key, missing files); the message says which."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- keys ------------------------------------------------------------------------------------------------------
@@ -98,7 +91,7 @@ def key_fingerprint(public_key) -> str:
     if isinstance(public_key, bytes):
         public_key = serialization.load_pem_public_key(public_key)
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    return bytes_digest(raw)
 
 
 # -- export ----------------------------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
 
     from posttrain.tokenizer import load_tokenizer
     from posttrain.train.run import MANIFEST as TRAINING_MANIFEST
-    from posttrain.train.run import is_hybrid_folder, weights_digest
+    from posttrain.train.run import is_hybrid_folder
 
     model_dir, out = Path(model_dir), Path(out)
     key = load_private_key(key_path)  # fail on a bad key before any work
@@ -138,13 +131,13 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
             raise ExportError(f"--adapter {adapter}: no adapter_config.json (not a peft adapter folder)")
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         provenance["adapter"] = {"path": str(adapter.resolve()),
-                                 "sha256": {p.name: sha256_file(p) for p in sorted(adapter.iterdir()) if p.is_file()}}
+                                 "sha256": {p.name: file_digest(p) for p in sorted(adapter.iterdir()) if p.is_file()}}
     training = model_dir / TRAINING_MANIFEST
     if training.is_file():
         provenance["training"] = json.loads(training.read_text())
-        provenance["training_manifest_sha256"] = sha256_file(training)
+        provenance["training_manifest_sha256"] = file_digest(training)
     if recipe is not None:
-        provenance["recipe"] = {"path": str(Path(recipe).resolve()), "sha256": sha256_file(recipe),
+        provenance["recipe"] = {"path": str(Path(recipe).resolve()), "sha256": file_digest(recipe),
                                 "text": Path(recipe).read_text()}
     merge = model_dir / "merge_manifest.json"
     if merge.is_file():
@@ -171,7 +164,7 @@ def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel not in UNSIGNED:
-            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+            files[rel] = {"sha256": file_digest(p), "size": p.stat().st_size}
     pub = public_pem(private_key)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "signature": {"algorithm": "ed25519", "public_key_sha256": key_fingerprint(pub)},

@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from posttrain.provenance import weights_digest
+
 WEIGHT_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -112,8 +114,6 @@ def merge_checkpoints(folders: list[str | os.PathLike], out: str | os.PathLike,
                       method: Literal["linear", "slerp"] = "linear", weights: list[float] | None = None,
                       t: float = 0.5) -> Path:
     """Merge checkpoint folders into ``out`` (config, generation config and tokenizer from the first)."""
-    from posttrain.train.run import weights_digest
-
     folders = [Path(f) for f in folders]
     configs = []
     for f in folders:

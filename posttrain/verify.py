@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.export import FORMAT, MANIFEST, PUBLIC_KEY, SIGNATURE, UNSIGNED, key_fingerprint, sha256_file
+from posttrain.export import FORMAT, MANIFEST, PUBLIC_KEY, SIGNATURE, UNSIGNED, key_fingerprint
+from posttrain.provenance import bytes_digest, file_digest
 
 TRUSTED_KEYS_ENV = "POSTTRAIN_TRUSTED_KEYS"
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
@@ -170,7 +170,7 @@ def check_export(folder: str | os.PathLike, trusted: Sequence[Any] = ()) -> Veri
     named = (manifest.get("signature") or {}).get("public_key_sha256")
     if named is not None and signer is not None:
         # exports made before keys were named by their raw bytes name them by the PEM file's SHA-256
-        legacy = hashlib.sha256(embedded_pem).hexdigest() if embedded_pem is not None else None
+        legacy = bytes_digest(embedded_pem) if embedded_pem is not None else None
         if named not in (signer, legacy):
             problems.append(f"{MANIFEST}: names signing key {named}, but the signer is {signer}")
     listed = manifest.get("files") or {}
@@ -178,7 +178,7 @@ def check_export(folder: str | os.PathLike, trusted: Sequence[Any] = ()) -> Veri
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
-        elif path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        elif path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
             problems.append(f"{rel}: contents differ from the signed manifest (sha256 mismatch)")
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()

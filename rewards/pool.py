@@ -29,7 +29,6 @@ worker behind: ``close()`` (or the context manager, or garbage collection, or in
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Self
 
+from posttrain.provenance import bytes_digest
 from posttrain.rewards.base import (
     RewardConfigError,
     RewardCountError,
@@ -417,7 +417,7 @@ def _payload(name: str, fn: RewardFn) -> tuple[str, bytes]:
         raise RewardNotPicklableError(
             f"reward {name!r} ({fn!r}) cannot be sent to a worker process ({type(exc).__name__}: {exc}); {fix}"
         ) from exc
-    return hashlib.sha256(data).hexdigest(), data
+    return bytes_digest(data), data
 
 
 def _reference_targets(fn: Any) -> list[Any]:

@@ -63,7 +63,7 @@ def test_export_loads_in_transformers_with_the_same_logits(exported):
 
 
 def test_manifest_lists_every_file_with_provenance(exported):
-    from posttrain.export import sha256_file
+    from posttrain.provenance import file_digest
 
     root, _, _ = exported
     out = root / "out"
@@ -71,7 +71,7 @@ def test_manifest_lists_every_file_with_provenance(exported):
     files = {p.name for p in out.iterdir()} - {"manifest.json", "manifest.sig", "signing_key.pub"}
     assert set(manifest["files"]) == files
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == sha256_file(out / name)
+        assert entry["sha256"] == file_digest(out / name)
     prov = manifest["provenance"]
     assert prov["training"]["recipe"] == "recipes/sft_tiny.yaml"
     assert len(prov["source"]["sha256"]) == 64 and "adapter_model.safetensors" in prov["adapter"]["sha256"]

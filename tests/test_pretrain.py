@@ -11,10 +11,10 @@ import torch
 
 from posttrain.cli import main as cli
 from posttrain.config import load_config
+from posttrain.provenance import file_digest
 from posttrain.synthetic import arithmetic_corpus
 from posttrain.tokenizer import build_tokenizer
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import file_digest
 from posttrain.train.schedules import lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,6 @@ with a ``.manifest.json`` beside. This module never trains.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.dpo.config import PairSamplingSettings, PairsConfig
+from posttrain.provenance import bytes_digest, weights_digest
 from posttrain.tokenizer import completion_text
 from posttrain.train.data import DataError, Row, check_messages, read_rows
 
@@ -237,7 +237,6 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     from transformers import AutoTokenizer
 
     from posttrain.rollout.registry import build_engine, choose_engine
-    from posttrain.train.run import weights_digest
 
     if not config.prompts_file:
         raise DataError("prompts_file: name the JSONL/Parquet file of prompts")
@@ -312,7 +311,7 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     os.replace(tmp, out)
     from posttrain.config import config_to_dict
 
-    manifest = {"output": str(out.resolve()), "sha256": hashlib.sha256(payload.encode()).hexdigest(),
+    manifest = {"output": str(out.resolve()), "sha256": bytes_digest(payload),
                 "prompts": len(rows), "answers": sum(len(a) for a in answers), "pairs": len(pairs),
                 "config": config_to_dict(config), **provenance, **({"on_policy": counts} if counts else {})}
     man = out.with_name(out.name + ".manifest.json")

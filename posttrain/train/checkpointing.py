@@ -48,7 +48,6 @@ This module never decides when to save or what the data position means.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from posttrain.provenance import file_digest
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
@@ -117,7 +118,7 @@ class CheckpointManager:
         if acc.is_main_process:
             payload = json.dumps({**state, "step": step, _MARKER: MANIFEST_FILE}, indent=2, sort_keys=True) + "\n"
             _write_synced(tmp / STATE_FILE, payload)
-            files = {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(tmp)}
+            files = {name: {"size": p.stat().st_size, "sha256": file_digest(p)} for name, p in _files(tmp)}
             _write_synced(tmp / MANIFEST_FILE, json.dumps({"format": 1, "step": step, "files": files},
                                                           indent=2, sort_keys=True) + "\n")
             _fsync_dir(tmp)
@@ -165,7 +166,7 @@ class CheckpointManager:
             actual = file.stat().st_size
             if actual != size:
                 raise CheckpointError(f"{file}: {actual} bytes, the manifest says {size} (truncated or changed)")
-            if self.verify_mode == "full" and _sha256(file) != digest:
+            if self.verify_mode == "full" and file_digest(file) != digest:
                 raise CheckpointError(f"{file}: sha256 differs from the manifest (the file is corrupted)")
         if state is None:
             raise CheckpointError(f"{path / STATE_FILE}: missing (not a complete checkpoint)")
@@ -273,14 +274,6 @@ def _files(folder: Path) -> list[tuple[str, Path]]:
     """Every file under ``folder`` but the manifest, as (relative posix name, path), sorted."""
     out = [(p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file()]
     return sorted((name, p) for name, p in out if name != MANIFEST_FILE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_synced(path: Path, text: str) -> None:

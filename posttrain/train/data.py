@@ -19,7 +19,6 @@ step, so resuming at step k draws exactly what an uninterrupted run would. This 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -164,20 +163,6 @@ def jsonl_rows(path: Path, error: type[Exception] = ValueError) -> Iterator[tupl
         if not isinstance(row, dict):
             raise error(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
         yield lineno, row
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a data file, or of every file in a folder (sorted by name); for provenance."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # -- checking --------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -23,8 +22,10 @@ from typing import Any, Literal
 import torch
 
 from posttrain.config import config_to_dict, save_config
+from posttrain.merge import merge_checkpoints
+from posttrain.provenance import file_digest, weights_digest
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import DataError, file_digest, is_hub_spec, load_hub_dataset, load_segments, pack_segments
+from posttrain.train.data import DataError, is_hub_spec, load_hub_dataset, load_segments, pack_segments
 from posttrain.train.loop import Trainer, TrainingError, TrainResult
 
 MANIFEST = "training_manifest.json"
@@ -37,17 +38,6 @@ def is_hybrid_folder(path: str | os.PathLike) -> bool:
     from posttrain.models.hybrid import IN_TREE_MODEL_TYPES  # Granite 4.0-H and dense Granite
 
     return json.loads(cfg.read_text()).get("model_type") in IN_TREE_MODEL_TYPES
-
-
-def weights_digest(folder: str | os.PathLike) -> str:
-    """sha256 over a checkpoint's config.json and weight files (names and bytes, sorted): its identity."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    files = sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")])
-    for p in files:
-        if p.is_file():
-            h.update(p.name.encode() + b"\0" + bytes.fromhex(file_digest(p)))
-    return h.hexdigest()
 
 
 def load_tokenizer(config: TrainConfig):
@@ -218,8 +208,6 @@ def _versions() -> dict[str, str]:
 def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:
     """Staged context extension: stage i trains at its max_length from the previous stage's merged model, then
     merges (linear or SLERP, weight ``merge_weight`` on the stage's result) with that starting model."""
-    from posttrain.merge import merge_checkpoints
-
     out = Path(config.checkpoint.output_dir)
     start: str | None = config.model.path
     tokenizer_dir = config.model.tokenizer or config.model.path
