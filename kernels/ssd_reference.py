@@ -8,7 +8,8 @@ against. It reads like the paper's recurrence, one token at a time, in float64::
 
 with the state reset to zero where ``seq_idx`` changes (packed sequences) and ``initial_states`` used as the state
 before the first token of the first sequence only. It is slow (a Python loop over tokens) and must never be used
-outside tests and small debugging runs.
+outside tests and small debugging runs. It shares no code with what it checks: it must never import ``ssd_common``,
+``ssd_torch`` or ``ssd_triton``, and they must never import it.
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ import torch.nn.functional as F
 
 
 def prepare_dt(
-    dt: torch.Tensor,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
+    dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]
 ) -> torch.Tensor:
-    """The step size every SSD path uses: softplus(dt + dt_bias) if asked, clamped to ``dt_limit``."""
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit[0] > 0.0 or dt_limit[1] != float("inf"):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    return dt
+    """The step size by its definition: softplus(dt + dt_bias) if asked, clamped to ``dt_limit`` when its low end
+    is above 0 or its high end finite (the default (0, inf) leaves dt as it is, negative without softplus)."""
+    dt = dt if dt_bias is None else dt + dt_bias.to(dt.dtype)
+    dt = F.softplus(dt) if dt_softplus else dt
+    low, high = dt_limit
+    return dt.clamp(min=low, max=high) if low > 0.0 or high != float("inf") else dt
 
 
 def ssd_sequential_reference(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from posttrain.kernels.ssd_reference import prepare_dt
+from posttrain.kernels.ssd_common import prepare_dt, varlen_states
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,49 +166,9 @@ def ssd_chunked_torch(
             raise ValueError("return_varlen_states=True needs cu_seqlens")
         if batch != 1:
             raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {batch}")
-        varlen = _varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q)
+        varlen = varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q)
         results.append(varlen.float() if cdtype != torch.float64 else varlen)
     return results[0] if len(results) == 1 else tuple(results)
-
-
-def _varlen_states(
-    cu_seqlens: torch.Tensor,
-    entering: torch.Tensor,
-    dA_cum: torch.Tensor,
-    x_dt: torch.Tensor,
-    B: torch.Tensor,
-    seq_idx: torch.Tensor | None,
-    heads_per_group: int,
-    Q: int,
-) -> torch.Tensor:
-    """The state after the last token of each sequence of a packed row (batch 1).
-
-    entering (h, c, p, n), dA_cum (h, c, l), x_dt (c, l, h, p), B (c, l, g, n).
-    """
-    ends = (cu_seqlens[1:].long() - 1).to(entering.device)  # (s,)
-    chunk = ends // Q
-    pos = ends % Q
-    lpos = torch.arange(Q, device=entering.device)
-    cum_end = dA_cum[:, chunk, pos]  # (h, s)
-    cum_chunk = dA_cum[:, chunk]  # (h, s, l)
-    # Tokens of the end's chunk up to the end, in the end's sequence.
-    keep = lpos[None, :] <= pos[:, None]  # (s, l)
-    if seq_idx is not None:
-        seq = seq_idx[0].long()
-        nt = seq.shape[0]
-        tok = (chunk[:, None] * Q + lpos[None, :]).clamp(max=nt - 1)
-        keep = keep & (seq[tok] == seq[ends][:, None])
-        seq_first = seq[:1]
-        seq_enter = torch.cat([seq_first, seq[(torch.arange(1, entering.shape[1], device=seq.device) * Q - 1)]])
-        enter_ok = (seq_enter[chunk] == seq[ends]).to(entering.dtype)  # (s,)
-    else:
-        enter_ok = torch.ones_like(ends, dtype=entering.dtype)
-    w = torch.exp((cum_end[..., None] - cum_chunk).masked_fill(~keep[None], float("-inf")))  # (h, s, l)
-    xs = x_dt[chunk]  # (s, l, h, p)
-    Bs = B[chunk].repeat_interleave(heads_per_group, dim=2)  # (s, l, h, n)
-    inner = torch.einsum("hsl,slhp,slhn->shpn", w, xs, Bs)
-    carried = entering[:, chunk].permute(1, 0, 2, 3) * (torch.exp(cum_end).T * enter_ok[:, None])[..., None, None]
-    return inner + carried
 
 
 def selective_state_update_torch(

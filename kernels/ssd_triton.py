@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from posttrain.kernels.ssd_reference import prepare_dt
-from posttrain.kernels.ssd_torch import _varlen_states
+from posttrain.kernels.ssd_common import prepare_dt, varlen_states
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -559,7 +558,7 @@ def ssd_chunked_triton(
         with torch.no_grad():
             x_dt = F.pad(x.float() * dt_p[..., None], (0, 0, 0, 0, 0, nc * Q - T))
             Bp = F.pad(B.float(), (0, 0, 0, 0, 0, nc * Q - T))
-            varlen = _varlen_states(
+            varlen = varlen_states(
                 cu_seqlens,
                 enter[0].transpose(0, 1),
                 a_cum[0].view(h, nc, Q),

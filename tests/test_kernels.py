@@ -7,9 +7,11 @@ GraniteMoeHybridRMSNormGated, the fused log-probs against full logits; forward v
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import posttrain.kernels as K
 import pytest
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from posttrain.kernels import ssd_reference
+from posttrain.kernels.ssd_common import prepare_dt
 from posttrain.kernels.ssd_reference import ssd_sequential_reference
 
 F64 = torch.float64
@@ -126,6 +130,28 @@ def test_ssd_torch_gradients_match_reference(case):
     )
     for k in ref:
         assert rel_err(ours[k], ref[k]) < 1e-10, k
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    "softplus,limit",
+    [(False, (0.0, float("inf"))), (False, (-1.0, float("inf"))), (False, (0.0, 1.0)), (True, (0.0, float("inf"))),
+     (True, (0.1, 0.8))],
+)  # fmt: skip
+def test_shared_step_size_matches_the_oracles(with_bias, softplus, limit):
+    """The step size both production SSD paths import equals the oracle's own, written apart from it."""
+    g = torch.Generator().manual_seed(0)
+    dt = torch.randn(2, 7, 3, generator=g, dtype=F64) * 2  # negative values too: only softplus makes dt positive
+    bias = torch.randn(3, generator=g, dtype=F64) if with_bias else None
+    assert torch.equal(prepare_dt(dt, bias, softplus, limit), ssd_reference.prepare_dt(dt, bias, softplus, limit))
+
+
+def test_oracle_imports_nothing_it_checks():
+    """The oracle imports only torch: it shares no code with ssd_common, ssd_torch or ssd_triton."""
+    tree = ast.parse(Path(ssd_reference.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    modules |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+    assert modules <= {"__future__", "torch", "torch.nn.functional"}, modules
 
 
 def test_ssd_torch_float32_and_bf16_inputs():

@@ -1,0 +1,67 @@
+"""The pieces the two production SSD paths share: the step size and the per-sequence final states of a packed row.
+
+``ssd_torch`` (CPU) and ``ssd_triton`` (GPU) both import these, so the two paths cannot drift apart on them. Pure
+torch: this module must never import triton, and the tests' oracle ``ssd_reference`` must never import it (an
+oracle that shares code with what it checks would check nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prepare_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+) -> torch.Tensor:
+    """The step size every SSD path uses: softplus(dt + dt_bias) if asked, clamped to ``dt_limit``."""
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit[0] > 0.0 or dt_limit[1] != float("inf"):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def varlen_states(
+    cu_seqlens: torch.Tensor,
+    entering: torch.Tensor,
+    dA_cum: torch.Tensor,
+    x_dt: torch.Tensor,
+    B: torch.Tensor,
+    seq_idx: torch.Tensor | None,
+    heads_per_group: int,
+    Q: int,
+) -> torch.Tensor:
+    """The state after the last token of each sequence of a packed row (batch 1).
+
+    entering (h, c, p, n), dA_cum (h, c, l), x_dt (c, l, h, p), B (c, l, g, n).
+    """
+    ends = (cu_seqlens[1:].long() - 1).to(entering.device)  # (s,)
+    chunk = ends // Q
+    pos = ends % Q
+    lpos = torch.arange(Q, device=entering.device)
+    cum_end = dA_cum[:, chunk, pos]  # (h, s)
+    cum_chunk = dA_cum[:, chunk]  # (h, s, l)
+    # Tokens of the end's chunk up to the end, in the end's sequence.
+    keep = lpos[None, :] <= pos[:, None]  # (s, l)
+    if seq_idx is not None:
+        seq = seq_idx[0].long()
+        nt = seq.shape[0]
+        tok = (chunk[:, None] * Q + lpos[None, :]).clamp(max=nt - 1)
+        keep = keep & (seq[tok] == seq[ends][:, None])
+        seq_first = seq[:1]
+        seq_enter = torch.cat([seq_first, seq[(torch.arange(1, entering.shape[1], device=seq.device) * Q - 1)]])
+        enter_ok = (seq_enter[chunk] == seq[ends]).to(entering.dtype)  # (s,)
+    else:
+        enter_ok = torch.ones_like(ends, dtype=entering.dtype)
+    w = torch.exp((cum_end[..., None] - cum_chunk).masked_fill(~keep[None], float("-inf")))  # (h, s, l)
+    xs = x_dt[chunk]  # (s, l, h, p)
+    Bs = B[chunk].repeat_interleave(heads_per_group, dim=2)  # (s, l, h, n)
+    inner = torch.einsum("hsl,slhp,slhn->shpn", w, xs, Bs)
+    carried = entering[:, chunk].permute(1, 0, 2, 3) * (torch.exp(cum_end).T * enter_ok[:, None])[..., None, None]
+    return inner + carried
