@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import ModuleType
+from collections.abc import Callable
 
 import torch
 from posttrain.kernels.conv1d_torch import causal_conv1d_torch, causal_conv1d_update_torch
@@ -76,9 +76,13 @@ def _check_triton_device(tensor: torch.Tensor) -> None:
         )
 
 
-def _triton_module(name: str, tensor: torch.Tensor) -> ModuleType:
+def _implementation(tensor: torch.Tensor, torch_impl: Callable, triton_module: str, triton_name: str) -> Callable:
+    """The function a call on ``tensor`` runs: ``torch_impl``, or on the triton backend ``triton_name`` of
+    ``posttrain.kernels.<triton_module>`` (imported only then)."""
+    if backend_for(tensor) != "triton":
+        return torch_impl
     _check_triton_device(tensor)
-    return importlib.import_module(f"posttrain.kernels.{name}")
+    return getattr(importlib.import_module(f"posttrain.kernels.{triton_module}"), triton_name)
 
 
 def mamba_chunk_scan_combined(
@@ -112,27 +116,10 @@ def mamba_chunk_scan_combined(
     if ``return_final_states``, then varlen_states (num_seqs, nheads, headdim, dstate) if
     ``return_varlen_states``; states are float32.
     """
-    impl = ssd_chunked_torch
-    if backend_for(x) == "triton":
-        impl = _triton_module("ssd_triton", x).ssd_chunked_triton
-    return impl(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        initial_states=initial_states,
-        seq_idx=seq_idx,
-        cu_seqlens=cu_seqlens,
-        dt_softplus=dt_softplus,
-        dt_limit=dt_limit,
-        return_final_states=return_final_states,
-        return_varlen_states=return_varlen_states,
-    )
+    impl = _implementation(x, ssd_chunked_torch, "ssd_triton", "ssd_chunked_triton")
+    return impl(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+                cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                return_final_states=return_final_states, return_varlen_states=return_varlen_states)
 
 
 def selective_state_update(
@@ -155,22 +142,9 @@ def selective_state_update(
     ngroups, dstate), D (nheads, headdim), z like x, dt_bias (nheads, headdim). Returns out (batch, nheads,
     headdim) in x's dtype. The head axis may be left out everywhere, as in mamba_ssm.
     """
-    impl = selective_state_update_torch
-    if backend_for(x) == "triton":
-        impl = _triton_module("ssd_triton", x).selective_state_update_triton
-    return impl(
-        state,
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        state_batch_indices=state_batch_indices,
-    )
+    impl = _implementation(x, selective_state_update_torch, "ssd_triton", "selective_state_update_triton")
+    return impl(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                state_batch_indices=state_batch_indices)
 
 
 def causal_conv1d_fn(
@@ -190,19 +164,9 @@ def causal_conv1d_fn(
     first sequence), activation None, "silu" or "swish". Returns out (batch, dim, seqlen), and the last width - 1
     inputs (batch, dim, width - 1) if ``return_final_states`` (written into ``final_states_out`` if given).
     """
-    impl = causal_conv1d_torch
-    if backend_for(x) == "triton":
-        impl = _triton_module("conv1d_triton", x).causal_conv1d_triton
-    return impl(
-        x,
-        weight,
-        bias=bias,
-        seq_idx=seq_idx,
-        initial_states=initial_states,
-        return_final_states=return_final_states,
-        final_states_out=final_states_out,
-        activation=activation,
-    )
+    impl = _implementation(x, causal_conv1d_torch, "conv1d_triton", "causal_conv1d_triton")
+    return impl(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                return_final_states=return_final_states, final_states_out=final_states_out, activation=activation)
 
 
 def causal_conv1d_update(
@@ -220,18 +184,9 @@ def causal_conv1d_update(
     (rows ``conv_state_indices`` when given; a ring buffer written at ``cache_seqlens % state_len`` when
     ``cache_seqlens`` is given, else shifted left). Returns out shaped like x.
     """
-    impl = causal_conv1d_update_torch
-    if backend_for(x) == "triton":
-        impl = _triton_module("conv1d_triton", x).causal_conv1d_update_triton
-    return impl(
-        x,
-        conv_state,
-        weight,
-        bias=bias,
-        activation=activation,
-        cache_seqlens=cache_seqlens,
-        conv_state_indices=conv_state_indices,
-    )
+    impl = _implementation(x, causal_conv1d_update_torch, "conv1d_triton", "causal_conv1d_update_triton")
+    return impl(x, conv_state, weight, bias=bias, activation=activation, cache_seqlens=cache_seqlens,
+                conv_state_indices=conv_state_indices)
 
 
 def rms_norm_gated(
@@ -244,9 +199,7 @@ def rms_norm_gated(
 ) -> torch.Tensor:
     """Gated RMSNorm: RMSNorm of ``x * silu(z)`` over groups of ``group_size`` channels (None: the whole last dim),
     times ``weight`` (``norm_before_gate=True``: gate after the norm). Float32 inside, returned in x's dtype."""
-    impl = rms_norm_gated_torch
-    if backend_for(x) == "triton":
-        impl = _triton_module("rmsnorm_triton", x).rms_norm_gated_triton
+    impl = _implementation(x, rms_norm_gated_torch, "rmsnorm_triton", "rms_norm_gated_triton")
     return impl(x, weight, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
@@ -268,16 +221,6 @@ def fused_linear_logprobs(
     per chunk, 448 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never exist at once.
     Gradients reach hidden and weight.
     """
-    impl = chunked_linear_logprobs_torch
-    if backend_for(hidden) == "triton":
-        impl = _triton_module("logprobs_triton", hidden).fused_linear_logprobs_triton
-    return impl(
-        hidden,
-        weight,
-        targets,
-        temperature=temperature,
-        logits_scaling=logits_scaling,
-        chunk_size=chunk_size,
-        return_entropy=return_entropy,
-        ignore_index=ignore_index,
-    )
+    impl = _implementation(hidden, chunked_linear_logprobs_torch, "logprobs_triton", "fused_linear_logprobs_triton")
+    return impl(hidden, weight, targets, temperature=temperature, logits_scaling=logits_scaling, chunk_size=chunk_size,
+                return_entropy=return_entropy, ignore_index=ignore_index)
