@@ -17,10 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A filter configuration that cannot be used; the message names the file and the field."""
-
+from posttrain.config import ConfigError
 
 # ----------------------------------------------------------------------------------------------- rule filters
 

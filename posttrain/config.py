@@ -31,7 +31,9 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A recipe or override that names an unknown field or gives a value of the wrong type."""
+    """A configuration that cannot be used: a recipe or override naming an unknown field or giving a value of the
+    wrong type, a model configuration whose fields are missing or inconsistent, a filter configuration. The message
+    names the file or the field. The one configuration error of every command."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -187,16 +187,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.config import ConfigError
     from posttrain.families import ModelFamilyError
     from posttrain.models.hybrid import CheckpointError as WeightsError  # weights not matching config.json
-    from posttrain.models.hybrid import ConfigError as ModelConfigError
 
     try:
         if args.generate_key:
             generate_key(args.key)
         out = export_checkpoint(args.model, args.out, args.key, adapter=args.adapter, tokenizer_dir=args.tokenizer,
                                 recipe=args.recipe)
-    except (ExportError, ModelFamilyError, WeightsError, ModelConfigError, FileNotFoundError) as e:
+    except (ExportError, ModelFamilyError, WeightsError, ConfigError, FileNotFoundError) as e:
         print(f"posttrain export: {e}", file=sys.stderr)
         return 2
     print(f"exported and signed {out} with key {key_fingerprint((out / PUBLIC_KEY).read_bytes())}; check it with: "

@@ -21,7 +21,6 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.dpo.config import DpoConfig
     from posttrain.dpo.run import run_dpo
     from posttrain.models.hybrid import CheckpointError as WeightsError  # weights not matching config.json
-    from posttrain.models.hybrid import ConfigError as ModelConfigError
     from posttrain.train.checkpointing import CheckpointError
     from posttrain.train.data import DataError
     from posttrain.train.loop import TrainingError
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(DpoConfig, args.config, getattr(args, "overrides", []))
         result = run_dpo(config, recipe=args.config)
-    except (ConfigError, DataError, TrainingError, CheckpointError, WeightsError, ModelConfigError,
+    except (ConfigError, DataError, TrainingError, CheckpointError, WeightsError,
             FileNotFoundError) as e:
         print(f"posttrain dpo: {e}", file=sys.stderr)
         return 2

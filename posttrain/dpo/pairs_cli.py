@@ -21,7 +21,6 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.dpo.config import PairsConfig
     from posttrain.dpo.pairs import run_pairs
     from posttrain.judges.backends import JudgeBackendError
-    from posttrain.judges.config import ConfigError as JudgeConfigError
     from posttrain.rewards import RewardError
     from posttrain.rollout import EngineError
     from posttrain.train.data import DataError
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(PairsConfig, args.config, getattr(args, "overrides", []))
         report = run_pairs(config)
-    except (ConfigError, JudgeConfigError, JudgeBackendError, DataError, RewardError, EngineError,
+    except (ConfigError, JudgeBackendError, DataError, RewardError, EngineError,
             FileNotFoundError) as e:
         print(f"posttrain pairs: {e}", file=sys.stderr)
         return 2

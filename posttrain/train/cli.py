@@ -21,7 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_task(args: argparse.Namespace, task: str) -> int:
     from posttrain.config import ConfigError, load_config
     from posttrain.models.hybrid import CheckpointError as WeightsError  # weights not matching config.json
-    from posttrain.models.hybrid import ConfigError as ModelConfigError
     from posttrain.train.checkpointing import CheckpointError
     from posttrain.train.config import TrainConfig
     from posttrain.train.data import DataError
@@ -31,7 +30,7 @@ def run_task(args: argparse.Namespace, task: str) -> int:
     try:
         config = load_config(TrainConfig, args.config, getattr(args, "overrides", []))
         result = run_training(config, task, recipe=args.config)  # type: ignore[arg-type]
-    except (ConfigError, DataError, TrainingError, CheckpointError, WeightsError, ModelConfigError,
+    except (ConfigError, DataError, TrainingError, CheckpointError, WeightsError,
             FileNotFoundError) as e:
         print(f"posttrain {task}: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from posttrain.config import ConfigError
+
 MODEL_TYPE = "granitemoehybrid"
 ARCHITECTURE = "GraniteMoeHybridForCausalLM"
 
@@ -26,8 +28,6 @@ _LAYER_ALIASES = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration whose fields are missing, unknown or inconsistent. The message names the field."""
 
 
 @dataclass
