@@ -1,7 +1,6 @@
 """The recipes of ``posttrain dpo`` and ``posttrain pairs``: dataclass groups loaded by ``posttrain.config``.
 
-``DpoConfig`` reuses SFT's groups where they mean the same thing (``model``, ``lora``, ``optim``, ``checkpoint``,
-``logging``) and adds ``data`` (preference files and lengths), ``loss`` (the variant and its constants, where the
+``DpoConfig`` uses the shared groups (``model``, ``lora``, ``optim``, ``checkpoint``, ``logging``, ``run``) and adds ``data`` (preference files and lengths), ``loss`` (the variant and its constants, where the
 reference log-probabilities come from) and ``eval`` (the held-out preference set). ``PairsConfig`` is the recipe
 that samples answers and turns verdicts into preference rows. Every field is documented where it is declared.
 This module only declares; it never loads models or data.
@@ -10,9 +9,16 @@ This module only declares; it never loads models or data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from posttrain.train.config import CheckpointSettings, LoggingSettings, LoraSettings, ModelSettings, OptimSettings
+from posttrain.train.config import (
+    CheckpointSettings,
+    LoggingSettings,
+    LoraSettings,
+    ModelSettings,
+    OptimSettings,
+    RunSettings,
+)
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
@@ -26,7 +32,7 @@ class PreferenceDataSettings:
     rejected_field: str = "rejected"  # column holding the dispreferred completion
     max_length: int = 512  # longest prompt + completion (tokens); longer completions are cut, keeping the prompt
     packing: bool = True  # padding-free: a micro-batch's chosen and rejected sequences in one row
-    shuffle: bool = True  # a new permutation per epoch, seeded by `seed` and the epoch (resumes exactly)
+    shuffle: bool = True  # a new permutation per epoch, seeded by run.seed and the epoch (resumes exactly)
     max_samples: int | None = None  # use only the first N training pairs
 
     def __post_init__(self) -> None:
@@ -71,9 +77,15 @@ class PreferenceEvalSettings:
     every_steps: int = 0  # held-out metrics every N optimizer steps (0: only before training and at the end)
     batch_size: int = 16  # pairs per evaluation forward pass
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.batch_size < 1:
+            raise ValueError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
+
 
 @dataclass
 class DpoConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"seed": "run.seed", "checkpoint.resume": "run.resume"}
+
     model: ModelSettings = field(default_factory=lambda: ModelSettings(path="runs/sft_tiny/final"))
     lora: LoraSettings = field(default_factory=LoraSettings)  # with LoRA the reference is the adapter-disabled model
     data: PreferenceDataSettings = field(default_factory=PreferenceDataSettings)
@@ -82,7 +94,7 @@ class DpoConfig:
     checkpoint: CheckpointSettings = field(default_factory=lambda: CheckpointSettings(output_dir="runs/dpo"))
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     eval: PreferenceEvalSettings = field(default_factory=PreferenceEvalSettings)
-    seed: int = 0  # data order
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 # -- posttrain pairs ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
     if config.lora.enabled:
         import torch
 
-        torch.manual_seed(config.seed)  # the adapter's initialisation is a function of the recipe
+        torch.manual_seed(config.run.seed)  # the adapter's initialisation is a function of the recipe
         model = apply_lora(model, config)  # type: ignore[arg-type]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))

@@ -1,9 +1,9 @@
-"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on SFT's machinery.
+"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on the training chassis.
 
-What is reused rather than rewritten: ``build_accelerator``, ``prepare_training`` (optimizer, schedule, checkpoint
-manager, metrics log) and ``resume_step`` from ``posttrain.train.loop``, ``BatchPlan`` (which pairs each process takes at each step and micro-step,
-a pure function of the step, so resuming draws exactly what an uninterrupted run would) and ``CheckpointManager``
-(model, optimizer, scheduler, RNG, atomic folders). One step:
+The chassis (``posttrain.train.chassis``: accelerator, optimizer, schedule, clipping, the non-finite guard,
+checkpoints, metrics, the loop) and SFT's ``BatchPlan`` (which pairs each process takes at each step and micro-step,
+a pure function of the step, so resuming draws exactly what an uninterrupted run would) are shared; this module is
+what is DPO's own. One step:
 
   1. each process collates its micro-batches of pairs: the chosen and rejected sequences of every pair packed in
      one padding-free row (the hybrid resets its state where ``position_ids`` restart; transformers models mask
@@ -43,14 +43,8 @@ from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
 from posttrain.families import core_model
-from posttrain.train.data import BatchPlan
-from posttrain.train.loop import (
-    TrainingError,
-    _Progress,
-    build_accelerator,
-    prepare_training,
-    resume_step,
-)
+from posttrain.train.chassis import Chassis, TrainingError
+from posttrain.train.loop import build_plan, plan_state, start_step
 
 REFERENCE_FILE = "reference_logps.jsonl"
 _STATS = ("loss", "chosen_reward", "rejected_reward", "correct", "chosen_logps", "rejected_logps")
@@ -187,8 +181,7 @@ class DpoTrainer:
     """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss.
 
     The reference is the model as given (precomputed table or a frozen copy), or, for a peft model, the same model
-    with its adapter disabled. ``train()`` resumes from ``output_dir/checkpoints`` when ``checkpoint.resume`` is
-    set and a checkpoint is there.
+    with its adapter disabled. ``train()`` resumes from ``output_dir/checkpoints`` as ``run.resume`` says.
     """
 
     def __init__(self, config: DpoConfig, model, train_pairs: Sequence[PreferencePair],
@@ -200,16 +193,14 @@ class DpoTrainer:
         self.eval_pairs = list(eval_pairs)
         self.pad_token_id = pad_token_id
         self.output_dir = Path(config.checkpoint.output_dir)
-        self.accelerator = acc = accelerator or build_accelerator(config.logging, self.output_dir, config.model.dtype)
+        self.chassis = Chassis(config.optim, config.checkpoint, config.logging, dtype=config.model.dtype,
+                               accelerator=accelerator, stage="dpo")
+        self.accelerator = acc = self.chassis.accelerator
         self.run_config = run_config or {}
         self.on_step = on_step
         self.packed = config.data.packing
         o = config.optim
-        if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
-            raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
-                                "raise per_device_batch_size or use FSDP2")
-        self.plan = BatchPlan(len(self.train_pairs), o.per_device_batch_size, o.grad_accumulation_steps,
-                              acc.num_processes, seed=config.seed, shuffle=config.data.shuffle)
+        self.plan = build_plan(config, len(self.train_pairs), acc)
         self.total_steps = o.max_steps or o.epochs * self.plan.steps_per_epoch
         self.lora = hasattr(model, "disable_adapter")
         core = core_model(model)
@@ -237,8 +228,7 @@ class DpoTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
-            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last, config.checkpoint.verify)
+        self.model = self.chassis.prepare(model, self.total_steps)
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
@@ -311,12 +301,6 @@ class DpoTrainer:
                 acc.backward(loss)
             totals += stats
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-        grad_norm = None
-        if self.config.optim.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         totals = torch.cat([totals, aux_total[None], torch.tensor([float(tokens)], dtype=torch.float64,
                                                                    device=acc.device)])
         if acc.num_processes > 1:
@@ -324,12 +308,13 @@ class DpoTrainer:
         metrics: dict[str, Any] = self._named("", totals[:-2], n_global)
         if self.moe_aux:
             metrics["aux_loss"] = float(totals[-2]) / (self.plan.accum * acc.num_processes)
-        if not math.isfinite(metrics["loss"]):
-            raise TrainingError(f"step {step + 1}: the loss is {metrics['loss']}")
-        metrics.update({"lr": self.scheduler.get_last_lr()[0], "tokens": int(totals[-1]),
-                        "epoch": self.plan.epoch_of(step)})
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        grad_norm = self.chassis.optimizer_step(math.isfinite(metrics["loss"]))
+        if grad_norm is None:
+            raise TrainingError(f"step {step + 1}: the loss ({metrics['loss']}) or the gradient norm is not "
+                                f"finite; the weights are those before this step")
+        metrics.update({"lr": self.chassis.lr, "tokens": int(totals[-1]), "epoch": self.plan.epoch_of(step)})
+        if self.config.optim.max_grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
         return metrics
 
     @torch.no_grad()
@@ -352,47 +337,32 @@ class DpoTrainer:
         return self._named("eval/", totals, len(self.eval_pairs))
 
     # -- the run ------------------------------------------------------------------------------------------------
-    def _trainer_state(self, step: int) -> dict[str, Any]:
-        return {"epoch": self.plan.epoch_of(step), "global_batch": self.plan.global_batch,
-                "n_items": self.plan.n_items, "world_size": self.accelerator.num_processes,
-                "total_steps": self.total_steps}
-
     def train(self) -> DpoResult:
-        acc = self.accelerator
-        start = resume_step(acc, self.checkpoints, self.plan, "pairs", self.config.checkpoint.resume)
-        self.metrics.truncate_after(start)
-        if self.config.logging.report_to:
-            from posttrain.train.loop import _flat
-
-            acc.init_trackers(self.config.logging.project, config=_flat(self.run_config))
+        start = start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
         if start == 0 and self.eval_pairs:
-            self.metrics.log(0, self.evaluate())
-        progress = _Progress(acc.is_main_process and self.config.logging.progress, self.total_steps, start)
-        loss, every, eval_every = float("nan"), self.config.checkpoint.every_steps, self.config.eval.every_steps
-        eval_metrics: dict[str, float] = {}
-        t_last = time.perf_counter()
-        with progress:
-            for step in range(start, self.total_steps):
-                metrics = self.train_step(step)
-                done = step + 1
-                loss = metrics["loss"]
-                if self.eval_pairs and ((eval_every and done % eval_every == 0) or done == self.total_steps):
-                    eval_metrics = self.evaluate()
-                    metrics.update(eval_metrics)
-                if done % self.config.logging.every_steps == 0 or done == self.total_steps:
-                    now = time.perf_counter()
-                    metrics["step_time_s"] = (now - t_last) / self.config.logging.every_steps
-                    t_last = now
-                    if self.config.logging.record_samples:
-                        metrics["samples"] = sorted(self.train_pairs[i].pair_id for i in self.plan.global_indices(step))
-                    self.metrics.log(done, metrics)
-                if self.on_step is not None:
-                    self.on_step(done, metrics)
-                progress.advance(loss, None)
-                if every and done % every == 0 and done < self.total_steps:
-                    self.checkpoints.save(done, self._trainer_state(done))
-        if self.total_steps > start:
-            self.checkpoints.save(self.total_steps, self._trainer_state(self.total_steps))
-        for tracker in acc.trackers:
-            tracker.finish()
-        return DpoResult(self.total_steps, loss, self.metrics.path, eval_metrics, acc.unwrap_model(self.model))
+            self.chassis.log(0, self.evaluate())
+        eval_every = self.config.eval.every_steps
+        state: dict[str, Any] = {"eval": {}, "t": time.perf_counter()}
+
+        def step(i: int) -> dict[str, Any]:
+            metrics = self.train_step(i)
+            done = i + 1
+            if self.eval_pairs and ((eval_every and done % eval_every == 0) or done == self.total_steps):
+                state["eval"] = self.evaluate()
+                metrics.update(state["eval"])
+            return metrics
+
+        def before_log(done: int, metrics: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            metrics["step_time_s"] = (now - state["t"]) / self.config.logging.every_steps
+            state["t"] = now
+            if self.config.logging.record_samples:
+                metrics["samples"] = sorted(self.train_pairs[i].pair_id for i in self.plan.global_indices(done - 1))
+
+        last = self.chassis.run(
+            start, self.total_steps, step,
+            lambda done: plan_state(self.plan, done, self.accelerator.num_processes, self.total_steps),
+            run_config=self.run_config, before_log=before_log, after_step=self.on_step,
+            figures=lambda metrics: {"loss": f"{metrics['loss']:.4f}"})
+        return DpoResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path, state["eval"],
+                         self.accelerator.unwrap_model(self.model))

@@ -1,17 +1,65 @@
 """The ``posttrain grpo`` config: small dataclass groups, each field documented where it is declared.
 
 Loaded from a recipe (``recipes/grpo*.yaml``) by ``posttrain.config.load_config(GrpoConfig, path, overrides)``.
-Cross-group checks live in ``GrpoConfig.__post_init__`` so a bad combination fails before any work starts.
-This module must never import torch, a model or an engine.
+``optim``, ``checkpoint``, ``logging`` and ``run`` are the config family's shared groups (``posttrain.train.config``),
+with GRPO's own fields and defaults added by subclassing; the rest is GRPO's. Cross-group checks live in
+``GrpoConfig.__post_init__`` so a bad combination fails before any work starts. This module must never import
+torch, a model or an engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from posttrain.grpo.loss import LossConfig
 from posttrain.rewards import RewardsConfig
+from posttrain.train.config import CheckpointSettings, LoggingSettings, OptimizerSettings, RunSettings
+
+LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
+LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo", "gspo_token")
+# the ratio: per token, or one per completion (GSPO's length-normalised sequence ratio)
+SEQUENCE_RATIO = ("gspo", "gspo_token")
+
+
+@dataclass
+class LossConfig:
+    """The ``loss`` group: which objective and its constants.
+
+    type: ``dapo`` (default), ``grpo``, ``dr_grpo``, ``gspo`` or ``gspo_token`` (see ``posttrain.grpo.loss``).
+    epsilon_low: lower clip range, the ratio is clipped at 1 - epsilon_low (None: DAPO's 0.2; 3e-4 for ``gspo`` and
+        ``gspo_token``, the GSPO paper's range for its sequence-level ratio, which moves far less than a token's).
+    epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, 4e-4 for
+        ``gspo``/``gspo_token``, else equal to epsilon_low, the symmetric clip).
+    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run). The reference is
+        ``model.ref_path`` or, by default, a frozen copy of the starting policy (with LoRA: the adapters disabled).
+    scale_rewards: divide the group-centred rewards by the group std (None: yes, except for ``dr_grpo``).
+    mask_truncated: completions cut at max_new_tokens contribute no loss (DAPO's overlong filtering).
+    """
+
+    type: LossType = "dapo"
+    epsilon_low: float | None = None
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    scale_rewards: bool | None = None
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in LOSS_TYPES:
+            raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.type!r}")
+        sequence_ratio = self.type in SEQUENCE_RATIO
+        if self.epsilon_low is None:
+            self.epsilon_low = 3e-4 if sequence_ratio else 0.2
+        if self.epsilon_high is None:
+            self.epsilon_high = {"dapo": 0.28, "gspo": 4e-4, "gspo_token": 4e-4}.get(self.type, self.epsilon_low)
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError(f"loss.epsilon_low must be in [0, 1) and epsilon_high >= 0, got "
+                             f"{self.epsilon_low}, {self.epsilon_high}")
+        if self.beta < 0:
+            raise ValueError(f"loss.beta must be >= 0, got {self.beta}")
+
+    @property
+    def uses_std(self) -> bool:
+        return self.type != "dr_grpo" if self.scale_rewards is None else self.scale_rewards
 
 
 @dataclass
@@ -160,21 +208,19 @@ class OverlongConfig:
 
 
 @dataclass
-class OptimConfig:
-    """lr, weight_decay, betas, eps: AdamW.  max_grad_norm: clip the global gradient norm (0: off).
-    schedule, warmup_steps: learning-rate schedule over optimizer steps (posttrain.train.schedules).
+class OptimConfig(OptimizerSettings):
+    """The shared ``optim`` group (``OptimizerSettings``: AdamW, the schedule over optimizer steps, gradient
+    clipping) with GRPO's batching.
+
     mini_batches: optimizer steps per pass over a generation batch (> 1, or the ratio is always 1).
     num_iterations: mu, passes over each generation batch.
     micro_batch_tokens: token budget of one packed row (a longer sequence gets a row of its own).
     """
 
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    schedule: Literal["constant", "cosine", "wsd"] = "constant"
-    warmup_steps: int = 0
+    lr: float = 1e-6  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decay rates
+    # learning-rate schedule after warm-up: cosine decay, warmup-stable-decay, or constant
+    schedule: Literal["cosine", "wsd", "constant"] = "constant"
     mini_batches: int = 2
     num_iterations: int = 1
     micro_batch_tokens: int = 8192
@@ -185,13 +231,13 @@ class EvalConfig:
     """Periodic held-out evaluation: outcome accuracy on prompts never trained on.
 
     path: JSONL/datasets prompts (same columns as the training data; None: no evaluation).
-    every: evaluate every this many steps (0: only at the start and the end).
+    every_steps: evaluate every this many steps (0: only at the start and the end).
     max_prompts: evaluate on at most this many prompts.
     num_samples, temperature: completions per prompt and their temperature (0: greedy).
     """
 
     path: str | None = None
-    every: int = 0
+    every_steps: int = 0
     max_prompts: int = 256
     num_samples: int = 1
     temperature: float = 0.0
@@ -231,31 +277,24 @@ class AsyncConfig:
 
 
 @dataclass
-class RunConfig:
-    """output_dir: checkpoints, metrics.jsonl and the config.  steps: generation steps.  seed: everything's seed.
-    save_every: checkpoint every this many steps (0: only at the end).  resume: a checkpoint folder or ``latest``
-        (the newest valid checkpoint in ``output_dir``; one that fails verification is named in a warning, set
-        aside as ``step-N.rejected`` and the one before it is used; none at all starts at step 0, so one command
-        starts and resumes a job). A checkpoint folder given by path must be valid, else the run stops naming it.
-    checkpoint_verify: how a checkpoint is checked against its manifest before resuming: ``full`` (size and
-        sha256 of every file) or ``size`` (sizes only, for very large optimizer states: catches truncated and
-        missing files, not a byte changed in place).
+class RunConfig(RunSettings):
+    """The shared ``run`` group (``seed``, ``resume``) with the length of a GRPO run.
+
+    steps: generation steps.
     """
 
-    output_dir: str = "runs/grpo"
-    steps: int = 100
-    seed: int = 0
-    save_every: int = 0
+    # where the run starts: null (default) always starts at step 0; "latest" continues from the newest valid
+    # checkpoint in checkpoint.output_dir, or starts at step 0 when there is none; a checkpoint folder: exactly that
+    # checkpoint, an error if it is not valid (see RunSettings.resume)
     resume: str | None = None
-    checkpoint_verify: Literal["full", "size"] = "full"
+    steps: int = 100
 
 
 @dataclass
-class LoggingConfig:
-    """report_to: trackers accelerate knows (tensorboard, trackio, wandb); metrics.jsonl is always written.
-    project: the trackers' project name.
-    log_every: steps between tracker logs.  progress: show a progress bar.
-    rollouts: write every step's samples to ``rollouts.jsonl`` in ``run.output_dir``, one JSON object per
+class LoggingConfig(LoggingSettings):
+    """The shared ``logging`` group with GRPO's rollout log.
+
+    rollouts: write every step's samples to ``rollouts.jsonl`` in ``checkpoint.output_dir``, one JSON object per
         completion: ``step``, ``prompt_index``, ``prompt_ids``, ``completion_ids``, ``completion_mask`` (1: the
         policy's tokens, 0: tool answers), ``sampler_logprobs``, ``old_logprobs`` (what the ratio used),
         ``ref_logprobs`` (when ``loss.beta`` > 0), ``rewards`` (per reward), ``reward``, ``advantage``,
@@ -265,15 +304,17 @@ class LoggingConfig:
         run drops the records past its checkpoint, so no step is written twice.
     """
 
-    report_to: list[str] = field(default_factory=list)
-    project: str = "posttrain-grpo"
-    log_every: int = 1
-    progress: bool = True
+    project: str = "posttrain-grpo"  # tracker project name
     rollouts: bool = False
 
 
 @dataclass
 class GrpoConfig:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "run.output_dir": "checkpoint.output_dir", "run.save_every": "checkpoint.every_steps",
+        "run.checkpoint_verify": "checkpoint.verify", "logging.log_every": "logging.every_steps",
+        "eval.every": "eval.every_steps"}
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -284,6 +325,8 @@ class GrpoConfig:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointSettings = field(
+        default_factory=lambda: CheckpointSettings(output_dir="runs/grpo", every_steps=0))
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
@@ -304,10 +347,10 @@ class GrpoConfig:
             (o.mini_batches <= r.prompts_per_step * r.num_generations,
              "optim.mini_batches cannot exceed the completions of a generation batch"),
             (o.micro_batch_tokens >= 1, "optim.micro_batch_tokens must be >= 1"),
-            (o.lr >= 0, "optim.lr must be >= 0"),
             (self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
-            (self.run.steps >= 0 and self.run.save_every >= 0, "run.steps and run.save_every must be >= 0"),
-            (self.eval.num_samples >= 1 and self.eval.every >= 0, "eval.num_samples >= 1 and eval.every >= 0"),
+            (self.run.steps >= 0, "run.steps must be >= 0"),
+            (self.eval.num_samples >= 1 and self.eval.every_steps >= 0,
+             "eval.num_samples >= 1 and eval.every_steps >= 0"),
             (self.tools.max_turns >= 1, "tools.max_turns must be >= 1"),
             (self.tools.max_tokens >= 1, "tools.max_tokens must be >= 1"),
             (self.tools.max_output_chars >= 1, "tools.max_output_chars must be >= 1"),

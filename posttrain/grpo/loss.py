@@ -32,60 +32,18 @@ nor communicate across processes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
-LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo", "gspo_token")
+from posttrain.grpo.config import LOSS_TYPES, LossConfig, LossType
+
+__all__ = ["AGGREGATION", "LOSS_TYPES", "LossConfig", "group_advantages", "loss_normalizer", "policy_loss",
+           "rollout_correction"]
+
 # how each type turns per-token terms into the mini-batch loss: "token" (sum / normaliser) or "sequence" (each
 # completion's mean over its tokens, summed, / normaliser)
 AGGREGATION: dict[str, str] = {"dapo": "token", "dr_grpo": "token", "grpo": "sequence", "gspo": "sequence",
                                "gspo_token": "sequence"}
-# the ratio: per token, or one per completion (GSPO's length-normalised sequence ratio)
-SEQUENCE_RATIO = ("gspo", "gspo_token")
-
-
-@dataclass
-class LossConfig:
-    """The ``loss`` group: which objective and its constants.
-
-    type: ``dapo`` (default), ``grpo``, ``dr_grpo``, ``gspo`` or ``gspo_token`` (see the module docstring).
-    epsilon_low: lower clip range, the ratio is clipped at 1 - epsilon_low (None: DAPO's 0.2; 3e-4 for ``gspo`` and
-        ``gspo_token``, the GSPO paper's range for its sequence-level ratio, which moves far less than a token's).
-    epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, 4e-4 for
-        ``gspo``/``gspo_token``, else equal to epsilon_low, the symmetric clip).
-    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run). The reference is
-        ``model.ref_path`` or, by default, a frozen copy of the starting policy (with LoRA: the adapters disabled).
-    scale_rewards: divide the group-centred rewards by the group std (None: yes, except for ``dr_grpo``).
-    mask_truncated: completions cut at max_new_tokens contribute no loss (DAPO's overlong filtering).
-    """
-
-    type: LossType = "dapo"
-    epsilon_low: float | None = None
-    epsilon_high: float | None = None
-    beta: float = 0.0
-    scale_rewards: bool | None = None
-    mask_truncated: bool = False
-
-    def __post_init__(self) -> None:
-        if self.type not in LOSS_TYPES:
-            raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.type!r}")
-        sequence_ratio = self.type in SEQUENCE_RATIO
-        if self.epsilon_low is None:
-            self.epsilon_low = 3e-4 if sequence_ratio else 0.2
-        if self.epsilon_high is None:
-            self.epsilon_high = {"dapo": 0.28, "gspo": 4e-4, "gspo_token": 4e-4}.get(self.type, self.epsilon_low)
-        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"loss.epsilon_low must be in [0, 1) and epsilon_high >= 0, got "
-                             f"{self.epsilon_low}, {self.epsilon_high}")
-        if self.beta < 0:
-            raise ValueError(f"loss.beta must be >= 0, got {self.beta}")
-
-    @property
-    def uses_std(self) -> bool:
-        return self.type != "dr_grpo" if self.scale_rewards is None else self.scale_rewards
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,

@@ -1,15 +1,20 @@
-"""The recipe of ``posttrain pretrain`` and ``posttrain sft``: dataclass groups loaded by ``posttrain.config``.
+"""The config family's shared groups, and the recipe of ``posttrain pretrain`` and ``posttrain sft``.
 
-Groups: ``model`` (what to train and in which precision), ``lora``, ``data`` (files, format, length, packing),
-``optim`` (optimizer, batch, schedule), ``checkpoint`` (where and how often), ``logging`` (progress, trackers),
-and optional ``stages`` (staged context extension: each stage trains then merges). Every field is documented where
-it is declared. This module only declares; it never loads models or data.
+The groups every trainer shares, with one meaning per field across ``pretrain``, ``sft``, ``dpo`` and ``grpo``:
+``model`` (what to train and in which precision), ``lora``, ``optim`` (``OptimizerSettings``: the optimizer, its
+schedule and gradient clipping, ``max_grad_norm: null`` = no clipping; each command adds how it batches),
+``checkpoint`` (the run folder, ``every_steps``, ``keep_last``, ``verify``), ``logging`` (trackers, progress,
+``every_steps``) and ``run`` (``seed``, ``resume: null | latest | PATH``). A command may subclass a group to add
+its own fields or change a default, never to give a shared field another meaning. SFT and pre-training add
+``data`` (files, format, length, packing) and optional ``stages`` (staged context extension: each stage trains then
+merges). Every field is documented where it is declared; a renamed field is a ``ConfigError`` naming its new name
+(``RENAMED``). This module only declares; it never loads models or data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -54,7 +59,7 @@ class DataSettings:
     assistant_only_loss: bool = True  # chat rows: loss on the template's {% generation %} tokens only
     completion_only_loss: bool = True  # prompt/completion rows: loss on the completion only
     truncate: bool = True  # cut sequences longer than max_length (pre-training splits them instead); false: error
-    shuffle: bool = True  # a new permutation per epoch, seeded by `seed` and the epoch (resumes exactly)
+    shuffle: bool = True  # a new permutation per epoch, seeded by run.seed and the epoch (resumes exactly)
     max_samples: int | None = None  # use only the first N rows (after reading, before packing)
 
     def __post_init__(self) -> None:
@@ -63,16 +68,12 @@ class DataSettings:
 
 
 @dataclass
-class OptimSettings:
+class OptimizerSettings:
     lr: float = 2e-5  # peak learning rate
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decay rates
     eps: float = 1e-8  # AdamW's denominator term
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
-    per_device_batch_size: int = 8  # sequences (or packed bins) per process per micro-batch
-    grad_accumulation_steps: int = 1  # micro-batches per optimizer step
-    epochs: int = 1  # passes over the data (when max_steps is not set)
-    max_steps: int | None = None  # optimizer steps; default: epochs over the data
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (> 0); null: no clipping
     # learning-rate schedule after warm-up: cosine decay, warmup-stable-decay, or constant
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
@@ -80,6 +81,21 @@ class OptimSettings:
     decay_fraction: float = 0.1  # wsd: the share of steps spent decaying
 
     def __post_init__(self) -> None:
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"optim.max_grad_norm must be > 0, or null for no clipping, got {self.max_grad_norm}")
+        if self.lr < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.lr and optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class OptimSettings(OptimizerSettings):
+    per_device_batch_size: int = 8  # sequences (or packed bins) per process per micro-batch
+    grad_accumulation_steps: int = 1  # micro-batches per optimizer step
+    epochs: int = 1  # passes over the data (when max_steps is not set)
+    max_steps: int | None = None  # optimizer steps; default: epochs over the data
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.per_device_batch_size < 1 or self.grad_accumulation_steps < 1:
             raise ValueError("optim.per_device_batch_size and optim.grad_accumulation_steps must be at least 1")
 
@@ -89,11 +105,6 @@ class CheckpointSettings:
     output_dir: str = "runs/sft"  # the run's folder: checkpoints/, final/, metrics.jsonl, config.yaml
     every_steps: int = 100  # save a resumable checkpoint every N optimizer steps (0: only at the end)
     keep_last: int = 2  # complete checkpoints kept
-    # true or "latest": continue from the newest valid checkpoint in output_dir (one that fails verification is
-    # named in a warning, set aside as step-N.rejected, and the one before it is used), or start at step 0 when
-    # there is none, so one command starts and resumes a job; a path: exactly that checkpoint, an error if it is
-    # not valid; false: always start at step 0
-    resume: bool | str = True
     # how a checkpoint is checked against its manifest before resuming: "full" (size and sha256 of every file)
     # or "size" (sizes only, for very large optimizer states: catches truncated and missing files, NOT a byte
     # changed in place)
@@ -102,17 +113,35 @@ class CheckpointSettings:
     def __post_init__(self) -> None:
         if self.verify not in ("full", "size"):
             raise ValueError(f"checkpoint.verify must be 'full' or 'size', got {self.verify!r}")
-        if isinstance(self.resume, str) and not self.resume.strip():
-            raise ValueError("checkpoint.resume must be true, false, latest or a checkpoint folder, got ''")
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
 
 
 @dataclass
 class LoggingSettings:
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, trackio, wandb, ...
     project: str = "posttrain"  # tracker project name
-    every_steps: int = 1  # log metrics every N optimizer steps
+    every_steps: int = 1  # write metrics (metrics.jsonl and the trackers) every N steps, and at the last
     progress: bool = True  # show a progress bar (rich)
     record_samples: bool = False  # write each step's sample ids to metrics.jsonl (audits: nothing seen twice)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError(f"logging.every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclass
+class RunSettings:
+    seed: int = 0  # every random choice of the run: model initialisation, data order, sampling
+    # where the run starts: "latest" continues from the newest valid checkpoint in checkpoint.output_dir (one that
+    # fails verification is named in a warning, set aside as step-N.rejected, and the one before it is used), or
+    # starts at step 0 when there is none, so one command starts and resumes a job; a checkpoint folder: exactly
+    # that checkpoint, an error if it is not valid; null: always start at step 0
+    resume: str | None = "latest"
+
+    def __post_init__(self) -> None:
+        if self.resume is not None and not self.resume.strip():
+            raise ValueError("run.resume must be null, latest or a checkpoint folder, got ''")
 
 
 @dataclass
@@ -126,11 +155,13 @@ class StageSettings:
 
 @dataclass
 class TrainConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"seed": "run.seed", "checkpoint.resume": "run.resume"}
+
     model: ModelSettings = field(default_factory=lambda: ModelSettings(preset="tiny", tokenizer="tokenizer"))
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
     stages: list[StageSettings] = field(default_factory=list)  # staged context extension (pretrain only)
-    seed: int = 0  # model initialisation, data order

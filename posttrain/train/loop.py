@@ -1,29 +1,22 @@
-"""The training loop shared by ``posttrain pretrain`` and ``posttrain sft``, and the pieces GRPO reuses.
+"""SFT and pre-training on the chassis: next-token loss over target tokens, summed over the global batch.
 
-Reusable components (each small, each usable alone):
-
-- ``build_accelerator(logging, output_dir, dtype)``: an ``accelerate.Accelerator`` with the trackers of
-  ``report_to`` (a clear error when a tracker's package is missing) and bf16 autocast on GPU / fp32 on CPU.
-- ``build_optimizer(params, optim)``: AdamW with the recipe's settings.
 - ``global_token_count(accelerator, local)``: target tokens of the global batch, summed over processes.
 - ``masked_nll_sum(model, batch, moe_aux)``: the summed next-token NLL of a micro-batch, its target count and the
   MoE load-balancing loss, through the model's fused log-prob loss (full logits never materialise).
-- ``MetricsLog``: metrics.jsonl on the main process, cut back to the resumed step after a restart, and the
-  accelerate trackers.
 
-``Trainer`` wires them: the ``BatchPlan`` draws items, each process collates its micro-batches, the loss of a
-step is sum(NLL over every target token of the global batch) / (global target count), so the result does not
-depend on how the global batch is split over processes and accumulation steps. Gradients are averaged by DDP/FSDP
-over processes, hence each process scales its sum by ``world_size / global_count``. Checkpoints go through
-``CheckpointManager``; resuming restores everything and continues at the saved step. The loop never reads files:
-it gets tokenized items from ``posttrain.train.data``.
+``Trainer``: the ``BatchPlan`` draws items, each process collates its micro-batches, the loss of a step is
+sum(NLL over every target token of the global batch) / (global target count), so the result does not depend on how
+the global batch is split over processes and accumulation steps. Gradients are averaged by DDP/FSDP over processes,
+hence each process scales its sum by ``world_size / global_count``. Everything else (accelerator, optimizer,
+schedule, clipping, the non-finite guard, checkpoints, metrics, the loop) is the chassis'
+(``posttrain.train.chassis``); a step whose loss or gradient is not finite stops the run with a ``TrainingError``,
+the weights as they were. The loop never reads files: it gets tokenized items from ``posttrain.train.data``.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,54 +25,21 @@ from typing import Any
 
 import torch
 
-from posttrain.train.checkpointing import CheckpointManager
-from posttrain.train.config import LoggingSettings, OptimSettings, TrainConfig
+from posttrain.families import core_model, is_in_tree
+from posttrain.train.chassis import Chassis, TrainingError
+from posttrain.train.config import TrainConfig
 from posttrain.train.data import IGNORE, BatchPlan, Segment
-from posttrain.train.schedules import build_scheduler
 
-_TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard"),
-                     "wandb": ("is_wandb_available", "wandb"), "trackio": ("is_trackio_available", "trackio"),
-                     "mlflow": ("is_mlflow_available", "mlflow"), "comet_ml": ("is_comet_ml_available", "comet_ml")}
-
-
-class TrainingError(RuntimeError):
-    """A training run that cannot start or continue (bad tracker, mismatched resume, non-finite loss)."""
-
-
-def check_trackers(report_to: Sequence[str]) -> list[str]:
-    import accelerate.utils as au
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    for name in report_to:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise TrainingError(f"logging.report_to: unknown tracker {name!r}; accelerate knows "
-                                f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
-        check, package = _TRACKER_PACKAGES.get(name, (None, name))
-        if check is not None and not getattr(au, check)():
-            raise TrainingError(f"logging.report_to asks for {name!r} but the {package!r} package is not installed: "
-                                f"pip install {package} (or remove it from report_to)")
-    return list(report_to)
-
-
-def build_accelerator(logging: LoggingSettings, output_dir: str | os.PathLike, dtype: str = "auto"):
-    from accelerate import Accelerator
-
-    trackers = check_trackers(logging.report_to)
-    on_gpu = torch.cuda.is_available()
-    # bf16 autocast over float32 master weights on GPU (or when asked for); plain float32 on CPU
-    mixed = "bf16" if dtype == "bfloat16" or (dtype == "auto" and on_gpu) else "no"
-    # cpu=True on a machine without CUDA: under torchrun (accelerate launch) that selects gloo and MULTI_CPU
-    return Accelerator(log_with=trackers or None, project_dir=str(output_dir), mixed_precision=mixed,
-                       cpu=not on_gpu)
-
-
-def build_optimizer(params, optim: OptimSettings) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise TrainingError("no trainable parameters")
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
-
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "TrainingError",
+    "build_plan",
+    "global_token_count",
+    "masked_nll_sum",
+    "plan_state",
+    "start_step",
+]
 
 def global_token_count(accelerator, local: int | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(local, dtype=torch.float64 if accelerator.device.type == "cpu" else torch.float32,
@@ -92,8 +52,6 @@ def masked_nll_sum(model, batch: dict[str, torch.Tensor], moe_aux: bool) -> tupl
     labels = batch["labels"]
     n = int((labels[:, 1:] != IGNORE).sum())
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    from posttrain.families import is_in_tree
-
     if is_in_tree(model):
         out = model(**kwargs, labels=labels, return_logits=False, output_router_logits=moe_aux)
     else:  # a transformers model: no cache, so a packed row's restarting position_ids mask its sequences apart
@@ -101,88 +59,46 @@ def masked_nll_sum(model, batch: dict[str, torch.Tensor], moe_aux: bool) -> tupl
     aux = getattr(out, "aux_loss", None)
     mean = out.loss
     if aux is not None:
-        coef = _model_config(model).router_aux_loss_coef
+        coef = core_model(model).config.router_aux_loss_coef
         mean = mean - coef * aux  # the model adds coef * aux to its loss; keep the two apart
     else:
         aux = torch.zeros((), device=mean.device)
     return mean * n, n, aux
 
 
-def _model_config(model):
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.config
+def start_step(chassis: Chassis, plan: BatchPlan, unit: str, where: str | None) -> int:
+    """The step a run starts at: that of the checkpoint ``run.resume`` names (restored by the chassis), or 0. A
+    checkpoint written for other data or another global batch is refused before anything is written (its step
+    would index other samples)."""
+
+    def same_plan(state: dict[str, Any]) -> None:
+        if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
+            raise TrainingError(
+                f"cannot resume from {chassis.checkpoints.resumed_from}: it was written for {state.get('n_items')} "
+                f"{unit} in global batches of {state.get('global_batch')}, this run has {plan.n_items} in batches "
+                f"of {plan.global_batch}; use another checkpoint.output_dir or run.resume: null")
+
+    state = chassis.resume(where, same_plan)
+    return int(state["step"]) if state is not None else 0
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step) on the main process, plus the accelerate trackers."""
-
-    def __init__(self, accelerator, path: str | os.PathLike):
-        self.accelerator = accelerator
-        self.path = Path(path)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (what a killed run logged past its last checkpoint)."""
-        if not self.accelerator.is_main_process or not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the kill: nothing after it is whole
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-                f.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.accelerator.trackers:
-            self.accelerator.log(scalars, step=step)
+def plan_state(plan: BatchPlan, step: int, world_size: int, total_steps: int) -> dict[str, Any]:
+    """What a checkpoint of a ``BatchPlan``-driven run records beside its step."""
+    return {"epoch": plan.epoch_of(step), "batch_in_epoch": step % plan.steps_per_epoch,
+            "global_batch": plan.global_batch, "n_items": plan.n_items, "world_size": world_size,
+            "total_steps": total_steps}
 
 
-def prepare_training(accelerator, model, optim: OptimSettings, total_steps: int, output_dir: Path, keep_last: int,
-                     verify: str = "full"):
-    """The optimizer and its schedule, the model and optimizer prepared by accelerate, a checkpoint manager that also
-    saves the schedule (``verify``: how it checks a checkpoint before resuming, ``checkpoint.verify``), and the
-    metrics log: what every trainer here sets up the same way. A schedule that cannot fit the run (a warmup longer
-    than it) is a TrainingError naming ``optim``."""
-    optimizer = build_optimizer(model.parameters(), optim)
-    try:
-        scheduler = build_scheduler(optimizer, optim.schedule, total_steps, optim.warmup_steps, optim.min_lr_ratio,
-                                    optim.decay_fraction)
-    except ValueError as exc:
-        raise TrainingError(f"optim: {exc}") from None
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", keep_last, verify)
-    checkpoints.register(scheduler)
-    return model, optimizer, scheduler, checkpoints, MetricsLog(accelerator, Path(output_dir) / "metrics.jsonl")
-
-
-def resume_step(accelerator, checkpoints, plan: BatchPlan, unit: str, where: bool | str = "latest") -> int:
-    """The step a resumed run starts at: that of the checkpoint ``where`` names (``checkpoint.resume``: the latest
-    valid one, or a path; see ``CheckpointManager.resume``), or 0 when there is none. A checkpoint written for other
-    data or another global batch is an error (its step would index other samples)."""
-    state = checkpoints.resume(where)
-    if state is None:
-        return 0
-    if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
-        raise TrainingError(
-            f"cannot resume from {checkpoints.resumed_from}: it was written for {state.get('n_items')} {unit} in "
-            f"global batches of {state.get('global_batch')}, this run has {plan.n_items} in batches of "
-            f"{plan.global_batch}; use another checkpoint.output_dir or checkpoint.resume: false")
-    start = int(state["step"])
-    accelerator.print(f"resuming from {checkpoints.resumed_from} at step {start}")
-    return start
+def build_plan(config, n_items: int, accelerator) -> BatchPlan:
+    """The ``BatchPlan`` of an SFT or DPO run (``optim``'s batch fields, ``run.seed``, ``data.shuffle``); DeepSpeed
+    with accumulation is refused (accelerate's DeepSpeed backward also steps the engine, so every micro-batch would
+    take a step)."""
+    o = config.optim
+    if accelerator.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
+        raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
+                            "raise per_device_batch_size or use FSDP2 (recipes/accelerate/fsdp2_8gpu.yaml)")
+    return BatchPlan(n_items, o.per_device_batch_size, o.grad_accumulation_steps, accelerator.num_processes,
+                     seed=config.run.seed, shuffle=config.data.shuffle)
 
 
 @dataclass
@@ -197,7 +113,7 @@ class Trainer:
     """Trains ``model`` on ``items`` (lists of ``Segment``) under ``accelerator``.
 
     ``items`` are drawn by a ``BatchPlan``; ``packed`` picks ``collate_packed`` (one flat row per micro-batch) or
-    ``collate_padded``. Call ``train()``; it resumes as ``checkpoint.resume`` says (by default from the newest valid
+    ``collate_padded``. Call ``train()``; it resumes as ``run.resume`` says (by default from the newest valid
     checkpoint in ``output_dir/checkpoints``, if any), and returns the unwrapped model after the last step.
     """
 
@@ -210,24 +126,18 @@ class Trainer:
         self.packed = packed
         self.pad_token_id = pad_token_id
         self.max_length = max_length or config.data.max_length
-        self.output_dir = Path(config.checkpoint.output_dir)
-        self.accelerator = accelerator or build_accelerator(config.logging, self.output_dir, config.model.dtype)
         self.run_config = run_config or {}
         self.on_step = on_step
-        acc = self.accelerator
+        self.chassis = Chassis(config.optim, config.checkpoint, config.logging, dtype=config.model.dtype,
+                               accelerator=accelerator)
+        self.accelerator = acc = self.chassis.accelerator
         o = config.optim
-        if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
-            # accelerate's DeepSpeed backward also steps the engine, so micro-batches would each take a step
-            raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
-                                "raise per_device_batch_size or use FSDP2 (recipes/accelerate/fsdp2_8gpu.yaml)")
-        self.plan = BatchPlan(len(self.items), o.per_device_batch_size, o.grad_accumulation_steps,
-                              acc.num_processes, seed=config.seed, shuffle=config.data.shuffle)
+        self.plan = build_plan(config, len(self.items), acc)
         self.total_steps = max_steps or o.max_steps or o.epochs * self.plan.steps_per_epoch
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        self.moe_aux = bool(config.model.moe_aux_loss and getattr(_model_config(model), "num_local_experts", 0))
-        self.model, self.optimizer, self.scheduler, self.checkpoints, self.metrics = prepare_training(
-            acc, model, o, self.total_steps, self.output_dir, config.checkpoint.keep_last, config.checkpoint.verify)
+        self.moe_aux = bool(config.model.moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
+        self.model = self.chassis.prepare(model, self.total_steps)
         self._start: int | None = None  # the step resume() found
 
     # -- one optimizer step -------------------------------------------------------------------------------------
@@ -255,130 +165,73 @@ class Trainer:
         aux_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = padded_cells = 0
         for m, (batch, chosen) in enumerate(micro):
-            ctx = acc.no_sync(self.model) if m < len(micro) - 1 else _nullcontext()
+            ctx = acc.no_sync(self.model) if m < len(micro) - 1 else contextlib.nullcontext()
             with ctx:
                 with acc.autocast():
                     nll_sum, _, aux = masked_nll_sum(self.model, batch, self.moe_aux)
                 loss = nll_sum.float() * scale
                 if self.moe_aux:
-                    loss = loss + _model_config(self.model).router_aux_loss_coef * aux / len(micro)
+                    loss = loss + core_model(self.model).config.router_aux_loss_coef * aux / len(micro)
                 acc.backward(loss)
             nll_total += nll_sum.detach().double()
             aux_total += aux.detach().double()
             tokens += sum(len(s) for item in chosen for s in item)
             padded_cells += (len(chosen) * self.max_length if self.packed else batch["input_ids"].numel())
-        grad_norm = None
-        if self.config.optim.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         sums = torch.stack([nll_total, aux_total, torch.tensor(float(tokens), dtype=torch.float64,
                             device=acc.device), torch.tensor(float(padded_cells), dtype=torch.float64,
                             device=acc.device)])
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="sum")
         loss = float(sums[0] / n_global.double())
-        if not math.isfinite(loss):
-            raise TrainingError(f"step {step + 1}: the loss is {loss}")
+        grad_norm = self.chassis.optimizer_step(math.isfinite(loss))
+        if grad_norm is None:
+            raise TrainingError(f"step {step + 1}: the loss ({loss}) or the gradient norm is not finite; the "
+                                f"weights are those before this step")
         metrics: dict[str, Any] = {
-            "loss": loss, "lr": self.scheduler.get_last_lr()[0], "target_tokens": int(n_global),
+            "loss": loss, "lr": self.chassis.lr, "target_tokens": int(n_global),
             "tokens": int(sums[2]), "packing_efficiency": float(sums[2] / sums[3]),
             "epoch": self.plan.epoch_of(step),
         }
         if self.moe_aux:
             metrics["aux_loss"] = float(sums[1]) / (len(micro) * acc.num_processes)
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        if self.config.optim.max_grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
         return metrics
 
     # -- the run ------------------------------------------------------------------------------------------------
-    def _trainer_state(self, step: int) -> dict[str, Any]:
-        return {"epoch": self.plan.epoch_of(step), "batch_in_epoch": step % self.plan.steps_per_epoch,
-                "global_batch": self.plan.global_batch, "n_items": self.plan.n_items,
-                "world_size": self.accelerator.num_processes, "total_steps": self.total_steps}
-
     def resume(self) -> int:
-        """Restore the checkpoint ``checkpoint.resume`` names (once) and return the step training starts at; a bad
+        """Restore the checkpoint ``run.resume`` names (once) and return the step training starts at; a bad
         checkpoint is a ``CheckpointError`` before anything is written. ``train()`` calls it if nobody did."""
         if self._start is None:
-            self._start = resume_step(self.accelerator, self.checkpoints, self.plan, "items",
-                                      self.config.checkpoint.resume)
+            self._start = start_step(self.chassis, self.plan, "items", self.config.run.resume)
         return self._start
 
     def train(self) -> TrainResult:
-        acc = self.accelerator
         start = self.resume()
-        self.metrics.truncate_after(start)
-        if self.config.logging.report_to:
-            acc.init_trackers(self.config.logging.project, config=_flat(self.run_config))
-        progress = _Progress(acc.is_main_process and self.config.logging.progress, self.total_steps, start)
-        loss = float("nan")
-        every = self.config.checkpoint.every_steps
-        t_last, tokens_since = time.perf_counter(), 0
-        with progress:
-            for step in range(start, self.total_steps):
-                metrics = self.train_step(step)
-                done = step + 1
-                loss = metrics["loss"]
-                tokens_since += metrics["tokens"]
-                if done % self.config.logging.every_steps == 0 or done == self.total_steps:
-                    now = time.perf_counter()
-                    metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
-                    if self.config.logging.record_samples:
-                        metrics["samples"] = sorted(s.sample_id for i in self.plan.global_indices(step)
-                                                    for s in self.items[i])
-                    self.metrics.log(done, metrics)
-                if self.on_step is not None:
-                    self.on_step(done, metrics)
-                progress.advance(loss, metrics.get("tokens_per_s"))
-                if every and done % every == 0 and done < self.total_steps:
-                    self.checkpoints.save(done, self._trainer_state(done))
-        if self.total_steps > start:
-            self.checkpoints.save(self.total_steps, self._trainer_state(self.total_steps))
-        for tracker in acc.trackers:  # not accelerator.end_training(): that also ends the process group
-            tracker.finish()
-        return TrainResult(self.total_steps, loss, self.metrics.path, acc.unwrap_model(self.model))
+        timing = {"t": time.perf_counter(), "tokens": 0}
 
+        def step(i: int) -> dict[str, Any]:
+            metrics = self.train_step(i)
+            timing["tokens"] += metrics["tokens"]
+            return metrics
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+        def before_log(done: int, metrics: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            metrics["tokens_per_s"] = timing["tokens"] / max(now - timing["t"], 1e-9)
+            timing["t"], timing["tokens"] = now, 0
+            if self.config.logging.record_samples:
+                metrics["samples"] = sorted(s.sample_id for i in self.plan.global_indices(done - 1)
+                                            for s in self.items[i])
 
-    def __exit__(self, *exc):
-        return False
+        def figures(metrics: dict[str, Any]) -> dict[str, str]:
+            out = {"loss": f"{metrics['loss']:.4f}"}
+            if metrics.get("tokens_per_s"):
+                out["tok/s"] = f"{metrics['tokens_per_s']:,.0f}"
+            return out
 
-
-class _Progress:
-    """The training chassis' progress (``posttrain.progress.StageProgress``): loss and tokens/s beside the steps."""
-
-    def __init__(self, enabled: bool, total: int, start: int, stage: str = "train"):
-        from posttrain.progress import StageProgress
-
-        self.display = StageProgress(stage, total, start, enabled=enabled)
-
-    def __enter__(self):
-        self.display.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.display.__exit__(*exc)
-
-    def advance(self, loss: float, tokens_per_s: float | None) -> None:
-        figures = {"loss": f"{loss:.4f}"}
-        if tokens_per_s:
-            figures["tok/s"] = f"{tokens_per_s:,.0f}"
-        self.display.advance(1, **figures)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[f"{prefix}{k}"] = v
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
+        last = self.chassis.run(
+            start, self.total_steps, step,
+            lambda done: plan_state(self.plan, done, self.accelerator.num_processes, self.total_steps),
+            run_config=self.run_config, before_log=before_log, after_step=self.on_step, figures=figures)
+        return TrainResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path,
+                           self.accelerator.unwrap_model(self.model))

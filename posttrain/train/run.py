@@ -59,10 +59,10 @@ def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[st
 
     m = config.model
     if m.preset is not None:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.run.seed)
         cfg = preset(m.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-        return HybridForCausalLM(cfg), {"preset": m.preset, "seed": config.seed}
+        return HybridForCausalLM(cfg), {"preset": m.preset, "seed": config.run.seed}
     base = {"path": str(Path(m.path).resolve()), "sha256": weights_digest(m.path)}
     if is_hybrid_folder(m.path):
         model = HybridForCausalLM.from_pretrained(m.path, dtype=torch.float32)
