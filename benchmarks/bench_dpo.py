@@ -71,7 +71,7 @@ def run_ours(folder: Path, data_file: Path, steps: int, batch: int, max_length: 
         f"--model.path={folder / 'base'}", f"--data.train_files=[{data_file}]", f"--data.max_length={max_length}",
         "--optim.lr=1e-4", f"--optim.per_device_batch_size={batch}", f"--optim.max_steps={steps + 1}",
         "--optim.schedule=constant", "--optim.max_grad_norm=1.0", "--loss.beta=0.1", f"--loss.reference={reference}",
-        f"--checkpoint.output_dir={out}", "--checkpoint.every_steps=0", "--checkpoint.resume=false",
+        f"--checkpoint.output_dir={out}", "--checkpoint.every_steps=0", "--run.resume=null",
         "--logging.progress=false", f"--eval.batch_size={batch}"])
     tok = AutoTokenizer.from_pretrained(str(folder / "base"))
     pairs = load_pairs([data_file], tok, max_length=max_length)

@@ -50,6 +50,7 @@ def run_ours(folder: Path, data_file: Path, tok_dir: Path, steps: int, batch: in
         LoggingSettings,
         ModelSettings,
         OptimSettings,
+        RunSettings,
         TrainConfig,
     )
     from posttrain.train.loop import Trainer
@@ -60,7 +61,8 @@ def run_ours(folder: Path, data_file: Path, tok_dir: Path, steps: int, batch: in
     cfg = TrainConfig(model=ModelSettings(path=str(folder / "base")),
                       data=DataSettings(train_files=[str(data_file)], max_length=max_length, packing=packed),
                       optim=OptimSettings(lr=1e-3, per_device_batch_size=batch, max_steps=steps),
-                      checkpoint=CheckpointSettings(output_dir=str(out), every_steps=0, resume=False),
+                      checkpoint=CheckpointSettings(output_dir=str(out), every_steps=0),
+                      run=RunSettings(resume=None),
                       logging=LoggingSettings(progress=False))
     from transformers import AutoTokenizer
 

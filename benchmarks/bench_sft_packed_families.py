@@ -51,6 +51,7 @@ def run_ours(folder: Path, data_file: Path, steps: int, bins: int, max_length: i
         LoggingSettings,
         ModelSettings,
         OptimSettings,
+        RunSettings,
         TrainConfig,
     )
     from posttrain.train.loop import Trainer
@@ -60,8 +61,8 @@ def run_ours(folder: Path, data_file: Path, steps: int, bins: int, max_length: i
     cfg = TrainConfig(model=ModelSettings(path=str(folder / "base")),
                       data=DataSettings(train_files=[str(data_file)], max_length=max_length, packing=True),
                       optim=OptimSettings(lr=1e-3, per_device_batch_size=bins, max_steps=steps, schedule="constant"),
-                      checkpoint=CheckpointSettings(output_dir=tempfile.mkdtemp(dir=folder), every_steps=0,
-                                                    resume=False),
+                      checkpoint=CheckpointSettings(output_dir=tempfile.mkdtemp(dir=folder), every_steps=0),
+                      run=RunSettings(resume=None),
                       logging=LoggingSettings(progress=False))
     tok = load_tokenizer(str(folder / "base"))
     _, items = build_items(cfg, tok, "sft")

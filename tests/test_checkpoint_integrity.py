@@ -224,7 +224,7 @@ def test_the_verify_setting_is_checked_naming_the_field():
     with pytest.raises(ConfigError, match=r"checkpoint\.verify"):
         load_config(TrainConfig, None, ["--checkpoint.verify", "fast"])
     assert load_config(TrainConfig, None, ["--checkpoint.verify", "size"]).checkpoint.verify == "size"
-    assert load_config(TrainConfig, None, ["--checkpoint.resume", "latest"]).checkpoint.resume == "latest"
+    assert load_config(TrainConfig, None, ["--run.resume", "latest"]).run.resume == "latest"
     from posttrain.dpo.config import DpoConfig
     from posttrain.grpo.config import GrpoConfig
 
@@ -250,8 +250,8 @@ def recipe(tmp_path_factory) -> Path:
         f"model: {{preset: tiny, tokenizer: {root / 'tok'}}}\n"
         f"data: {{train_files: [{root / 'train.jsonl'}], max_length: 64, packing: true}}\n"
         f"optim: {{lr: 3.0e-3, per_device_batch_size: 2, max_steps: {STEPS}, warmup_steps: 2}}\n"
-        f"checkpoint: {{output_dir: {root / 'unused'}, every_steps: {EVERY}, keep_last: 3, resume: latest}}\n"
-        "logging: {progress: false}\n")
+        f"checkpoint: {{output_dir: {root / 'unused'}, every_steps: {EVERY}, keep_last: 3}}\n"
+        "logging: {progress: false}\nrun: {resume: latest}\n")
     return path
 
 
@@ -310,7 +310,7 @@ def test_sft_cli_with_a_bad_checkpoint_path_stops_naming_the_file_and_writes_not
     (out / "config.yaml").write_text("# the config of the run, as it was\n")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "sft", "--config", str(recipe),
-                           "--checkpoint.output_dir", str(out), "--checkpoint.resume", str(bad)],
+                           "--checkpoint.output_dir", str(out), "--run.resume", str(bad)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode != 0

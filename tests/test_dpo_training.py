@@ -137,7 +137,7 @@ def test_a_stopped_run_resumes_exactly(setup):
 
 
 def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adapter(setup):
-    common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--checkpoint.resume=false",
+    common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--run.resume=null",
               "--data.max_samples=8")
     run_dpo(config(setup, "pre", *common))
     run_dpo(config(setup, "fly", *common, "--loss.reference=on_the_fly"))
@@ -180,7 +180,7 @@ def test_under_bf16_autocast_the_precomputed_reference_starts_equal_to_the_polic
     same pairs, so the two are scored in the same shapes."""
     common = ("--model.dtype=bfloat16", "--optim.max_steps=1", "--optim.per_device_batch_size=8",
               "--eval.batch_size=8", "--data.shuffle=false", "--data.max_samples=16",
-              f"--data.eval_files=[{setup / 'eval.jsonl'}]", "--checkpoint.resume=false")
+              f"--data.eval_files=[{setup / 'eval.jsonl'}]", "--run.resume=null")
     for reference in ("precomputed", "on_the_fly"):
         out = f"bf16_{reference}"
         fresh_precision()
@@ -227,7 +227,7 @@ def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path):
 
 def test_simpo_needs_no_reference_and_ipo_trains(setup):
     common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--data.max_samples=8",
-              "--checkpoint.resume=false")
+              "--run.resume=null")
     run_dpo(config(setup, "simpo", *common, "--loss.type=simpo", "--loss.beta=2.0", "--loss.gamma=0.5"))
     assert not (setup / "simpo" / REFERENCE_FILE).exists()
     first = metrics(setup, "simpo")[0]

@@ -19,6 +19,7 @@ from posttrain.train.config import (
     LoraSettings,
     ModelSettings,
     OptimSettings,
+    RunSettings,
     TrainConfig,
 )
 from posttrain.train.data import collate_packed, collate_padded, load_segments, pack_segments
@@ -69,7 +70,7 @@ def config(tmp_path, bs, accum, steps=3, **model_kw) -> TrainConfig:
         optim=OptimSettings(lr=2e-3, per_device_batch_size=bs, grad_accumulation_steps=accum, max_steps=steps,
                             warmup_steps=1),
         checkpoint=CheckpointSettings(output_dir=str(tmp_path), every_steps=0),
-        logging=LoggingSettings(progress=False), seed=0)
+        logging=LoggingSettings(progress=False), run=RunSettings(seed=0))
 
 
 def losses(path):

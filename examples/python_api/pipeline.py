@@ -54,6 +54,7 @@ def main() -> None:
         LoggingSettings,
         ModelSettings,
         OptimSettings,
+        RunSettings,
         TrainConfig,
     )
     from posttrain.train.run import run_training
@@ -67,7 +68,7 @@ def main() -> None:
         data=DataSettings(train_files=[str(out / "corpus.jsonl")], format="text", max_length=128),
         optim=OptimSettings(lr=3e-3, per_device_batch_size=8, max_steps=steps(100), schedule="wsd",
                             warmup_steps=steps(5)),
-        checkpoint=CheckpointSettings(output_dir=str(out / "pretrain"), every_steps=0, resume=False),
+        checkpoint=CheckpointSettings(output_dir=str(out / "pretrain"), every_steps=0), run=RunSettings(resume=None),
         logging=quiet), "pretrain")
 
     # 3. filter: chat structure, answer verification against the reference, exact and near dedup
@@ -86,7 +87,7 @@ def main() -> None:
         model=ModelSettings(path=str(out / "pretrain" / "final")),
         data=DataSettings(train_files=[str(out / "filter" / "kept.jsonl")], format="messages", max_length=128),
         optim=OptimSettings(lr=2e-3, per_device_batch_size=8, max_steps=steps(80), warmup_steps=steps(5)),
-        checkpoint=CheckpointSettings(output_dir=str(out / "sft"), every_steps=0, resume=False),
+        checkpoint=CheckpointSettings(output_dir=str(out / "sft"), every_steps=0), run=RunSettings(resume=None),
         logging=quiet), "sft")
 
     # 5. GRPO with the DAPO loss, rewarded by the math verifier
@@ -111,7 +112,8 @@ def main() -> None:
         rewards=RewardsConfig(rewards=[{"name": "math"}], num_workers=0),
         optim=OptimConfig(lr=1e-4, mini_batches=2),
         eval=EvalConfig(path=str(out / "prompts.jsonl"), max_prompts=32),
-        run=RunConfig(output_dir=str(out / "grpo"), steps=steps(30)),
+        checkpoint=CheckpointSettings(output_dir=str(out / "grpo"), every_steps=0),
+        run=RunConfig(steps=steps(30)),
         logging=LoggingConfig(progress=False),
     )).train()
     print(f"GRPO: {len(history)} steps, last train accuracy {history[-1]['accuracy']:.3f}")
