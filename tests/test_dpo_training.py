@@ -136,6 +136,25 @@ def test_a_stopped_run_resumes_exactly(setup):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
 
 
+def test_a_bad_checkpoint_to_resume_stops_the_run_before_anything_is_written(setup):
+    from posttrain.train.checkpointing import CheckpointError
+
+    common = ("--optim.max_steps=2", "--checkpoint.every_steps=1", "--optim.per_device_batch_size=4",
+              "--data.max_samples=8")
+    run_dpo(config(setup, "damaged", *common))
+    out = setup / "damaged"
+    bad = out / "checkpoints" / f"step-{1:08d}"
+    weights = next(p for p in bad.iterdir() if p.name.startswith(("model", "pytorch_model")))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (out / "config.yaml").write_text("# the config of the run, as it was\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="sha256"):
+        run_dpo(config(setup, "damaged", *common, f"--run.resume={bad}"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # config.yaml and logs as they were
+
+
 def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adapter(setup):
     common = ("--optim.max_steps=2", "--optim.per_device_batch_size=4", "--run.resume=null",
               "--data.max_samples=8")

@@ -47,6 +47,7 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
     trainer = DpoTrainer(config, model, train, held_out, pad_token_id=pad, run_config=config_to_dict(config),
                          reference_id=reference, on_step=on_step)
     acc = trainer.accelerator
+    trainer.resume()  # a checkpoint that cannot be resumed from stops the run before anything is written
     out = Path(config.checkpoint.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -229,6 +229,7 @@ class DpoTrainer:
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.model = self.chassis.prepare(model, self.total_steps)
+        self._start: int | None = None  # the step resume() found
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
@@ -337,8 +338,15 @@ class DpoTrainer:
         return self._named("eval/", totals, len(self.eval_pairs))
 
     # -- the run ------------------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Restore the checkpoint ``run.resume`` names (once) and return the step training starts at; a bad
+        checkpoint is a ``CheckpointError`` before anything is written. ``train()`` calls it if nobody did."""
+        if self._start is None:
+            self._start = start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
+        return self._start
+
     def train(self) -> DpoResult:
-        start = start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
+        start = self.resume()
         if start == 0 and self.eval_pairs:
             self.chassis.log(0, self.evaluate())
         eval_every = self.config.eval.every_steps
