@@ -1,23 +1,25 @@
 """Configuration of a filter run: rule filters, dedup and the LLM judge, as dataclasses loaded from YAML.
 
-Every field is documented where it is declared. Loading is strict: an unknown filter name, an unknown option or a
-value of the wrong type is a ``ConfigError`` that names the file and the dotted field, raised before any work starts.
-This module only describes and validates configuration; it must never read samples or contact a judge.
+Every field is documented where it is declared. Loading goes through ``posttrain.config`` (the loader of every
+command's recipe: same YAML reading, type conversion, overrides and errors), so it is strict the same way: an
+unknown filter name, an unknown option or a value of the wrong type is a ``ConfigError`` that names the file and
+the dotted field, raised before any work starts. The rule list is a ``choose_by_name`` field: each item
+``{name, id, ...options}`` becomes ``RuleSpec(name, id, options=<the rule's dataclass>)``, and overrides address a
+rule by index or id (``rules.0.min_chars=3``, ``rules.length.max_chars=99``). What is the filter's own here is the
+dataclasses and ``_validate``'s cross-field checks. This module only describes and validates configuration; it must
+never read samples or contact a judge.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, build_config, choose_by_name
+from posttrain.config import load_config as load_recipe
 
 # ----------------------------------------------------------------------------------------------- rule filters
 
@@ -216,7 +218,8 @@ class JudgeConfig:
 class FilterConfig:
     """A whole filter run: rules, then dedup, then the judge."""
 
-    rules: list[RuleSpec] = field(default_factory=list)
+    # each item {name, id, ...options}: name one of RULE_TYPES, id (default: the name) unique in the list
+    rules: list[RuleSpec] = field(default_factory=list, metadata=choose_by_name(RULE_TYPES, kind="filter"))
     dedup: DedupConfig = field(default_factory=DedupConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -232,207 +235,43 @@ class FilterConfig:
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Validate ``value`` against a type hint, converting ints to floats where a float is expected."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        concrete = [a for a in args if a is not type(None)]
-        if len(concrete) == 1:  # X | None: report X's own complaint
-            return _check_type(value, concrete[0], where)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} is not {_hint_name(hint)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {
-            _check_type(k, args[0], f"{where} key {k!r}"): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()
-        }
-    if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, where)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {hint!r}")
-
-
-def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of options, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown option {unknown[0]!r} for {cls.__name__} (known: {', '.join(sorted(names))})"
-        )
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _rules_from_list(data: Any, where: str) -> list[RuleSpec]:
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ConfigError(f"{where}: expected a list of rules, each a mapping with 'name'")
-    specs: list[RuleSpec] = []
-    seen: set[str] = set()
-    for i, item in enumerate(data):
-        at = f"{where}[{i}]"
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"{at}: each rule is a mapping with a 'name' (one of {', '.join(RULE_TYPES)})")
-        item = dict(item)
-        name = item.pop("name")
-        rule_id = item.pop("id", name)
-        if name not in RULE_TYPES:
-            raise ConfigError(f"{at}.name: unknown filter {name!r} (known: {', '.join(RULE_TYPES)})")
-        if not isinstance(rule_id, str) or rule_id in seen:
-            raise ConfigError(f"{at}.id: {rule_id!r} must be a unique string; give repeated rules distinct ids")
-        seen.add(rule_id)
-        specs.append(RuleSpec(name=name, id=rule_id, options=_from_dict(RULE_TYPES[name], item, f"{at}")))
-    return specs
-
-
-def _validate(config: FilterConfig, where: str) -> None:
-    prefix = f"{where}: " if where else ""
+def _validate(config: FilterConfig, source: str) -> None:
+    """The checks that span fields, after every value has its declared type."""
     near = config.dedup.near
     if not 0 < near.threshold <= 1:
-        raise ConfigError(f"{prefix}dedup.near.threshold: {near.threshold} must be in (0, 1]")
+        raise ConfigError(f"{source}: dedup.near.threshold: {near.threshold} must be in (0, 1]")
     if near.ngram < 1 or near.num_perm < 8:
-        raise ConfigError(f"{prefix}dedup.near: ngram must be >= 1 and num_perm >= 8")
+        raise ConfigError(f"{source}: dedup.near: ngram must be >= 1 and num_perm >= 8")
     judge = config.judge
     if judge.enabled:
         if not judge.backend.model:
-            raise ConfigError(f"{prefix}judge.backend.model: required when the judge is enabled")
+            raise ConfigError(f"{source}: judge.backend.model: required when the judge is enabled")
         if judge.backend.concurrency < 1:
-            raise ConfigError(f"{prefix}judge.backend.concurrency: must be >= 1")
+            raise ConfigError(f"{source}: judge.backend.concurrency: must be >= 1")
         if judge.score_min >= judge.score_max:
-            raise ConfigError(f"{prefix}judge.score_min must be below judge.score_max")
+            raise ConfigError(f"{source}: judge.score_min must be below judge.score_max")
         if judge.mode == "pairwise" and len(judge.candidates) != 2:
-            raise ConfigError(f"{prefix}judge.candidates: pairwise judging needs exactly two columns")
+            raise ConfigError(f"{source}: judge.candidates: pairwise judging needs exactly two columns")
     for spec in config.rules:
         if spec.name == "forbidden_patterns":
-            import re
-
             for j, pattern in enumerate(spec.options.patterns):
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise ConfigError(f"{prefix}rules.{spec.id}.patterns[{j}]: invalid regex {pattern!r}: {exc}") from exc
+                    raise ConfigError(f"{source}: rules.{spec.id}.patterns[{j}]: invalid regex {pattern!r}: {exc}") from exc
 
 
 def config_from_dict(data: Any, where: str = "") -> FilterConfig:
-    """Build a FilterConfig from plain data (parsed YAML); ``where`` names the source in errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping with rules/dedup/judge")
-    allowed = {"rules", "dedup", "judge"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown section {unknown[0]!r} (known: dedup, judge, rules)")
-    prefix = f"{where}: " if where else ""
-    config = FilterConfig(
-        rules=_rules_from_list(data.get("rules"), f"{prefix}rules"),
-        dedup=_from_dict(DedupConfig, data.get("dedup"), f"{prefix}dedup"),
-        judge=_from_dict(JudgeConfig, data.get("judge"), f"{prefix}judge"),
-    )
-    _validate(config, where)
+    """Build a FilterConfig from plain data (parsed YAML); ``where`` names the source in errors (default ``config``)."""
+    source = where or "config"
+    config = build_config(FilterConfig, data, source)
+    _validate(config, source)
     return config
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML); list items are addressed by index or rule id."""
-    data = copy.deepcopy(data) if data else {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        parts = key.split(".")
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                index = _list_index(node, part, key)
-                if last:
-                    node[index] = value
-                else:
-                    node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} is not a section")
-    return data
-
-
-def _list_index(node: list, part: str, key: str) -> int:
-    if part.isdigit() and int(part) < len(node):
-        return int(part)
-    for i, item in enumerate(node):
-        if isinstance(item, dict) and item.get("id", item.get("name")) == part:
-            return i
-    raise ConfigError(f"override {key!r}: no list item {part!r}")
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FilterConfig:
-    """Read a filter config from YAML (or start empty), apply overrides, validate."""
-    data: Any = {}
-    where = "overrides"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if overrides:
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping with rules/dedup/judge")
-        data = apply_overrides(data or {}, overrides)
-    return config_from_dict(data, where)
+    """Read a filter config from YAML (or start from the defaults), apply overrides (``rules.length.max_chars=99``
+    or ``--judge.min_score 8``), validate."""
+    config = load_recipe(FilterConfig, path, overrides)
+    _validate(config, str(path) if path is not None else "defaults")
+    return config

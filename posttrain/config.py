@@ -5,9 +5,28 @@ A recipe is a YAML mapping whose top-level keys are the groups of a config datac
 where they are declared. ``load_config(SftConfig, "recipes/x.yaml", ["--optim.lr", "1e-5"])`` reads the file,
 applies the overrides, converts and checks every value against its declared type, and raises ``ConfigError``
 naming the file and the dotted field for a wrong name or value (non-finite numbers included), before any work
-starts. ``describe_config(cls)`` writes every field's dotted name, type, default and doc for ``--help``, read from
-the classes themselves (the doc is the ``name: ...`` entry of the class docstring or the comment on or above the
-field), so the help is never a second copy. This module knows no particular command.
+starts; ``build_config(cls, data, source)`` does the same for data already parsed. ``describe_config(cls)`` writes
+every field's dotted name, type, default and doc for ``--help``, read from the classes themselves (the doc is the
+``name: ...`` entry of the class docstring or the comment on or above the field, in the class or the nearest base
+class that documents it), so the help is never a second copy. This module knows no particular command.
+
+What a recipe may hold, beyond plain fields:
+- a group left empty (``optim:`` and nothing under it) keeps its defaults;
+- ``dict[K, V]`` fields: every key converted to ``K`` (a key written as text, as in an override, is read as YAML
+  first, so ``fractions.2=0.5`` addresses the key ``2`` of a ``dict[int, float]``) and every value to ``V``;
+- a list field declared with ``field(metadata=choose_by_name({"length": LengthRule, ...}, kind="filter"))``: each
+  item is a mapping ``{name, id, ...options}`` whose ``name`` picks the options' dataclass, whose ``id`` (default: the
+  name, unique in the list) is what the item is reported and addressed under, and whose other keys are the options;
+  it becomes the list's item class built as ``Item(name=..., id=..., options=<dataclass>)``;
+- renamed fields: a config dataclass may declare ``RENAMED: ClassVar[dict[str, str]] = {"old": "new"}``, both names
+  dotted relative to that class (a top-level config may say ``{"run.save_every": "checkpoint.every_steps"}``, so a
+  group shared by several commands need not know one command's old names); an old name in a recipe or override is
+  an error naming its new name, raised before any other error of that mapping.
+
+Overrides are ``--group.field VALUE``, ``--group.field=VALUE`` or ``group.field=VALUE``; the value is read as YAML
+(an empty one is the empty string). A mapping's key may be written with ``-`` for ``_`` (``--optim.warmup-steps``);
+a list's item is addressed by its index or by its ``id`` (else its ``name``): ``rules.0.min_chars=3``,
+``rules.length.max_chars=99``. Overrides apply in order, on the recipe as read, before any conversion.
 """
 
 from __future__ import annotations
@@ -22,8 +41,9 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
@@ -37,25 +57,26 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """The recipe at ``path`` (or the defaults, named ``defaults`` in errors) with ``overrides`` applied, as ``cls``."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}:{where} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of config groups, got {type(loaded).__name__}")
-        data = loaded
+        data = _read_recipe(Path(path))
     for key, raw in _parse_overrides(overrides or []):
-        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(data, key, _override_value(key, raw))
+    return build_config(cls, data, source)
+
+
+def build_config(cls: type[T], data: Any, source: str) -> T:
+    """``cls`` built from plain data (a parsed recipe), every value converted and checked; errors name ``source``."""
     return _build(cls, data, source, prefix="")
+
+
+def choose_by_name(choices: Mapping[str, type], kind: str = "item") -> dict[str, Any]:
+    """The ``field(metadata=...)`` of a list field whose items pick their options' dataclass by their ``name`` key
+    among ``choices`` (see the module doc); ``kind`` is what errors call a name (``unknown filter 'lenght'``)."""
+    return {_CHOICES: _Choices(dict(choices), kind)}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -67,8 +88,32 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+_CHOICES = "posttrain.config.choose_by_name"
+
+
+class _Choices(NamedTuple):
+    types: dict[str, type]
+    kind: str
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config groups, got {type(loaded).__name__}")
+    return loaded
+
+
 def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``--optim.lr 1e-5``, ``--optim.lr=1e-5`` or ``optim.lr=1e-5``."""
+    """``--optim.lr 1e-5``, ``--optim.lr=1e-5`` or ``optim.lr=1e-5``: (dotted key, raw value) pairs, in order."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -85,40 +130,124 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
             key, value = arg.split("=", 1)
         else:
             raise ConfigError(f"cannot read override {arg!r}: use --group.field VALUE or group.field=VALUE")
-        out.append((key.replace("-", "_"), value))
+        out.append((key, value))
         i += 1
     return out
 
 
+def _override_value(key: str, raw: str) -> Any:
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: {raw!r} is not a YAML value: {e}") from None
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``value`` at the dotted ``key`` of a recipe, creating the missing groups (see the module doc)."""
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key}: {part} is not a group")
-        node = nxt
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        if isinstance(node, dict):
+            step: Any = _mapping_key(node, part)
+        elif isinstance(node, list):
+            step = _list_item(node, part, key)
+        else:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a group")
+        if depth == len(parts) - 1:
+            node[step] = value
+        elif isinstance(node, dict):
+            if node.get(step) is None:  # a group not given, or left empty
+                node[step] = {}
+            node = node[step]
+        else:
+            node = node[step]
+
+
+def _mapping_key(node: dict[Any, Any], part: str) -> Any:
+    """The key ``part`` names: itself, an existing key that reads as it (the ``2`` of ``{2: 0.2}``), else with
+    ``-`` read as ``_``."""
+    if part in node:
+        return part
+    return next((k for k in node if str(k) == part), part.replace("-", "_"))
+
+
+def _list_item(node: list[Any], part: str, key: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("id", item.get("name")) == part:
+            return i
+    raise ConfigError(f"override {key}: no list item {part!r} (an index below {len(node)}, or an item's id or name)")
 
 
 def _build(cls: type, data: Any, source: str, prefix: str):
+    if data is None:  # a group left empty keeps its defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    _check_renamed(cls, data, source, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known in "
                           f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, source, prefix + name)
+        choices = fields[name].metadata.get(_CHOICES)
+        if choices is not None:
+            kwargs[name] = _chosen_items(hints[name], choices, value, source, prefix + name)
+        else:
+            kwargs[name] = _convert(hints[name], value, source, prefix + name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _check_renamed(cls: type, data: dict[str, Any], source: str, prefix: str) -> None:
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    for old, new in renamed.items():
+        node: Any = data
+        for part in old.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise ConfigError(f"{source}: {prefix}{old} was renamed {prefix}{new}")
+
+
+def _chosen_items(tp: Any, choices: _Choices, value: Any, source: str, name: str) -> list[Any]:
+    """A ``choose_by_name`` list: each ``{name, id, ...options}`` as ``Item(name=, id=, options=<its dataclass>)``."""
+    if value is None:
+        return []
+    known = ", ".join(choices.types)
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {name} must be a list of mappings, each with a name (one of {known}), "
+                          f"got {value!r}")
+    item_cls = typing.get_args(tp)[0]
+    items: list[Any] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(value):
+        at = f"{name}[{i}]"
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise ConfigError(f"{source}: {at} must be a mapping with a name (one of {known}), got {raw!r}")
+        options = dict(raw)
+        chosen = options.pop("name")
+        item_id = options.pop("id", chosen)
+        if not isinstance(chosen, str) or chosen not in choices.types:
+            raise ConfigError(f"{source}: {at}.name: unknown {choices.kind} {chosen!r} (known: {known})")
+        if not isinstance(item_id, str) or item_id in seen:
+            raise ConfigError(f"{source}: {at}.id: {item_id!r} must be a unique string; "
+                              f"give repeated {choices.kind}s distinct ids")
+        seen.add(item_id)
+        items.append(item_cls(name=chosen, id=item_id,
+                              options=_build(choices.types[chosen], options, source, at + ".")))
+    return items
 
 
 def _convert(tp: Any, value: Any, source: str, name: str):
@@ -152,7 +281,12 @@ def _convert(tp: Any, value: Any, source: str, name: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        converted = {}
+        for k, v in value.items():
+            key = _convert(key_tp, _dict_key(key_tp, k), source, f"{name} key {k!r}")
+            converted[key] = _convert(value_tp, v, source, f"{name}.{k}")
+        return converted
     if tp is Any:
         return value
     if tp is bool:
@@ -184,27 +318,47 @@ def _convert(tp: Any, value: Any, source: str, name: str):
     return value
 
 
+def _dict_key(tp: Any, key: Any) -> Any:
+    """A mapping's key as written: read as YAML when it is text and the declared key type is not text."""
+    if not isinstance(key, str) or tp in (str, Any):
+        return key
+    try:
+        return yaml.safe_load(key)
+    except yaml.YAMLError:
+        return key
+
+
 # -- describing a config for --help ---------------------------------------------------------------------------------
 
 _DOC_ENTRY = re.compile(r"(?:^|(?<=\n)|(?<=  ))[ \t]*((?:[a-z_][a-z0-9_]*, )*[a-z_][a-z0-9_]*): ")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's doc as written in ``cls``: its ``name: doc`` entry in the class docstring (several names may
+    """Each field's doc as written in ``cls`` or, for a field it does not document (one it inherits), in the nearest
+    base class that does: in each class, the field's ``name: doc`` entry in the class docstring (several names may
     share one: ``lr, eps: ...``), else the comment at the end of its line, else the comment lines right above it."""
     names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
-    text = inspect.getdoc(cls) or ""
-    if cls.__doc__ is not None and not cls.__doc__.startswith(cls.__name__ + "("):  # not dataclass' generated one
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        text = _written_doc(klass)
         matches = [m for m in _DOC_ENTRY.finditer(text) if set(m.group(1).split(", ")) <= names]
         for m, nxt in zip(matches, [*matches[1:], None][: len(matches)], strict=True):
             doc = " ".join(text[m.end(): nxt.start() if nxt else len(text)].split())
             for name in m.group(1).split(", "):
                 docs.setdefault(name, doc)
-    for name, comment in _field_comments(cls).items():
-        if name in names and comment:
-            docs.setdefault(name, comment)
+        for name, comment in _field_comments(klass).items():
+            if name in names and comment:
+                docs.setdefault(name, comment)
     return docs
+
+
+def _written_doc(cls: type) -> str:
+    """The class's own docstring, cleaned; empty when it has none but the one ``dataclass`` generates."""
+    if cls.__doc__ is None or cls.__doc__.startswith(cls.__name__ + "("):
+        return ""
+    return inspect.cleandoc(cls.__doc__)
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -315,9 +469,9 @@ def describe_config(cls: type, width: int = 100) -> str:
 
 def _intro(cls: type) -> str:
     """The first paragraph of a group's docstring when it is prose, not already a field's entry."""
-    if cls.__doc__ is None or cls.__doc__.startswith(cls.__name__ + "("):
+    first = _written_doc(cls).split("\n\n")[0]
+    if not first:
         return ""
-    first = (inspect.getdoc(cls) or "").split("\n\n")[0]
     m = _DOC_ENTRY.match(first)
     if m and set(m.group(1).split(", ")) <= {f.name for f in dataclasses.fields(cls)}:
         return ""

@@ -152,7 +152,7 @@ def test_unknown_filter_or_option_fails_before_any_work(tmp_path, shared_data, c
     rc = main(["filter", "--config", str(bad), "--set", "rules.1.name=length", "--set", "rules.1.id=len2",
                "--set", "rules.len2.max_chars=ten", "--input", str(tmp_path / "in.jsonl"), "--output",
                str(tmp_path / "out")])
-    assert rc == 2 and "rules[1].max_chars: expected an integer, got 'ten'" in capsys.readouterr().err
+    assert rc == 2 and "bad.yaml: rules[1].max_chars must be an integer, got 'ten'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

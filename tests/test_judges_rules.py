@@ -139,13 +139,13 @@ def test_verify_answer_keeps_correct_gsm8k_answers_only(shared_data):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"rules\[1\]\.name: unknown filter 'lenght'"):
         config_from_dict({"rules": [{"name": "length"}, {"name": "lenght"}]})
-    with pytest.raises(ConfigError, match=r"rules\[0\]: unknown option 'max_char' for LengthRule"):
+    with pytest.raises(ConfigError, match=r"config: unknown field rules\[0\]\.max_char \(known in rules\[0\]: max_chars, "):
         config_from_dict({"rules": [{"name": "length", "max_char": 3}]})
-    with pytest.raises(ConfigError, match=r"dedup\.near\.threshold: expected a number"):
+    with pytest.raises(ConfigError, match=r"dedup\.near\.threshold must be a number, got 'high'"):
         config_from_dict({"dedup": {"near": {"threshold": "high"}}})
-    with pytest.raises(ConfigError, match=r"judge\.on_unparseable: 'ignore' is not one of"):
+    with pytest.raises(ConfigError, match=r"judge\.on_unparseable must be one of \['keep', 'drop', 'retry'\], got 'ignore'"):
         config_from_dict({"judge": {"on_unparseable": "ignore"}})
-    with pytest.raises(ConfigError, match=r"unknown section 'judges'"):
+    with pytest.raises(ConfigError, match=r"unknown field judges \(known in the config: dedup, judge, rules\)"):
         config_from_dict({"judges": {}})
     with pytest.raises(ConfigError, match=r"judge\.backend\.model: required"):
         config_from_dict({"judge": {"enabled": True}})
@@ -155,7 +155,7 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text("rules:\n  - name: length\n    max_chars: 10\n")
     config = load_config(path, ["rules.length.max_chars=99", "judge.min_score=8"])
     assert config.rules[0].options.max_chars == 99 and config.judge.min_score == 8.0
-    with pytest.raises(ConfigError, match=rf"{path}: rules\[0\]\.max_chars: expected an integer"):
+    with pytest.raises(ConfigError, match=rf"{path}: rules\[0\]\.max_chars must be an integer, got 'lots'"):
         load_config(path, ["rules.0.max_chars=lots"])
 
 
@@ -168,3 +168,24 @@ def test_shipped_recipes_load():
     for path in root.glob("*.yaml"):
         config = load_config(path)
         build_rules(config.rules)
+
+
+def test_filter_overrides_take_both_forms_and_address_rules_and_typed_keys(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text("rules:\n  - name: length\n    id: short-answers\n    max_chars: 10\n  - name: repetition\n"
+                    "judge:\n")
+    config = load_config(path, ["--rules.short-answers.min_chars", "2", "--judge.min_score=8",
+                                "rules.repetition.max_top_ngram_char_fraction.2=0.5", "dedup.near.ngram=5"])
+    assert config.rules[0].id == "short-answers" and config.rules[0].options.min_chars == 2
+    assert config.rules[0].options.max_chars == 10
+    # a mapping given replaces the default one; its keys take the declared type (int), its values theirs (float)
+    assert config.rules[1].options.max_top_ngram_char_fraction == {2: 0.5}
+    assert config.judge.min_score == 8.0 and config.judge.backend.concurrency == 8  # `judge:` left empty: defaults
+    assert config.dedup.near.ngram == 5
+    assert config.to_dict()["rules"][0] == {"name": "length", "id": "short-answers", "target": "completion",
+                                            "min_chars": 2, "max_chars": 10, "min_tokens": None, "max_tokens": None,
+                                            "tokenizer": None}
+    with pytest.raises(ConfigError, match=r"override rules\.long\.max_chars: no list item 'long'"):
+        load_config(path, ["rules.long.max_chars=1"])
+    with pytest.raises(ConfigError, match=rf"{path}: rules\[1\]\.max_top_ngram_char_fraction key 'x' must be an int"):
+        load_config(path, ["rules.repetition.max_top_ngram_char_fraction.x=0.5"])
