@@ -229,7 +229,6 @@ class DpoTrainer:
         if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.model = self.chassis.prepare(model, self.total_steps)
-        self._start: int | None = None  # the step resume() found
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
@@ -339,11 +338,8 @@ class DpoTrainer:
 
     # -- the run ------------------------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Restore the checkpoint ``run.resume`` names (once) and return the step training starts at; a bad
-        checkpoint is a ``CheckpointError`` before anything is written. ``train()`` calls it if nobody did."""
-        if self._start is None:
-            self._start = start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
-        return self._start
+        """The step training starts at, the checkpoint ``run.resume`` names restored (see ``start_step``)."""
+        return start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
 
     def train(self) -> DpoResult:
         start = self.resume()

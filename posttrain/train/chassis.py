@@ -147,6 +147,7 @@ class Chassis:
         self.metrics = MetricsLog(self.accelerator, self.output_dir / "metrics.jsonl", logs)
         self.model = self.optimizer = self.scheduler = None
         self.checkpoints: CheckpointManager | None = None
+        self._resumed: list[dict[str, Any] | None] = []  # the state resume() restored, once
 
     def prepare(self, model, total_steps: int, *stateful) -> Any:
         """The optimizer and its schedule over ``total_steps`` optimizer steps, the model and optimizer prepared by
@@ -173,13 +174,16 @@ class Chassis:
         """Restore the checkpoint ``run.resume`` names (``where``: None, ``latest`` or a path; see
         ``CheckpointManager.resume``) and return its saved state, or None for a start at step 0. ``check(state)``
         may refuse the checkpoint (raising) before anything is written; then the logs are cut back to the
-        checkpoint's step, or emptied for a start at step 0."""
+        checkpoint's step, or emptied for a start at step 0. Done once: a later call returns the same state."""
+        if self._resumed:
+            return self._resumed[0]
         state = self.checkpoints.resume(where) if where is not None else None
         if state is not None and check is not None:
             check(state)
         self.metrics.truncate_after(int(state["step"]) if state is not None else -1)
         if state is not None:
             self.accelerator.print(f"resuming from {self.checkpoints.resumed_from} at step {int(state['step'])}")
+        self._resumed.append(state)
         return state
 
     def save(self, step: int, state: dict[str, Any]) -> Path:

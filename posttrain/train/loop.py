@@ -138,7 +138,6 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
         self.model = self.chassis.prepare(model, self.total_steps)
-        self._start: int | None = None  # the step resume() found
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], list[Sequence[Segment]]]]:
@@ -200,11 +199,8 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Restore the checkpoint ``run.resume`` names (once) and return the step training starts at; a bad
-        checkpoint is a ``CheckpointError`` before anything is written. ``train()`` calls it if nobody did."""
-        if self._start is None:
-            self._start = start_step(self.chassis, self.plan, "items", self.config.run.resume)
-        return self._start
+        """The step training starts at, the checkpoint ``run.resume`` names restored (see ``start_step``)."""
+        return start_step(self.chassis, self.plan, "items", self.config.run.resume)
 
     def train(self) -> TrainResult:
         start = self.resume()
