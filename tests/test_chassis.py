@@ -87,10 +87,11 @@ def test_a_fresh_start_empties_the_logs_and_a_resume_cuts_them_back(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a killed run logged past its checkpoint, cut mid-line
         f.write(json.dumps({"step": 3}) + "\n" + '{"step": 4, "lo')
     (tmp_path / "rollouts.jsonl").write_text(old_run)
-    assert c.resume("latest")["step"] == 2
+    c, model = chassis(tmp_path, max_grad_norm=1.0)  # the restarted run
+    assert c.resume("latest")["step"] == 2 and c.resume("latest")["step"] == 2  # restored once
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()] == [1, 2]
-    assert c.resume(None) is None
+    assert chassis(tmp_path, max_grad_norm=1.0)[0].resume(None) is None
     assert (tmp_path / "metrics.jsonl").read_text() == "" and (tmp_path / "rollouts.jsonl").read_text() == ""
 
 
