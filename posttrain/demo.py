@@ -17,7 +17,8 @@ alone with ``--stage`` (earlier stages' outputs must exist):
             tool-call reward for calls (``posttrain grpo``)
   export    signed instruct checkpoint of the GRPO model (``posttrain export``), then ``posttrain verify``
   eval      held-out accuracy of base / SFT / DPO / GRPO per task with 95% intervals and one-sided paired tests
-            (SFT against base, DPO and GRPO against SFT); a picture of the GRPO reward and accuracy curves
+            (SFT against base, DPO and GRPO against SFT; statistics from ``posttrain.eval.metrics``); a picture
+            of the GRPO reward and accuracy curves
 
 Two tasks, both in chat: ``add``, a two-digit plus a one-digit number answered with the sum (``47+8=`` -> ``55``),
 and ``tool``, a product the model must hand to the ``multiply`` tool that the prompt declares (``47*6=`` -> a
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -505,44 +505,14 @@ def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: fl
     return hits
 
 
-def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_one_sided_p(better: list[float], worse: list[float]) -> float:
-    """Exact one-sided sign test over items (McNemar's on 0/1 outcomes; with per-item success rates, the items where
-    the two differ): P(at least this many wins | no difference), ties left out."""
-    wins = sum(b > w for b, w in zip(better, worse, strict=True))
-    losses = sum(w > b for b, w in zip(better, worse, strict=True))
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
-
-
-def paired_permutation_p(better: list[float], worse: list[float], resamples: int = 20_000, seed: int = 0) -> float:
-    """One-sided paired sign-flip permutation test on per-item differences (their sum is the statistic, so unlike the
-    sign test it weighs how much each item moved): P(a sum at least this large | each difference's sign is a coin
-    flip). Monte Carlo over ``resamples`` flips, counting the observed one, so never 0."""
-    import torch
-
-    d = torch.tensor([b - w for b, w in zip(better, worse, strict=True)], dtype=torch.float64)
-    observed = d.sum().item()
-    generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (resamples, len(d)), generator=generator, dtype=torch.float64) * 2 - 1
-    at_least = int((signs @ d >= observed - 1e-9).sum().item())
-    return (at_least + 1) / (resamples + 1)
-
-
 # which stage each one is tested against: DPO and GRPO both start from the SFT checkpoint
 BASELINE = {"sft": "base", "dpo": "sft", "grpo": "sft"}
 
 
 def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     from rich.console import Console
+
+    from posttrain.eval.metrics import permutation_test_p
 
     items = _read_jsonl(out / "data" / "held_out.jsonl")
     tasks = {"add": [i for i, r in enumerate(items) if r["task"] == "add"],
@@ -558,17 +528,19 @@ def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     summary["sampled"] = {"samples_per_item": per_item, "temperature": SAMPLE_TEMPERATURE}
     Console().print(_eval_table(f"the same items, {per_item} sampled answers each at temperature "
                                 f"{SAMPLE_TEMPERATURE} (per-item success rates; paired permutation test)",
-                                sampled, tasks, summary["sampled"], paired_permutation_p))
+                                sampled, tasks, summary["sampled"], permutation_test_p))
     summary["curves"] = _plot_curves(out)
     return summary
 
 
 def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, list[int]], summary: dict, test=None):
     """Per stage and task: accuracy, a 95% interval and the one-sided paired test against the stage it started from
-    (``BASELINE``), into ``summary[stage][task]``. The interval is Wilson's for 0/1 outcomes and the normal one over
-    per-item rates for sampled ones; the test is ``test`` (default: the exact sign test), and the sign test's p is
-    kept beside it either way."""
+    (``BASELINE``), into ``summary[stage][task]``. The interval is ``posttrain.eval.metrics.accuracy_interval``'s
+    (Wilson's for 0/1 outcomes, the normal one over per-item rates for sampled ones); the test is ``test`` (default:
+    the exact sign test, ``sign_test_p``), and the sign test's p is kept beside it either way."""
     from rich.table import Table
+
+    from posttrain.eval.metrics import accuracy_interval, sign_test_p
 
     table = Table(title=title)
     table.add_column("model")
@@ -579,17 +551,13 @@ def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, li
         baseline = BASELINE.get(name)
         for task, members in tasks.items():
             mine = [hits[i] for i in members]
-            n, mean = len(mine), sum(mine) / len(mine)
-            if all(h in (0.0, 1.0) for h in mine):
-                lo, hi = _wilson(round(sum(mine)), n)
-            else:
-                half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in mine) / max(n - 1, 1) / n)
-                lo, hi = max(0.0, mean - half), min(1.0, mean + half)
+            mean = sum(mine) / len(mine)
+            lo, hi = accuracy_interval(mine)
             p = sign_p = None
             if baseline:
                 theirs = [results[baseline][i] for i in members]
-                sign_p = paired_one_sided_p(mine, theirs)
-                p = (test or paired_one_sided_p)(mine, theirs)
+                sign_p = sign_test_p(mine, theirs)
+                p = (test or sign_test_p)(mine, theirs)
             cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if p is None else f" p={p:.2g} vs {baseline}"))
             summary[name][task] = {"accuracy": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)],
                                    "vs": baseline, "p": p, "sign_test_p": sign_p}
