@@ -16,7 +16,7 @@ from posttrain.eval.metrics import (
     summarize,
     wilson_interval,
 )
-from posttrain.eval.runner import EvalConfig, TaskResult, evaluate, score_completions
+from posttrain.eval.runner import EvalConfig, TaskResult, eval_rewards, evaluate, score_completions
 from posttrain.eval.tasks import TASKS, DataError, EvalItem, resolve_tasks
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "EvalSampling",
     "TaskResult",
     "accuracy_interval",
+    "eval_rewards",
     "evaluate",
     "outcome_accuracy",
     "pass_at_k",
