@@ -475,13 +475,16 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 SAMPLES_PER_ITEM = 4  # sampled evaluation: completions per held-out item at GRPO's training temperature (--quick: 2)
 SAMPLE_TEMPERATURE = 1.0
+# the reward that decides whether an answer is right, per task (``posttrain.rewards.RewardSpec`` fields)
+ACCURACY_REWARDS = {"add": {"name": "math"}, "tool": {"name": "tool_call", "options": TOOL_REWARD_OPTIONS}}
 
 
 def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: float = 0.0,
               seed: int = 0) -> list[float]:
     """Per held-out item, the share of ``samples`` answers its task's reward accepts (greedy: one answer, 0 or 1):
-    the math verifier for additions, the tool-call reward for tool calls."""
-    from posttrain.rewards import get
+    the math verifier for additions, the tool-call reward for tool calls (``ACCURACY_REWARDS``), each scored in this
+    process on its own task's answers; a reward that fails on any answer stops the stage with its traceback."""
+    from posttrain.rewards import RewardsConfig
     from posttrain.rollout import SamplingParams
     from posttrain.serving.generation import load_checkpoint
 
@@ -494,13 +497,14 @@ def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: fl
     # markup kept (the tool call's tags are special tokens), the end-of-text token dropped
     texts = [tokenizer.decode([t for t in c.token_ids if t != tokenizer.eos_token_id]) for c in completions]
     owners = [items[c.prompt_index] for c in completions]
-    rewards = {"add": get("math"), "tool": get("tool_call", **TOOL_REWARD_OPTIONS)}
     hits = [0.0] * len(items)
-    for task, reward in rewards.items():
+    for task, spec in ACCURACY_REWARDS.items():
+        rewards, _ = RewardsConfig(rewards=[spec], num_workers=0).build()  # num_workers=0: no pool
         mine = [i for i, r in enumerate(owners) if r["task"] == task]
         columns = {k: [owners[i][k] for i in mine] for k in ("answer", "ground_truth", "tool_schema")}
-        scores = reward([owners[i]["prompt"] for i in mine], [texts[i] for i in mine], **columns)
-        for i, score in zip(mine, scores, strict=True):
+        result = rewards.score([owners[i]["prompt"] for i in mine], [texts[i] for i in mine], **columns)
+        result.raise_for_errors()
+        for i, score in zip(mine, result.values[spec["name"]], strict=True):
             hits[completions[i].prompt_index] += (score == 1.0) / samples
     return hits
 
