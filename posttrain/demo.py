@@ -108,6 +108,13 @@ def _write_recipe(out: Path, name: str, recipe: dict) -> Path:
     return path
 
 
+def _run_settings(output_dir: Path, seed: int) -> dict:
+    """The last groups of a pretrain, SFT or DPO recipe: checkpoints in ``output_dir`` (the final one only, no
+    resuming), no progress bars, the demo's seed."""
+    return {"checkpoint": {"output_dir": str(output_dir), "every_steps": 0, "resume": False},
+            "logging": {"progress": False}, "seed": seed}
+
+
 def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -239,9 +246,7 @@ def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 3.0e-3, "weight_decay": 0.01, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 150,
                   "schedule": "wsd", "warmup_steps": 10, "decay_fraction": 0.2},
-        "checkpoint": {"output_dir": str(out / "pretrain"), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(out / "pretrain", args.seed),
     }
     _cli("pretrain", "--config", _write_recipe(out, "pretrain", recipe))
     return {"checkpoint": str(out / "pretrain" / "final")}
@@ -293,9 +298,7 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 180,
                   "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
-        "checkpoint": {"output_dir": str(out / "sft"), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(out / "sft", args.seed),
     }
     _cli("sft", "--config", _write_recipe(out, "sft", recipe))
     return {"checkpoint": str(out / "sft" / "final")}
@@ -406,9 +409,7 @@ def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
         "loss": {"type": "sigmoid", "beta": settings["beta"], "nll_weight": settings["nll_weight"]},
         "optim": {"lr": settings["lr"], "per_device_batch_size": 8,
                   "max_steps": settings["steps"], "schedule": "cosine", "warmup_steps": 3},
-        "checkpoint": {"output_dir": str(folder), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(folder, args.seed),
     }
     path = _write_recipe(out, "dpo", recipe)
     path.write_text("# beta, nll_weight, lr and steps: DPO_SETTINGS in posttrain/demo.py (or --dpo-setting), chosen "
