@@ -17,7 +17,8 @@ alone with ``--stage`` (earlier stages' outputs must exist):
             tool-call reward for calls (``posttrain grpo``)
   export    signed instruct checkpoint of the GRPO model (``posttrain export``), then ``posttrain verify``
   eval      held-out accuracy of base / SFT / DPO / GRPO per task with 95% intervals and one-sided paired tests
-            (SFT against base, DPO and GRPO against SFT); a picture of the GRPO reward and accuracy curves
+            (SFT against base, DPO and GRPO against SFT; statistics from ``posttrain.eval.metrics``); a picture
+            of the GRPO reward and accuracy curves
 
 Two tasks, both in chat: ``add``, a two-digit plus a one-digit number answered with the sum (``47+8=`` -> ``55``),
 and ``tool``, a product the model must hand to the ``multiply`` tool that the prompt declares (``47*6=`` -> a
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -106,6 +106,13 @@ def _write_recipe(out: Path, name: str, recipe: dict) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def _run_settings(output_dir: Path, seed: int) -> dict:
+    """The last groups of a pretrain, SFT or DPO recipe: checkpoints in ``output_dir`` (the final one only, no
+    resuming), no progress bars, the demo's seed."""
+    return {"checkpoint": {"output_dir": str(output_dir), "every_steps": 0, "resume": False},
+            "logging": {"progress": False}, "seed": seed}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -239,9 +246,7 @@ def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 3.0e-3, "weight_decay": 0.01, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 150,
                   "schedule": "wsd", "warmup_steps": 10, "decay_fraction": 0.2},
-        "checkpoint": {"output_dir": str(out / "pretrain"), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(out / "pretrain", args.seed),
     }
     _cli("pretrain", "--config", _write_recipe(out, "pretrain", recipe))
     return {"checkpoint": str(out / "pretrain" / "final")}
@@ -293,9 +298,7 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 180,
                   "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
-        "checkpoint": {"output_dir": str(out / "sft"), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(out / "sft", args.seed),
     }
     _cli("sft", "--config", _write_recipe(out, "sft", recipe))
     return {"checkpoint": str(out / "sft" / "final")}
@@ -406,9 +409,7 @@ def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
         "loss": {"type": "sigmoid", "beta": settings["beta"], "nll_weight": settings["nll_weight"]},
         "optim": {"lr": settings["lr"], "per_device_batch_size": 8,
                   "max_steps": settings["steps"], "schedule": "cosine", "warmup_steps": 3},
-        "checkpoint": {"output_dir": str(folder), "every_steps": 0, "resume": False},
-        "logging": {"progress": False},
-        "seed": args.seed,
+        **_run_settings(folder, args.seed),
     }
     path = _write_recipe(out, "dpo", recipe)
     path.write_text("# beta, nll_weight, lr and steps: DPO_SETTINGS in posttrain/demo.py (or --dpo-setting), chosen "
@@ -475,13 +476,16 @@ def stage_export(out: Path, args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 SAMPLES_PER_ITEM = 4  # sampled evaluation: completions per held-out item at GRPO's training temperature (--quick: 2)
 SAMPLE_TEMPERATURE = 1.0
+# the reward that decides whether an answer is right, per task (``posttrain.rewards.RewardSpec`` fields)
+ACCURACY_REWARDS = {"add": {"name": "math"}, "tool": {"name": "tool_call", "options": TOOL_REWARD_OPTIONS}}
 
 
 def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: float = 0.0,
               seed: int = 0) -> list[float]:
     """Per held-out item, the share of ``samples`` answers its task's reward accepts (greedy: one answer, 0 or 1):
-    the math verifier for additions, the tool-call reward for tool calls."""
-    from posttrain.rewards import get
+    the math verifier for additions, the tool-call reward for tool calls (``ACCURACY_REWARDS``), each scored in this
+    process on its own task's answers; a reward that fails on any answer stops the stage with its traceback."""
+    from posttrain.rewards import RewardsConfig
     from posttrain.rollout import SamplingParams
     from posttrain.serving.generation import load_checkpoint
 
@@ -494,47 +498,16 @@ def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: fl
     # markup kept (the tool call's tags are special tokens), the end-of-text token dropped
     texts = [tokenizer.decode([t for t in c.token_ids if t != tokenizer.eos_token_id]) for c in completions]
     owners = [items[c.prompt_index] for c in completions]
-    rewards = {"add": get("math"), "tool": get("tool_call", **TOOL_REWARD_OPTIONS)}
     hits = [0.0] * len(items)
-    for task, reward in rewards.items():
+    for task, spec in ACCURACY_REWARDS.items():
+        rewards, _ = RewardsConfig(rewards=[spec], num_workers=0).build()  # num_workers=0: no pool
         mine = [i for i, r in enumerate(owners) if r["task"] == task]
         columns = {k: [owners[i][k] for i in mine] for k in ("answer", "ground_truth", "tool_schema")}
-        scores = reward([owners[i]["prompt"] for i in mine], [texts[i] for i in mine], **columns)
-        for i, score in zip(mine, scores, strict=True):
+        result = rewards.score([owners[i]["prompt"] for i in mine], [texts[i] for i in mine], **columns)
+        result.raise_for_errors()
+        for i, score in zip(mine, result.values[spec["name"]], strict=True):
             hits[completions[i].prompt_index] += (score == 1.0) / samples
     return hits
-
-
-def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_one_sided_p(better: list[float], worse: list[float]) -> float:
-    """Exact one-sided sign test over items (McNemar's on 0/1 outcomes; with per-item success rates, the items where
-    the two differ): P(at least this many wins | no difference), ties left out."""
-    wins = sum(b > w for b, w in zip(better, worse, strict=True))
-    losses = sum(w > b for b, w in zip(better, worse, strict=True))
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
-
-
-def paired_permutation_p(better: list[float], worse: list[float], resamples: int = 20_000, seed: int = 0) -> float:
-    """One-sided paired sign-flip permutation test on per-item differences (their sum is the statistic, so unlike the
-    sign test it weighs how much each item moved): P(a sum at least this large | each difference's sign is a coin
-    flip). Monte Carlo over ``resamples`` flips, counting the observed one, so never 0."""
-    import torch
-
-    d = torch.tensor([b - w for b, w in zip(better, worse, strict=True)], dtype=torch.float64)
-    observed = d.sum().item()
-    generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (resamples, len(d)), generator=generator, dtype=torch.float64) * 2 - 1
-    at_least = int((signs @ d >= observed - 1e-9).sum().item())
-    return (at_least + 1) / (resamples + 1)
 
 
 # which stage each one is tested against: DPO and GRPO both start from the SFT checkpoint
@@ -543,6 +516,8 @@ BASELINE = {"sft": "base", "dpo": "sft", "grpo": "sft"}
 
 def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     from rich.console import Console
+
+    from posttrain.eval.metrics import permutation_test_p
 
     items = _read_jsonl(out / "data" / "held_out.jsonl")
     tasks = {"add": [i for i, r in enumerate(items) if r["task"] == "add"],
@@ -558,17 +533,19 @@ def stage_eval(out: Path, args: argparse.Namespace) -> dict:
     summary["sampled"] = {"samples_per_item": per_item, "temperature": SAMPLE_TEMPERATURE}
     Console().print(_eval_table(f"the same items, {per_item} sampled answers each at temperature "
                                 f"{SAMPLE_TEMPERATURE} (per-item success rates; paired permutation test)",
-                                sampled, tasks, summary["sampled"], paired_permutation_p))
+                                sampled, tasks, summary["sampled"], permutation_test_p))
     summary["curves"] = _plot_curves(out)
     return summary
 
 
 def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, list[int]], summary: dict, test=None):
     """Per stage and task: accuracy, a 95% interval and the one-sided paired test against the stage it started from
-    (``BASELINE``), into ``summary[stage][task]``. The interval is Wilson's for 0/1 outcomes and the normal one over
-    per-item rates for sampled ones; the test is ``test`` (default: the exact sign test), and the sign test's p is
-    kept beside it either way."""
+    (``BASELINE``), into ``summary[stage][task]``. The interval is ``posttrain.eval.metrics.accuracy_interval``'s
+    (Wilson's for 0/1 outcomes, the normal one over per-item rates for sampled ones); the test is ``test`` (default:
+    the exact sign test, ``sign_test_p``), and the sign test's p is kept beside it either way."""
     from rich.table import Table
+
+    from posttrain.eval.metrics import accuracy_interval, sign_test_p
 
     table = Table(title=title)
     table.add_column("model")
@@ -579,17 +556,13 @@ def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, li
         baseline = BASELINE.get(name)
         for task, members in tasks.items():
             mine = [hits[i] for i in members]
-            n, mean = len(mine), sum(mine) / len(mine)
-            if all(h in (0.0, 1.0) for h in mine):
-                lo, hi = _wilson(round(sum(mine)), n)
-            else:
-                half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in mine) / max(n - 1, 1) / n)
-                lo, hi = max(0.0, mean - half), min(1.0, mean + half)
+            mean = sum(mine) / len(mine)
+            lo, hi = accuracy_interval(mine)
             p = sign_p = None
             if baseline:
                 theirs = [results[baseline][i] for i in members]
-                sign_p = paired_one_sided_p(mine, theirs)
-                p = (test or paired_one_sided_p)(mine, theirs)
+                sign_p = sign_test_p(mine, theirs)
+                p = (test or sign_test_p)(mine, theirs)
             cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" + ("" if p is None else f" p={p:.2g} vs {baseline}"))
             summary[name][task] = {"accuracy": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)],
                                    "vs": baseline, "p": p, "sign_test_p": sign_p}

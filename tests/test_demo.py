@@ -76,31 +76,3 @@ def test_held_out_items_are_disjoint_from_every_training_item(tmp_path):
     assert pairs(corpus, "+") and not pairs(corpus, "+") & pairs(held, "+")
     assert pretrain_products and not pretrain_products & held_products
 
-
-def test_paired_one_sided_sign_test_is_exact():
-    from posttrain.demo import paired_one_sided_p
-
-    assert paired_one_sided_p([True] * 5, [False] * 5) == 1 / 32
-    # 3 wins, 1 loss, 2 ties: P(X >= 3 | n=4, p=1/2) = 5/16; ties do not count
-    better = [True, True, True, False, True, False]
-    worse = [False, False, False, True, True, False]
-    assert paired_one_sided_p(better, worse) == 5 / 16
-    assert paired_one_sided_p(worse, better) == 15 / 16
-    assert paired_one_sided_p([True], [True]) == 1.0
-    # per-item success rates: items where the rates differ count, the rest are ties
-    assert paired_one_sided_p([0.5, 0.25, 1.0, 0.0], [0.25, 0.25, 0.5, 0.0]) == 1 / 4
-
-
-def test_paired_permutation_test():
-    from posttrain.demo import paired_permutation_p
-
-    # every item improves by the same amount: only the all-positive flip reaches the observed sum, P = 2^-10
-    p = paired_permutation_p([0.5] * 10, [0.0] * 10, resamples=200_000)
-    assert abs(p - 2**-10) < 5e-4
-    # no change anywhere: every flip ties the observed sum of 0
-    assert paired_permutation_p([0.25, 1.0], [0.25, 1.0]) == 1.0
-    # a large gain on few items outweighs small losses on more: the sign test misses it, this test does not
-    better, worse = [1.0] * 12 + [0.0] * 20, [0.0] * 12 + [0.125] * 20
-    from posttrain.demo import paired_one_sided_p
-
-    assert paired_one_sided_p(better, worse) > 0.5 and paired_permutation_p(better, worse) < 0.01

@@ -19,6 +19,7 @@ from posttrain.eval import (
     EngineCompletions,
     EvalConfig,
     EvalSampling,
+    eval_rewards,
     evaluate,
     pass_at_k,
     score_completions,
@@ -147,6 +148,22 @@ def test_a_score_of_none_is_reported_as_unscored(shared_data):
     items[1].columns["answer"] = None  # a gold answer the reward cannot use
     scores = score_completions("gsm8k", items, [[items[0].gold], [items[1].gold]])
     assert scores == [[1.0], [None]]
+
+
+def test_the_rewards_and_their_pool_come_from_one_rewards_config(shared_data):
+    """One reward per task under the task's name (the code reward in-process, its sandbox bounds it), and reward
+    processes only when some task's reward runs in them."""
+    config = eval_rewards(["gsm8k", "humaneval", "bfcl_multiple"], workers=3, timeout_s=5.0)
+    assert [(s.label, s.name, s.options, s.in_process) for s in config.rewards] == [
+        ("gsm8k", "math", {}, False), ("humaneval", "code", {"binary": True}, True),
+        ("bfcl_multiple", "tool_call", {"mode": "binary"}, False)]
+    assert (config.num_workers, config.timeout_s) == (3, 5.0)
+    assert eval_rewards(["humaneval"], workers=3).num_workers == 0
+    rewards, pool = eval_rewards(["humaneval"], workers=3).build()
+    assert pool is None
+    items = TASKS["gsm8k"].load(shared_data, "test", 1)
+    with pytest.raises(ValueError, match=r"gsm8k: the reward set has no reward for this task; it has \['humaneval'\]"):
+        score_completions("gsm8k", items, [[items[0].gold]], rewards=rewards)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""pass@k with the unbiased estimator, and its aggregation over the items of a task.
+"""The statistics of an evaluation: pass@k, accuracy with its 95% interval, and paired tests between two models.
 
-For an item with ``n`` samples of which ``c`` are correct, pass@k = 1 - C(n - c, k) / C(n, k): the chance that
-at least one of ``k`` samples drawn without replacement from the ``n`` is correct (Chen et al., 2021). It is
-computed exactly on integers (``math.comb``), then averaged over items; the standard error is that of the mean
-of the per-item estimates. This module only counts; it never generates or scores.
+- pass@k with the unbiased estimator: for an item with ``n`` samples of which ``c`` are correct,
+  pass@k = 1 - C(n - c, k) / C(n, k), the chance that at least one of ``k`` samples drawn without replacement from
+  the ``n`` is correct (Chen et al., 2021); computed exactly on integers (``math.comb``), then averaged over items,
+  with the standard error of the mean of the per-item estimates (``pass_at_k``, ``summarize``).
+- Outcome accuracy: the mean of the scored outcomes, a sample no reward could score left out (``outcome_accuracy``).
+- A 95% interval for an accuracy over items: Wilson's score interval for 0/1 outcomes, the normal interval over
+  per-item success rates otherwise (``wilson_interval``, ``accuracy_interval``).
+- One-sided paired tests that model A beats model B on the same items: the exact sign test (``sign_test_p``) and
+  the sign-flip permutation test on the per-item differences (``permutation_test_p``).
+
+This module only counts; it never generates or scores.
 """
 
 from __future__ import annotations
@@ -35,3 +42,60 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str,
         out[f"pass@{k}"] = mean
         out[f"pass@{k}_stderr"] = math.sqrt(var / len(per_item))
     return out
+
+
+def outcome_accuracy(values: Sequence[float | None]) -> float:
+    """The mean of the scored outcomes (``None``: no reward could score the sample, left out); NaN when none is
+    scored. A plain left-to-right ``sum`` divided by the count, the arithmetic of GRPO's accuracy metrics."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else math.nan
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for ``k`` successes in ``n`` trials (``z`` = 1.96: 95%), clipped to [0, 1]."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"Wilson interval: need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(per_item: Sequence[float]) -> tuple[float, float]:
+    """A 95% interval for the mean of ``per_item`` outcomes: Wilson's when every outcome is 0 or 1, else the normal
+    interval mean ± 1.96 standard errors over the per-item success rates (sample variance, n - 1 in the
+    denominator, n when there is one item), clipped to [0, 1]."""
+    if not per_item:
+        raise ValueError("accuracy interval of no items")
+    n, mean = len(per_item), sum(per_item) / len(per_item)
+    if all(h in (0.0, 1.0) for h in per_item):
+        return wilson_interval(round(sum(per_item)), n)
+    half = 1.96 * math.sqrt(sum((h - mean) ** 2 for h in per_item) / max(n - 1, 1) / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def sign_test_p(better: Sequence[float], worse: Sequence[float]) -> float:
+    """Exact one-sided sign test over paired items (McNemar's on 0/1 outcomes; with per-item success rates, the
+    items where the two differ): P(at least this many wins | no difference), ties left out; 1 when all tie."""
+    wins = sum(b > w for b, w in zip(better, worse, strict=True))
+    losses = sum(w > b for b, w in zip(better, worse, strict=True))
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def permutation_test_p(better: Sequence[float], worse: Sequence[float], resamples: int = 20_000,
+                       seed: int = 0) -> float:
+    """One-sided paired sign-flip permutation test on per-item differences (their sum is the statistic, so unlike the
+    sign test it weighs how much each item moved): P(a sum at least this large | each difference's sign is a coin
+    flip). Monte Carlo over ``resamples`` flips drawn from a torch generator seeded with ``seed``, counting the
+    observed one, so never 0."""
+    import torch
+
+    d = torch.tensor([b - w for b, w in zip(better, worse, strict=True)], dtype=torch.float64)
+    observed = d.sum().item()
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (resamples, len(d)), generator=generator, dtype=torch.float64) * 2 - 1
+    at_least = int((signs @ d >= observed - 1e-9).sum().item())
+    return (at_least + 1) / (resamples + 1)

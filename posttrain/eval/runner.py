@@ -1,11 +1,13 @@
 """Running an evaluation: generate for each task's items, score through ``posttrain.rewards``, count pass@k.
 
 ``evaluate(config, engine)`` is the whole path, whatever produced the texts: items from the task's files,
-``engine.generate``, the task's reward (``get("math")``, ``get("code", binary=True)``,
-``get("tool_call", mode="binary")``), then pass@k per task. A sample is correct when its reward is 1; a reward of
-``None`` (could not judge) counts as not correct and is reported as ``unscored``, never hidden. Math and
-tool-call rewards run in a :class:`~posttrain.rewards.RewardPool` (a stuck sample is killed at the time limit);
-the code reward runs in-process because it already runs every candidate in its sandbox under a time limit.
+``engine.generate``, the task's reward (``math``, ``code`` with ``binary=True``, ``tool_call`` with
+``mode="binary"``), then pass@k per task. A sample is correct when its reward is 1; a reward of ``None`` (could not
+judge) counts as not correct and is reported as ``unscored``, never hidden. The rewards and their pool come from
+``eval_rewards(...).build()``, a :class:`~posttrain.rewards.RewardsConfig` with one reward per task labelled with
+the task's name: math and tool-call rewards run in its :class:`~posttrain.rewards.RewardPool` (a stuck sample is
+killed at the time limit); the code reward runs in-process because it already runs every candidate in its sandbox
+under a time limit.
 Results are one JSON object (written to a temporary name, then renamed) plus the samples as JSONL.
 This module never changes a model.
 """
@@ -24,6 +26,7 @@ from typing import Any
 from posttrain.eval.completions import CompletionSource, EvalSampling
 from posttrain.eval.metrics import summarize
 from posttrain.eval.tasks import TASKS, EvalItem, resolve_tasks
+from posttrain.rewards import RewardPool, RewardsConfig, RewardSet, RewardSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class EvalConfig:
     sampling: EvalSampling = field(default_factory=EvalSampling)
     ks: list[int] = field(default_factory=lambda: [1])  # pass@k for each k (each <= sampling.n)
     reward_timeout_s: float = 30.0  # per-sample limit for math and tool-call rewards
-    reward_workers: int = 2
+    reward_workers: int = 2  # reward processes for those rewards (0: in this process, without the time limit)
 
     def __post_init__(self) -> None:
         self.tasks = resolve_tasks(self.tasks)
@@ -70,15 +73,31 @@ class TaskResult:
                 "unscored": self.unscored, "seconds": round(self.seconds, 3)}
 
 
-def score_completions(task_name: str, items: Sequence[EvalItem], texts: Sequence[Sequence[str]],
-                      pool: Any = None) -> list[list[float | None]]:
-    """The task's reward for every completion (``texts[i]`` are item i's), shaped like ``texts``."""
-    from posttrain.rewards import get
-    from posttrain.rewards.combine import score_in_process
+def eval_rewards(task_names: Sequence[str], workers: int = 0, timeout_s: float = 30.0) -> RewardsConfig:
+    """The rewards of ``task_names`` as a :class:`RewardsConfig`: each task's reward and options, labelled with the
+    task's name; the code reward marked in-process (its sandbox bounds every candidate's time). ``workers`` reward
+    processes with a ``timeout_s`` limit per sample when some task's reward runs in them, else none."""
+    specs = [RewardSpec(TASKS[name].reward, options=dict(TASKS[name].reward_options), label=name,
+                        in_process=TASKS[name].reward == "code") for name in task_names]
+    pooled = any(not spec.in_process for spec in specs)
+    return RewardsConfig(rewards=specs, num_workers=workers if pooled else 0, timeout_s=timeout_s)
 
-    task = TASKS[task_name]
+
+def score_completions(task_name: str, items: Sequence[EvalItem], texts: Sequence[Sequence[str]],
+                      pool: RewardPool | None = None, rewards: RewardSet | None = None) -> list[list[float | None]]:
+    """The task's reward for every completion (``texts[i]`` are item i's), shaped like ``texts``.
+
+    ``rewards``: a set holding the task's reward under the task's name (``eval_rewards(...).build()``); default: the
+    task's reward alone. ``pool``: where rewards not marked in-process run; default: this process.
+    """
     if len(texts) != len(items):
         raise ValueError(f"{task_name}: {len(texts)} completion lists for {len(items)} items")
+    if rewards is None:
+        rewards, _ = eval_rewards([task_name]).build()
+    mine = [r for r in rewards.rewards if r.name == task_name]
+    if not mine:
+        raise ValueError(f"{task_name}: the reward set has no reward for this task; it has "
+                         f"{[r.name for r in rewards.rewards]}")
     prompts, completions, owners = [], [], []
     columns: dict[str, list[Any]] = {name: [] for name in items[0].columns} if items else {}
     for i, (item, samples) in enumerate(zip(items, texts, strict=True)):
@@ -88,29 +107,25 @@ def score_completions(task_name: str, items: Sequence[EvalItem], texts: Sequence
             owners.append(i)
             for name, values in columns.items():
                 values.append(item.columns[name])
-    reward = get(task.reward, **task.reward_options)
-    if pool is not None and task.reward != "code":
-        values, errors = pool.run({task.reward: reward}, prompts, completions, columns)
-        flat = values[task.reward]
-    else:
-        flat, errors = score_in_process(task.reward, reward, prompts, completions, columns)
-    for error in errors:
+    result = RewardSet(mine).score(prompts, completions, pool, **columns)
+    for error in result.errors:
         logger.warning("%s: %s", task_name, error)
     out: list[list[float | None]] = [[] for _ in items]
-    for owner, value in zip(owners, flat, strict=True):
+    for owner, value in zip(owners, result.values[task_name], strict=True):
         out[owner].append(value)
     return out
 
 
 def evaluate_task(task_name: str, items: list[EvalItem], engine: CompletionSource, config: EvalConfig,
-                  pool: Any = None, progress: Any = None) -> TaskResult:
+                  pool: RewardPool | None = None, progress: Any = None,
+                  rewards: RewardSet | None = None) -> TaskResult:
     start = time.perf_counter()
     texts = engine.generate(items, config.sampling, progress)
     for item, samples in zip(items, texts, strict=True):
         if len(samples) != config.sampling.n:
             raise RuntimeError(f"engine {engine.name!r} returned {len(samples)} completions for item {item.id}, "
                                f"expected n={config.sampling.n}")
-    scores = score_completions(task_name, items, texts, pool)
+    scores = score_completions(task_name, items, texts, pool, rewards)
     correct = [[s is not None and s >= 1.0 for s in item_scores] for item_scores in scores]
     samples = [{"task": task_name, "id": item.id, "completions": list(t), "scores": s}
                for item, t, s in zip(items, texts, scores, strict=True)]
@@ -122,21 +137,19 @@ def evaluate_task(task_name: str, items: list[EvalItem], engine: CompletionSourc
 def evaluate(config: EvalConfig, engine: CompletionSource, show_progress: bool = True) -> list[TaskResult]:
     """Every task of ``config`` on ``engine``: loads the items, generates, scores, counts."""
     from posttrain.progress import StageProgress
-    from posttrain.rewards import RewardPool
 
     data_dir = Path(config.data_dir)
     loaded = {name: TASKS[name].load(data_dir, config.split, config.limit) for name in config.tasks}
     for name, items in loaded.items():
         if not items:
             raise ValueError(f"task {name}: no items in {data_dir}")
-    needs_pool = any(TASKS[name].reward != "code" for name in config.tasks)
     results = []
-    pool = RewardPool(num_workers=config.reward_workers, timeout_s=config.reward_timeout_s) if needs_pool else None
+    rewards, pool = eval_rewards(config.tasks, config.reward_workers, config.reward_timeout_s).build()
     try:
         for name, items in loaded.items():
             with StageProgress(f"eval {name}", total=len(items), enabled=show_progress, unit="item") as bar:
                 results.append(evaluate_task(name, items, engine, config, pool,
-                                             lambda done, b=bar: b.advance(done)))
+                                             lambda done, b=bar: b.advance(done), rewards))
     finally:
         if pool is not None:
             pool.close()
