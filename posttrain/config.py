@@ -182,7 +182,9 @@ def _list_item(node: list[Any], part: str, key: str) -> int:
     raise ConfigError(f"override {key}: no list item {part!r} (an index below {len(node)}, or an item's id or name)")
 
 
-def _build(cls: type, data: Any, source: str, prefix: str):
+def _build(cls: type, data: Any, source: str, prefix: str, defaults: dict[str, Any] | None = None):
+    """``cls`` from ``data``; ``defaults``: values for the fields ``data`` leaves out, where the enclosing config
+    declares other defaults for this group than the group's class (``DpoConfig.optim``'s lr)."""
     if data is None:  # a group left empty keeps its defaults
         data = {}
     if not isinstance(data, dict):
@@ -194,11 +196,13 @@ def _build(cls: type, data: Any, source: str, prefix: str):
     if unknown:
         raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known in "
                           f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(fields))})")
-    kwargs = {}
+    kwargs = {k: v for k, v in (defaults or {}).items() if k not in data}
     for name, value in data.items():
         choices = fields[name].metadata.get(_CHOICES)
         if choices is not None:
             kwargs[name] = _chosen_items(hints[name], choices, value, source, prefix + name)
+        elif dataclasses.is_dataclass(hints[name]) and isinstance(value, dict | None):
+            kwargs[name] = _build(hints[name], value, source, prefix + name + ".", _group_defaults(fields[name]))
         else:
             kwargs[name] = _convert(hints[name], value, source, prefix + name)
     try:
@@ -207,6 +211,20 @@ def _build(cls: type, data: Any, source: str, prefix: str):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _group_defaults(f: dataclasses.Field) -> dict[str, Any]:
+    """The fields where a group's declared default (``field(default_factory=lambda: Group(lr=5e-7))``) differs from
+    the group class's own defaults: a recipe that gives the group in part keeps them."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    declared = f.default_factory()
+    try:
+        plain = type(declared)()
+    except (TypeError, ValueError):  # a group whose fields must be given together (model.path or model.preset):
+        return {}  # the recipe's group stands alone
+    return {g.name: getattr(declared, g.name) for g in dataclasses.fields(declared)
+            if g.init and getattr(declared, g.name) != getattr(plain, g.name)}
 
 
 def _check_renamed(cls: type, data: dict[str, Any], source: str, prefix: str) -> None:

@@ -121,3 +121,16 @@ def test_the_shared_groups_mean_the_same_in_every_command():
                                          "--logging.every_steps", "3", "--checkpoint.every_steps", "5"])
         assert isinstance(config.optim, OptimizerSettings) and config.optim.max_grad_norm is None
         assert (config.run.resume, config.logging.every_steps, config.checkpoint.every_steps) == ("latest", 3, 5)
+
+
+def test_a_group_given_in_part_keeps_the_command_s_own_defaults(tmp_path):
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("optim: {max_steps: 3}\ncheckpoint: {every_steps: 7}\n")
+    dpo = load_config(DpoConfig, recipe)
+    assert (dpo.optim.lr, dpo.optim.per_device_batch_size, dpo.optim.max_steps) == (5e-7, 4, 3)  # DPO's, not SFT's
+    assert (dpo.checkpoint.output_dir, dpo.checkpoint.every_steps) == ("runs/dpo", 7)
+    grpo = load_config(GrpoConfig, None, ["--checkpoint.output_dir", "x", "--loss.type", "gspo"])
+    assert (grpo.checkpoint.output_dir, grpo.checkpoint.every_steps) == ("x", 0)  # GRPO saves only at the end
+    assert (grpo.loss.epsilon_low, grpo.loss.epsilon_high) == (3e-4, 4e-4)  # derived from the type given, not kept
+    sft = load_config(TrainConfig, None, ["--model.path", "x"])  # path or preset: the recipe's group stands alone
+    assert (sft.model.path, sft.model.preset) == ("x", None)

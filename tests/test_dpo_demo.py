@@ -12,6 +12,10 @@ import pytest
 import yaml
 
 from posttrain import demo
+from posttrain.config import build_config
+from posttrain.dpo.config import DpoConfig
+from posttrain.grpo.config import GrpoConfig
+from posttrain.train.config import TrainConfig
 
 
 def operands(text: str, op: str) -> set[tuple[int, int]]:
@@ -78,7 +82,9 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
     demo.stage_data(tmp_path, args)
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         getattr(demo, f"stage_{stage}")(tmp_path, args)
-    assert seen["pretrain"]["seed"] == seen["sft"]["seed"] == seen["dpo"]["seed"] == 7
+    assert seen["pretrain"]["run"]["seed"] == seen["sft"]["run"]["seed"] == seen["dpo"]["run"]["seed"] == 7
+    for command, cls in (("pretrain", TrainConfig), ("sft", TrainConfig), ("dpo", DpoConfig), ("grpo", GrpoConfig)):
+        build_config(cls, seen[command], command)  # every recipe loads as its command loads it: no old field names
     assert seen["pairs"]["sampling"]["seed"] == 7 and seen["grpo"]["run"]["seed"] == 7
     by_task = {Path(r["prompts_file"]).name: r for r in seen["pairs_all"]}
     assert sorted(by_task) == ["pair_prompts_add.jsonl", "pair_prompts_tool.jsonl"]
