@@ -13,12 +13,13 @@ path. This module reads files and never generates or scores.
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from posttrain.jsonl import jsonl_rows
 
 BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple")
 HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
@@ -53,22 +54,10 @@ class Task:
     load: Callable[[Path, str, int | None], list[EvalItem]]  # (data_dir, split, limit) -> items
 
 
-def _read_jsonl(path: Path, opener: Callable[..., Any] = open) -> list[tuple[int, dict[str, Any]]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
-    return rows
+    return list(jsonl_rows(path, DataError))
 
 
 def _need(row: dict[str, Any], path: Path, line_no: int, *fields: str) -> None:
@@ -97,7 +86,7 @@ def load_gsm8k(data_dir: Path, split: str = "test", limit: int | None = None) ->
 def load_humaneval(data_dir: Path, split: str = "test", limit: int | None = None) -> list[EvalItem]:
     path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
     items = []
-    for line_no, row in _read_jsonl(path, gzip.open)[:limit]:
+    for line_no, row in _read_jsonl(path)[:limit]:
         _need(row, path, line_no, "task_id", "prompt", "canonical_solution", "test", "entry_point")
         prompt = row["prompt"]
         items.append(EvalItem(

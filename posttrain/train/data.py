@@ -19,7 +19,6 @@ step, so resuming at step k draws exactly what an uninterrupted run would. This 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from posttrain.jsonl import jsonl_rows
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant", "tool"}
@@ -135,34 +136,6 @@ def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     for lineno, row in jsonl_rows(path, DataError):
         yield f"{path}:{lineno}", row
-
-
-def jsonl_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of a JSONL file with their numbers (from 1). A line that is not valid UTF-8 raises
-    ``error`` naming the file, the line and the byte, never a bare ``UnicodeDecodeError``."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw[e.start:e.end]
-                raise error(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line, {bad!r}: {e.reason}); "
-                            "save the file as UTF-8") from None
-            if line.strip():
-                yield lineno, line
-
-
-def jsonl_rows(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows (JSON objects) of a JSONL file with their line numbers; invalid UTF-8, invalid JSON or a row that
-    is not an object raise ``error`` naming the file and line."""
-    for lineno, line in jsonl_lines(path, error):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise error(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
-        yield lineno, row
 
 
 # -- checking --------------------------------------------------------------------------------------------------
