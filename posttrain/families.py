@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.train.loop import TrainingError
+from posttrain.train.chassis import TrainingError
 
 # the in-tree hybrid's default LoRA targets: the Mamba-2 in/out projections and the attention projections
 HYBRID_LORA_TARGETS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj")
