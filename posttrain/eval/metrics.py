@@ -35,3 +35,9 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str,
         out[f"pass@{k}"] = mean
         out[f"pass@{k}_stderr"] = math.sqrt(var / len(per_item))
     return out
+
+
+def outcome_accuracy(values: Sequence[float | None]) -> float:
+    """The mean of the scored outcomes (None: not scored), NaN when none is scored."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else math.nan
