@@ -450,9 +450,10 @@ def stage_grpo(out: Path, args: argparse.Namespace) -> dict:
                     "num_workers": 0},
         # 3e-4 (the math-only demo's rate) collapsed both tasks within 5 steps once tool calls were in the batch
         "optim": {"lr": 1.0e-4, "mini_batches": 2, "micro_batch_tokens": 4096},
-        "eval": {"path": str(out / "data" / "held_out.jsonl"), "every": 20, "max_prompts": 64, "num_samples": 1,
+        "eval": {"path": str(out / "data" / "held_out.jsonl"), "every_steps": 20, "max_prompts": 64, "num_samples": 1,
                  "temperature": 0.0},
-        "run": {"output_dir": str(out / "grpo"), "steps": 10 if args.quick else 200, "seed": args.seed},
+        "checkpoint": {"output_dir": str(out / "grpo")},
+        "run": {"steps": 10 if args.quick else 200, "seed": args.seed},
         "logging": {"progress": False},
     }
     _cli("grpo", "--config", _write_recipe(out, "grpo", recipe))

@@ -111,7 +111,8 @@ def main() -> None:
         rewards=RewardsConfig(rewards=[{"name": "math"}], num_workers=0),
         optim=OptimConfig(lr=1e-4, mini_batches=2),
         eval=EvalConfig(path=str(out / "prompts.jsonl"), max_prompts=32),
-        run=RunConfig(output_dir=str(out / "grpo"), steps=steps(30)),
+        checkpoint=CheckpointSettings(output_dir=str(out / "grpo"), every_steps=0),
+        run=RunConfig(steps=steps(30)),
         logging=LoggingConfig(progress=False),
     )).train()
     print(f"GRPO: {len(history)} steps, last train accuracy {history[-1]['accuracy']:.3f}")
