@@ -125,6 +125,16 @@ def test_exact_resume(tmp_path):
     assert any((tmp_path / "b" / "final").glob("*.safetensors")) and (tmp_path / "b" / "final" / "config.json").exists()
 
 
+def test_record_samples_logs_each_steps_prompts(tmp_path):
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.config.logging.record_samples = True
+    trainer.config.dynamic_sampling.enabled = False  # one generation round per step: the sampler's next two prompts
+    trainer.train()
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    order = PromptSampler(len(ROWS), seed=2)
+    assert [m["samples"] for m in logged] == [sorted(order.take(2)), sorted(order.take(2))]
+
+
 def test_packing_and_sampler():
     rows = pack_micro_batches([5, 3, 9, 2, 2, 12], budget=10)
     assert sorted(i for r in rows for i in r) == list(range(6))
