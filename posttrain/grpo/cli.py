@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if history and trainer.accelerator.is_main_process:
         last = history[-1]
-        print(f"posttrain grpo: {len(history)} steps on the {trainer.engine.name} engine, accuracy {last.get('accuracy', float('nan')):.3f}, "
-              f"checkpoint in {config.checkpoint.output_dir}")
+        print(f"posttrain grpo: {len(history)} steps on the {trainer.engine.name} engine, "
+              f"accuracy {last.get('accuracy', float('nan')):.3f}, checkpoint in {config.checkpoint.output_dir}")
     return 0

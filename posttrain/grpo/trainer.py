@@ -58,6 +58,12 @@ def shard(items: list, parts: int, index: int) -> list:
     return items[n * index // parts:n * (index + 1) // parts]
 
 
+def progress_figures(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows of a step."""
+    return {"reward": f"{metrics.get('rewards/total/mean', math.nan):.3f}",
+            "acc": f"{metrics.get('accuracy', math.nan):.3f}", "clip_hi": f"{metrics.get('clip/high_frac', 0):.3f}"}
+
+
 class GrpoTrainer:
     """GRPO/DAPO training of a causal LM: the in-tree ``HybridForCausalLM`` for the in-tree families (Granite 4.0-H,
     dense Granite) unless the engine decodes transformers' classes, transformers' own class for any other family.
@@ -154,18 +160,19 @@ class GrpoTrainer:
 
     # -- one step -----------------------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
+        """One GRPO step (see the module docstring); returns its metrics."""
         c = self.config
         # 1. collect the step's groups (async: generated ahead by the producer, on an older policy)
         if self.async_rollouts is not None:
-            version, batch = self.async_rollouts.next_batch(self.step_count)
-            for r in batch.generated:
+            version, collected = self.async_rollouts.next_batch(self.step_count)
+            for r in collected.generated:
                 r.policy_version, r.staleness = version, self.step_count - version
         else:
-            batch = self.collector.collect(self.engine, self.step_count)
-            for r in batch.generated:
+            collected = self.collector.collect(self.engine, self.step_count)
+            for r in collected.generated:
                 r.policy_version = self.step_count
-        times = dict(batch.times)
-        samples = [r for g in batch.groups for r in g]
+        times = dict(collected.times)
+        samples = [r for g in collected.groups for r in g]
         # 2. advantages, per group, on the CPU: a few numbers per group
         if samples:
             rewards = torch.tensor([r.total if r.total is not None else 0.0 for r in samples], dtype=torch.float64,
@@ -190,15 +197,15 @@ class GrpoTrainer:
         if self.async_rollouts is not None:
             self.async_rollouts.publish(self.step_count, self.core.state_dict())
         # 4. metrics
-        metrics = step_metrics(self.step_count, batch.generated, batch.counts, stats, times,
+        metrics = step_metrics(self.step_count, collected.generated, collected.counts, stats, times,
                                accelerator=self.accelerator, group_size=c.rollout.num_generations,
                                lr=self.chassis.lr, kl=c.loss.beta > 0, outcome=self.collector.outcome,
                                staleness=self.async_rollouts is not None, tools=self.collector.env is not None)
         if c.logging.record_samples:  # the prompts this step generated from, one per group (audits)
-            metrics["samples"] = sorted(r.prompt_index for r in batch.generated[::c.rollout.num_generations])
+            metrics["samples"] = sorted(r.prompt_index for r in collected.generated[::c.rollout.num_generations])
         self.history.append(metrics)
         if c.logging.rollouts:
-            write_rollouts(self.output_dir / "rollouts.jsonl", self.step_count, batch.generated, samples,
+            write_rollouts(self.output_dir / "rollouts.jsonl", self.step_count, collected.generated, samples,
                            self.accelerator)
         return metrics
 
@@ -379,6 +386,8 @@ class GrpoTrainer:
 
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
+        """Steps up to ``run.steps`` on the chassis' loop, held-out evaluations, checkpoints and the final policy
+        (``final/``); returns every step's metrics."""
         c = self.config
         if c.eval.temperature == 0 and c.eval.num_samples > 1:
             raise ValueError("eval.num_samples > 1 needs eval.temperature > 0 (greedy samples are identical)")
@@ -391,16 +400,11 @@ class GrpoTrainer:
                 metrics.update(self.evaluate())
             return metrics
 
-        def figures(metrics: dict[str, float]) -> dict[str, str]:
-            return {"reward": f"{metrics.get('rewards/total/mean', math.nan):.3f}",
-                    "acc": f"{metrics.get('accuracy', math.nan):.3f}",
-                    "clip_hi": f"{metrics.get('clip/high_frac', 0):.3f}"}
-
         # the starting policy's held-out accuracy, as step 0
         at_start = (lambda: {"step": 0.0, **self.evaluate()}) if start == 0 and self.collector.eval_rows else None
         try:
             self.chassis.run(start, c.run.steps, step, self._checkpoint_state, run_config=config_to_dict(c),
-                             figures=figures, at_start=at_start)
+                             figures=progress_figures, at_start=at_start)
             if start < c.run.steps:
                 self.save_final()
         finally:
