@@ -57,6 +57,7 @@ def run_ours(args, model_dir: Path, out_dir: Path) -> float:
     from posttrain.rewards import RewardsConfig, RewardSpec
 
     from posttrain.grpo.config import (
+        CheckpointConfig,
         DynamicSamplingConfig,
         GrpoConfig,
         LoggingConfig,
@@ -74,7 +75,8 @@ def run_ours(args, model_dir: Path, out_dir: Path) -> float:
         dynamic_sampling=DynamicSamplingConfig(enabled=False), loss=LossConfig("dapo"),
         rewards=RewardsConfig([RewardSpec("math")], num_workers=0),
         optim=OptimConfig(lr=1e-5, mini_batches=args.mini_batches),
-        run=RunConfig(output_dir=str(out_dir), steps=args.steps), logging=LoggingConfig(progress=False))
+        checkpoint=CheckpointConfig(output_dir=str(out_dir)), run=RunConfig(steps=args.steps),
+        logging=LoggingConfig(progress=False))
     trainer = GrpoTrainer(config, rows=prompt_rows())
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -165,7 +167,15 @@ def held_out_accuracy(folder: Path) -> float:
 def quality_ours(args, model_dir: Path, out_dir: Path) -> Path:
     from posttrain.rewards import RewardsConfig, RewardSpec
 
-    from posttrain.grpo.config import GrpoConfig, LoggingConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig
+    from posttrain.grpo.config import (
+        CheckpointConfig,
+        GrpoConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        RolloutConfig,
+        RunConfig,
+    )
     from posttrain.grpo.trainer import GrpoTrainer
 
     config = GrpoConfig(
@@ -173,7 +183,8 @@ def quality_ours(args, model_dir: Path, out_dir: Path) -> Path:
         rollout=RolloutConfig(prompts_per_step=16, num_generations=8, max_new_tokens=4),
         rewards=RewardsConfig([RewardSpec("math")], num_workers=0),
         optim=OptimConfig(lr=args.quality_lr, mini_batches=2),
-        run=RunConfig(output_dir=str(out_dir), steps=10_000), logging=LoggingConfig(progress=False))
+        checkpoint=CheckpointConfig(output_dir=str(out_dir)), run=RunConfig(steps=10_000),
+        logging=LoggingConfig(progress=False))
     trainer = GrpoTrainer(config, rows=quality_split()[0])
     start = time.perf_counter()
     while time.perf_counter() - start < args.quality_seconds:

@@ -12,6 +12,7 @@ from posttrain.rewards import RewardSet, WeightedReward
 
 from posttrain.grpo.config import (
     AsyncConfig,
+    CheckpointConfig,
     DynamicSamplingConfig,
     GrpoConfig,
     LoggingConfig,
@@ -48,7 +49,8 @@ def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1)
         dynamic_sampling=DynamicSamplingConfig(enabled=False),
         optim=OptimConfig(lr=1e-2, mini_batches=mini_batches),
         async_rollout=AsyncConfig(enabled=enabled, max_staleness=staleness),
-        run=RunConfig(output_dir=str(tmp_path / name), steps=steps, seed=3),
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path / name)),
+        run=RunConfig(steps=steps, seed=3),
         logging=LoggingConfig(progress=False),
     )
     return GrpoTrainer(config, model=copy.deepcopy(model), tokenizer=tok, rows=rows,

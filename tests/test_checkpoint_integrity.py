@@ -230,8 +230,8 @@ def test_the_verify_setting_is_checked_naming_the_field():
 
     with pytest.raises(ConfigError, match=r"checkpoint\.verify"):
         load_config(DpoConfig, None, ["--checkpoint.verify", "sha1"])
-    with pytest.raises(ConfigError, match=r"run\.checkpoint_verify"):
-        load_config(GrpoConfig, None, ["--run.checkpoint_verify", "fast"])
+    with pytest.raises(ConfigError, match=r"checkpoint\.verify"):
+        load_config(GrpoConfig, None, ["--checkpoint.verify", "fast"])
 
 
 # -- SFT end to end ---------------------------------------------------------------------------------------------------
@@ -328,10 +328,10 @@ def digits_reward(prompts, completions, **_):
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def grpo_trainer(out: Path, **run):
+def grpo_trainer(out: Path, every_steps: int = 0, **run):
     from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
-    from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
+    from posttrain.grpo.config import CheckpointConfig, GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
     from posttrain.grpo.trainer import GrpoTrainer
     from posttrain.models.hybrid import HybridForCausalLM, preset
 
@@ -344,14 +344,15 @@ def grpo_trainer(out: Path, **run):
     config = GrpoConfig(rollout=RolloutConfig(prompts_per_step=2, num_generations=2, max_new_tokens=4),
                         optim=OptimConfig(lr=5e-3, mini_batches=1, micro_batch_tokens=64),
                         rewards=RewardsConfig(num_workers=0),
-                        run=RunConfig(output_dir=str(out), seed=2, **run), logging=LoggingConfig(progress=False))
+                        checkpoint=CheckpointConfig(output_dir=str(out), every_steps=every_steps),
+                        run=RunConfig(seed=2, **run), logging=LoggingConfig(progress=False))
     return GrpoTrainer(config, model=HybridForCausalLM(cfg), tokenizer=tok, rows=ROWS,
                        reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
 
 
 def test_grpo_latest_starts_fresh_then_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
     out = tmp_path / "grpo"
-    first = grpo_trainer(out, steps=2, save_every=1, resume="latest")  # no checkpoint yet: step 0, no error
+    first = grpo_trainer(out, every_steps=1, steps=2, resume="latest")  # no checkpoint yet: step 0, no error
     assert first.step_count == 0
     first.train()
     ckpts = out / "checkpoints"

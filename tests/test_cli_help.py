@@ -144,7 +144,7 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
 
 def test_grpo_bad_inputs_are_one_line(tmp_path, capsys):
     data = _prompts(tmp_path)
-    base = ["grpo", "--config", str(REPO / "recipes/grpo_dapo.yaml"), "--run.output_dir", str(tmp_path / "run"),
+    base = ["grpo", "--config", str(REPO / "recipes/grpo_dapo.yaml"), "--checkpoint.output_dir", str(tmp_path / "run"),
             "--eval.path", ""]
     _one_line_exit_2([*base, "--model.path", str(tmp_path / "nope"), "--data.path", str(data)], capsys,
                      "model.path", str(tmp_path / "nope"))

@@ -109,7 +109,8 @@ def test_reward_plugin_installs_and_trains_by_name_in_a_recipe(tmp_path, shared_
     recipe["rollout"].update(prompts_per_step=2, num_generations=4, max_new_tokens=12)
     recipe["overlong"]["buffer"] = 4
     recipe["eval"] = {"path": None}
-    recipe["run"].update(output_dir=str(tmp_path / "grpo"), steps=1, save_every=0)
+    recipe["checkpoint"].update(output_dir=str(tmp_path / "grpo"), every_steps=0)
+    recipe["run"].update(steps=1)
     recipe["logging"]["progress"] = False
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(recipe))

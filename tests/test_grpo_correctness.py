@@ -17,7 +17,8 @@ import torch
 from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 from torch.overrides import TorchFunctionMode
 
-from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
+from posttrain.grpo.batch import RolloutBatch
+from posttrain.grpo.config import CheckpointConfig, GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
 from posttrain.grpo.loss import LossConfig
 from posttrain.grpo.trainer import GrpoTrainer
 from posttrain.rollout import Capabilities, Completion, SamplingParams
@@ -52,7 +53,8 @@ def _config(tmp_path, loss=None, **kw):
     config = GrpoConfig(rollout=RolloutConfig(prompts_per_step=2, num_generations=4, max_new_tokens=6),
                         optim=OptimConfig(lr=5e-3, mini_batches=2, micro_batch_tokens=64),
                         rewards=RewardsConfig(num_workers=0), loss=loss or LossConfig(),
-                        run=RunConfig(output_dir=str(tmp_path), seed=2),
+                        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+                        run=RunConfig(seed=2),
                         logging=LoggingConfig(progress=False))
     for group, values in kw.items():
         for k, v in values.items():
@@ -107,7 +109,8 @@ def test_kl_reference_scores_with_its_own_output_layer(tmp_path):
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS, reward_set=_rewards())
     trainer.train()
     samples = trainer.last_batch
-    ours = trainer._frozen_logprobs(samples, "ref")
+    batch = RolloutBatch.build(samples, trainer.core.device)
+    ours = batch.per_sample(trainer._frozen_logprobs(batch, "ref"))
     theirs = GraniteMoeHybridForCausalLM.from_pretrained(tmp_path / "start", dtype=torch.float32).eval()
     for s, lp in zip(samples, ours, strict=True):
         with torch.no_grad():
@@ -212,7 +215,7 @@ def test_gradient_matches_a_float64_oracle(tmp_path, loss_type):
     loss = LossConfig(loss_type, beta=0.05)
     config = _config(tmp_path, loss, rollout={"temperature": temperature, "max_new_tokens": 6},
                      optim={"lr": 2e-2, "mini_batches": 2, "num_iterations": 2, "micro_batch_tokens": 24,
-                            "max_grad_norm": 0.0},
+                            "max_grad_norm": None},
                      rollout_correction={"enabled": True, "weights": "token", "cap": cap})
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=ROWS, reward_set=_rewards())
     trainer.engine = MismatchedEngine(trainer.engine)
@@ -356,10 +359,10 @@ def test_an_empty_mini_batch_takes_no_optimizer_step(tmp_path):
     trainer.step()
     sample = next(r for r in trainer.last_batch if r.advantage != 0)
     del trainer.update
-    from posttrain.grpo.trainer import StepStats
+    from posttrain.grpo.metrics import StepStats
 
     trainer.update([sample], StepStats())  # one sample, two mini-batches: the second is empty
-    steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    steps = {int(s["step"]) for s in trainer.chassis.optimizer.state.values()}
     assert steps == {1}  # AdamW stepped once; an empty mini-batch would have moved the weights on momentum alone
 
 
@@ -518,9 +521,9 @@ def test_resume_logs_each_step_once(tmp_path):
     import shutil
 
     _run(tmp_path / "a", steps=3)
-    _run(tmp_path / "b", steps=3, save_every=2)
+    _run(tmp_path / "b", {"checkpoint": {"every_steps": 2}}, steps=3)
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000003")  # killed after step 3's logs, before its save
-    _run(tmp_path / "b", steps=3, save_every=2, resume="latest")
+    _run(tmp_path / "b", {"checkpoint": {"every_steps": 2}}, steps=3, resume="latest")
     a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in b] == [m["step"] for m in a] == [1.0, 2.0, 3.0]
@@ -532,7 +535,7 @@ def test_resumed_rollouts_append_without_repeating_and_changed_correction_is_sai
 
     logged = {"logging": {"rollouts": True}}
     _run(tmp_path / "a", logged, steps=3)
-    _run(tmp_path / "b", logged, steps=3, save_every=2)
+    _run(tmp_path / "b", {**logged, "checkpoint": {"every_steps": 2}}, steps=3)
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000003")
     with caplog.at_level(logging.WARNING):
         resumed = GrpoTrainer(_config(tmp_path / "b", logging={"rollouts": True}, rollout_correction={"enabled": True},

@@ -23,8 +23,8 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch
     from accelerate import Accelerator
-    from posttrain.grpo.config import (GrpoConfig, RolloutConfig, DynamicSamplingConfig, OptimConfig, RunConfig,
-                                       LoggingConfig, ModelConfig, DataConfig)
+    from posttrain.grpo.config import (CheckpointConfig, GrpoConfig, RolloutConfig, DynamicSamplingConfig,
+                                       OptimConfig, RunConfig, LoggingConfig, ModelConfig, DataConfig)
     from posttrain.grpo.loss import LossConfig
     from posttrain.grpo.trainer import GrpoTrainer
     from posttrain.rewards import RewardSet, RewardsConfig, WeightedReward
@@ -38,8 +38,9 @@ WORKER = textwrap.dedent('''
         model=ModelConfig(path=model_dir), data=DataConfig(path=data, shuffle=True),
         rollout=RolloutConfig(prompts_per_step=4, num_generations=4, max_new_tokens=6, prompts_per_call=2),
         dynamic_sampling=DynamicSamplingConfig(max_rounds=2), loss=LossConfig("dapo"), rewards=RewardsConfig(num_workers=0),
-        optim=OptimConfig(lr=1e-2, mini_batches=4, micro_batch_tokens=budget, max_grad_norm=0.0),
-        run=RunConfig(output_dir=out, steps=1, seed=3), logging=LoggingConfig(progress=False))
+        optim=OptimConfig(lr=1e-2, mini_batches=4, micro_batch_tokens=budget, max_grad_norm=None),
+        checkpoint=CheckpointConfig(output_dir=out),
+        run=RunConfig(steps=1, seed=3), logging=LoggingConfig(progress=False))
     acc = Accelerator(cpu=True)
     assert acc.num_processes == int(sys.argv[5]), acc.state
     trainer = GrpoTrainer(config, reward_set=RewardSet([WeightedReward("length", length_reward)]), accelerator=acc)

@@ -11,6 +11,7 @@ import torch
 from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
 from posttrain.grpo.config import (
+    CheckpointConfig,
     DynamicSamplingConfig,
     GrpoConfig,
     LoggingConfig,
@@ -55,7 +56,8 @@ def _config(tmp_path, max_rounds, overlong=0, steps=1):
         dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=max_rounds, metric="outcome"),
         overlong=OverlongConfig(buffer=overlong), rewards=RewardsConfig(num_workers=0),
         optim=OptimConfig(lr=1e-3, mini_batches=2),
-        run=RunConfig(output_dir=str(tmp_path), steps=steps, seed=1), logging=LoggingConfig(progress=False))
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+        run=RunConfig(steps=steps, seed=1), logging=LoggingConfig(progress=False))
 
 
 def _rows(kinds):
@@ -74,7 +76,7 @@ def test_uniform_groups_dropped_until_the_batch_is_full(policy, tmp_path):
     assert m["dynamic_sampling/rounds"] >= 2 and seen == 4 * m["dynamic_sampling/rounds"]
     # each dropped group is a "solved" prompt: count them from the sampler's order
     assert m["dynamic_sampling/dropped_groups"] >= 2
-    assert {trainer.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"open"}
+    assert {trainer.collector.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"open"}
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["dynamic_sampling/dropped_groups"] == m["dynamic_sampling/dropped_groups"]
     assert logged[-1]["optim/updates"] == 2  # two mini-batches: two optimizer steps on one generation batch
@@ -124,9 +126,10 @@ def test_outcome_is_each_samples_first_applicable_reward(policy, tmp_path):
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=_rows(["solved", "tool"] * 6), reward_set=mixed)
     m = trainer.step()
     assert m["dynamic_sampling/kept_groups"] == 4 and m["dynamic_sampling/dropped_groups"] >= 2
-    assert {trainer.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"tool"}
-    assert all(r.rewards["math"] is None and trainer._outcome(r) == r.rewards["tool"] for r in trainer.last_batch)
-    assert len({trainer._outcome(r) for r in trainer.last_batch}) == 2
+    assert {trainer.collector.rows[r.prompt_index]["kind"] for r in trainer.last_batch} == {"tool"}
+    assert all(r.rewards["math"] is None and trainer.collector.outcome(r) == r.rewards["tool"]
+               for r in trainer.last_batch)
+    assert len({trainer.collector.outcome(r) for r in trainer.last_batch}) == 2
 
 
 def test_rewards_see_the_tool_call_markup_the_model_wrote(policy, tmp_path):
@@ -139,8 +142,8 @@ def test_rewards_see_the_tool_call_markup_the_model_wrote(policy, tmp_path):
     written = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
                '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
     ids = tok(written, add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
-    text = trainer._completion_for_reward({"prompt": "1+2="}, ids)
+    text = trainer.collector.completion_for_reward({"prompt": "1+2="}, ids)
     assert text == tok.decode(ids[:-2], skip_special_tokens=False) and text.count("<tool_call>") == 2
     assert [c["arguments"] for c in parse_tool_calls(text)] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
-    chat = trainer._completion_for_reward({"prompt": [{"role": "user", "content": "1+2="}]}, ids)
+    chat = trainer.collector.completion_for_reward({"prompt": [{"role": "user", "content": "1+2="}]}, ids)
     assert chat == [{"role": "assistant", "content": text}]

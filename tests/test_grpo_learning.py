@@ -15,6 +15,7 @@ import torch
 from posttrain.rewards import RewardsConfig, RewardSpec
 
 from posttrain.grpo.config import (
+    CheckpointConfig,
     DynamicSamplingConfig,
     EvalConfig,
     GrpoConfig,
@@ -70,8 +71,9 @@ def test_dapo_raises_held_out_accuracy(tmp_path):
         loss=LossConfig("dapo"),  # eps_low 0.2, eps_high 0.28, token-level normalisation
         rewards=RewardsConfig([RewardSpec("math")], num_workers=0),
         optim=OptimConfig(lr=2e-3, mini_batches=2, micro_batch_tokens=4096),
-        eval=EvalConfig(every=0, num_samples=4, temperature=1.0),
-        run=RunConfig(output_dir=str(tmp_path), steps=30, seed=0),
+        eval=EvalConfig(every_steps=0, num_samples=4, temperature=1.0),
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+        run=RunConfig(steps=30, seed=0),
         logging=LoggingConfig(progress=False),
     )
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows, eval_rows=eval_rows)

@@ -12,7 +12,7 @@ import torch
 from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
 from posttrain.config import ConfigError, load_config
-from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
+from posttrain.grpo.config import CheckpointConfig, GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
 from posttrain.grpo.data import PromptDataError, PromptSampler, load_prompt_rows, pack_micro_batches
 from posttrain.grpo.trainer import GrpoTrainer
 
@@ -41,7 +41,8 @@ def _config(tmp_path, **run):
     return GrpoConfig(rollout=RolloutConfig(prompts_per_step=2, num_generations=4, max_new_tokens=5),
                       optim=OptimConfig(lr=5e-3, mini_batches=2, micro_batch_tokens=64),
                       rewards=RewardsConfig(num_workers=0),
-                      run=RunConfig(output_dir=str(tmp_path), seed=2, **run), logging=LoggingConfig(progress=False))
+                      checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+                      run=RunConfig(seed=2, **run), logging=LoggingConfig(progress=False))
 
 
 def _trainer(tmp_path, model=None, tok=None, **run):
@@ -74,7 +75,7 @@ def test_non_finite_gradient_skips_the_step_and_keeps_the_weights(tmp_path, capl
     model, tok = _small_policy()
     trainer = _trainer(tmp_path, model, tok, steps=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    state_before = len(trainer.optimizer.state)
+    state_before = len(trainer.chassis.optimizer.state)
 
     def poison(t):
         next(p for p in t.core.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
@@ -85,7 +86,7 @@ def test_non_finite_gradient_skips_the_step_and_keeps_the_weights(tmp_path, capl
     assert m["optim/skipped"] == 2 and m["optim/updates"] == 0
     assert "optimizer step skipped" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert len(trainer.optimizer.state) == state_before == 0  # Adam's moments never saw the NaN
+    assert len(trainer.chassis.optimizer.state) == state_before == 0  # Adam's moments never saw the NaN
     trainer.before_optimizer_step = None
     assert trainer.step()["optim/updates"] == 2  # and training goes on
 
@@ -101,7 +102,7 @@ def test_long_prompts_error_naming_them_or_dropped(tmp_path):
         GrpoTrainer(config, model=model, tokenizer=tok, reward_set=RewardSet([WeightedReward("d", digits_reward)]))
     config.data.long_prompts = "drop"
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, reward_set=RewardSet([WeightedReward("d", digits_reward)]))
-    assert trainer.dropped_long_prompts == 1 and len(trainer.rows) == 1
+    assert trainer.collector.dropped_long_prompts == 1 and len(trainer.collector.rows) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{oops\n')
     with pytest.raises(PromptDataError, match=r"bad\.jsonl:2: not valid JSON"):
@@ -122,6 +123,16 @@ def test_exact_resume(tmp_path):
     assert [h["rewards/digits/mean"] for h in straight.history] == [h["rewards/digits/mean"] for h in resumed.history]
     assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()
     assert any((tmp_path / "b" / "final").glob("*.safetensors")) and (tmp_path / "b" / "final" / "config.json").exists()
+
+
+def test_record_samples_logs_each_steps_prompts(tmp_path):
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.config.logging.record_samples = True
+    trainer.config.dynamic_sampling.enabled = False  # one generation round per step: the sampler's next two prompts
+    trainer.train()
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    order = PromptSampler(len(ROWS), seed=2)
+    assert [m["samples"] for m in logged] == [sorted(order.take(2)), sorted(order.take(2))]
 
 
 def test_packing_and_sampler():
@@ -161,7 +172,7 @@ def test_cli_runs_a_step_from_files(tmp_path):
     rc = main(["grpo", "--config", "recipes/grpo_dapo.yaml", "--model.path", str(tmp_path / "m"),
                "--data.path", str(data), "--rollout.prompts_per_step", "2", "--rollout.num_generations", "2",
                "--rollout.max_new_tokens", "4", "--overlong.buffer", "2", "--rewards.num_workers", "1",
-               "--run.steps", "1", "--run.output_dir", str(tmp_path / "run"), "--eval.path", str(data),
+               "--run.steps", "1", "--checkpoint.output_dir", str(tmp_path / "run"), "--eval.path", str(data),
                "--eval.max_prompts", "4", "--logging.progress", "false"])
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

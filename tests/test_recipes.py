@@ -123,7 +123,8 @@ def shrink_recipe(recipe: dict, command: str, env: dict) -> dict:
         r.setdefault("rewards", {})["num_workers"] = min(r["rewards"].get("num_workers", 0), 1)
         r.setdefault("optim", {})["mini_batches"] = min(r["optim"].get("mini_batches", 1), 4)
         r["eval"] = {**r.get("eval", {}), "path": str(env["files"]["grpo"]), "max_prompts": 2}
-        r.setdefault("run", {}).update(output_dir=out, steps=1, save_every=0)
+        r.setdefault("checkpoint", {}).update(output_dir=out, every_steps=0)
+        r.setdefault("run", {}).update(steps=1)
     logging_ = r.setdefault("logging", {})
     logging_.update(report_to=[], progress=False)
     return r

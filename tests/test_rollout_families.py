@@ -117,7 +117,8 @@ rollout: {{prompts_per_step: 2, num_generations: 4, max_new_tokens: 6}}
 dynamic_sampling: {{enabled: false}}
 rewards: {{rewards: [{{name: "{rewards_module}"}}], num_workers: 0}}
 optim: {{lr: 1.0e-2, mini_batches: 1, micro_batch_tokens: 512}}
-run: {{output_dir: "{tmp_path / 'run'}", steps: 2, save_every: 0, seed: 3}}
+checkpoint: {{output_dir: "{tmp_path / 'run'}", every_steps: 0}}
+run: {{steps: 2, seed: 3}}
 logging: {{progress: false, rollouts: true}}
 """)
     assert main(["grpo", "--config", str(recipe)]) == 0, capsys.readouterr().err
@@ -175,7 +176,7 @@ def test_grpo_packed_logprobs_of_a_transformers_model_match_its_engine(family, t
     fused head kernel; those log-probs are the ones the transformers engine sampled with (its own full forward)."""
     from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
-    from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
+    from posttrain.grpo.config import CheckpointConfig, GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
     from posttrain.grpo.trainer import GrpoTrainer
 
     folder = tmp_path / "model"
@@ -185,7 +186,8 @@ def test_grpo_packed_logprobs_of_a_transformers_model_match_its_engine(family, t
                                               recompute_old_logprobs=True),
                         optim=OptimConfig(lr=1e-2, mini_batches=2, micro_batch_tokens=64),
                         rewards=RewardsConfig(num_workers=0), logging=LoggingConfig(progress=False),
-                        run=RunConfig(output_dir=str(tmp_path / "run"), seed=1, steps=1))
+                        checkpoint=CheckpointConfig(output_dir=str(tmp_path / "run")),
+                        run=RunConfig(seed=1, steps=1))
     rows = [{"prompt": f"{a}+{a}="} for a in range(4)]
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows,
                           reward_set=RewardSet([WeightedReward("len", lambda completions, **_: [

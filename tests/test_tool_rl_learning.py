@@ -20,6 +20,7 @@ import torch
 from posttrain.rewards import RewardSet, WeightedReward
 
 from posttrain.grpo.config import (
+    CheckpointConfig,
     DynamicSamplingConfig,
     EvalConfig,
     GrpoConfig,
@@ -148,8 +149,9 @@ def test_grpo_teaches_a_tiny_model_to_call_the_calculator(tmp_path, one_thread):
         dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=2),
         loss=LossConfig("dapo"),
         optim=OptimConfig(lr=GRPO_LR, mini_batches=2, micro_batch_tokens=8192),
-        eval=EvalConfig(every=0, num_samples=4, temperature=ROLLOUT_TEMPERATURE),
-        run=RunConfig(output_dir=str(tmp_path), steps=GRPO_STEPS, seed=0),
+        eval=EvalConfig(every_steps=0, num_samples=4, temperature=ROLLOUT_TEMPERATURE),
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+        run=RunConfig(steps=GRPO_STEPS, seed=0),
         logging=LoggingConfig(progress=False),
     )
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows, eval_rows=eval_rows, env=env,

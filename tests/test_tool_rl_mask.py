@@ -9,8 +9,18 @@ import pytest
 import torch
 from posttrain.rewards import RewardsConfig, RewardSpec
 
-from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig, ToolsConfig
-from posttrain.grpo.trainer import GrpoTrainer, Rollout, StepStats
+from posttrain.grpo.collect import Rollout
+from posttrain.grpo.config import (
+    CheckpointConfig,
+    GrpoConfig,
+    LoggingConfig,
+    OptimConfig,
+    RolloutConfig,
+    RunConfig,
+    ToolsConfig,
+)
+from posttrain.grpo.metrics import StepStats
+from posttrain.grpo.trainer import GrpoTrainer
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +39,10 @@ def setup():
 def _trainer(tok, model, tmp_path):
     config = GrpoConfig(rollout=RolloutConfig(prompts_per_step=1, num_generations=2, max_new_tokens=16),
                         rewards=RewardsConfig([RewardSpec("math")], num_workers=0),
-                        optim=OptimConfig(lr=0.0, mini_batches=1, max_grad_norm=0.0),
+                        optim=OptimConfig(lr=0.0, mini_batches=1, max_grad_norm=None),
                         tools=ToolsConfig(names=["calculator"]),
-                        run=RunConfig(output_dir=str(tmp_path), steps=1), logging=LoggingConfig(progress=False))
+                        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+                        run=RunConfig(steps=1), logging=LoggingConfig(progress=False))
     rows = [{"prompt": [{"role": "user", "content": "12*34"}], "answer": "408"}]
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows)
     grads: list[dict[str, torch.Tensor]] = []
@@ -42,7 +53,7 @@ def _trainer(tok, model, tmp_path):
 
 def _samples(trainer, tool_tail: list[int], train_tools: bool = False) -> list[Rollout]:
     """Two trajectories (advantages +1, -1): model 5 tokens, tool 4, model 3, tool ``tool_tail`` (trailing)."""
-    prompt = trainer.prompt_ids[0]
+    prompt = trainer.collector.prompt_ids[0]
     out = []
     for k, adv in enumerate((1.0, -1.0)):
         model_a, tool_mid, model_b = [10 + k, 11, 12, 13, 14], [20, 21, 22, 23], [30 + k, 31, 32]

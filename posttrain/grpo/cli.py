@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.grpo.trainer import GrpoTrainer
     from posttrain.rewards import RewardError, RewardFailedError
     from posttrain.rollout import EngineError
+    from posttrain.train.chassis import TrainingError, check_trackers
     from posttrain.train.checkpointing import CheckpointError
-    from posttrain.train.loop import TrainingError, check_trackers
 
     # posttrain's own INFO lines; other libraries' (accelerate's per-step notes) only from WARNING up
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if history and trainer.accelerator.is_main_process:
         last = history[-1]
-        print(f"posttrain grpo: {len(history)} steps on the {trainer.engine.name} engine, accuracy {last.get('accuracy', float('nan')):.3f}, "
-              f"checkpoint in {config.run.output_dir}")
+        print(f"posttrain grpo: {len(history)} steps on the {trainer.engine.name} engine, "
+              f"accuracy {last.get('accuracy', float('nan')):.3f}, checkpoint in {config.checkpoint.output_dir}")
     return 0

@@ -277,6 +277,15 @@ class AsyncConfig:
 
 
 @dataclass
+class CheckpointConfig(CheckpointSettings):
+    """The shared ``checkpoint`` group (``CheckpointSettings``) with GRPO's defaults: its own run folder and, unless
+    asked for, one checkpoint only, after the last step."""
+
+    output_dir: str = "runs/grpo"  # the run's folder: checkpoints/, final/, metrics.jsonl, rollouts.jsonl
+    every_steps: int = 0  # save a resumable checkpoint every N generation steps (0: only at the end)
+
+
+@dataclass
 class RunConfig(RunSettings):
     """The shared ``run`` group (``seed``, ``resume``) with the length of a GRPO run.
 
@@ -325,8 +334,7 @@ class GrpoConfig:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointSettings = field(
-        default_factory=lambda: CheckpointSettings(output_dir="runs/grpo", every_steps=0))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)

@@ -220,12 +220,15 @@ class Chassis:
             state: Callable[[int], dict[str, Any]], *, run_config: dict[str, Any] | None = None,
             before_log: Callable[[int, dict[str, Any]], None] | None = None,
             after_step: Callable[[int, dict[str, Any]], None] | None = None,
-            figures: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> dict[str, Any]:
+            figures: Callable[[dict[str, Any]], dict[str, str]] | None = None,
+            at_start: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
         """Steps ``start`` .. ``total`` - 1. ``step(i)`` takes step i and returns its metrics; they are logged
         (after ``before_log(done, metrics)`` adds to them) every ``logging.every_steps`` steps and at the last,
         ``after_step(done, metrics)`` sees every step's, a checkpoint of ``state(done)`` is saved every
         ``checkpoint.every_steps`` steps and after the last, and the progress bar shows ``figures(metrics)``.
-        Returns the last step's metrics."""
+        ``at_start()`` gives metrics logged as step ``start`` once the trackers are started, before the first step
+        (an evaluation of the starting weights), even when there is no step to take. Returns the last step's
+        metrics."""
         from posttrain.progress import StageProgress
 
         acc = self.accelerator
@@ -238,6 +241,8 @@ class Chassis:
         progress = StageProgress(self.stage, total, start, enabled=self.logging.progress and acc.is_main_process)
         try:
             with progress:
+                if at_start is not None:
+                    self.log(start, at_start())
                 for i in range(start, total):
                     metrics = step(i)
                     done = i + 1

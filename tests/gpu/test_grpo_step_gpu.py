@@ -28,7 +28,16 @@ def digits_reward(prompts, completions, **_):
 def test_bf16_grpo_step_with_kl_reference_on_gpu(tmp_path):
     from posttrain.rewards import RewardsConfig, RewardSet, WeightedReward
 
-    from posttrain.grpo.config import GrpoConfig, LoggingConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig
+    from posttrain.grpo.batch import RolloutBatch
+    from posttrain.grpo.config import (
+        CheckpointConfig,
+        GrpoConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        RolloutConfig,
+        RunConfig,
+    )
     from posttrain.grpo.loss import LossConfig
     from posttrain.grpo.trainer import GrpoTrainer
     from posttrain.synthetic import tiny_model
@@ -41,7 +50,8 @@ def test_bf16_grpo_step_with_kl_reference_on_gpu(tmp_path):
                         rollout=RolloutConfig(prompts_per_step=8, num_generations=8, max_new_tokens=32),
                         optim=OptimConfig(lr=1e-4, mini_batches=2, micro_batch_tokens=2048),
                         loss=LossConfig("grpo", beta=0.04), rewards=RewardsConfig(num_workers=0),
-                        run=RunConfig(output_dir=str(tmp_path), steps=3, seed=0),
+                        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+                        run=RunConfig(steps=3, seed=0),
                         logging=LoggingConfig(progress=False))
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows,
                           reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
@@ -55,7 +65,8 @@ def test_bf16_grpo_step_with_kl_reference_on_gpu(tmp_path):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         assert m["optim/skipped"] == 0 and math.isfinite(m["loss"]) and m["kl"] >= 0
-    ref = trainer._frozen_logprobs(trainer.last_batch, "ref")
+    batch = RolloutBatch.build(trainer.last_batch, trainer.core.device)
+    ref = batch.per_sample(trainer._frozen_logprobs(batch, "ref"))
     worst = 0.0
     for s, lp in zip(trainer.last_batch, ref, strict=True):
         with torch.no_grad():

@@ -55,7 +55,7 @@ def test_sync_pushes_every_tensor(setup):
 
 
 def test_logprob_mismatch_under_bound(setup):
-    from posttrain.grpo.trainer import Rollout
+    from posttrain.grpo.collect import Rollout
     from posttrain.rollout import SamplingParams
 
     model, tok, engine = setup

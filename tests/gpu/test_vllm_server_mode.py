@@ -88,7 +88,7 @@ def test_nccl_sync_moves_the_server_to_the_trainer_weights(server):
 def test_grpo_steps_in_server_mode_and_a_dead_server_is_a_clear_error(server, tmp_path):
     from posttrain.rewards import RewardsConfig, RewardSpec
 
-    from posttrain.grpo.config import GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
+    from posttrain.grpo.config import CheckpointConfig, GrpoConfig, LoggingConfig, OptimConfig, RolloutConfig, RunConfig
     from posttrain.rollout.weight_sync import WeightSyncError
 
     url, tok, model, proc = server
@@ -98,7 +98,8 @@ def test_grpo_steps_in_server_mode_and_a_dead_server_is_a_clear_error(server, tm
         rollout=RolloutConfig(engine="server", server_url=url, sync_port=_free_port(), sync_backend="nccl",
                               sync_timeout_s=30, prompts_per_step=4, num_generations=4, max_new_tokens=24),
         rewards=RewardsConfig([RewardSpec("math")], num_workers=0), optim=OptimConfig(lr=1e-5),
-        run=RunConfig(output_dir=str(tmp_path), steps=2), logging=LoggingConfig(progress=False))
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path)),
+        run=RunConfig(steps=2), logging=LoggingConfig(progress=False))
     from posttrain.grpo.trainer import GrpoTrainer
 
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows)
