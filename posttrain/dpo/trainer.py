@@ -343,8 +343,6 @@ class DpoTrainer:
 
     def train(self) -> DpoResult:
         start = self.resume()
-        if start == 0 and self.eval_pairs:
-            self.chassis.log(0, self.evaluate())
         eval_every = self.config.eval.every_steps
         state: dict[str, Any] = {"eval": {}, "t": time.perf_counter()}
 
@@ -367,6 +365,7 @@ class DpoTrainer:
             start, self.total_steps, step,
             lambda done: plan_state(self.plan, done, self.accelerator.num_processes, self.total_steps),
             run_config=self.run_config, before_log=before_log, after_step=self.on_step,
-            figures=lambda metrics: {"loss": f"{metrics['loss']:.4f}"})
+            figures=lambda metrics: {"loss": f"{metrics['loss']:.4f}"},
+            at_start=self.evaluate if start == 0 and self.eval_pairs else None)
         return DpoResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path, state["eval"],
                          self.accelerator.unwrap_model(self.model))
