@@ -27,7 +27,6 @@ import torch
 from posttrain.kernels.conv1d_torch import causal_conv1d_torch, causal_conv1d_update_torch
 from posttrain.kernels.logprobs_torch import chunked_linear_logprobs_torch, naive_linear_logprobs
 from posttrain.kernels.rmsnorm_torch import rms_norm_gated_torch
-from posttrain.kernels.ssd_reference import ssd_sequential_reference
 from posttrain.kernels.ssd_torch import selective_state_update_torch, ssd_chunked_torch
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "naive_linear_logprobs",
     "rms_norm_gated",
     "selective_state_update",
-    "ssd_sequential_reference",
     "triton_available",
 ]
 

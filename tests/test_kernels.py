@@ -154,6 +154,16 @@ def test_oracle_imports_nothing_it_checks():
     assert modules <= {"__future__", "torch", "torch.nn.functional"}, modules
 
 
+def test_no_kernel_module_imports_the_oracle():
+    """The oracle is for tests only: no module of posttrain.kernels (its public API included) imports it."""
+    for path in Path(K.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        names |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+        assert not any("ssd_reference" in name for name in names), path
+    assert "ssd_sequential_reference" not in K.__all__
+
+
 def test_ssd_torch_float32_and_bf16_inputs():
     inp = ssd_inputs(1, 50, 4, 8, 2, 8, dtype=torch.float32, seed=3)
     ref_out, ref_final, _ = ssd_sequential_reference(**inp, dt_softplus=True)
