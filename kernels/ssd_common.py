@@ -1,4 +1,5 @@
-"""The pieces the two production SSD paths share: the step size and the per-sequence final states of a packed row.
+"""The pieces the two production SSD paths share: the step size, the per-sequence final states of a packed row, and
+the head axis a decode step may be given without.
 
 ``ssd_torch`` (CPU) and ``ssd_triton`` (GPU) both import these, so the two paths cannot drift apart on them. Pure
 torch: this module must never import triton, and the tests' oracle ``ssd_reference`` must never import it (an
@@ -65,3 +66,13 @@ def varlen_states(
     inner = torch.einsum("hsl,slhp,slhn->shpn", w, xs, Bs)
     carried = entering[:, chunk].permute(1, 0, 2, 3) * (torch.exp(cum_end).T * enter_ok[:, None])[..., None, None]
     return inner + carried
+
+
+def add_head_axis(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, ...]:
+    """The arguments of a decode step given without a head axis (x (batch, dim), as mamba_ssm also accepts), as views
+    with a head axis of 1, in the same order."""
+    return (state[:, None], x[:, None], dt[:, None], A[None], B[:, None], C[:, None],
+            None if D is None else D[None], None if z is None else z[:, None],
+            None if dt_bias is None else dt_bias[None])

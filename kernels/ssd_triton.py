@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from posttrain.kernels.ssd_common import prepare_dt, varlen_states
+from posttrain.kernels.ssd_common import add_head_axis, prepare_dt, varlen_states
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -638,12 +638,8 @@ def selective_state_update_triton(
 ) -> torch.Tensor:
     """One Mamba-2 decode step on Triton (no autograd); see ``posttrain.kernels.selective_state_update``."""
     single_head = x.dim() == 2
-    if single_head:
-        state, x, dt, A = state[:, None], x[:, None], dt[:, None], A[None]
-        B, C = B[:, None], C[:, None]
-        D = None if D is None else D[None]
-        z = None if z is None else z[:, None]
-        dt_bias = None if dt_bias is None else dt_bias[None]
+    if single_head:  # mamba_ssm also accepts (batch, dim) without a head axis
+        state, x, dt, A, B, C, D, z, dt_bias = add_head_axis(state, x, dt, A, B, C, D, z, dt_bias)
     batch, nheads, p = x.shape
     ngroups, n = B.shape[1], B.shape[2]
     out = torch.empty_like(x)
