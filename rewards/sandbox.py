@@ -370,7 +370,7 @@ def _kill_and_remove_cgroup(path: Path) -> None:
         time.sleep(0.002)
 
 
-class _UidPool:
+class UidPool:
     """Host uids for the sandboxes that run at once: each candidate's sandbox (and each test server) holds one for
     its whole life, with an exclusive ``flock`` on a lock file per uid, so that no other, in this process or another
     (reward workers each have their own :class:`Sandbox`), takes it meanwhile. RLIMIT_NPROC counts every process
@@ -656,7 +656,7 @@ class Sandbox:
         if self._root and (uid == 0 or gid == 0):
             raise ValueError("Sandbox uid/gid must not be 0: root ignores RLIMIT_NPROC, a fork bomb would get through")
         self.uid, self.gid = (uid, gid) if self._root else (os.geteuid(), os.getegid())
-        self._uids = _UidPool(uid, uid_count) if self._root else None
+        self._uids = UidPool(uid, uid_count) if self._root else None
         self.python = python or find_sandbox_python()
         self._cgroup = _RunCgroups.find() if use_cgroup else None
         self._requested = backend
