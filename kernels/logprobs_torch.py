@@ -156,8 +156,8 @@ def chunked_linear_logprobs_torch(
     hidden (N, H) (or (..., H)), weight (V, H), targets (N,) (or (...)). Returns float32 log-probs shaped like
     targets (0 where target == ignore_index), and the entropy of each token's distribution (also 0 there) if
     ``return_entropy``. Forward and backward run over ``chunk_size`` tokens at a time (None: at most 48M logits
-    per chunk, 448 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never exist at once.
-    Gradients reach hidden and weight.
+    per chunk, 448 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never
+    exist at once. Gradients reach hidden and weight.
     """
     lead = targets.shape
     hidden2, targets1, scale, chunk = token_rows(hidden, weight, targets, temperature, logits_scaling, chunk_size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from posttrain.kernels.ssd_common import add_head_axis, prepare_dt, varlen_states
+from posttrain.kernels.ssd_common import add_head_axis, chunk_scan_outputs, prepare_dt, varlen_states
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,17 +171,14 @@ def ssd_chunked_torch(
         out = out * F.silu(z.to(cdtype))
     out = out.to(out_dtype)
 
-    results = [out]
-    if return_final_states:
-        results.append(final_state.float() if cdtype != torch.float64 else final_state)
-    if return_varlen_states:
-        if cu_seqlens is None:
-            raise ValueError("return_varlen_states=True needs cu_seqlens")
-        if batch != 1:
-            raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {batch}")
-        varlen = varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q)
-        results.append(varlen.float() if cdtype != torch.float64 else varlen)
-    return results[0] if len(results) == 1 else tuple(results)
+    def as_state(state: torch.Tensor) -> torch.Tensor:  # states are float32 unless the inputs are float64
+        return state.float() if cdtype != torch.float64 else state
+
+    def varlen() -> torch.Tensor:
+        return as_state(varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q))
+
+    return chunk_scan_outputs(out, lambda: as_state(final_state), varlen, return_final_states, return_varlen_states,
+                              cu_seqlens, batch)
 
 
 def selective_state_update_torch(
