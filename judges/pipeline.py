@@ -36,11 +36,10 @@ from posttrain.judges.samples import (
     output_name,
     read_samples,
     remove_stale_temporaries,
-    write_json,
     write_rows,
 )
 
-from posttrain.provenance import file_digest
+from posttrain.provenance import file_digest, write_manifest
 
 RESULT_COLUMN = "filter_result"
 
@@ -240,7 +239,7 @@ def _filter_samples(config: FilterConfig, samples: list[Sample], rules: list[Rul
 
     drawer.wait(picture)
     manifest["outputs"]["report"] = str(picture)
-    write_json(manifest, output_dir / "manifest.json")
+    write_manifest(output_dir / "manifest.json", manifest, canonical=False)
     print_summary(report, console)
     return report
 

@@ -286,13 +286,3 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         removed.append(entry)
     return removed
-
-
-def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

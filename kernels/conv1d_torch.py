@@ -29,7 +29,14 @@ def causal_conv1d_torch(
     final_states_out: torch.Tensor | None = None,
     activation: str | None = None,
 ):
-    """See ``posttrain.kernels.causal_conv1d_fn``; x (batch, dim, seqlen), weight (dim, width)."""
+    """``posttrain.kernels.causal_conv1d_fn`` in torch: causal depthwise conv1d, as causal-conv1d's
+    ``causal_conv1d_fn``.
+
+    x (batch, dim, seqlen), weight (dim, width), bias (dim,), seq_idx (batch, seqlen) int32 (the window never
+    reaches into another sequence), initial_states (batch, dim, width - 1) (inputs before the first token, for the
+    first sequence), activation None, "silu" or "swish". Returns out (batch, dim, seqlen), and the last width - 1
+    inputs (batch, dim, width - 1) if ``return_final_states`` (written into ``final_states_out`` if given).
+    """
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -74,7 +81,13 @@ def causal_conv1d_update_torch(
     cache_seqlens: torch.Tensor | None = None,
     conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See ``posttrain.kernels.causal_conv1d_update``; ``conv_state`` is updated in place."""
+    """``posttrain.kernels.causal_conv1d_update`` in torch: the decode step of the causal conv1d, as causal-conv1d's
+    ``causal_conv1d_update``.
+
+    x (batch, dim) or (batch, dim, seqlen), conv_state (batch, dim, state_len >= width - 1) updated in place
+    (rows ``conv_state_indices`` when given; a ring buffer written at ``cache_seqlens % state_len`` when
+    ``cache_seqlens`` is given, else shifted left). Returns out shaped like x.
+    """
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
     if state_len < width - 1:

@@ -28,6 +28,22 @@ def default_chunk_tokens(vocab: int) -> int:
     return max(16, min(4096, tokens))
 
 
+def token_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+               logits_scaling: float, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """What both paths of ``fused_linear_logprobs`` compute on: hidden as (N, H) and targets as (N,) (checked to
+    agree), the logit scale ``1 / (logits_scaling * temperature)`` and the tokens per chunk (``chunk_size``, None:
+    ``default_chunk_tokens``)."""
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    targets1 = targets.reshape(-1)
+    if hidden2.shape[0] != targets1.shape[0]:
+        raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
+    chunk = default_chunk_tokens(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = 1.0 / (float(logits_scaling) * float(temperature))
+    return hidden2, targets1, scale, chunk
+
+
 def naive_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -134,16 +150,17 @@ def chunked_linear_logprobs_torch(
     return_entropy: bool = False,
     ignore_index: int = -100,
 ):
-    """See ``posttrain.kernels.fused_linear_logprobs``."""
+    """``posttrain.kernels.fused_linear_logprobs`` in torch: the log-probability of each target under
+    ``hidden @ weight.T / logits_scaling / temperature``, chunked.
+
+    hidden (N, H) (or (..., H)), weight (V, H), targets (N,) (or (...)). Returns float32 log-probs shaped like
+    targets (0 where target == ignore_index), and the entropy of each token's distribution (also 0 there) if
+    ``return_entropy``. Forward and backward run over ``chunk_size`` tokens at a time (None: at most 48M logits
+    per chunk, 448 tokens for a 100K vocabulary), recomputing the logits in backward, so the (N, V) logits never
+    exist at once. Gradients reach hidden and weight.
+    """
     lead = targets.shape
-    hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    targets1 = targets.reshape(-1)
-    if hidden2.shape[0] != targets1.shape[0]:
-        raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
-    chunk = default_chunk_tokens(weight.shape[0]) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    scale = 1.0 / (float(logits_scaling) * float(temperature))
+    hidden2, targets1, scale, chunk = token_rows(hidden, weight, targets, temperature, logits_scaling, chunk_size)
     logp, entropy = _ChunkedLinearLogprobs.apply(hidden2, weight, targets1, scale, chunk, ignore_index, return_entropy)
     logp = logp.reshape(lead)
     if return_entropy:

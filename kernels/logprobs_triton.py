@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from posttrain.kernels.logprobs_torch import default_chunk_tokens
+from posttrain.kernels.logprobs_torch import token_rows
 
 
 @triton.jit
@@ -134,14 +134,7 @@ def fused_linear_logprobs_triton(
 ):
     """``fused_linear_logprobs`` with Triton over the vocabulary; see ``posttrain.kernels.fused_linear_logprobs``."""
     lead = targets.shape
-    hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    targets1 = targets.reshape(-1)
-    if hidden2.shape[0] != targets1.shape[0]:
-        raise ValueError(f"hidden has {hidden2.shape[0]} tokens but targets has {targets1.shape[0]}")
-    chunk = default_chunk_tokens(weight.shape[0]) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    scale = 1.0 / (float(logits_scaling) * float(temperature))
+    hidden2, targets1, scale, chunk = token_rows(hidden, weight, targets, temperature, logits_scaling, chunk_size)
     logp, ent = _FusedLinearLogprobs.apply(hidden2, weight, targets1, scale, chunk, ignore_index)
     logp = logp.reshape(lead)
     if return_entropy:

@@ -20,7 +20,9 @@ def rms_norm_gated_torch(
     group_size: int | None = None,
     norm_before_gate: bool = False,
 ) -> torch.Tensor:
-    """See ``posttrain.kernels.rms_norm_gated``."""
+    """``posttrain.kernels.rms_norm_gated`` in torch: RMSNorm of ``x * silu(z)`` over groups of ``group_size``
+    channels (None: the whole last dim), times ``weight`` (``norm_before_gate=True``: gate after the norm). Float32
+    inside, returned in x's dtype."""
     dim = x.shape[-1]
     group = dim if group_size is None else group_size
     if group == dim and x.dtype == weight.dtype == torch.float32 and (z is None or z.dtype == torch.float32):

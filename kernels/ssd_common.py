@@ -1,4 +1,5 @@
-"""The pieces the two production SSD paths share: the step size and the per-sequence final states of a packed row.
+"""The pieces the two production SSD paths share: the step size, the per-sequence final states of a packed row, what
+``mamba_chunk_scan_combined`` returns, and the head axis a decode step may be given without.
 
 ``ssd_torch`` (CPU) and ``ssd_triton`` (GPU) both import these, so the two paths cannot drift apart on them. Pure
 torch: this module must never import triton, and the tests' oracle ``ssd_reference`` must never import it (an
@@ -6,6 +7,8 @@ oracle that shares code with what it checks would check nothing).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +68,30 @@ def varlen_states(
     inner = torch.einsum("hsl,slhp,slhn->shpn", w, xs, Bs)
     carried = entering[:, chunk].permute(1, 0, 2, 3) * (torch.exp(cum_end).T * enter_ok[:, None])[..., None, None]
     return inner + carried
+
+
+def chunk_scan_outputs(out: torch.Tensor, final: Callable[[], torch.Tensor], varlen: Callable[[], torch.Tensor],
+                       return_final_states: bool, return_varlen_states: bool, cu_seqlens: torch.Tensor | None,
+                       batch: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``out``, then ``final()`` if ``return_final_states``, then ``varlen()`` if ``return_varlen_states`` (which
+    needs ``cu_seqlens`` and a batch of 1: checked before it is called): a tuple when more than ``out``."""
+    results = [out]
+    if return_final_states:
+        results.append(final())
+    if return_varlen_states:
+        if cu_seqlens is None:
+            raise ValueError("return_varlen_states=True needs cu_seqlens")
+        if batch != 1:
+            raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {batch}")
+        results.append(varlen())
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def add_head_axis(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, ...]:
+    """The arguments of a decode step given without a head axis (x (batch, dim), as mamba_ssm also accepts), as views
+    with a head axis of 1, in the same order."""
+    return (state[:, None], x[:, None], dt[:, None], A[None], B[:, None], C[:, None],
+            None if D is None else D[None], None if z is None else z[:, None],
+            None if dt_bias is None else dt_bias[None])

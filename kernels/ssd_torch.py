@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from posttrain.kernels.ssd_common import prepare_dt, varlen_states
+from posttrain.kernels.ssd_common import add_head_axis, chunk_scan_outputs, prepare_dt, varlen_states
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,7 +51,20 @@ def ssd_chunked_torch(
     return_final_states: bool = False,
     return_varlen_states: bool = False,
 ):
-    """``mamba_chunk_scan_combined`` in chunked torch; see ``posttrain.kernels.mamba_chunk_scan_combined``."""
+    """``posttrain.kernels.mamba_chunk_scan_combined`` in chunked torch: Mamba-2 SSD (chunked state space duality)
+    over whole sequences, as mamba_ssm's ``mamba_chunk_scan_combined``.
+
+    x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,), B and C (batch, seqlen, ngroups,
+    dstate) (head h reads group h // (nheads // ngroups)), D (nheads,) or (nheads, headdim), z like x (out *=
+    silu(z)), dt_bias (nheads,), initial_states (batch, nheads, headdim, dstate), seq_idx (batch, seqlen) int32
+    (packed sequences: the state restarts at zero where it changes; initial_states reach the first sequence
+    only), cu_seqlens (num_seqs + 1,) int32 (only for ``return_varlen_states``, batch 1). dt becomes
+    softplus(dt + dt_bias) if ``dt_softplus``, clamped to ``dt_limit``. Any seqlen.
+
+    Returns out (batch, seqlen, nheads, headdim) in x's dtype, then final_states (batch, nheads, headdim, dstate)
+    if ``return_final_states``, then varlen_states (num_seqs, nheads, headdim, dstate) if
+    ``return_varlen_states``; states are float32.
+    """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     if nheads % ngroups != 0:
@@ -158,17 +171,14 @@ def ssd_chunked_torch(
         out = out * F.silu(z.to(cdtype))
     out = out.to(out_dtype)
 
-    results = [out]
-    if return_final_states:
-        results.append(final_state.float() if cdtype != torch.float64 else final_state)
-    if return_varlen_states:
-        if cu_seqlens is None:
-            raise ValueError("return_varlen_states=True needs cu_seqlens")
-        if batch != 1:
-            raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {batch}")
-        varlen = varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q)
-        results.append(varlen.float() if cdtype != torch.float64 else varlen)
-    return results[0] if len(results) == 1 else tuple(results)
+    def as_state(state: torch.Tensor) -> torch.Tensor:  # states are float32 unless the inputs are float64
+        return state.float() if cdtype != torch.float64 else state
+
+    def varlen() -> torch.Tensor:
+        return as_state(varlen_states(cu_seqlens, entering[0], dA_cum[0], x_dt[0], Bc[0], seq_idx, heads_per_group, Q))
+
+    return chunk_scan_outputs(out, lambda: as_state(final_state), varlen, return_final_states, return_varlen_states,
+                              cu_seqlens, batch)
 
 
 def selective_state_update_torch(
@@ -184,14 +194,17 @@ def selective_state_update_torch(
     dt_softplus: bool = False,
     state_batch_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One Mamba-2 decode step; ``state`` is updated in place. See ``posttrain.kernels.selective_state_update``."""
+    """``posttrain.kernels.selective_state_update`` in torch: one Mamba-2 decode step, as mamba_ssm's
+    ``selective_state_update`` (multi-head shapes).
+
+    state (batch, nheads, headdim, dstate) float32, updated in place (rows ``state_batch_indices`` when given),
+    x (batch, nheads, headdim), dt (batch, nheads, headdim), A (nheads, headdim, dstate), B and C (batch,
+    ngroups, dstate), D (nheads, headdim), z like x, dt_bias (nheads, headdim). Returns out (batch, nheads,
+    headdim) in x's dtype. The head axis may be left out everywhere, as in mamba_ssm.
+    """
     single_head = x.dim() == 2
     if single_head:  # mamba_ssm also accepts (batch, dim) without a head axis
-        state, x, dt, A = state[:, None], x[:, None], dt[:, None], A[None]
-        B, C = B[:, None], C[:, None]
-        D = None if D is None else D[None]
-        z = None if z is None else z[:, None]
-        dt_bias = None if dt_bias is None else dt_bias[None]
+        state, x, dt, A, B, C, D, z, dt_bias = add_head_axis(state, x, dt, A, B, C, D, z, dt_bias)
     per_head = dt.stride(-1) == 0 and A.stride(-1) == 0 and A.stride(-2) == 0 and (
         dt_bias is None or dt_bias.stride(-1) == 0)
     if (per_head and state_batch_indices is None and state.dtype == torch.float32 and x.dtype == torch.float32

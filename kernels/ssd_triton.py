@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from posttrain.kernels.ssd_common import prepare_dt, varlen_states
+from posttrain.kernels.ssd_common import add_head_axis, chunk_scan_outputs, prepare_dt, varlen_states
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -547,29 +547,23 @@ def ssd_chunked_triton(
         if z is not None:
             out = out * F.silu(z.float())
         y = out.to(x.dtype)
-    results = [y]
-    if return_final_states:
-        results.append(final)
-    if return_varlen_states:
-        if cu_seqlens is None:
-            raise ValueError("return_varlen_states=True needs cu_seqlens")
-        if b != 1:
-            raise ValueError(f"return_varlen_states needs batch 1 (a packed row), got batch {b}")
-        with torch.no_grad():
-            x_dt = F.pad(x.float() * dt_p[..., None], (0, 0, 0, 0, 0, nc * Q - T))
-            Bp = F.pad(B.float(), (0, 0, 0, 0, 0, nc * Q - T))
-            varlen = varlen_states(
-                cu_seqlens,
-                enter[0].transpose(0, 1),
-                a_cum[0].view(h, nc, Q),
-                x_dt[0].view(nc, Q, h, plan.p),
-                Bp[0].view(nc, Q, plan.ngroups, plan.n),
-                seq_idx,
-                plan.hg,
-                Q,
-            )
-        results.append(varlen)
-    return results[0] if len(results) == 1 else tuple(results)
+
+    @torch.no_grad()
+    def varlen() -> torch.Tensor:
+        x_dt = F.pad(x.float() * dt_p[..., None], (0, 0, 0, 0, 0, nc * Q - T))
+        Bp = F.pad(B.float(), (0, 0, 0, 0, 0, nc * Q - T))
+        return varlen_states(
+            cu_seqlens,
+            enter[0].transpose(0, 1),
+            a_cum[0].view(h, nc, Q),
+            x_dt[0].view(nc, Q, h, plan.p),
+            Bp[0].view(nc, Q, plan.ngroups, plan.n),
+            seq_idx,
+            plan.hg,
+            Q,
+        )
+
+    return chunk_scan_outputs(y, lambda: final, varlen, return_final_states, return_varlen_states, cu_seqlens, b)
 
 
 @triton.jit
@@ -638,12 +632,8 @@ def selective_state_update_triton(
 ) -> torch.Tensor:
     """One Mamba-2 decode step on Triton (no autograd); see ``posttrain.kernels.selective_state_update``."""
     single_head = x.dim() == 2
-    if single_head:
-        state, x, dt, A = state[:, None], x[:, None], dt[:, None], A[None]
-        B, C = B[:, None], C[:, None]
-        D = None if D is None else D[None]
-        z = None if z is None else z[:, None]
-        dt_bias = None if dt_bias is None else dt_bias[None]
+    if single_head:  # mamba_ssm also accepts (batch, dim) without a head axis
+        state, x, dt, A, B, C, D, z, dt_bias = add_head_axis(state, x, dt, A, B, C, D, z, dt_bias)
     batch, nheads, p = x.shape
     ngroups, n = B.shape[1], B.shape[2]
     out = torch.empty_like(x)

@@ -1,6 +1,7 @@
 """The ``posttrain`` command line: one subcommand per stage of the pipeline.
 
-Each subcommand lives in the module that implements it; this file only names them. A module listed here
+Each subcommand lives in the module that implements it; this file names them and holds what the recipe-driven ones
+share (``run_recipe``, ``--print-config``). A module listed here
 provides ``add_arguments(parser)`` and ``run(args) -> int``; one that sets ``ACCEPTS_OVERRIDES = True`` also gets the
 unparsed ``--group.field VALUE`` arguments as ``args.overrides`` (see ``posttrain.config``). Imports are lazy so ``posttrain --help`` stays fast
 and a subcommand's heavy dependencies load only when it runs.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -107,6 +110,21 @@ def _leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_recipe(name: str, config_cls: type, args: argparse.Namespace, work: Callable[[Any], Any],
+               errors: tuple[type[Exception], ...] = ()) -> tuple[Any, Any] | None:
+    """Load the recipe ``args.config`` (with ``args.overrides``) into ``config_cls`` and run ``work(config)``:
+    ``(config, its result)``, or None after one line on stderr (the command's exit code 2) for a bad recipe, a
+    missing file or one of ``errors``."""
+    from posttrain.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_cls, getattr(args, "config", None), getattr(args, "overrides", []))
+        return config, work(config)
+    except (ConfigError, FileNotFoundError, *errors) as e:
+        print(f"posttrain {name}: {e}", file=sys.stderr)
+        return None
 
 
 def print_config(name: str, config_cls: type, args: argparse.Namespace) -> int:

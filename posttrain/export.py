@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.provenance import bytes_digest, file_digest, weights_digest
+from posttrain.provenance import bytes_digest, file_digest, weights_digest, write_manifest
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -169,8 +169,7 @@ def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "signature": {"algorithm": "ed25519", "public_key_sha256": key_fingerprint(pub)},
                 "files": files, "provenance": provenance}
-    body = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
-    (folder / MANIFEST).write_bytes(body)
+    body = write_manifest(folder / MANIFEST, manifest)
     (folder / SIGNATURE).write_text(base64.b64encode(private_key.sign(body)).decode() + "\n")
     (folder / PUBLIC_KEY).write_bytes(pub)
     return manifest

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from posttrain.provenance import weights_digest
+from posttrain.provenance import weights_digest, write_manifest
 
 WEIGHT_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -137,7 +137,7 @@ def merge_checkpoints(folders: list[str | os.PathLike], out: str | os.PathLike,
     manifest = {"method": method, "weights": weights if method == "linear" else None,
                 "t": t if method == "slerp" else None,
                 "sources": [{"path": str(f.resolve()), "sha256": weights_digest(f)} for f in folders]}
-    (tmp / "merge_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(tmp / "merge_manifest.json", manifest)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

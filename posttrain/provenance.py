@@ -1,15 +1,18 @@
-"""The SHA-256 digests every manifest records: of bytes or text, of a file or folder, of a checkpoint's weights.
+"""Manifests and the SHA-256 digests they record: of bytes or text, of a file or folder, of a checkpoint's weights.
 
 Training, DPO, merge, export, checkpoint and filter manifests, judge cache keys and reward identities name their
-inputs by these digests, so what one module hashes another checks with the same function (lowercase hex). This
-module only reads: it never writes a manifest, signs, or decides what a digest must match.
+inputs by these digests, so what one module hashes another checks with the same function (lowercase hex). A
+manifest records its data files with ``data_provenance`` and the library versions with ``versions``, and is written
+by ``write_manifest`` (atomically). This module never signs, and never decides what a digest must match.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def bytes_digest(data: bytes | str) -> str:
@@ -40,3 +43,53 @@ def weights_digest(folder: str | os.PathLike) -> str:
         if p.is_file():
             h.update(p.name.encode() + b"\0" + bytes.fromhex(file_digest(p)))
     return h.hexdigest()
+
+
+def data_provenance(path: str) -> dict[str, Any]:
+    """What a manifest records of a data file or folder: its resolved path and sha256, and the manifest beside it
+    (e.g. the one ``posttrain filter`` writes) with its sha256; of a hub data set (``hf:NAME``), its name and the
+    fingerprint ``datasets`` gives its cached copy."""
+    from posttrain.train.data import DataError, is_hub_spec, load_hub_dataset
+
+    if is_hub_spec(path):
+        return {"dataset": path, "fingerprint": load_hub_dataset(path, DataError)._fingerprint}
+    p = Path(path)
+    entry: dict[str, Any] = {"path": str(p.resolve()), "sha256": file_digest(p)}
+    beside = (p if p.is_dir() else p.parent) / "manifest.json"
+    if beside.is_file():
+        entry["manifest"] = str(beside.resolve())
+        entry["manifest_sha256"] = file_digest(beside)
+    return entry
+
+
+def versions() -> dict[str, str]:
+    """The versions of posttrain and of the libraries a training run depends on."""
+    import accelerate
+    import torch
+    import transformers
+
+    import posttrain
+
+    return {"posttrain": posttrain.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def write_manifest(path: str | os.PathLike, data: Any, *, canonical: bool = True) -> bytes:
+    """Write ``data`` as JSON (indented, one final newline) at ``path`` atomically: to a temporary sibling
+    ``.NAME.tmp-PID``, flushed to disk, then renamed over ``path``. Returns the bytes written (what a signature signs).
+
+    ``canonical``: keys sorted, ASCII only, a value JSON has no form for written as its ``str`` (the form that is
+    hashed and signed); else the keys in their order and the text as it is (a manifest for a person to read)."""
+    path = Path(path)
+    if canonical:
+        text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    else:
+        text = json.dumps(data, indent=2, ensure_ascii=False)
+    body = (text + "\n").encode("utf-8")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return body

@@ -370,7 +370,7 @@ def _kill_and_remove_cgroup(path: Path) -> None:
         time.sleep(0.002)
 
 
-class _UidPool:
+class UidPool:
     """Host uids for the sandboxes that run at once: each candidate's sandbox (and each test server) holds one for
     its whole life, with an exclusive ``flock`` on a lock file per uid, so that no other, in this process or another
     (reward workers each have their own :class:`Sandbox`), takes it meanwhile. RLIMIT_NPROC counts every process
@@ -656,7 +656,7 @@ class Sandbox:
         if self._root and (uid == 0 or gid == 0):
             raise ValueError("Sandbox uid/gid must not be 0: root ignores RLIMIT_NPROC, a fork bomb would get through")
         self.uid, self.gid = (uid, gid) if self._root else (os.geteuid(), os.getegid())
-        self._uids = _UidPool(uid, uid_count) if self._root else None
+        self._uids = UidPool(uid, uid_count) if self._root else None
         self.python = python or find_sandbox_python()
         self._cgroup = _RunCgroups.find() if use_cgroup else None
         self._requested = backend
@@ -812,6 +812,10 @@ class Sandbox:
         if pids_cgroup is None:
             notes.append("no writable pids cgroup: the process limit is RLIMIT_NPROC alone")
         common = {
+            "backend": backend,
+            "uid": self.uid,
+            "gid": self.gid,
+            "unprivileged": self.uid != 0,
             "pids_cgroup": pids_cgroup,
             "python": self.python,
             "memory_cgroup": memory_cgroup,
@@ -820,27 +824,19 @@ class Sandbox:
         }
         if backend == "bwrap":
             return SandboxInfo(
-                backend,
-                self.uid,
-                self.gid,
-                self.uid != 0,
-                ("user", "pid", "net", "mount", "ipc", "uts", "cgroup"),
-                "new tmpfs root: /usr (+/bin,/lib links) and the interpreter read-only; size-capped "
-                f"tmpfs at {_WORKDIR}, /tmp, /dev/shm; nothing else of the host",
-                "own namespace, loopback only",
+                namespaces=("user", "pid", "net", "mount", "ipc", "uts", "cgroup"),
+                filesystem=("new tmpfs root: /usr (+/bin,/lib links) and the interpreter read-only; size-capped "
+                            f"tmpfs at {_WORKDIR}, /tmp, /dev/shm; nothing else of the host"),
+                network="own namespace, loopback only",
                 notes=tuple(notes),
                 **common,
             )
         if backend == "unshare":
             return SandboxInfo(
-                backend,
-                self.uid,
-                self.gid,
-                self.uid != 0,
-                ("user", "pid", "net", "mount", "ipc", "uts"),
-                "chroot into a tmpfs root: /usr (+/bin,/lib) and the interpreter read-only; "
-                f"size-capped tmpfs at {_WORKDIR}, /tmp, /dev/shm; all capabilities dropped",
-                "own namespace, loopback down",
+                namespaces=("user", "pid", "net", "mount", "ipc", "uts"),
+                filesystem=("chroot into a tmpfs root: /usr (+/bin,/lib) and the interpreter read-only; "
+                            f"size-capped tmpfs at {_WORKDIR}, /tmp, /dev/shm; all capabilities dropped"),
+                network="own namespace, loopback down",
                 notes=tuple(notes),
                 **common,
             )
@@ -850,13 +846,9 @@ class Sandbox:
             "alone; leftover processes are found through the cgroup, else by uid (keep the pool dedicated)"
         )
         return SandboxInfo(
-            backend,
-            self.uid,
-            self.gid,
-            self.uid != 0,
-            (),
-            "host filesystem, private working folder",
-            "host network (not isolated)",
+            namespaces=(),
+            filesystem="host filesystem, private working folder",
+            network="host network (not isolated)",
             notes=tuple(notes),
             **common,
         )
@@ -1234,35 +1226,35 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _processes_of_uid(uid: int) -> list[tuple[int, str]]:
-    """(pid, state letter) of every process whose real uid is ``uid``."""
-    found = []
+def _proc_files(name: str) -> Iterator[tuple[int, str]]:
+    """(pid, text of /proc/PID/``name``) of every process whose file could be read (a process may end meanwhile)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            status = (entry / "status").read_text()
+            text = (entry / name).read_text()
         except OSError:
             continue
+        yield int(entry.name), text
+
+
+def _processes_of_uid(uid: int) -> list[tuple[int, str]]:
+    """(pid, state letter) of every process whose real uid is ``uid``."""
+    found = []
+    for pid, status in _proc_files("status"):
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if int(fields.get("Uid", "-1").split()[0]) == uid:
-            found.append((int(entry.name), fields.get("State", "?").split()[0]))
+            found.append((pid, fields.get("State", "?").split()[0]))
     return found
 
 
 def _children_of(pid: int) -> list[int]:
     """Host pids whose parent is ``pid`` (read from /proc/*/stat; /proc/PID/task/*/children may be absent)."""
     children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat_line = (entry / "stat").read_text()
-        except OSError:
-            continue
+    for child, stat_line in _proc_files("stat"):
         fields = stat_line.rsplit(")", 1)[-1].split()
         if len(fields) > 1 and fields[1] == str(pid):
-            children.append(int(entry.name))
+            children.append(child)
     return children
 
 

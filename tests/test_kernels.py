@@ -8,6 +8,7 @@ GraniteMoeHybridRMSNormGated, the fused log-probs against full logits; forward v
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import subprocess
 import sys
@@ -152,6 +153,16 @@ def test_oracle_imports_nothing_it_checks():
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
     assert modules <= {"__future__", "torch", "torch.nn.functional"}, modules
+
+
+def test_no_kernel_module_imports_the_oracle():
+    """The oracle is for tests only: no module of posttrain.kernels (its public API included) imports it."""
+    for path in Path(K.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        names |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+        assert not any("ssd_reference" in name for name in names), path
+    assert "ssd_sequential_reference" not in K.__all__
 
 
 def test_ssd_torch_float32_and_bf16_inputs():
@@ -435,6 +446,28 @@ def test_dispatch_env_var(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             K.rms_norm_gated(torch.ones(2, 4), torch.ones(4))
+
+
+def test_public_functions_are_their_torch_paths_dispatched(monkeypatch):
+    """Each public kernel has its torch path's signature and documentation, and finds the tensor it dispatches on
+    whether it comes by position or by keyword (selective_state_update's is its second argument, x)."""
+    from posttrain.kernels.ssd_torch import selective_state_update_torch, ssd_chunked_torch
+
+    assert inspect.signature(K.mamba_chunk_scan_combined) == inspect.signature(ssd_chunked_torch)
+    assert K.mamba_chunk_scan_combined.__doc__ == ssd_chunked_torch.__doc__
+    assert K.selective_state_update.__name__ == "selective_state_update"
+    assert inspect.signature(K.selective_state_update) == inspect.signature(selective_state_update_torch)
+    if not K.triton_available():
+        return
+    monkeypatch.setenv("POSTTRAIN_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the triton path on CPU refuses: the dispatch took it
+    state, x, dt = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3), torch.ones(1, 2, 3)
+    A, B = -torch.ones(2, 3, 4), torch.ones(1, 1, 4)
+    for args, kwargs in (((state, x, dt, A, B, B), {}), ((state,), {"x": x, "dt": dt, "A": A, "B": B, "C": B})):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            K.selective_state_update(*args, **kwargs)
+    with pytest.raises(TypeError, match="'x'"):
+        K.selective_state_update(state, dt=dt, A=A, B=B, C=B)
 
 
 def test_package_imports_without_triton(tmp_path):

@@ -549,13 +549,13 @@ def test_a_uid_is_held_across_processes() -> None:
     import subprocess
     import sys
 
-    from posttrain.rewards.sandbox import _UidPool
+    from posttrain.rewards.sandbox import UidPool
 
     first = 240000 + 8 * secrets.randbelow(1000)
-    pool = _UidPool(first, 2)
+    pool = UidPool(first, 2)
     other = (
-        "from posttrain.rewards.sandbox import _UidPool, SandboxError\n"
-        f"pool = _UidPool({first}, 2)\n"
+        "from posttrain.rewards.sandbox import UidPool, SandboxError\n"
+        f"pool = UidPool({first}, 2)\n"
         "try:\n"
         "    with pool.lease(wait_s=0.3) as uid:\n"
         "        print('took', uid)\n"

@@ -197,12 +197,12 @@ def test_recipe_errors_name_file_and_field(tmp_path):
 def test_filter_output_reads_straight_in_with_its_manifest(tmp_path, tok):
     from posttrain.judges.pipeline import RESULT_COLUMN
 
-    from posttrain.train.run import _data_provenance
+    from posttrain.provenance import data_provenance
 
     kept = {**TOOL_ROW, RESULT_COLUMN: {"kept": True, "stage": None, "reasons": ["passed all filters"]}}
     f = write_jsonl(tmp_path / "kept.jsonl", [kept])
     (tmp_path / "manifest.json").write_text('{"counts": {"kept": 1}}\n')
     (seg,) = load_segments([f], tok, task="sft")
     assert targets_text(tok, seg).endswith("It is sunny.<|end_of_text|>")
-    prov = _data_provenance(str(f))
+    prov = data_provenance(str(f))
     assert prov["manifest"].endswith("manifest.json") and len(prov["manifest_sha256"]) == 64

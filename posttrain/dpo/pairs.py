@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.dpo.config import PairSamplingSettings, PairsConfig
-from posttrain.provenance import bytes_digest, weights_digest
+from posttrain.provenance import bytes_digest, weights_digest, write_manifest
 from posttrain.tokenizer import completion_text
 from posttrain.train.data import DataError, Row, check_messages, read_rows
 
@@ -314,8 +314,5 @@ def run_pairs(config: PairsConfig) -> PairsReport:
     manifest = {"output": str(out.resolve()), "sha256": bytes_digest(payload),
                 "prompts": len(rows), "answers": sum(len(a) for a in answers), "pairs": len(pairs),
                 "config": config_to_dict(config), **provenance, **({"on_policy": counts} if counts else {})}
-    man = out.with_name(out.name + ".manifest.json")
-    man_tmp = man.with_name(man.name + ".tmp")
-    man_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(man_tmp, man)
+    write_manifest(out.with_name(out.name + ".manifest.json"), manifest)
     return PairsReport(len(rows), sum(len(a) for a in answers), len(pairs), out, counts)

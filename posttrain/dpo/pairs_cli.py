@@ -7,7 +7,6 @@ parses arguments and reports errors; the work is ``posttrain.dpo.pairs.run_pairs
 from __future__ import annotations
 
 import argparse
-import sys
 
 ACCEPTS_OVERRIDES = True
 
@@ -17,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.config import ConfigError, load_config
+    from posttrain.cli import run_recipe
     from posttrain.dpo.config import PairsConfig
     from posttrain.dpo.pairs import run_pairs
     from posttrain.judges.backends import JudgeBackendError
@@ -25,13 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.rollout import EngineError
     from posttrain.train.data import DataError
 
-    try:
-        config = load_config(PairsConfig, args.config, getattr(args, "overrides", []))
-        report = run_pairs(config)
-    except (ConfigError, JudgeBackendError, DataError, RewardError, EngineError,
-            FileNotFoundError) as e:
-        print(f"posttrain pairs: {e}", file=sys.stderr)
+    done = run_recipe("pairs", PairsConfig, args, run_pairs, (JudgeBackendError, DataError, RewardError, EngineError))
+    if done is None:
         return 2
+    _, report = done
     print(f"posttrain pairs: {report.pairs} pairs from {report.answers} answers to {report.prompts} prompts "
           f"in {report.output}")
     if report.on_policy:

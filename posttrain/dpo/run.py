@@ -17,8 +17,10 @@ from posttrain.config import config_to_dict, save_config
 from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import load_pairs
 from posttrain.dpo.trainer import DpoResult, DpoTrainer
+from posttrain.provenance import data_provenance as _data_provenance
+from posttrain.provenance import versions as _versions
 from posttrain.train.loop import TrainingError
-from posttrain.train.run import _data_provenance, _versions, apply_lora, load_model, load_tokenizer, save_final
+from posttrain.train.run import apply_lora, load_model, load_tokenizer, save_final
 
 
 def run_dpo(config: DpoConfig, recipe: str | None = None,

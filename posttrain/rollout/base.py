@@ -360,6 +360,11 @@ class ModuleEngine(ABC):
     model: torch.nn.Module
     max_num_seqs: int
 
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int = 256):
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.stats = EngineStats()
+
     def _vocab_size(self) -> int:
         return self.model.config.vocab_size
 

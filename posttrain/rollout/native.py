@@ -22,7 +22,6 @@ from posttrain.rollout.base import (
     Capabilities,
     Completion,
     DecodeRows,
-    EngineStats,
     ModuleEngine,
     SamplingParams,
     sample,  # noqa: F401  (re-exported: callers import the sampler beside the engine)
@@ -36,10 +35,7 @@ class NativeEngine(ModuleEngine):
     name = "native"
     capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
 
-    def __init__(self, model: HybridForCausalLM, max_num_seqs: int = 256):
-        self.model = model
-        self.max_num_seqs = max_num_seqs
-        self.stats = EngineStats()
+    model: HybridForCausalLM
 
     @classmethod
     def from_pretrained(cls, folder, device: str | None = None, dtype: torch.dtype | None = None,

@@ -51,7 +51,7 @@ def prefill(model: HybridForCausalLM, prompts: list[list[int]], cache: HybridCac
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None, :]
     mask = causal_mask(ids.shape[1], device, seq_idx=seq_idx) if len(prompts) > 1 else None
     h = model.model.embed_tokens(ids) * model.config.embedding_multiplier
-    rope = model._rope(positions, h.dtype)
+    rope = model.rope(positions, h.dtype)
     for block in model.model.layers:
         h, _ = block(h, mask, rope, seq_idx if len(prompts) > 1 else None, None, cache=cache, cu_seqlens=cu)
     cache.lengths[: len(prompts)] = torch.tensor(lengths, device=device)
@@ -63,7 +63,7 @@ def _prefill_rows(model: HybridForCausalLM, ids: torch.Tensor, cache: HybridCach
     """``prefill`` for prompts of one length, as a plain (n, length) batch filling rows 0..n-1."""
     n, length = ids.shape
     h = model.model.embed_tokens(ids) * model.config.embedding_multiplier
-    rope = model._rope(torch.arange(length, device=ids.device)[None, :].expand(n, length), h.dtype)
+    rope = model.rope(torch.arange(length, device=ids.device)[None, :].expand(n, length), h.dtype)
     for block in model.model.layers:
         h, _ = block(h, None, rope, None, None, cache=cache)
     cache.lengths[:n] = length

@@ -47,7 +47,6 @@ from posttrain.rollout.base import (
     Completion,
     DecodeRows,
     EngineError,
-    EngineStats,
     ModuleEngine,
     SamplingParams,
 )
@@ -98,9 +97,7 @@ class TransformersEngine(ModuleEngine):
         # a model without attention layers (Mamba) has nothing to mask in a decode step; transformers' Mamba would
         # broadcast a 2D mask longer than the step's one token over it
         self._attention_free = not any(isinstance(layer, StaticLayer) for layer in layers)
-        self.model = model
-        self.max_num_seqs = max_num_seqs
-        self.stats = EngineStats()
+        super().__init__(model, max_num_seqs)
 
     @classmethod
     def from_pretrained(cls, folder, device: str | None = None, dtype: torch.dtype | None = None,

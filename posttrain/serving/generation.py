@@ -107,9 +107,10 @@ class TextGenerator:
         return cls(tokenizer, generate, vocab_size, max_context, eos_ids)
 
     # -- prompts ----------------------------------------------------------------------------------------------
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens``, the tokenizer's own (e.g. BOS) are added as it says."""
         with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,

@@ -130,7 +130,8 @@ def _stop(body: dict) -> list[str]:
     return list(value)
 
 
-def _token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
+def token_ids(value: Any, name: str, vocab_size: int) -> list[int]:
+    """``value`` checked as a list of token ids of a vocabulary of ``vocab_size`` (the field is ``name``)."""
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise RequestError(f"'{name}' must be a list of token ids", name)
     bad = [t for t in value if not 0 <= t < vocab_size]
@@ -180,6 +181,14 @@ def _response_format(body: dict) -> dict[str, Any] | None:
     raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
+def check_model(model: Any, served_name: str) -> None:
+    """Refuse a request for a model other than ``served_name`` (404, OpenAI's ``model_not_found``); ``None`` (no
+    ``model`` given) is the served one."""
+    if model not in (None, served_name):
+        raise RequestError(f"the model '{model}' does not exist; this server serves '{served_name}'", "model",
+                           status=404, code="model_not_found")
+
+
 def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -190,9 +199,7 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
-    if model not in (None, served_name):
-        raise RequestError(f"the model '{model}' does not exist; this server serves '{served_name}'", "model",
-                           status=404, code="model_not_found")
+    check_model(model, served_name)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise RequestError("'user' must be a string", "user")
     n = _integer(body, "n", 1, 1, MAX_N)
@@ -214,7 +221,7 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
         "top_k": max(0, _integer(body, "top_k", 0, -1)),  # vLLM's -1 and 0 both mean no top-k
         "seed": _integer(body, "seed", None, -(2**63), 2**63 - 1),
         "stop": _stop(body),
-        "stop_token_ids": [] if stop_token_ids is None else _token_ids(stop_token_ids, "stop_token_ids", vocab_size),
+        "stop_token_ids": [] if stop_token_ids is None else token_ids(stop_token_ids, "stop_token_ids", vocab_size),
         "ignore_eos": _boolean(body, "ignore_eos"),
         "stream": stream,
         "include_usage": bool(options and _boolean(options, "include_usage")),
@@ -271,7 +278,9 @@ def _content(value: Any, where: str) -> str:
     raise RequestError(f"'{where}' must be a string or a list of text parts", where)
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def messages(value: Any) -> list[dict[str, Any]]:
+    """The ``messages`` field checked and normalised for the chat template (``developer`` read as ``system``, text
+    parts joined, assistant tool calls in OpenAI's shape)."""
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty list", "messages")
     out = []
@@ -312,7 +321,7 @@ def _assistant_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
+def tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The tools rendered into the prompt (None: none) and the tool choice: None (auto), "required" or a name."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
@@ -376,7 +385,9 @@ def tool_call_schema(tools: list[dict[str, Any]], choice: str, parallel: bool) -
     return schema
 
 
-def _template_options(body: dict) -> dict[str, Any]:
+def template_options(body: dict) -> dict[str, Any]:
+    """The chat template's options a request sets (``chat_template_kwargs``, ``add_generation_prompt``,
+    ``continue_final_message``), as keyword arguments of ``TextGenerator.encode_chat``."""
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
@@ -397,24 +408,24 @@ def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_
                        max_request_tokens: int | None = None) -> GenerationRequest:
     """Validate a ``/v1/chat/completions`` body and render its prompt with the chat template."""
     common = _common(body, served_name, CHAT_FIELDS, generator.vocab_size)
-    messages = _messages(body.get("messages"))
-    tools, choice = _tools(body)
+    chat = messages(body.get("messages"))
+    tool_defs, choice = tools(body)
     parallel = _boolean(body, "parallel_tool_calls", True)
     logprobs = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    options = _template_options(body)
-    if options["continue_final_message"] and messages[-1]["role"] != "assistant":
+    options = template_options(body)
+    if options["continue_final_message"] and chat[-1]["role"] != "assistant":
         raise RequestError("'continue_final_message' needs the last message to be the assistant's",
                            "continue_final_message")
     if choice is not None:
         if common["json_schema"] is not None:
             raise RequestError("'response_format' cannot be combined with a required or named 'tool_choice'",
                                "response_format")
-        common["json_schema"] = tool_call_schema(tools, choice, parallel)
+        common["json_schema"] = tool_call_schema(tool_defs, choice, parallel)
     try:
-        prompt = generator.encode_chat(messages, tools, **options)
+        prompt = generator.encode_chat(chat, tool_defs, **options)
     except ValueError as exc:
         raise RequestError(str(exc), "messages") from exc
     except Exception as exc:  # the chat template raised (jinja): the messages do not fit it
@@ -424,7 +435,7 @@ def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), [prompt], default_max_tokens,
                              generator.max_context, common["n"], max_request_tokens)
     _check_min_tokens(common, max_tokens)
-    return GenerationRequest("chat", [prompt], [""], max_tokens, tools=tools, tool_choice=choice,
+    return GenerationRequest("chat", [prompt], [""], max_tokens, tools=tool_defs, tool_choice=choice,
                              parallel_tool_calls=parallel, logprobs=(top or 0) if logprobs else None, **common)
 
 
@@ -450,7 +461,7 @@ def parse_completion_request(body: Any, served_name: str, generator: Any, defaul
             ids = generator.encode_text(item)
             texts.append(item)
         elif isinstance(item, list):
-            ids = _token_ids(item, f"prompt[{i}]", generator.vocab_size)
+            ids = token_ids(item, f"prompt[{i}]", generator.vocab_size)
             texts.append(generator.decode(ids))
         else:
             raise RequestError(f"'prompt[{i}]' must be a string or a list of token ids", f"prompt[{i}]")

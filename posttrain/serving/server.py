@@ -49,9 +49,14 @@ from posttrain.serving.http import ClientGone, HttpServer, RequestError, Serving
 from posttrain.serving.protocol import (
     GenerationRequest,
     StreamEvents,
+    check_model,
+    messages,
     parse_chat_request,
     parse_completion_request,
     response,
+    template_options,
+    token_ids,
+    tools,
 )
 from posttrain.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
@@ -168,25 +173,21 @@ class OpenAIRoutes:
 
     async def model(self, request: Request) -> JSONResponse:
         model_id = request.path_params["model_id"]
-        if model_id != self.name:
-            raise RequestError(f"the model '{model_id}' does not exist; this server serves '{self.name}'", "model",
-                               status=404, code="model_not_found")
+        check_model(model_id, self.name)
         return JSONResponse(self._model_card())
 
     async def tokenize(self, request: Request) -> JSONResponse:
         """vLLM's ``/tokenize``: ``prompt`` (text) or ``messages`` (rendered by the chat template) -> token ids."""
         body = await read_json(request, self.max_body_bytes)
-        self._check_model(body)
+        check_model(body.get("model"), self.name)
         if "messages" in body:
             allowed = {"model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                        "tools", "chat_template_kwargs", "return_token_strs"}
             _refuse_unknown(body, allowed)
-            from posttrain.serving.protocol import _messages, _template_options, _tools
-
-            tools, _ = _tools(body)
-            options = _template_options({**body, "add_generation_prompt": body.get("add_generation_prompt", True)})
+            tool_defs, _ = tools(body)
+            options = template_options({**body, "add_generation_prompt": body.get("add_generation_prompt", True)})
             try:
-                ids = await run_in_threadpool(self.generator.encode_chat, _messages(body["messages"]), tools,
+                ids = await run_in_threadpool(self.generator.encode_chat, messages(body["messages"]), tool_defs,
                                               **options)
             except Exception as exc:
                 raise RequestError(f"the chat template could not render 'messages': {exc}", "messages") from exc
@@ -198,32 +199,20 @@ class OpenAIRoutes:
             add = body.get("add_special_tokens", True)
             if not isinstance(add, bool):
                 raise RequestError("'add_special_tokens' must be a boolean", "add_special_tokens")
-            ids = await run_in_threadpool(self._encode, prompt, add)
+            ids = await run_in_threadpool(self.generator.encode_text, prompt, add)
         strs = body.get("return_token_strs")
         if strs is not None and not isinstance(strs, bool):
             raise RequestError("'return_token_strs' must be a boolean", "return_token_strs")
         return JSONResponse({"count": len(ids), "max_model_len": self.max_context, "tokens": ids,
                              "token_strs": [self.generator.token_text(i) for i in ids] if strs else None})
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        with self.generator._tokenizer_lock:
-            return list(self.generator.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
     async def detokenize(self, request: Request) -> JSONResponse:
         """vLLM's ``/detokenize``: ``tokens`` -> ``prompt`` (the text)."""
         body = await read_json(request, self.max_body_bytes)
-        self._check_model(body)
+        check_model(body.get("model"), self.name)
         _refuse_unknown(body, {"model", "tokens"})
-        from posttrain.serving.protocol import _token_ids
-
-        ids = _token_ids(body.get("tokens"), "tokens", self.generator.vocab_size)
+        ids = token_ids(body.get("tokens"), "tokens", self.generator.vocab_size)
         return JSONResponse({"prompt": self.generator.decode(ids)})
-
-    def _check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.name:
-            raise RequestError(f"the model '{model}' does not exist; this server serves '{self.name}'", "model",
-                               status=404, code="model_not_found")
 
     # -- generation -------------------------------------------------------------------------------------------
     async def chat(self, request: Request):

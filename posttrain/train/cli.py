@@ -9,7 +9,8 @@ for several processes. This module only parses arguments and reports errors.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Callable
+from typing import Any
 
 ACCEPTS_OVERRIDES = True
 
@@ -18,26 +19,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the recipe (YAML); override any field with --group.field V")
 
 
-def run_task(args: argparse.Namespace, task: str) -> int:
-    from posttrain.config import ConfigError, load_config
+def run_training_recipe(command: str, config_cls: type, args: argparse.Namespace, train: Callable[[Any], Any],
+                        summary: Callable[[Any, Any], str]) -> int:
+    """``posttrain <command>``: load the recipe into ``config_cls`` and ``train(config)``; a bad recipe, data set or
+    checkpoint, or a missing file, is one line on stderr and exit code 2. The main process then prints
+    ``summary(config, result)``."""
+    from posttrain.cli import run_recipe
     from posttrain.models.hybrid import CheckpointError as WeightsError  # weights not matching config.json
     from posttrain.train.checkpointing import CheckpointError
-    from posttrain.train.config import TrainConfig
     from posttrain.train.data import DataError
     from posttrain.train.loop import TrainingError
-    from posttrain.train.run import run_training
 
-    try:
-        config = load_config(TrainConfig, args.config, getattr(args, "overrides", []))
-        result = run_training(config, task, recipe=args.config)  # type: ignore[arg-type]
-    except (ConfigError, DataError, TrainingError, CheckpointError, WeightsError,
-            FileNotFoundError) as e:
-        print(f"posttrain {task}: {e}", file=sys.stderr)
+    done = run_recipe(command, config_cls, args, train, (DataError, TrainingError, CheckpointError, WeightsError))
+    if done is None:
         return 2
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
-    print(f"posttrain {task}: {result.steps} steps, last loss {result.final_loss:.4f}; "
-          f"model in {config.checkpoint.output_dir}/final")
+    print(f"posttrain {command}: {summary(*done)}")
     return 0
+
+
+def run_task(args: argparse.Namespace, task: str) -> int:
+    from posttrain.train.config import TrainConfig
+    from posttrain.train.run import run_training
+
+    return run_training_recipe(
+        task, TrainConfig, args, lambda config: run_training(config, task, recipe=args.config),  # type: ignore[arg-type]
+        lambda config, result: f"{result.steps} steps, last loss {result.final_loss:.4f}; "
+                               f"model in {config.checkpoint.output_dir}/final")

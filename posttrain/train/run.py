@@ -23,9 +23,11 @@ import torch
 
 from posttrain.config import config_to_dict, save_config
 from posttrain.merge import merge_checkpoints
+from posttrain.provenance import data_provenance as _data_provenance
 from posttrain.provenance import file_digest, weights_digest
+from posttrain.provenance import versions as _versions
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import DataError, is_hub_spec, load_hub_dataset, load_segments, pack_segments
+from posttrain.train.data import load_segments, pack_segments
 from posttrain.train.loop import Trainer, TrainingError, TrainResult
 
 MANIFEST = "training_manifest.json"
@@ -181,28 +183,6 @@ def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> N
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(folder)
-
-
-def _data_provenance(path: str) -> dict[str, Any]:
-    if is_hub_spec(path):  # a hub data set: its name and the fingerprint `datasets` gives its cached copy
-        return {"dataset": path, "fingerprint": load_hub_dataset(path, DataError)._fingerprint}
-    p = Path(path)
-    entry: dict[str, Any] = {"path": str(p.resolve()), "sha256": file_digest(p)}
-    beside = (p if p.is_dir() else p.parent) / "manifest.json"
-    if beside.is_file():  # e.g. the manifest `posttrain filter` writes beside its output
-        entry["manifest"] = str(beside.resolve())
-        entry["manifest_sha256"] = file_digest(beside)
-    return entry
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import transformers
-
-    import posttrain
-
-    return {"posttrain": posttrain.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__}
 
 
 def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:

@@ -28,6 +28,45 @@ _LAYER_ALIASES = {
 }
 
 
+def _need(cond: bool, name: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {why}")
+
+
+def _need_positive_integers(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+              f"must be a positive integer, got {value!r}")
+
+
+def _need_key_value_heads(config: Any) -> None:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    _need(isinstance(kv, int) and kv > 0 and heads % kv == 0, "num_key_value_heads",
+          f"{kv!r} must be a positive divisor of num_attention_heads {heads}")
+
+
+def _json_fields(data: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """A copy of a config.json's fields without ``architectures`` and ``model_type`` (which must be ``model_type``
+    when given)."""
+    data = dict(data)
+    found = data.pop("model_type", model_type)
+    if found != model_type:
+        raise ConfigError(f"{source}: model_type is {found!r}, expected {model_type!r}")
+    data.pop("architectures", None)
+    return data
+
+
+def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[type[Exception], ...] = (ConfigError,)):
+    """``cls`` from config.json fields: its dataclass fields as arguments, the others kept in ``extra``; one of
+    ``errors`` becomes a ``ConfigError`` naming ``source``."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    extra = {k: v for k, v in data.items() if k not in known}
+    try:
+        return cls(**kwargs, extra=extra)
+    except errors as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 @dataclass
@@ -117,52 +156,44 @@ class HybridConfig:
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def need(cond: bool, name: str, why: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field '{name}': {why}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mamba_n_heads",
-                     "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
-                     "shared_intermediate_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
-        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
-             f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
+        _need_positive_integers(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+                                       "mamba_expand", "mamba_chunk_size", "shared_intermediate_size"))
+        _need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+              f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
         types = []
         for i, t in enumerate(self.layer_types):
-            need(t in _LAYER_ALIASES, f"layer_types[{i}]",
-                 f"unknown layer type {t!r}; expected one of {sorted(_LAYER_ALIASES)}")
+            _need(t in _LAYER_ALIASES, f"layer_types[{i}]",
+                  f"unknown layer type {t!r}; expected one of {sorted(_LAYER_ALIASES)}")
             types.append(_LAYER_ALIASES[t])
         self.layer_types = types
-        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-             f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads > 0
-             and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"{self.num_key_value_heads!r} must be a positive divisor of num_attention_heads {self.num_attention_heads}")
-        need(isinstance(self.mamba_d_head, int) and self.mamba_d_head > 0, "mamba_d_head",
-             f"must be a positive integer or 'auto', got {self.mamba_d_head!r} "
-             f"(mamba_expand * hidden_size = {self.mamba_intermediate_size}, mamba_n_heads = {self.mamba_n_heads})")
-        need(self.mamba_n_heads * self.mamba_d_head == self.mamba_intermediate_size, "mamba_d_head",
-             f"mamba_n_heads * mamba_d_head = {self.mamba_n_heads} * {self.mamba_d_head} = "
-             f"{self.mamba_n_heads * self.mamba_d_head} must equal mamba_expand * hidden_size = "
-             f"{self.mamba_intermediate_size}")
-        need(self.mamba_n_heads % self.mamba_n_groups == 0, "mamba_n_groups",
-             f"mamba_n_heads {self.mamba_n_heads} is not divisible by mamba_n_groups {self.mamba_n_groups}")
-        need(self.position_embedding_type in (None, "rope"), "position_embedding_type",
-             f"{self.position_embedding_type!r} is not one of None, 'nope', 'rope'")
+        _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+              f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        _need_key_value_heads(self)
+        _need(isinstance(self.mamba_d_head, int) and self.mamba_d_head > 0, "mamba_d_head",
+              f"must be a positive integer or 'auto', got {self.mamba_d_head!r} "
+              f"(mamba_expand * hidden_size = {self.mamba_intermediate_size}, mamba_n_heads = {self.mamba_n_heads})")
+        _need(self.mamba_n_heads * self.mamba_d_head == self.mamba_intermediate_size, "mamba_d_head",
+              f"mamba_n_heads * mamba_d_head = {self.mamba_n_heads} * {self.mamba_d_head} = "
+              f"{self.mamba_n_heads * self.mamba_d_head} must equal mamba_expand * hidden_size = "
+              f"{self.mamba_intermediate_size}")
+        _need(self.mamba_n_heads % self.mamba_n_groups == 0, "mamba_n_groups",
+              f"mamba_n_heads {self.mamba_n_heads} is not divisible by mamba_n_groups {self.mamba_n_groups}")
+        _need(self.position_embedding_type in (None, "rope"), "position_embedding_type",
+              f"{self.position_embedding_type!r} is not one of None, 'nope', 'rope'")
         if self.position_embedding_type == "rope":
-            need(self.head_dim % 2 == 0, "num_attention_heads", "rope needs an even head dimension")
-        need(isinstance(self.num_local_experts, int) and self.num_local_experts >= 0, "num_local_experts",
-             f"must be an integer >= 0, got {self.num_local_experts!r}")
+            _need(self.head_dim % 2 == 0, "num_attention_heads", "rope needs an even head dimension")
+        _need(isinstance(self.num_local_experts, int) and self.num_local_experts >= 0, "num_local_experts",
+              f"must be an integer >= 0, got {self.num_local_experts!r}")
         if self.num_local_experts > 0:
-            need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0, "intermediate_size",
-                 f"must be a positive integer for a mixture of experts, got {self.intermediate_size!r}")
-            need(0 < self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
-                 f"{self.num_experts_per_tok} must be between 1 and num_local_experts {self.num_local_experts}")
-        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+            _need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0, "intermediate_size",
+                  f"must be a positive integer for a mixture of experts, got {self.intermediate_size!r}")
+            _need(0 < self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
+                  f"{self.num_experts_per_tok} must be between 1 and num_local_experts {self.num_local_experts}")
+        _need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         lo, hi = self.time_step_limit
-        need(0.0 <= lo <= hi, "time_step_limit", f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
+        _need(0.0 <= lo <= hi, "time_step_limit",
+              f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
 
     # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,11 +214,7 @@ class HybridConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> HybridConfig:
-        data = dict(data)
-        model_type = data.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
-        data.pop("architectures", None)
+        data = _json_fields(data, MODEL_TYPE, source)
         if "layers_block_type" in data and "layer_types" not in data:
             data["layer_types"] = data.pop("layers_block_type")
         rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
@@ -199,13 +226,7 @@ class HybridConfig:
         limit = data.get("time_step_limit")
         if limit is not None:
             data["time_step_limit"] = tuple(_json_float(x) for x in limit)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
-        try:
-            return cls(**kwargs, extra=extra)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return _from_fields(cls, data, source)
 
     def save(self, folder: str | Path) -> None:
         path = Path(folder) / "config.json"
@@ -215,14 +236,7 @@ class HybridConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> HybridConfig:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json in {folder}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
 
     def to_transformers(self):
         """The same configuration as a transformers ``GraniteMoeHybridConfig`` (for parity tests and export)."""
@@ -314,26 +328,18 @@ class DenseGraniteConfig:
         return []
 
     def validate(self) -> None:
-        def need(cond: bool, name: str, why: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field '{name}': {why}")
-
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
-        need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads > 0
-             and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"{self.num_key_value_heads!r} must be a positive divisor of num_attention_heads {self.num_attention_heads}")
+        _need_positive_integers(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads"))
+        _need_key_value_heads(self)
         if "head_dim" not in self.extra:
-            need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        need(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head dimension, got {self.head_dim}")
-        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+            _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                  f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        _need(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head dimension, got {self.head_dim}")
+        _need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
-                 f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
+            _need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
+                  f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
 
     def rope_frequencies(self, device=None) -> tuple[Any, float]:
         """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by, as transformers computes
@@ -360,11 +366,7 @@ class DenseGraniteConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> DenseGraniteConfig:
-        data = dict(data)
-        model_type = data.pop("model_type", DENSE_MODEL_TYPE)
-        if model_type != DENSE_MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type is {model_type!r}, expected {DENSE_MODEL_TYPE!r}")
-        data.pop("architectures", None)
+        data = _json_fields(data, DENSE_MODEL_TYPE, source)
         rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
         data.pop("rope_scaling", None)
         if isinstance(rope, dict):
@@ -374,15 +376,7 @@ class DenseGraniteConfig:
             if "rope_theta" in rope:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             data["rope_scaling"] = rope
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
-        try:
-            return cls(**kwargs, extra=extra)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return _from_fields(cls, data, source, (ConfigError, TypeError))
 
     save = HybridConfig.save
 

@@ -478,7 +478,8 @@ class HybridForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def _rope(self, positions: torch.Tensor, dtype):
+    def rope(self, positions: torch.Tensor, dtype):
+        """The RoPE tables the attention layers take for ``positions`` (None for a model without positions)."""
         c = self.config
         if c.position_embedding_type != "rope":
             return None
@@ -508,7 +509,7 @@ class HybridForCausalLM(nn.Module):
             position_ids = torch.arange(l, device=device)[None, :].expand(b, l)
         mask = causal_mask(l, device, seq_idx=seq_idx, pad_mask=pad_mask)
         h = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
-        rope = self._rope(position_ids, h.dtype)
+        rope = self.rope(position_ids, h.dtype)
         router_logits = []
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
