@@ -11,13 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 
 def bytes_digest(data: bytes | str) -> str:
     """sha256 of ``data``; text is hashed as its UTF-8 bytes."""
-    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+    return stream_digest([data])
+
+
+def stream_digest(chunks: Iterable[bytes | str]) -> str:
+    """sha256 of the chunks one after the other (the digest of their concatenation, never held whole)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+    return h.hexdigest()
 
 
 def file_digest(path: str | os.PathLike) -> str:

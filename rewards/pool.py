@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Self
 
-from posttrain.provenance import bytes_digest
 from posttrain.rewards.base import (
     RewardConfigError,
     RewardCountError,
@@ -55,6 +54,8 @@ from posttrain.rewards.base import (
     RewardValueError,
     call_reward,
 )
+
+from posttrain.provenance import bytes_digest
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import config_to_dict, save_config
+from posttrain.config import config_to_dict
 from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import load_pairs
 from posttrain.dpo.trainer import DpoResult, DpoTrainer
-from posttrain.provenance import data_provenance as _data_provenance
-from posttrain.provenance import versions as _versions
+from posttrain.provenance import data_provenance
 from posttrain.train.loop import TrainingError
-from posttrain.train.run import apply_lora, load_model, load_tokenizer, save_final
+from posttrain.train.run import apply_lora, load_model, load_tokenizer, run_manifest, save_final, start_run
 
 
 def run_dpo(config: DpoConfig, recipe: str | None = None,
@@ -48,21 +47,11 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
     reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))
     trainer = DpoTrainer(config, model, train, held_out, pad_token_id=pad, run_config=config_to_dict(config),
                          reference_id=reference, on_step=on_step)
-    acc = trainer.accelerator
-    trainer.resume()  # a checkpoint that cannot be resumed from stops the run before anything is written
-    out = Path(config.checkpoint.output_dir)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    acc.print(f"dpo ({config.loss.type}): {len(train)} pairs, {len(held_out)} held out, global batch "
-              f"{trainer.plan.global_batch}, {trainer.total_steps} steps on {acc.num_processes} process(es)")
+    start_run(trainer, config, f"dpo ({config.loss.type}): {len(train)} pairs, {len(held_out)} held out")
     result = trainer.train()
-    manifest = {
-        "task": "dpo", "recipe": recipe, "config": config_to_dict(config), "base": base,
-        "data": [_data_provenance(p) for p in d.train_files],
-        "eval_data": [_data_provenance(p) for p in d.eval_files],
-        "steps": result.steps, "final_loss": result.final_loss, "eval": result.eval_metrics,
-        "pairs": len(train), "processes": acc.num_processes, "versions": _versions(),
-    }
-    save_final(acc, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    manifest = run_manifest("dpo", recipe, config, base, result, trainer.accelerator, d.train_files,
+                            eval_data=[data_provenance(p) for p in d.eval_files], eval=result.eval_metrics,
+                            pairs=len(train))
+    out = Path(config.checkpoint.output_dir)
+    save_final(trainer.accelerator, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
     return result

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
 from posttrain.families import core_model
+from posttrain.provenance import stream_digest
 from posttrain.train.chassis import Chassis, TrainingError
 from posttrain.train.loop import build_plan, plan_state, start_step
 
@@ -96,11 +96,9 @@ class ReferenceTable:
     @staticmethod
     def fingerprint_of(splits: dict[str, Sequence[PreferencePair]], reference: str, chunk: int,
                        precision: str = "no") -> dict[str, Any]:
-        h = hashlib.sha256()
-        for name, pairs in splits.items():
-            for p in pairs:
-                h.update(json.dumps([name, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-        return {"kind": "header", "pairs_sha256": h.hexdigest(), "reference": reference, "chunk": chunk,
+        digest = stream_digest(json.dumps([name, p.prompt_ids, p.chosen_ids, p.rejected_ids])
+                               for name, pairs in splits.items() for p in pairs)
+        return {"kind": "header", "pairs_sha256": digest, "reference": reference, "chunk": chunk,
                 "mixed_precision": precision}
 
     def _read(self) -> None:

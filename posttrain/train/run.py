@@ -23,9 +23,7 @@ import torch
 
 from posttrain.config import config_to_dict, save_config
 from posttrain.merge import merge_checkpoints
-from posttrain.provenance import data_provenance as _data_provenance
-from posttrain.provenance import file_digest, weights_digest
-from posttrain.provenance import versions as _versions
+from posttrain.provenance import data_provenance, file_digest, versions, weights_digest, write_manifest
 from posttrain.train.config import TrainConfig
 from posttrain.train.data import load_segments, pack_segments
 from posttrain.train.loop import Trainer, TrainingError, TrainResult
@@ -125,23 +123,34 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
     trainer = Trainer(config, model, items, packed=config.data.packing,
                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                       else tokenizer.eos_token_id, run_config=config_to_dict(config))
+    start_run(trainer, config, f"{task}: {len(segments)} sequences in {len(items)} items")
+    result = trainer.train()
+    manifest = run_manifest(task, recipe, config, base, result, trainer.accelerator, config.data.train_files,
+                            sequences=len(segments))
+    save_final(trainer.accelerator, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    return result
+
+
+def start_run(trainer, config, what: str) -> None:
+    """What every recipe run does before its first step: resume (a checkpoint that cannot be resumed from stops the
+    run before anything is written), the run folder with the resolved ``config.yaml``, one line saying what runs."""
     acc = trainer.accelerator
-    trainer.resume()  # a checkpoint that cannot be resumed from stops the run before anything is written
+    trainer.resume()
+    out = Path(config.checkpoint.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    acc.print(f"{task}: {len(segments)} sequences in {len(items)} items, global batch {trainer.plan.global_batch}, "
-              f"{trainer.total_steps} steps on {acc.num_processes} process(es)")
-    result = trainer.train()
-    manifest = {
-        "task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
-        "data": [_data_provenance(p) for p in config.data.train_files],
-        "steps": result.steps, "final_loss": result.final_loss,
-        "sequences": len(segments), "processes": acc.num_processes,
-        "versions": _versions(),
-    }
-    save_final(acc, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
-    return result
+    acc.print(f"{what}, global batch {trainer.plan.global_batch}, {trainer.total_steps} steps on "
+              f"{acc.num_processes} process(es)")
+
+
+def run_manifest(task: str, recipe: str | None, config, base: dict[str, Any], result, acc, data_files,
+                 **extra: Any) -> dict[str, Any]:
+    """The training manifest of a finished run: the recipe and its resolved config, the starting weights, every
+    data file with its digest, the steps and last loss, the versions; ``extra``: what the task adds."""
+    return {"task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
+            "data": [data_provenance(p) for p in data_files], "steps": result.steps,
+            "final_loss": result.final_loss, "processes": acc.num_processes, "versions": versions(), **extra}
 
 
 def save_final(acc, model, tokenizer, folder: Path, manifest: dict[str, Any], lora: bool = False) -> None:
@@ -162,7 +171,7 @@ def save_final(acc, model, tokenizer, folder: Path, manifest: dict[str, Any], lo
         else:
             inner.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        write_manifest(tmp / MANIFEST, manifest)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
