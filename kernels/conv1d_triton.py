@@ -205,16 +205,10 @@ class _CausalConv1d(torch.autograd.Function):
         return dx.to(x.dtype), dweight, dbias, dinit_out, None, None
 
 
-def causal_conv1d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    return_final_states: bool = False,
-    final_states_out: torch.Tensor | None = None,
-    activation: str | None = None,
-):
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         seq_idx: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                         return_final_states: bool = False, final_states_out: torch.Tensor | None = None,
+                         activation: str | None = None):
     """``causal_conv1d_fn`` on Triton; see ``posttrain.kernels.causal_conv1d_fn``."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
@@ -294,15 +288,10 @@ def _conv_update_kernel(
                  mask=md[:, None] & ms[None, :])  # fmt: skip
 
 
-def causal_conv1d_update_triton(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    cache_seqlens: torch.Tensor | None = None,
-    conv_state_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None = None, activation: str | None = None,
+                                cache_seqlens: torch.Tensor | None = None,
+                                conv_state_indices: torch.Tensor | None = None) -> torch.Tensor:
     """``causal_conv1d_update`` on Triton (no autograd); see ``posttrain.kernels.causal_conv1d_update``."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")

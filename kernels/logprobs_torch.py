@@ -44,14 +44,8 @@ def token_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return hidden2, targets1, scale, chunk
 
 
-def naive_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    logits_scaling: float = 1.0,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          logits_scaling: float = 1.0, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-logits log-probabilities and entropies (autograd does the backward). Returns (logprobs, entropy)."""
     logits = hidden @ weight.T
     logits = (logits if logits.dtype == torch.float64 else logits.float()) / logits_scaling / temperature

@@ -122,16 +122,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
-def fused_linear_logprobs_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    logits_scaling: float = 1.0,
-    chunk_size: int | None = None,
-    return_entropy: bool = False,
-    ignore_index: int = -100,
-):
+def fused_linear_logprobs_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 temperature: float = 1.0, logits_scaling: float = 1.0, chunk_size: int | None = None,
+                                 return_entropy: bool = False, ignore_index: int = -100):
     """``fused_linear_logprobs`` with Triton over the vocabulary; see ``posttrain.kernels.fused_linear_logprobs``."""
     lead = targets.shape
     hidden2, targets1, scale, chunk = token_rows(hidden, weight, targets, temperature, logits_scaling, chunk_size)

@@ -115,14 +115,8 @@ class _RMSNormGated(torch.autograd.Function):
         return dx.to(x2.dtype).view(shape), dw, dz_out, None, None, None
 
 
-def rms_norm_gated_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    z: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    group_size: int | None = None,
-    norm_before_gate: bool = False,
-) -> torch.Tensor:
+def rms_norm_gated_triton(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = None, eps: float = 1e-6,
+                          group_size: int | None = None, norm_before_gate: bool = False) -> torch.Tensor:
     """``rms_norm_gated`` on Triton; see ``posttrain.kernels.rms_norm_gated``."""
     dim = x.shape[-1]
     group = dim if group_size is None else group_size

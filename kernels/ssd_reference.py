@@ -29,21 +29,12 @@ def prepare_dt(
     return dt.clamp(min=low, max=high) if low > 0.0 or high != float("inf") else dt
 
 
-def ssd_sequential_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ssd_sequential_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                             D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                             dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                             seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                             dt_softplus: bool = False,
+                             dt_limit: tuple[float, float] = (0.0, float("inf"))) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the recurrence token by token in float64.
 
     Shapes as ``mamba_chunk_scan_combined``. Returns ``(out, final_states, varlen_states)``; ``varlen_states`` is

@@ -181,19 +181,11 @@ def ssd_chunked_torch(
                               cu_seqlens, batch)
 
 
-def selective_state_update_torch(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    state_batch_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def selective_state_update_torch(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                 B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+                                 z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                                 dt_softplus: bool = False,
+                                 state_batch_indices: torch.Tensor | None = None) -> torch.Tensor:
     """``posttrain.kernels.selective_state_update`` in torch: one Mamba-2 decode step, as mamba_ssm's
     ``selective_state_update`` (multi-head shapes).
 

@@ -514,24 +514,12 @@ class _SSDChunkScan(torch.autograd.Function):
         return dx.to(x.dtype), ddt.view_as(a_cum), da.view_as(a_cum), dB, dC, dinit_out, None
 
 
-def ssd_chunked_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
-    return_final_states: bool = False,
-    return_varlen_states: bool = False,
-):
+def ssd_chunked_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       chunk_size: int, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                       dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                       seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                       dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                       return_final_states: bool = False, return_varlen_states: bool = False):
     """``mamba_chunk_scan_combined`` on the Triton kernels; see ``posttrain.kernels.mamba_chunk_scan_combined``."""
     plan = _Plan(x, B, chunk_size, seq_idx)
     b, T, h, Q, nc = plan.batch, plan.T, plan.nheads, plan.Q, plan.nchunks
@@ -617,19 +605,11 @@ def _state_update_kernel(
     tl.store(OUT + pid_b * sob + h * soh + offs_p * sop, out.to(OUT.dtype.element_ty), mask=mp)
 
 
-def selective_state_update_triton(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    state_batch_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                  B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+                                  z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                                  dt_softplus: bool = False,
+                                  state_batch_indices: torch.Tensor | None = None) -> torch.Tensor:
     """One Mamba-2 decode step on Triton (no autograd); see ``posttrain.kernels.selective_state_update``."""
     single_head = x.dim() == 2
     if single_head:  # mamba_ssm also accepts (batch, dim) without a head axis
