@@ -4,7 +4,6 @@
   ``model``, ``lora``) and SFT's recipe.
 - ``posttrain.train.chassis``: ``Chassis`` (accelerator, optimizer and schedule, clipping and the non-finite guard,
   checkpoints, metrics, the loop), what every trainer is built on.
-
 - ``posttrain.train.data``: reading/checking/tokenizing rows, packing, collation, ``BatchPlan``.
 - ``posttrain.train.schedules``: warmup+cosine, WSD, constant.
 - ``posttrain.train.checkpointing``: ``CheckpointManager`` (atomic, exact-resume checkpoints, verified against
