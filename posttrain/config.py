@@ -1,14 +1,12 @@
 """Configs for every command: nested dataclasses loaded from YAML, with dotted command-line overrides.
 
 A recipe is a YAML mapping whose top-level keys are the groups of a config dataclass (``model``, ``data``,
-``optim``, ``loss``, ``rollout``, ``rewards``, ``logging``, ...), each a small dataclass whose fields are documented
-where they are declared. ``load_config(SftConfig, "recipes/x.yaml", ["--optim.lr", "1e-5"])`` reads the file,
-applies the overrides, converts and checks every value against its declared type, and raises ``ConfigError``
-naming the file and the dotted field for a wrong name or value (non-finite numbers included), before any work
-starts; ``build_config(cls, data, source)`` does the same for data already parsed. ``describe_config(cls)`` writes
-every field's dotted name, type, default and doc for ``--help``, read from the classes themselves (the doc is the
-``name: ...`` entry of the class docstring or the comment on or above the field, in the class or the nearest base
-class that documents it), so the help is never a second copy. This module knows no particular command.
+``optim``, ...), each a small dataclass whose fields are documented where they are declared. ``load_config`` reads
+the file, applies the overrides, converts and checks every value against its declared type, and raises
+``ConfigError`` naming the file and the dotted field for a wrong name or value (non-finite numbers included), before
+any work starts. ``describe_config(cls)`` writes every field's dotted name, type, default and doc for ``--help``,
+read from the classes themselves (``field_docs``), so the help is never a second copy. This module knows no
+particular command.
 
 What a recipe may hold, beyond plain fields:
 - a group left empty (``optim:`` and nothing under it) keeps its defaults;

@@ -164,11 +164,8 @@ class DpoResult:
 
 
 class DpoTrainer:
-    """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss.
-
-    The reference is the model as given (precomputed table or a frozen copy), or, for a peft model, the same model
-    with its adapter disabled. ``train()`` resumes from ``output_dir/checkpoints`` as ``run.resume`` says.
-    """
+    """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss; the
+    reference is the model as given, or for a peft model the model with its adapter disabled."""
 
     def __init__(self, config: DpoConfig, model, train_pairs: Sequence[PreferencePair],
                  eval_pairs: Sequence[PreferencePair] = (), *, pad_token_id: int = 0, accelerator=None,

@@ -164,11 +164,6 @@ class RolloutCollector:
         """The sample's outcome: the first outcome label's value that is not None (None: no outcome reward scored)."""
         return next((v for v in (rollout.rewards.get(k) for k in self.outcome_labels) if v is not None), None)
 
-    def _uniform(self, group: list[Rollout]) -> bool:
-        values = {self.outcome(r) for r in group}
-        values.discard(None)
-        return len(values) <= 1
-
     def completion_for_reward(self, row: dict, ids: list[int]):
         """What a reward sees of a completion: its text (markup included, less the closing EOS), or for a chat
         prompt one assistant message holding it."""
@@ -196,7 +191,7 @@ class RolloutCollector:
             for g in range(need):
                 group = outs[g * G:(g + 1) * G]
                 n_groups += 1
-                if c.dynamic_sampling.enabled and self._uniform(group):
+                if c.dynamic_sampling.enabled and len({self.outcome(r) for r in group} - {None}) <= 1:
                     dropped += 1
                 else:
                     kept.append(group)

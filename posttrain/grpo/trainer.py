@@ -55,10 +55,9 @@ def progress_figures(metrics: dict[str, float]) -> dict[str, str]:
 
 
 class GrpoTrainer:
-    """GRPO/DAPO training of a causal LM: the in-tree ``HybridForCausalLM`` for the in-tree families (Granite 4.0-H,
-    dense Granite) unless the engine decodes transformers' classes, transformers' own class for any other family.
-    Everything the config names can be given directly instead (``model``, ``tokenizer``, ``rows``, ``eval_rows``,
-    ``reward_set``: used with the pool of ``rewards``) for tests and notebooks."""
+    """GRPO/DAPO training of a causal LM (its class: ``posttrain.grpo.policy.load_policy``). Everything the config
+    names can be given directly instead (``model``, ``tokenizer``, ``rows``, ``eval_rows``, ``reward_set``: used
+    with the pool of ``rewards``) for tests and notebooks."""
 
     def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
                  eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None,
