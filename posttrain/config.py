@@ -1,14 +1,12 @@
 """Configs for every command: nested dataclasses loaded from YAML, with dotted command-line overrides.
 
 A recipe is a YAML mapping whose top-level keys are the groups of a config dataclass (``model``, ``data``,
-``optim``, ``loss``, ``rollout``, ``rewards``, ``logging``, ...), each a small dataclass whose fields are documented
-where they are declared. ``load_config(SftConfig, "recipes/x.yaml", ["--optim.lr", "1e-5"])`` reads the file,
-applies the overrides, converts and checks every value against its declared type, and raises ``ConfigError``
-naming the file and the dotted field for a wrong name or value (non-finite numbers included), before any work
-starts; ``build_config(cls, data, source)`` does the same for data already parsed. ``describe_config(cls)`` writes
-every field's dotted name, type, default and doc for ``--help``, read from the classes themselves (the doc is the
-``name: ...`` entry of the class docstring or the comment on or above the field, in the class or the nearest base
-class that documents it), so the help is never a second copy. This module knows no particular command.
+``optim``, ...), each a small dataclass whose fields are documented where they are declared. ``load_config`` reads
+the file, applies the overrides, converts and checks every value against its declared type, and raises
+``ConfigError`` naming the file and the dotted field for a wrong name or value (non-finite numbers included), before
+any work starts. ``describe_config(cls)`` writes every field's dotted name, type, default and doc for ``--help``,
+read from the classes themselves (``field_docs``), so the help is never a second copy. This module knows no
+particular command.
 
 What a recipe may hold, beyond plain fields:
 - a group left empty (``optim:`` and nothing under it) keeps its defaults;
@@ -66,11 +64,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     for key, raw in _parse_overrides(overrides or []):
         _set_dotted(data, key, _override_value(key, raw))
     return build_config(cls, data, source)
-
-
-def build_config(cls: type[T], data: Any, source: str) -> T:
-    """``cls`` built from plain data (a parsed recipe), every value converted and checked; errors name ``source``."""
-    return _build(cls, data, source, prefix="")
 
 
 def choose_by_name(choices: Mapping[str, type], kind: str = "item") -> dict[str, Any]:
@@ -157,11 +150,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a group")
         if depth == len(parts) - 1:
             node[step] = value
-        elif isinstance(node, dict):
-            if node.get(step) is None:  # a group not given, or left empty
-                node[step] = {}
-            node = node[step]
         else:
+            if isinstance(node, dict) and node.get(step) is None:  # a group not given, or left empty
+                node[step] = {}
             node = node[step]
 
 
@@ -182,9 +173,10 @@ def _list_item(node: list[Any], part: str, key: str) -> int:
     raise ConfigError(f"override {key}: no list item {part!r} (an index below {len(node)}, or an item's id or name)")
 
 
-def _build(cls: type, data: Any, source: str, prefix: str, defaults: dict[str, Any] | None = None):
-    """``cls`` from ``data``; ``defaults``: values for the fields ``data`` leaves out, where the enclosing config
-    declares other defaults for this group than the group's class (``DpoConfig.optim``'s lr)."""
+def build_config(cls: type[T], data: Any, source: str, prefix: str = "", defaults: dict[str, Any] | None = None) -> T:
+    """``cls`` built from plain data (a parsed recipe), every value converted and checked; errors name ``source``.
+    ``prefix``: the dotted place of a nested group; ``defaults``: values for the fields ``data`` leaves out, where the
+    enclosing config declares other defaults for this group than the group's class (``DpoConfig.optim``'s lr)."""
     if data is None:  # a group left empty keeps its defaults
         data = {}
     if not isinstance(data, dict):
@@ -201,8 +193,8 @@ def _build(cls: type, data: Any, source: str, prefix: str, defaults: dict[str, A
         choices = fields[name].metadata.get(_CHOICES)
         if choices is not None:
             kwargs[name] = _chosen_items(hints[name], choices, value, source, prefix + name)
-        elif dataclasses.is_dataclass(hints[name]) and isinstance(value, dict | None):
-            kwargs[name] = _build(hints[name], value, source, prefix + name + ".", _group_defaults(fields[name]))
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = build_config(hints[name], value, source, prefix + name + ".", _group_defaults(fields[name]))
         else:
             kwargs[name] = _convert(hints[name], value, source, prefix + name)
     try:
@@ -264,14 +256,14 @@ def _chosen_items(tp: Any, choices: _Choices, value: Any, source: str, name: str
                               f"give repeated {choices.kind}s distinct ids")
         seen.add(item_id)
         items.append(item_cls(name=chosen, id=item_id,
-                              options=_build(choices.types[chosen], options, source, at + ".")))
+                              options=build_config(choices.types[chosen], options, source, at + ".")))
     return items
 
 
 def _convert(tp: Any, value: Any, source: str, name: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, source, name + ".")
+        return build_config(tp, value, source, name + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -1,9 +1,8 @@
 """The recipes of ``posttrain dpo`` and ``posttrain pairs``: dataclass groups loaded by ``posttrain.config``.
 
-``DpoConfig`` uses the shared groups (``model``, ``lora``, ``optim``, ``checkpoint``, ``logging``, ``run``) and adds ``data`` (preference files and lengths), ``loss`` (the variant and its constants, where the
-reference log-probabilities come from) and ``eval`` (the held-out preference set). ``PairsConfig`` is the recipe
-that samples answers and turns verdicts into preference rows. Every field is documented where it is declared.
-This module only declares; it never loads models or data.
+``DpoConfig`` uses the shared groups (``posttrain.train.config``) and adds ``data``, ``loss`` and ``eval``;
+``PairsConfig`` samples answers and turns verdicts into preference rows. Every field is documented where it is
+declared. This module only declares; it never loads models or data.
 """
 
 from __future__ import annotations

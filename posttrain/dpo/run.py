@@ -1,9 +1,7 @@
 """One DPO run from a recipe: tokenizer, preference data, model (+ LoRA), ``DpoTrainer``, the final checkpoint.
 
-The data are read and checked before any model is loaded, so a bad row fails in seconds. The model, tokenizer
-and LoRA set-up are SFT's (``posttrain.train.run``); so is the final folder: ``final/`` holds an HF-format
-checkpoint (LoRA merged; the adapter in ``final/adapter``), the tokenizer and ``training_manifest.json`` (recipe,
-data files with their sha256, the base checkpoint's hash, steps, last loss, held-out metrics). This module never
+The data are read and checked before any model is loaded. The model, tokenizer, LoRA set-up and the final folder
+(with held-out metrics in its ``training_manifest.json``) are SFT's (``posttrain.train.run``). This module never
 signs or exports.
 """
 

@@ -1,26 +1,14 @@
 """The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on the training chassis.
 
-The chassis (``posttrain.train.chassis``: accelerator, optimizer, schedule, clipping, the non-finite guard,
-checkpoints, metrics, the loop) and SFT's ``BatchPlan`` (which pairs each process takes at each step and micro-step,
-a pure function of the step, so resuming draws exactly what an uninterrupted run would) are shared; this module is
-what is DPO's own. One step:
-
-  1. each process collates its micro-batches of pairs: the chosen and rejected sequences of every pair packed in
-     one padding-free row (the hybrid resets its state where ``position_ids`` restart; transformers models mask
-     each sequence off from those position_ids) or padded rows;
-  2. the policy's summed log-probability of each completion comes from the model's fused chunked kernel
-     (``token_logprobs`` on the final hidden states at the completion positions; full logits never exist);
-  3. the reference's come from the precomputed table (``ReferenceTable``: computed once before training, under
-     the same autocast as the policy, stored in the run folder as JSON lines, resumed if cut short), or on the fly
-     from a frozen copy, or from the LoRA model with its adapter disabled; SimPO needs none;
-  4. loss = sum over the global batch of the per-pair losses / global pair count, so one process with
-     accumulation and several processes give the same step; each process scales by ``world_size`` because DDP
-     averages gradients.
-
-Metrics (train and held-out): loss, reward accuracy, chosen/rejected rewards and their margin, the chosen and
-rejected completions' mean summed log-probabilities and the difference between them; for a mixture of experts the
-router's load-balancing loss is added to the training loss (as in SFT) and logged as ``aux_loss``. This module never reads
-data files and never writes outside ``checkpoint.output_dir``.
+The chassis (``posttrain.train.chassis``) and SFT's ``BatchPlan`` (which pairs each process takes at each step, a
+pure function of the step, so a resumed run draws what an uninterrupted one would) are shared; this module is what
+is DPO's own: each process collates its micro-batches of pairs (chosen and rejected in one padding-free row, or
+padded rows), the policy's summed completion log-probabilities come from the fused chunked kernel (full logits never
+exist), the reference's from the precomputed ``ReferenceTable`` (stored in the run folder, resumed if cut short), a
+frozen copy, or the LoRA model with its adapter disabled (SimPO needs none), and the loss is the sum of the per-pair
+losses over the global batch / the global pair count, so accumulation and processes give the same step. A mixture of
+experts adds the router's load-balancing loss, as SFT does. This module never reads data files and never writes
+outside ``checkpoint.output_dir``.
 """
 
 from __future__ import annotations
@@ -176,11 +164,8 @@ class DpoResult:
 
 
 class DpoTrainer:
-    """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss.
-
-    The reference is the model as given (precomputed table or a frozen copy), or, for a peft model, the same model
-    with its adapter disabled. ``train()`` resumes from ``output_dir/checkpoints`` as ``run.resume`` says.
-    """
+    """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss; the
+    reference is the model as given, or for a peft model the model with its adapter disabled."""
 
     def __init__(self, config: DpoConfig, model, train_pairs: Sequence[PreferencePair],
                  eval_pairs: Sequence[PreferencePair] = (), *, pad_token_id: int = 0, accelerator=None,

@@ -1,17 +1,11 @@
 """A GRPO update's samples as tensors, built once per step on the training device.
 
-``RolloutBatch.build(samples, device)`` lays every sample's sequence (prompt + completion, less its last token: the
-positions that predict a completion token) end to end and keeps, as flat tensors: the token ids and their positions
-(restarting at 0 on each sample), which sample each token belongs to, the target tokens (the completion tokens the
-loss is computed on; tool answers in a multi-turn completion are context, never targets) with the position in its
-sample's row that predicts each and the sample each belongs to, per sample the row length, trained-token count and
-advantage, and the sampler's log-probabilities per target. Every per-target tensor of the update (old, reference,
-sampler log-probs, rollout-correction weights) is laid out in this order.
-
-``micro(indices)`` is the padding-free packed row of some of the samples (in ascending order, as
-``posttrain.grpo.data.pack_micro_batches`` gives them), indexed out of those tensors: ids and positions ``(1, L)``,
-the row positions predicting its targets, the targets, each target's sample within the row, and where its targets
-sit in the batch's per-target tensors. This module never runs a model.
+``RolloutBatch.build(samples, device)`` lays every sample's sequence (prompt + completion, less its last token) end
+to end as flat tensors: token ids, positions restarting at 0 on each sample, and the targets (the completion tokens
+the loss is computed on; tool answers are context, never targets) with the row position predicting each. Every
+per-target tensor of the update (old, reference, sampler log-probs, correction weights) is laid out in this order.
+``micro(indices)`` is the padding-free packed row of some samples, indexed out of those tensors. This module never
+runs a model.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """GRPO's rollout collection: prompts -> completions from an engine -> rewards -> the step's groups.
 
-``RolloutCollector.collect(engine, step)`` gathers one generation step:
-  1. prompt order: ``PromptSampler`` (seeded epoch permutations, checkpointed by the trainer) draws
-     ``rollout.prompts_per_step`` prompts per generation round;
-  2. generation: each process samples its share through the engine it is given (``G`` completions per prompt, at
-     most ``rollout.prompts_per_call`` prompts per engine call, each call seeded from the run seed, the round and its
-     first prompt's index), or, with a tool environment, multi-turn tool rollouts
-     (``posttrain.rollout.multiturn``);
-  3. rewards: the weighted rewards (built from ``rewards`` by ``RewardsConfig.build``, the pool included) with
-     DAPO's overlong shaping appended, called by keyword with the data columns and ``trainer_state`` (the steps done,
-     given by the caller); the completions and rewards are gathered so every process holds the whole batch;
-  4. dynamic sampling: groups whose outcome (the outcome labels: the verifier, never the shaped total) is uniform
-     are dropped, and more rounds are generated until the batch is full or ``dynamic_sampling.max_rounds``.
-The same generation and scoring serve the held-out evaluation (``evaluate``) and the asynchronous producer
-(``producer``). Each completion is a ``Rollout`` record.
-
-The collector holds no reference to a trainer and never calls one: it is given the engine for each call and the
-steps done; it keeps only the prompt order, the count of generation rounds and the reward pool. It never changes
-weights, computes a loss or writes a file.
+``RolloutCollector.collect(engine, step)`` draws ``rollout.prompts_per_step`` prompts per generation round from the
+seeded ``PromptSampler``; each process samples its share (``G`` completions per prompt, seeded engine calls of at most
+``rollout.prompts_per_call`` prompts, or multi-turn tool rollouts with a tool environment); the rewards (with DAPO's
+overlong shaping) score them and every process gathers the whole batch; dynamic sampling drops groups whose outcome
+(the verifier's labels, never the shaped total) is uniform and generates more rounds until the batch is full or
+``dynamic_sampling.max_rounds``. The same generation and scoring serve the held-out evaluation and the asynchronous
+producer. The collector holds no reference to a trainer: it is given the engine and the steps done, and keeps only
+the prompt order, the count of generation rounds and the reward pool. It never changes weights, computes a loss or
+writes a file.
 """
 
 from __future__ import annotations
@@ -72,9 +63,8 @@ class Rollout:
 
 @dataclass
 class Collected:
-    """One generation step: the kept groups (``G`` rollouts each), every completion generated (dropped groups
-    included), the dynamic-sampling counts, and the timings (``generate``, ``reward`` seconds), the reward errors
-    and the rewards' ``log_metric`` averages (``log_metric/NAME``)."""
+    """One generation step: the kept groups, every completion generated (dropped groups included), the dynamic
+    sampling counts, and ``times`` (seconds, reward errors and the rewards' ``log_metric/NAME`` averages)."""
 
     groups: list[list[Rollout]]
     generated: list[Rollout]
@@ -107,12 +97,9 @@ def build_rollout_engine(config: GrpoConfig, name: str, model, tokenizer, *, fam
 
 
 class RolloutCollector:
-    """Generates and scores GRPO's groups; see the module docstring. ``rows``/``eval_rows`` are prompt rows (the
-    prompt in ``data.prompt_column``, the other columns for the rewards; None: read from ``data.path`` and
-    ``eval.path``), tokenized here; ``env`` a ``posttrain.grpo.tools.ToolEnvironment`` for multi-turn tool
-    rollouts (None: built from ``tools.names``, if any). The rewards and their pool are those of ``rewards``
-    (``RewardsConfig.build``; ``close`` stops the pool); ``reward_set`` replaces the configured rewards, with the
-    configured pool. ``process_index``/``num_processes``: this process's share of every generation batch."""
+    """Generates and scores GRPO's groups. ``rows``/``eval_rows``: prompt rows (None: read from ``data.path`` and
+    ``eval.path``); ``env``: a ``posttrain.grpo.tools.ToolEnvironment`` (None: built from ``tools.names``, if any);
+    ``reward_set`` replaces the configured rewards, with the configured pool (``close`` stops it)."""
 
     def __init__(self, config: GrpoConfig, tokenizer, *, reward_set: RewardSet | None = None,
                  rows: list[dict] | None = None, eval_rows: list[dict] | None = None, env=None,
@@ -177,11 +164,6 @@ class RolloutCollector:
         """The sample's outcome: the first outcome label's value that is not None (None: no outcome reward scored)."""
         return next((v for v in (rollout.rewards.get(k) for k in self.outcome_labels) if v is not None), None)
 
-    def _uniform(self, group: list[Rollout]) -> bool:
-        values = {self.outcome(r) for r in group}
-        values.discard(None)
-        return len(values) <= 1
-
     def completion_for_reward(self, row: dict, ids: list[int]):
         """What a reward sees of a completion: its text (markup included, less the closing EOS), or for a chat
         prompt one assistant message holding it."""
@@ -209,7 +191,7 @@ class RolloutCollector:
             for g in range(need):
                 group = outs[g * G:(g + 1) * G]
                 n_groups += 1
-                if c.dynamic_sampling.enabled and self._uniform(group):
+                if c.dynamic_sampling.enabled and len({self.outcome(r) for r in group} - {None}) <= 1:
                     dropped += 1
                 else:
                     kept.append(group)

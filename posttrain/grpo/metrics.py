@@ -1,12 +1,6 @@
-"""What a GRPO step reports: its metrics (``step_metrics``) and its rollout records (``write_rollouts``).
-
-``StepStats`` sums the update's figures over its micro-batches (clipped tokens, entropy, KL, the rollout
-correction's mismatch, optimizer steps taken and skipped, ...); ``step_metrics`` reduces them over processes and
-turns them, with the step's completions and their rewards, into the logged metrics: rewards per reward and their
-total, outcome accuracy, dynamic sampling's counts, completion lengths, clip fractions, entropy, KL, the rollout
-correction, the optimizer's figures, timings, and the staleness of asynchronous batches and tool use when they
-apply. ``write_rollouts`` appends every completion of the step to ``rollouts.jsonl`` (``logging.rollouts``). This
-module never trains and never generates.
+"""What a GRPO step reports: its metrics (``step_metrics``, from the update's ``StepStats`` sums reduced over
+processes and the step's completions and rewards) and its rollout records (``write_rollouts``, appended to
+``rollouts.jsonl`` with ``logging.rollouts``). This module never trains and never generates.
 """
 
 from __future__ import annotations
@@ -95,9 +89,8 @@ def step_metrics(step: int, generated: list[Rollout], counts: dict[str, float], 
     m["optim/lr"] = lr
     m["loss"] = s["loss"] / max(updates, 1)  # each process holds its share of the step's loss
     m["micro_batches"] = s["micro_batches"]
-    m["time/generate_s"] = times.get("generate", 0.0)
-    m["time/reward_s"] = times.get("reward", 0.0)
-    m["time/train_s"] = times.get("train", 0.0)
+    for phase in ("generate", "reward", "train"):
+        m[f"time/{phase}_s"] = times.get(phase, 0.0)
     if staleness and generated:  # per-sample staleness, summarised
         stale = [r.staleness for r in generated]
         m["async/staleness_mean"] = sum(stale) / len(stale)

@@ -1,11 +1,6 @@
-"""The policy's side of GRPO: loading the model to train and its KL reference, and scoring a packed row.
-
-``load_policy`` picks the class (the in-tree ``HybridForCausalLM`` for the in-tree families unless the engine decodes
-transformers' classes, transformers' own class for any other family); ``reference_model`` is the frozen KL
-reference (``model.ref_path`` or a copy of the starting policy). ``final_hidden`` runs a padding-free packed row
-(positions restarting at 0 at each sequence) to its last layer's normed hidden states and ``head_logprobs`` scores
-target tokens from them through the fused chunked kernel, so a full logits tensor never exists. This module never
-changes weights and never computes a loss.
+"""The policy's side of GRPO: loading the model to train and its frozen KL reference, and scoring a padding-free
+packed row through the fused chunked kernel, so a full logits tensor never exists. This module never changes
+weights and never computes a loss.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """The GRPO loop: generate G completions per prompt, score them, compute group advantages, and take several
 optimizer steps on them with the configured policy loss (DAPO by default), on the training chassis.
 
-One step (``GrpoTrainer.step``):
-  1. collect: the step's groups from the ``RolloutCollector`` (``posttrain.grpo.collect``: prompt order, the rollout
-     engine, rewards, dynamic sampling, the gather across processes), or from the asynchronous producer, which calls
-     the same collector on its own copy of the policy;
-  2. advantages per group over the whole group, wherever its completions were generated;
-  3. update: the batch is laid out once as tensors on the device (``posttrain.grpo.batch``), split into
-     ``optim.mini_batches`` mini-batches, each split across processes and packed into padding-free rows under
-     ``optim.micro_batch_tokens``; ``optim.num_iterations`` passes. The importance ratio uses the log-probabilities
-     of the policy that generated the batch (recomputed without gradients when the sampler's cannot serve, and then
-     corrected for the sampler's mismatch); the loss normaliser (DAPO's token count) is counted over the whole
-     mini-batch on all processes. Log-probabilities come from the model's fused chunked kernel
-     (``posttrain.grpo.policy``), never from a full logits tensor;
-  4. metrics (``posttrain.grpo.metrics``), and the step's completions in ``rollouts.jsonl`` when asked.
-The chassis (``posttrain.train.chassis``) holds the accelerator, the optimizer and its schedule, clipping and the
-non-finite guard (a step whose loss or gradient is not finite is skipped with a warning, the weights and optimizer
-state left as they were), checkpoints, metrics.jsonl and the trackers, the progress bar and the loop. This module
-must never write outside ``checkpoint.output_dir`` nor change the rewards' values.
+``GrpoTrainer.step`` collects the step's groups (``posttrain.grpo.collect``, or the asynchronous producer calling the
+same collector on its own copy of the policy), computes advantages per group, lays the batch out on the device
+(``posttrain.grpo.batch``) and takes one optimizer step per mini-batch for ``optim.num_iterations`` passes, each
+mini-batch split across processes and packed into padding-free rows; log-probabilities come from the fused chunked
+kernel (``posttrain.grpo.policy``), never from a full logits tensor. The chassis (``posttrain.train.chassis``) holds
+the accelerator, optimizer, schedule, clipping, the non-finite guard, checkpoints, metrics.jsonl, trackers and the
+loop. This module must never write outside ``checkpoint.output_dir`` nor change the rewards' values.
 """
 
 from __future__ import annotations
@@ -65,10 +55,9 @@ def progress_figures(metrics: dict[str, float]) -> dict[str, str]:
 
 
 class GrpoTrainer:
-    """GRPO/DAPO training of a causal LM: the in-tree ``HybridForCausalLM`` for the in-tree families (Granite 4.0-H,
-    dense Granite) unless the engine decodes transformers' classes, transformers' own class for any other family.
-    Everything the config names can be given directly instead (``model``, ``tokenizer``, ``rows``, ``eval_rows``,
-    ``reward_set``: used with the pool of ``rewards``) for tests and notebooks."""
+    """GRPO/DAPO training of a causal LM (its class: ``posttrain.grpo.policy.load_policy``). Everything the config
+    names can be given directly instead (``model``, ``tokenizer``, ``rows``, ``eval_rows``, ``reward_set``: used
+    with the pool of ``rewards``) for tests and notebooks."""
 
     def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
                  eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None,
@@ -87,7 +76,7 @@ class GrpoTrainer:
                              f"number of processes ({acc.num_processes})")
         torch.manual_seed(c.run.seed)
         # the engine, checked against the model's family and what this run needs, before anything loads or is written
-        self.engine_family = getattr(getattr(model, "config", None), "model_type", None) if model is not None else None
+        self.engine_family = getattr(getattr(model, "config", None), "model_type", None)
         self.engine_needs = {"weight_sync"} | ({"shares_module"} if c.async_rollout.enabled else set())
         if model is None and not c.model.path:
             raise ValueError("model.path: no checkpoint given")
@@ -111,11 +100,10 @@ class GrpoTrainer:
         self.model = self.chassis.prepare(model, total_updates, self.collector.sampler)
         if self.ref_model is not None:  # never prepared (no gradients), so moved to the policy's device here
             self.ref_model.to(acc.device)
-        self.rollout_model = None  # async: the producer's own copy of the policy
         if c.async_rollout.enabled and acc.num_processes > 1:  # its gathers would interleave with the all-reduces
             raise ValueError("async_rollout.enabled supports one training process for now")
-        if c.async_rollout.enabled:
-            self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False)
+        # async: the producer's own copy of the policy
+        self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False) if c.async_rollout.enabled else None
         self.engine = self._build_engine()
         self.async_rollouts = None
         if c.async_rollout.enabled:
@@ -165,12 +153,10 @@ class GrpoTrainer:
         # 1. collect the step's groups (async: generated ahead by the producer, on an older policy)
         if self.async_rollouts is not None:
             version, collected = self.async_rollouts.next_batch(self.step_count)
-            for r in collected.generated:
-                r.policy_version, r.staleness = version, self.step_count - version
         else:
-            collected = self.collector.collect(self.engine, self.step_count)
-            for r in collected.generated:
-                r.policy_version = self.step_count
+            version, collected = self.step_count, self.collector.collect(self.engine, self.step_count)
+        for r in collected.generated:
+            r.policy_version, r.staleness = version, self.step_count - version
         times = dict(collected.times)
         samples = [r for g in collected.groups for r in g]
         # 2. advantages, per group, on the CPU: a few numbers per group

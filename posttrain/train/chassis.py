@@ -2,22 +2,11 @@
 
 A trainer builds one ``Chassis`` from the shared config groups (``optim``, ``checkpoint``, ``logging``) and keeps
 only what is its own: how it draws its batches and computes its loss, its metrics, its evaluation. The chassis
-holds, written once:
-
-- the accelerator (``build_accelerator``: the trackers of ``logging.report_to``, a clear error when a tracker's
-  package is missing; bf16 autocast over float32 weights on GPU, float32 on CPU) and the run folder
-  (``checkpoint.output_dir``);
-- the optimizer (AdamW, ``build_optimizer``) and its learning-rate schedule (``posttrain.train.schedules``), with
-  the model prepared by accelerate (``prepare``);
-- the optimizer step (``optimizer_step``): gradient clipping (``optim.max_grad_norm``; null measures the norm
-  without clipping) and the non-finite guard: a step whose loss or gradient norm is not finite on any process
-  leaves the weights, the optimizer state and the schedule as they were, and the caller decides whether to go on;
-- checkpoints (``posttrain.train.checkpointing.CheckpointManager``: save, verify, resume) and the logs a resumed
-  run cuts back to its checkpoint (``resume``), so no step is logged twice; a run that starts at step 0 starts
-  its logs afresh;
-- metrics (``metrics.jsonl`` on the main process and the accelerate trackers) and the progress bar;
-- the loop (``run``): steps, logging every ``logging.every_steps``, a checkpoint every ``checkpoint.every_steps``
-  and after the last step, the trackers closed at the end.
+holds, written once: the accelerator and its trackers, the run folder, the AdamW optimizer and its schedule, the
+optimizer step with clipping and the non-finite guard (a step whose loss or gradient norm is not finite on any
+process leaves the weights, optimizer state and schedule as they were; the caller decides whether to go on),
+checkpoints (save, verify, resume; a resumed run's logs are cut back to its checkpoint, a run from step 0 starts
+them afresh), ``metrics.jsonl`` and the trackers, the progress bar, and the loop (``run``).
 
 This module never reads data, builds a model or computes a loss.
 """
@@ -136,7 +125,7 @@ class MetricsLog:
 
 
 class Chassis:
-    """The shared machinery of one training run; see the module docstring. ``stage`` names the progress bar;
+    """The shared machinery of one training run. ``stage`` names the progress bar;
     ``logs`` are the run folder's other step-keyed JSON-lines files (cut back on resume like metrics.jsonl)."""
 
     def __init__(self, optim: OptimizerSettings, checkpoint: CheckpointSettings, logging: LoggingSettings, *,
@@ -185,12 +174,6 @@ class Chassis:
             self.accelerator.print(f"resuming from {self.checkpoints.resumed_from} at step {int(state['step'])}")
         self._resumed.append(state)
         return state
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        return self.checkpoints.save(step, state)
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.metrics.log(step, metrics)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def optimizer_step(self, loss_finite: bool = True) -> float | None:
@@ -242,19 +225,19 @@ class Chassis:
         try:
             with progress:
                 if at_start is not None:
-                    self.log(start, at_start())
+                    self.metrics.log(start, at_start())
                 for i in range(start, total):
                     metrics = step(i)
                     done = i + 1
                     if done % log_every == 0 or done == total:
                         if before_log is not None:
                             before_log(done, metrics)
-                        self.log(done, metrics)
+                        self.metrics.log(done, metrics)
                     if after_step is not None:
                         after_step(done, metrics)
                     progress.advance(1, **(figures(metrics) if figures is not None else {}))
                     if (every and done % every == 0) or done == total:
-                        self.save(done, state(done))
+                        self.checkpoints.save(done, state(done))
         finally:
             for tracker in acc.trackers:  # not accelerator.end_training(): that also ends the process group
                 tracker.finish()

@@ -1,14 +1,10 @@
 """The config family's shared groups, and the recipe of ``posttrain pretrain`` and ``posttrain sft``.
 
 The groups every trainer shares, with one meaning per field across ``pretrain``, ``sft``, ``dpo`` and ``grpo``:
-``model`` (what to train and in which precision), ``lora``, ``optim`` (``OptimizerSettings``: the optimizer, its
-schedule and gradient clipping, ``max_grad_norm: null`` = no clipping; each command adds how it batches),
-``checkpoint`` (the run folder, ``every_steps``, ``keep_last``, ``verify``), ``logging`` (trackers, progress,
-``every_steps``) and ``run`` (``seed``, ``resume: null | latest | PATH``). A command may subclass a group to add
-its own fields or change a default, never to give a shared field another meaning. SFT and pre-training add
-``data`` (files, format, length, packing) and optional ``stages`` (staged context extension: each stage trains then
-merges). Every field is documented where it is declared; a renamed field is a ``ConfigError`` naming its new name
-(``RENAMED``). This module only declares; it never loads models or data.
+``model``, ``lora``, ``optim`` (``OptimizerSettings``; each command adds how it batches), ``checkpoint``,
+``logging`` and ``run``. A command may subclass a group to add its own fields or change a default, never to give a
+shared field another meaning. SFT and pre-training add ``data`` and optional ``stages`` (staged context extension).
+Every field is documented where it is declared. This module only declares; it never loads models or data.
 """
 
 from __future__ import annotations

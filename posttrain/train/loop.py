@@ -1,16 +1,12 @@
 """SFT and pre-training on the chassis: next-token loss over target tokens, summed over the global batch.
 
-- ``global_token_count(accelerator, local)``: target tokens of the global batch, summed over processes.
-- ``masked_nll_sum(model, batch, moe_aux)``: the summed next-token NLL of a micro-batch, its target count and the
-  MoE load-balancing loss, through the model's fused log-prob loss (full logits never materialise).
-
-``Trainer``: the ``BatchPlan`` draws items, each process collates its micro-batches, the loss of a step is
-sum(NLL over every target token of the global batch) / (global target count), so the result does not depend on how
-the global batch is split over processes and accumulation steps. Gradients are averaged by DDP/FSDP over processes,
-hence each process scales its sum by ``world_size / global_count``. Everything else (accelerator, optimizer,
-schedule, clipping, the non-finite guard, checkpoints, metrics, the loop) is the chassis'
-(``posttrain.train.chassis``); a step whose loss or gradient is not finite stops the run with a ``TrainingError``,
-the weights as they were. The loop never reads files: it gets tokenized items from ``posttrain.train.data``.
+``Trainer``: the ``BatchPlan`` draws items, each process collates its micro-batches, and a step's loss is the NLL
+summed over every target token of the global batch / the global target count (``global_token_count``), so it does
+not depend on how the batch is split over processes and accumulation steps; each process scales its sum by
+``world_size / global_count`` since DDP/FSDP average gradients. ``masked_nll_sum`` goes through the model's fused
+log-prob loss (full logits never materialise). The rest is the chassis' (``posttrain.train.chassis``); a step whose
+loss or gradient is not finite stops the run with a ``TrainingError``, the weights as they were. The loop never
+reads files: it gets tokenized items from ``posttrain.train.data``.
 """
 
 from __future__ import annotations
@@ -110,12 +106,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``model`` on ``items`` (lists of ``Segment``) under ``accelerator``.
-
-    ``items`` are drawn by a ``BatchPlan``; ``packed`` picks ``collate_packed`` (one flat row per micro-batch) or
-    ``collate_padded``. Call ``train()``; it resumes as ``run.resume`` says (by default from the newest valid
-    checkpoint in ``output_dir/checkpoints``, if any), and returns the unwrapped model after the last step.
-    """
+    """Trains ``model`` on ``items`` (lists of ``Segment``): ``packed`` picks ``collate_packed`` (one flat row per
+    micro-batch) or ``collate_padded``; ``train()`` resumes as ``run.resume`` says and returns the unwrapped model."""
 
     def __init__(self, config: TrainConfig, model, items: Sequence[Sequence[Segment]], *, packed: bool,
                  pad_token_id: int, accelerator=None, run_config: dict[str, Any] | None = None,

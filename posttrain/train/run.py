@@ -1,12 +1,10 @@
 """One training run from a recipe: tokenizer, data, model (+ LoRA), ``Trainer``, and the final checkpoint.
 
-``run_training(config, task)`` is what ``posttrain sft`` and ``posttrain pretrain`` call. Data are read and checked
-before any model is loaded, so a bad row fails in seconds. The run's folder gets ``config.yaml`` (the resolved
-recipe), ``metrics.jsonl``, ``checkpoints/`` and ``final/``: an HF-format checkpoint (LoRA merged in; the adapter
-itself in ``final/adapter``), the tokenizer, and ``training_manifest.json`` (recipe, data files with their sha256,
-the base checkpoint's hash, steps, last loss), which ``posttrain export`` carries into the signed manifest.
-``run_stages`` runs a staged context extension: each stage trains at its length from the previous stage's merged
-model, then merges its result with its starting point. This module never signs or exports.
+``run_training(config, task)`` is what ``posttrain sft`` and ``posttrain pretrain`` call; data are read and checked
+before any model is loaded. The run's folder gets ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and
+``final/``: an HF-format checkpoint (LoRA merged in; the adapter in ``final/adapter``), the tokenizer and
+``training_manifest.json`` (``run_manifest``), which ``posttrain export`` carries into the signed manifest.
+``run_stages`` runs a staged context extension. This module never signs or exports.
 """
 
 from __future__ import annotations
