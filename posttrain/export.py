@@ -159,12 +159,14 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
     return out
 
 
+def signed_files(folder: Path) -> dict[str, Path]:
+    """The files of ``folder`` its manifest lists (all but the manifest, its signature and the key), by relative path."""
+    paths = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {rel: p for rel, p in paths.items() if rel not in UNSIGNED}
+
+
 def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any]) -> dict[str, Any]:
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel not in UNSIGNED:
-            files[rel] = {"sha256": file_digest(p), "size": p.stat().st_size}
+    files = {rel: {"sha256": file_digest(p), "size": p.stat().st_size} for rel, p in signed_files(folder).items()}
     pub = public_pem(private_key)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "signature": {"algorithm": "ed25519", "public_key_sha256": key_fingerprint(pub)},

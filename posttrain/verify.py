@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.export import FORMAT, MANIFEST, PUBLIC_KEY, SIGNATURE, UNSIGNED, key_fingerprint
+from posttrain.export import FORMAT, MANIFEST, PUBLIC_KEY, SIGNATURE, key_fingerprint, signed_files
 from posttrain.provenance import bytes_digest, file_digest
 
 TRUSTED_KEYS_ENV = "POSTTRAIN_TRUSTED_KEYS"
@@ -180,10 +180,7 @@ def check_export(folder: str | os.PathLike, trusted: Sequence[Any] = ()) -> Veri
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != entry.get("size") or file_digest(path) != entry.get("sha256"):
             problems.append(f"{rel}: contents differ from the signed manifest (sha256 mismatch)")
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in listed and rel not in UNSIGNED:
-            problems.append(f"{rel}: not listed in the signed manifest")
+    problems += [f"{rel}: not listed in the signed manifest" for rel in signed_files(folder) if rel not in listed]
     return Verification(folder, problems, signer, trusted_fps, len(listed))
 
 

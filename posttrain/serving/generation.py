@@ -134,13 +134,7 @@ class TextGenerator:
 
     def chat_stop_token_ids(self) -> list[int]:
         """Tokens that end an assistant turn besides EOS: the start of another role's header."""
-        ids = []
-        for token in ("<|start_of_role|>",):
-            with self._tokenizer_lock:
-                token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id >= 0:
-                ids.append(token_id)
-        return ids
+        return self.token_ids_of(["<|start_of_role|>"])
 
     def single_token_ids(self, stop: Sequence[str]) -> list[int]:
         """Ids of the stop strings that are exactly one token (the engine stops those rows itself)."""

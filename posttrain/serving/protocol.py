@@ -236,7 +236,8 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], default: int,
-                max_context: int | None, n: int, max_request_tokens: int | None) -> int:
+                max_context: int | None, common: dict[str, Any], max_request_tokens: int | None) -> int:
+    n = common["n"]
     given = [name for name in names if body.get(name) is not None]
     name = given[0] if given else names[0]
     value = _integer(body, name, None, 1)
@@ -254,13 +255,10 @@ def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], de
         raise RequestError(f"the request asks for {len(prompts)} prompt(s) x n={n} x {name}={value} = "
                            f"{len(prompts) * n * value} tokens; this server's per-request cap "
                            f"(--max-request-tokens) is {max_request_tokens}", name)
-    return value
-
-
-def _check_min_tokens(common: dict, max_tokens: int) -> None:
-    if common["min_tokens"] > max_tokens:
-        raise RequestError(f"'min_tokens' = {common['min_tokens']} is more than the maximum of {max_tokens} tokens",
+    if common["min_tokens"] > value:
+        raise RequestError(f"'min_tokens' = {common['min_tokens']} is more than the maximum of {value} tokens",
                            "min_tokens")
+    return value
 
 
 # -- chat -----------------------------------------------------------------------------------------------------
@@ -433,8 +431,7 @@ def parse_chat_request(body: Any, served_name: str, generator: Any, default_max_
     if not prompt:
         raise RequestError("'messages' rendered to an empty prompt", "messages")
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), [prompt], default_max_tokens,
-                             generator.max_context, common["n"], max_request_tokens)
-    _check_min_tokens(common, max_tokens)
+                             generator.max_context, common, max_request_tokens)
     return GenerationRequest("chat", [prompt], [""], max_tokens, tools=tool_defs, tool_choice=choice,
                              parallel_tool_calls=parallel, logprobs=(top or 0) if logprobs else None, **common)
 
@@ -468,9 +465,8 @@ def parse_completion_request(body: Any, served_name: str, generator: Any, defaul
         if not ids:
             raise RequestError(f"'prompt[{i}]' is empty", f"prompt[{i}]")
         prompts.append(ids)
-    max_tokens = _max_tokens(body, ("max_tokens",), prompts, default_max_tokens, generator.max_context, common["n"],
+    max_tokens = _max_tokens(body, ("max_tokens",), prompts, default_max_tokens, generator.max_context, common,
                              max_request_tokens)
-    _check_min_tokens(common, max_tokens)
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     return GenerationRequest("completion", prompts, texts, max_tokens, echo=_boolean(body, "echo"),
                              logprobs=logprobs, **common)
@@ -563,11 +559,6 @@ def completion_logprobs(ids: list[int], logprobs: list, tops: list, token_text: 
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top_maps, "text_offset": offsets}
 
 
-def _echoed_logprobs(entries: list) -> tuple[list, list]:
-    """An echoed prompt's log-probs and top alternatives, from the engine's (None, or (log-prob, top)) entries."""
-    return ([None if e is None else e[0] for e in entries], [None if e is None else e[1] for e in entries])
-
-
 def response(request: GenerationRequest, completions: list[TextCompletion], model: str,
              token_text: TokenText | None = None, prompt_logprobs: list | None = None) -> dict[str, Any]:
     """The non-streaming response object for ``completions`` (prompt-major, ``n`` per prompt); ``token_text``
@@ -589,9 +580,10 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
             if want:
                 ids, values, tops = list(c.logprob_ids), list(c.logprobs), list(c.top_logprobs)
                 if request.echo and prompt_logprobs is not None:  # the prompt's tokens first
-                    prompt = request.prompts[c.prompt_index]
-                    prompt_values, prompt_tops = _echoed_logprobs(prompt_logprobs[c.prompt_index])
-                    ids, values, tops = prompt + ids, prompt_values + values, prompt_tops + tops
+                    entries = prompt_logprobs[c.prompt_index]  # per token: None, or (log-prob, top)
+                    ids = request.prompts[c.prompt_index] + ids
+                    values = [None if e is None else e[0] for e in entries] + values
+                    tops = [None if e is None else e[1] for e in entries] + tops
                     echo_start = 0
                 else:
                     echo_start = len(echo)
