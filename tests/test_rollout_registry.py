@@ -119,7 +119,7 @@ def _grpo_args(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(4)))
     return ["grpo", "--config", str(Path(__file__).resolve().parent.parent / "recipes" / "grpo_dapo.yaml"),
-            "--model.path", str(model_dir), "--data.path", str(prompts), "--run.output_dir", str(tmp_path / "out"),
+            "--model.path", str(model_dir), "--data.path", str(prompts), "--checkpoint.output_dir", str(tmp_path / "out"),
             "--run.steps", "1", "--rollout.prompts_per_step", "2", "--rollout.num_generations", "2",
             "--rollout.max_new_tokens", "4", "--overlong.buffer", "0", "--rewards.num_workers", "0",
             "--logging.progress", "false", *extra]

@@ -101,7 +101,7 @@ def test_grpo_hub_prompts_offline_is_one_clear_error(tmp_path):
     spec = "hf:posttrain-test/no-such-prompts@test"
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "grpo", "--config", "recipes/grpo_dapo.yaml",
                            "--model.path", str(tmp_path / "m"), "--data.path", spec, "--eval.path", "",
-                           "--run.output_dir", str(tmp_path / "run")],
+                           "--checkpoint.output_dir", str(tmp_path / "run")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [line for line in proc.stderr.strip().splitlines() if line.startswith("posttrain grpo:")]

@@ -191,7 +191,7 @@ def _grpo_args(model: Path, data: Path, out: Path, rewards: list[str]) -> list[s
     args = ["grpo", "--config", "recipes/grpo_dapo.yaml", "--model.path", str(model), "--data.path", str(data),
             "--rollout.prompts_per_step", "2", "--rollout.num_generations", "2", "--rollout.max_new_tokens", "4",
             "--overlong.buffer", "0", "--dynamic_sampling.enabled", "false", "--rewards.num_workers", "1", "--rewards.timeout_s", "60", "--run.steps", "1",
-            "--run.output_dir", str(out), "--logging.progress", "false", "--eval.path", "",
+            "--checkpoint.output_dir", str(out), "--logging.progress", "false", "--eval.path", "",
             "--rewards.rewards", json.dumps([{"name": r, "label": r.split(":")[1]} for r in rewards])]
     return args
 
