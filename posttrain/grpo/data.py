@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from posttrain.train.data import is_hub_spec, jsonl_rows, load_hub_dataset
+from posttrain.jsonl import jsonl_rows
+from posttrain.train.data import is_hub_spec, load_hub_dataset
 
 logger = logging.getLogger(__name__)
 
