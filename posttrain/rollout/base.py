@@ -375,6 +375,33 @@ class ModuleEngine(ABC):
     def _generate_wave(self, prompts, offset, params, generator, state, on_step) -> list[Completion]:
         """Decode one wave of prompts (results prompt-major, prompt indices counted from ``offset``)."""
 
+    def _decode(self, prompts, offset, params: SamplingParams, generator, on_step, logits: torch.Tensor,
+                select, forward, state_bytes) -> list[Completion]:
+        """The decode loop of a wave, after the engine's prefill gave ``logits`` (a row per prompt): each prompt's
+        row copied ``params.n`` ways, then a token sampled per step until every row stopped. The engine's own state
+        goes through three callbacks: ``select(rows)`` keeps its per-row state at ``rows`` (a long tensor, in that
+        order: the copies, then the rows that go on when some finished), ``forward(tokens, step)`` feeds step
+        ``step``'s tokens and returns the next logits, ``state_bytes()`` measures its cache once the copies exist."""
+        device = logits.device
+        if params.n > 1:
+            rows = torch.arange(len(prompts), device=device).repeat_interleave(params.n)
+            select(rows)
+            logits = logits.index_select(0, rows)
+        self.stats.cache_bytes = max(self.stats.cache_bytes, state_bytes())
+        book = DecodeRows(prompts, offset, params, device, on_step)
+        for step in range(params.max_new_tokens):
+            next_tokens, kept = book.decode(step, logits, generator)
+            if book.done:
+                break
+            if kept is not None:  # finished rows leave the batch
+                index = torch.tensor(kept, device=device)
+                select(index)
+                next_tokens = next_tokens[index]
+            logits = forward(next_tokens, step)
+            self.stats.steps += 1
+            self.stats.rows_forwarded += len(book.active)
+        return book.completions()
+
     @torch.inference_mode()  # not only no_grad: no version counters or view tracking, ~10% off each decode step
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
                  on_step: StepCallback | None = None) -> list[Completion]:

@@ -19,7 +19,6 @@ from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
 from posttrain.rollout.base import (
     Capabilities,
     Completion,
-    DecodeRows,
     ModuleEngine,
     SamplingParams,
     sample,  # noqa: F401  (re-exported: callers import the sampler beside the engine)
@@ -46,25 +45,15 @@ class NativeEngine(ModuleEngine):
         return DecodePlan(self.model)  # from the weights as they are now: they change between calls in RL
 
     def _generate_wave(self, prompts, offset, params: SamplingParams, generator, plan, on_step) -> list[Completion]:
-        model, device = self.model, self.model.device
-        n_prompts, n = len(prompts), params.n
+        model = self.model
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
-        cache = HybridCache.allocate(model.config, n_prompts, max_len, device=device, dtype=model.dtype)
+        cache = HybridCache.allocate(model.config, len(prompts), max_len, device=model.device, dtype=model.dtype)
         logits = prefill(model, prompts, cache)  # each prompt once
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
-        if n > 1:  # copy each prompt's state G ways
-            rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
-            cache, logits = cache.index_select(rows), logits.index_select(0, rows)
-        self.stats.cache_bytes = max(self.stats.cache_bytes, cache.nbytes())
-        book = DecodeRows(prompts, offset, params, device, on_step)
-        for step in range(params.max_new_tokens):
-            next_tokens, keep = book.decode(step, logits, generator)
-            if book.done:
-                break
-            if keep is not None:  # finished rows leave the batch
-                index = torch.tensor(keep, device=device)
-                cache, next_tokens = cache.index_select(index), next_tokens[index]
-            logits = plan.step(next_tokens, cache)
-            self.stats.steps += 1
-            self.stats.rows_forwarded += len(book.active)
-        return book.completions()
+
+        def select(rows: torch.Tensor) -> None:
+            nonlocal cache
+            cache = cache.index_select(rows)
+
+        return self._decode(prompts, offset, params, generator, on_step, logits, select,
+                            lambda tokens, _step: plan.step(tokens, cache), lambda: cache.nbytes())

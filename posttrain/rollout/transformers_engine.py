@@ -45,7 +45,6 @@ from transformers.cache_utils import StaticLayer
 from posttrain.rollout.base import (
     Capabilities,
     Completion,
-    DecodeRows,
     EngineError,
     ModuleEngine,
     SamplingParams,
@@ -123,7 +122,7 @@ class TransformersEngine(ModuleEngine):
 
     def _generate_wave(self, prompts, offset, params: SamplingParams, generator, _state, on_step) -> list[Completion]:
         model, device = self.model, self.model.device
-        n_prompts, n = len(prompts), params.n
+        n_prompts = len(prompts)
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         max_len = width + params.max_new_tokens
@@ -143,23 +142,16 @@ class TransformersEngine(ModuleEngine):
         logits = self._forward(ids, keep[:, :width], positions, cache, 0, **extra)  # each prompt once
         self.stats.prefill_tokens += sum(lengths)
         positions = torch.tensor(lengths, device=device)[:, None]  # the next token's position, per row
-        if n > 1:  # copy each prompt's state G ways
-            rows = torch.arange(n_prompts, device=device).repeat_interleave(n)
-            _select_rows(cache, rows)
-            logits, keep, positions = logits[rows], keep[rows], positions[rows]
-        self.stats.cache_bytes = max(self.stats.cache_bytes, _cache_bytes(cache))
         padded = min(lengths) < width  # with no padding, a decode step's token sees every written slot: no mask
         mask = self._decode_mask(keep)
-        book = DecodeRows(prompts, offset, params, device, on_step)
-        for step in range(params.max_new_tokens):
-            next_tokens, kept = book.decode(step, logits, generator)
-            if book.done:
-                break
-            if kept is not None:  # finished rows leave the batch
-                index = torch.tensor(kept, device=device)
-                _select_rows(cache, index)
-                next_tokens, keep, positions = next_tokens[index], keep[index], positions[index]
-                mask = self._decode_mask(keep)
+
+        def select(rows: torch.Tensor) -> None:
+            nonlocal keep, positions, mask
+            _select_rows(cache, rows)
+            keep, positions = keep[rows], positions[rows]
+            mask = self._decode_mask(keep)
+
+        def forward(next_tokens: torch.Tensor, step: int) -> torch.Tensor:
             slot = width + step
             keep[:, slot] = True  # the token fed now is visible to itself and every later step
             written[0] = slot + 1
@@ -173,10 +165,11 @@ class TransformersEngine(ModuleEngine):
             else:
                 step_mask = keep[:, :slot + 1]
             logits = self._forward(next_tokens[:, None], step_mask, positions, cache, slot)
-            positions += 1
-            self.stats.steps += 1
-            self.stats.rows_forwarded += len(book.active)
-        return book.completions()
+            positions.add_(1)
+            return logits
+
+        return self._decode(prompts, offset, params, generator, on_step, logits, select, forward,
+                            lambda: _cache_bytes(cache))
 
     def _decode_mask(self, keep: torch.Tensor) -> torch.Tensor | None:
         """The 4D decode mask the engine keeps itself (a view of ``keep`` for sdpa, an additive copy for eager), or
