@@ -17,7 +17,8 @@ import functools
 import inspect
 import math
 import threading
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -203,6 +204,31 @@ def call_reward(
         raise RewardCountError(name, len(completions), len(out))
     return [check_value(name, v) for v in out]
 
+
+
+def score_sample(
+    name: str,
+    fn: RewardFn,
+    prompt: Any,
+    completion: Any,
+    row: Mapping[str, Any],
+    catch: type[BaseException] = Exception,
+    **context: Any,
+) -> tuple[float | None, str | None, str | None]:
+    """:func:`call_reward` on one sample (``row``: its value of each column), returning the sample's own failure
+    rather than raising it: ``(value, None, None)``, or ``(None, kind, detail)`` with kind ``invalid_value`` (the
+    reward gave something that is not a finite number or ``None``) or ``exception`` (any other exception of class
+    ``catch``; detail: its type, message and the end of its traceback). :class:`RewardCountError` and
+    :class:`RewardConfigError` still raise: they are the run's fault, not the sample's."""
+    try:
+        value = call_reward(name, fn, [prompt], [completion], {k: [v] for k, v in row.items()}, **context)[0]
+        return value, None, None
+    except (RewardCountError, RewardConfigError):
+        raise
+    except RewardValueError as exc:
+        return None, "invalid_value", str(exc)
+    except catch as exc:
+        return None, "exception", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
 
 @dataclass(frozen=True)
 class RewardTrainerState:

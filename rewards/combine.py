@@ -23,7 +23,6 @@ import logging
 import math
 import statistics
 import threading
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,9 +33,9 @@ from posttrain.rewards.base import (
     RewardCountError,
     RewardError,
     RewardFn,
-    RewardValueError,
     call_reward,
     reward_name,
+    score_sample,
 )
 from posttrain.rewards.pool import RewardPool, SampleError
 
@@ -293,17 +292,11 @@ def score_in_process(
     values: list[float | None] = []
     errors: list[SampleError] = []
     for i in range(len(completions)):
-        row = {column: [column_values[i]] for column, column_values in columns.items()}
-        try:
-            values.append(call_reward(name, fn, [prompts[i]], [completions[i]], row, **context)[0])
-        except (RewardCountError, RewardConfigError):
-            raise
-        except RewardValueError as exc:
-            values.append(None)
-            errors.append(SampleError(i, name, "invalid_value", str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a reward's failure costs its sample, not the batch
-            values.append(None)
-            text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
-            errors.append(SampleError(i, name, "exception", text))
-            logger.warning("reward %r on sample %d: %s: %s", name, i, type(exc).__name__, exc)
+        row = {column: column_values[i] for column, column_values in columns.items()}
+        value, kind, detail = score_sample(name, fn, prompts[i], completions[i], row, **context)
+        values.append(value)
+        if kind is not None:  # a reward's failure costs its sample, not the batch
+            errors.append(SampleError(i, name, kind, detail))
+            if kind == "exception":
+                logger.warning("reward %r on sample %d: %s", name, i, detail.splitlines()[0])
     return values, errors

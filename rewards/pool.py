@@ -51,8 +51,7 @@ from posttrain.rewards.base import (
     RewardCountError,
     RewardError,
     RewardFn,
-    RewardValueError,
-    call_reward,
+    score_sample,
 )
 
 from posttrain.provenance import bytes_digest
@@ -459,24 +458,19 @@ def _worker_main(conn: Connection) -> None:
         _, task_id, key, name, prompt, completion, row, trainer_state = message
         logs: list[tuple[str, str, Any]] = []  # the reward's log_metric/log_extra calls, replayed by the parent
         try:
-            value = call_reward(
+            value, kind, detail = score_sample(
                 name,
                 rewards[key],
-                [prompt],
-                [completion],
-                {k: [v] for k, v in row.items()},
+                prompt,
+                completion,
+                row,
+                catch=BaseException,  # SystemExit too: a reward's failure costs its sample
                 trainer_state=trainer_state,
                 log_metric=lambda metric, number, record=logs.append: record(("metric", metric, number)),
                 log_extra=lambda column, items, record=logs.append: record(("extra", column, list(items))),
-            )[0]
-            reply: tuple[Any, ...] = ("result", task_id, value, None, None)
+            )
         except RewardCountError as exc:
-            reply = ("result", task_id, None, "count", exc.got)
+            value, kind, detail = None, "count", exc.got
         except RewardConfigError as exc:
-            reply = ("result", task_id, None, "config", str(exc))
-        except RewardValueError as exc:
-            reply = ("result", task_id, None, "invalid_value", str(exc))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit too: a reward's failure costs its sample
-            text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
-            reply = ("result", task_id, None, "exception", text)
-        conn.send((*reply, logs if reply[3] is None else []))
+            value, kind, detail = None, "config", str(exc)
+        conn.send(("result", task_id, value, kind, detail, logs if kind is None else []))
