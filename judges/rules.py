@@ -46,11 +46,17 @@ def target_text(sample: Sample, target: str) -> str:
 
 
 class Rule:
-    """A configured rule; subclasses implement ``check_one`` or ``check``."""
+    """A configured rule; subclasses implement ``check_one`` or ``check``, and ``setup`` for what they make once
+    from their options (``workers``: how many worker processes a rule that ``runs_workers`` may start)."""
 
-    def __init__(self, rule_id: str, options: Any) -> None:
+    def __init__(self, rule_id: str, options: Any, workers: int = 1) -> None:
         self.id = rule_id
         self.options = options
+        self.workers = workers
+        self.setup()
+
+    def setup(self) -> None:
+        """Check the options and build what the checks need; the default needs nothing."""
 
     def check(self, samples: list[Sample]) -> list[RuleResult]:
         return [self.check_one(s) for s in samples]
@@ -72,22 +78,11 @@ class Rule:
 # ---------------------------------------------------------------------------------------------------- length
 
 
-def _load_tokenizer(path: str) -> Any:
-    from tokenizers import Tokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise ConfigError(f"length.tokenizer: {path}: no tokenizer.json there")
-    return Tokenizer.from_file(str(p))
-
-
 class LengthFilter(Rule):
     options: LengthRule
 
-    def __init__(self, rule_id: str, options: LengthRule) -> None:
-        super().__init__(rule_id, options)
+    def setup(self) -> None:
+        options = self.options
         self.tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer else None
         # Name the unit honestly: whitespace words are not tokens.
         self.token_key = "tokens" if self.tokenizer else "tokens_ws"
@@ -111,6 +106,17 @@ class LengthFilter(Rule):
             if o.max_tokens is not None and n > o.max_tokens:
                 reasons.append(f"{n} {unit} > max_tokens {o.max_tokens}")
         return self.result(scores, reasons)
+
+
+def _load_tokenizer(path: str) -> Any:
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ConfigError(f"length.tokenizer: {path}: no tokenizer.json there")
+    return Tokenizer.from_file(str(p))
 
 
 # ------------------------------------------------------------------------------------------------ repetition
@@ -329,10 +335,9 @@ def load_language_model() -> Any:
 class LanguageFilter(Rule):
     options: LanguageRule
 
-    def __init__(self, rule_id: str, options: LanguageRule) -> None:
-        super().__init__(rule_id, options)
+    def setup(self) -> None:
         self.model = load_language_model()
-        self.keep = set(options.languages)
+        self.keep = set(self.options.languages)
 
     def check_one(self, sample: Sample) -> RuleResult:
         o = self.options
@@ -473,8 +478,8 @@ def role_order_problem(turns: list[dict[str, Any]]) -> str | None:
 class ForbiddenPatternsFilter(Rule):
     options: ForbiddenPatternsRule
 
-    def __init__(self, rule_id: str, options: ForbiddenPatternsRule) -> None:
-        super().__init__(rule_id, options)
+    def setup(self) -> None:
+        options = self.options
         flags = re.IGNORECASE if options.ignore_case else 0
         self.patterns = [re.compile(p, flags) for p in options.patterns]
         # Patterns without regex syntax are plain substrings; case-folded ASCII ones are tested on an ASCII text's
@@ -511,8 +516,8 @@ class VerifyAnswerFilter(Rule):
     options: VerifyAnswerRule
     runs_workers = True
 
-    def __init__(self, rule_id: str, options: VerifyAnswerRule, workers: int = 1) -> None:
-        super().__init__(rule_id, options)
+    def setup(self) -> None:
+        options, rule_id = self.options, self.id
         if not options.timeout_s > 0:
             raise ConfigError(f"rules.{rule_id}.timeout_s: must be > 0, got {options.timeout_s}")
         if options.workers is not None and options.workers < 1:
@@ -526,7 +531,7 @@ class VerifyAnswerFilter(Rule):
         except rewards.RewardError as exc:
             raise ConfigError(f"rules.{rule_id}.reward: {exc}") from exc
         self.reward = rewards.BoundedReward(options.reward, reward, timeout_s=options.timeout_s,
-                                            num_workers=options.workers or workers)
+                                            num_workers=options.workers or self.workers)
 
     def check(self, samples: list[Sample]) -> list[RuleResult]:
         o = self.options
@@ -592,5 +597,5 @@ def build_rules(specs: list[RuleSpec], workers: int = 1) -> list[Rule]:
     rules = []
     for spec in specs:
         cls = RULE_CLASSES[spec.name]
-        rules.append(cls(spec.id, spec.options, workers=workers) if cls.runs_workers else cls(spec.id, spec.options))
+        rules.append(cls(spec.id, spec.options, workers=workers))
     return rules

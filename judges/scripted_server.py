@@ -44,7 +44,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class ScriptedJudgeServer:
-    """Start with ``start()``; set the public attributes to script failures; read the counters to check clients."""
+    """Serves inside a ``with`` block; set the public attributes to script failures; read the counters to check
+    clients."""
 
     def __init__(self, port: int = 0) -> None:
         self.lock = threading.Lock()
@@ -127,7 +128,6 @@ class ScriptedJudgeServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self._thread: threading.Thread | None = None
 
     def verdict(self, content: str) -> str:
         if self.garbage_verdict:
@@ -142,21 +142,13 @@ class ScriptedJudgeServer:
         score = pointwise_score(content)
         return json.dumps({"score": score, "rationale": f"scripted score {score}"})
 
-    def start(self) -> ScriptedJudgeServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
+    def __enter__(self) -> Self:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
