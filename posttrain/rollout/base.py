@@ -16,6 +16,7 @@ needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -417,16 +418,21 @@ class ModuleEngine(ABC):
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         per_wave = max(1, self.max_num_seqs // params.n)
         out: list[Completion] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             state = self._prepare()
             for start in range(0, len(prompt_ids), per_wave):
                 out += self._generate_wave(prompt_ids[start:start + per_wave], start, params, generator, state,
                                            on_step)
+        return out
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
         finally:
             self.model.train(was_training)
-        return out
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         vocab = self._vocab_size()
@@ -451,9 +457,7 @@ class ModuleEngine(ABC):
         self._check_prompts(prompt_ids)
         device = self.model.device
         out: list[list[tuple[float, list[tuple[int, float]]] | None]] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             for batch in self._logit_batches(prompt_ids):
                 width = max(len(p) for p in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -470,8 +474,6 @@ class ModuleEngine(ABC):
                     entries: list[tuple[float, list[tuple[int, float]]] | None] = [None]
                     entries += [(chosen[i][t], list(zip(top_ids[i][t], top_values[i][t]))) for t in range(len(p) - 1)]
                     out.append(entries)
-        finally:
-            self.model.train(was_training)
         return out
 
     def _logit_batches(self, prompt_ids: list[list[int]]):

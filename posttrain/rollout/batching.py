@@ -47,9 +47,6 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SchedulerStats:
     batches: int = 0  # gathered batches taken from the queue
-    engine_calls: int = 0  # engine.generate calls (a batch with jobs of different parameters makes several)
-    jobs: int = 0  # jobs submitted
-    batch_jobs: list[int] = field(default_factory=list)  # jobs per batch, most recent last (bounded)
     running_jobs: int = 0  # jobs in the batch running now
     waiting_jobs: int = 0  # jobs in the queue that have not started
 
@@ -133,33 +130,25 @@ class BatchScheduler:
 
         ``on_tokens`` (called from the worker thread, so it must be quick: put into a queue) streams the job's
         tokens as they are sampled. ``cancel(future)`` stops the job's rows early."""
-        future: Future = Future()
-        job = _Job([list(p) for p in prompts], params, future, merge_key(params), on_tokens)
+        job = _Job([list(p) for p in prompts], params, Future(), merge_key(params), on_tokens)
         per_piece = max(1, self.piece_seqs // params.n)
         job.pieces.extend((i, min(i + per_piece, len(job.prompts))) for i in range(0, len(job.prompts), per_piece))
-        future.job = job  # for cancel()
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the batch scheduler is closed")
-            self._queue.append(job)
-            self.stats.jobs += 1
-            self.stats.waiting_jobs += 1
-            self._cond.notify()
-        return future
+        return self._enqueue(job)
 
     def run_exclusive(self, fn: Callable[[], object]) -> Future:
         """Queue ``fn()`` to run on the worker thread, alone, in its turn (work on the engine that is not a
         ``generate``, e.g. prompt log-probabilities); the future resolves to its result."""
-        future: Future = Future()
-        job = _Job([], SamplingParams(), future, ("call", next(_unique)), call=fn)
-        future.job = job
+        return self._enqueue(_Job([], SamplingParams(), Future(), ("call", next(_unique)), call=fn))
+
+    def _enqueue(self, job: _Job) -> Future:
+        job.future.job = job  # for cancel()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batch scheduler is closed")
             self._queue.append(job)
             self.stats.waiting_jobs += 1
             self._cond.notify()
-        return future
+        return job.future
 
     @staticmethod
     def cancel(future: Future) -> None:
@@ -198,9 +187,7 @@ class BatchScheduler:
                 self._call(batch[0].job)
                 continue
             self.stats.batches += 1
-            jobs = list(dict.fromkeys(piece.job for piece in batch))
-            self.stats.batch_jobs = (self.stats.batch_jobs + [len(jobs)])[-1000:]
-            self.stats.running_jobs = len(jobs)
+            self.stats.running_jobs = len({id(piece.job) for piece in batch})
             groups: dict[tuple, list[_Piece]] = {}
             for piece in batch:
                 groups.setdefault(piece.key, []).append(piece)
@@ -325,7 +312,6 @@ class BatchScheduler:
                 completions = self.engine.generate(prompts, params, on_step=router)
             else:
                 completions = self.engine.generate(prompts, params)
-        self.stats.engine_calls += 1
         out, offset = [], 0
         for piece in pieces:
             count = piece.end - piece.start

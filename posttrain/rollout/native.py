@@ -2,15 +2,11 @@
 rollouts and serving.
 
 Prompts of any lengths are prefilled together as one packed row (each prompt once, however many samples it
-gets), their states copied G ways, then decoded one token per step with a preallocated state: a fixed-size conv
-window and SSM state per Mamba layer, a KV cache for the attention layers only. Finished rows leave the batch, so
-they stop costing compute. Completions are as :mod:`posttrain.rollout.base` defines them, log-probabilities included.
-Capabilities: streaming (``on_step``), weight sync (``sync_weights``: a no-op when the trainer hands over the
-module this engine decodes, which it does with the policy itself, else a copy of the trainer's tensors), and
-``shares_module``: it decodes with the module it was given, so in float32 its log-probabilities are the trainer's.
-This module never trains, and changes a model's weights only in ``sync_weights``, when asked to.
+gets), their states copied G ways, then decoded by the shared loop (``ModuleEngine._decode``) one token per step with
+a preallocated state: a fixed-size conv window and SSM state per Mamba layer, a KV cache for the attention layers
+only (:mod:`posttrain.rollout.native_decode`). This module never trains, and changes a model's weights only in
+``sync_weights``, when asked to.
 """
-
 from __future__ import annotations
 
 import torch

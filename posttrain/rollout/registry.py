@@ -34,7 +34,8 @@ IN_TREE_FAMILIES = ("granitemoehybrid", "granite")  # posttrain.models.hybrid.IN
 @dataclass(frozen=True)
 class EngineSpec:
     """One engine: its name, its capabilities, the model families it runs (None: any causal LM transformers loads;
-    ``server``: whatever the server runs), and how it is built (``module:function``, imported when built)."""
+    ``server``: whatever the server runs), and how it is built (``module:function``, or ``module:Class`` of an engine
+    that decodes a module in this process: on the trainer's model or a checkpoint; imported when built)."""
 
     name: str
     capabilities: Capabilities
@@ -49,16 +50,17 @@ class EngineSpec:
         return self.families is None or family in self.families
 
     def build(self, **kwargs: Any) -> Engine:
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)(**kwargs)
+        module, _, name = self.builder.partition(":")
+        target = getattr(importlib.import_module(module), name)
+        return _build_module_engine(target, **kwargs) if isinstance(target, type) else target(**kwargs)
 
 
 ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
     EngineSpec("native", Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True),
-               IN_TREE_FAMILIES, "posttrain.rollout.registry:_build_native", module_class="in-tree"),
+               IN_TREE_FAMILIES, "posttrain.rollout.native:NativeEngine", module_class="in-tree"),
     EngineSpec("transformers", Capabilities(weight_sync=True, streaming=True, shares_module=True,
                                             prompt_logprobs=True), None,
-               "posttrain.rollout.registry:_build_transformers", module_class="transformers"),
+               "posttrain.rollout.transformers_engine:TransformersEngine", module_class="transformers"),
     EngineSpec("vllm", Capabilities(weight_sync=True, sleep=True, close=True, prompt_logprobs=True), None,
                "posttrain.rollout.registry:_build_vllm"),
     EngineSpec("server", Capabilities(weight_sync=True, close=True), None, "posttrain.rollout.registry:_build_server",
@@ -162,22 +164,11 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str
 
 
 # -- builders (imported by name from ENGINES, so an engine's module loads only when it is built) ---------------------
-def _build_native(*, model_dir, model, device, dtype, max_num_seqs, **_: Any) -> Engine:
-    from posttrain.rollout.native import NativeEngine
-
+def _build_module_engine(engine_class, *, model_dir, model, device, dtype, max_num_seqs, **_: Any) -> Engine:
     if model is not None:
-        return NativeEngine(model, max_num_seqs=max_num_seqs)
+        return engine_class(model, max_num_seqs=max_num_seqs)
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    return NativeEngine.from_pretrained(model_dir, device=device, dtype=torch_dtype, max_num_seqs=max_num_seqs)
-
-
-def _build_transformers(*, model_dir, model, device, dtype, max_num_seqs, **_: Any) -> Engine:
-    from posttrain.rollout.transformers_engine import TransformersEngine
-
-    if model is not None:
-        return TransformersEngine(model, max_num_seqs=max_num_seqs)
-    device, torch_dtype = resolve_device_dtype(device, dtype)
-    return TransformersEngine.from_pretrained(model_dir, device=device, dtype=torch_dtype, max_num_seqs=max_num_seqs)
+    return engine_class.from_pretrained(model_dir, device=device, dtype=torch_dtype, max_num_seqs=max_num_seqs)
 
 
 def _build_vllm(*, model_dir, model, tokenizer, dtype, seed, max_model_len, gpu_memory_utilization, sleep_mode,

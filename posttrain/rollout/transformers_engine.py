@@ -1,39 +1,28 @@
 """The transformers generation engine: batched sampling from any causal LM that transformers loads (Llama, Qwen,
 Mistral, Granite, ...), for rollouts and serving where the native engine does not apply.
 
-It runs its own decode loop over the very module it is given (so given the trainer's policy it sees every optimizer
-step with no copy: ``sync_weights`` of that module is a no-op; ``Capabilities.shares_module``), not
-``model.generate``: prompts of any lengths are left-padded into one batch, with an attention mask and position ids
-that start at 0 at each prompt's first real token, so every row computes what that prompt alone would. Each prompt
-is prefilled once, however many samples it gets, into transformers' own ``StaticCache`` (one preallocated key/value
-buffer per attention layer, sized to the longest prompt plus ``max_new_tokens``; a fixed-size conv window and
-recurrent state per Mamba layer), then the cache is copied G ways and decoded one token per step. The cache writes
-each step into the same slot for every row (transformers' static layers count their own position); a row's padding
-is masked, its positions are its own. Finished rows leave the batch (the cache's rows are selected), so they stop
-costing compute. Tokens are picked and scored by the shared sampler (:func:`posttrain.rollout.base.sample`), so a
-log-probability means what it means on every engine.
+It runs the shared decode loop (``ModuleEngine._decode``) over the very module it is given (given the trainer's
+policy it sees every optimizer step with no copy; ``Capabilities.shares_module``), not ``model.generate``: prompts
+of any lengths are left-padded into one batch, with an attention mask and position ids that start at 0 at each
+prompt's first real token, so every row computes what that prompt alone would. Each prompt is prefilled once,
+however many samples it gets, into transformers' own ``StaticCache`` (sized to the longest prompt plus
+``max_new_tokens``), then the cache is copied G ways and decoded one token per step, every row writing the same
+slot; finished rows leave the batch.
 
 Where the model's layers are all full attention with the ``sdpa`` or ``eager`` implementation, attention sees only
-the slots written so far (views of the preallocated buffers, :class:`WrittenSlotsLayer`), and the decode step's 4D
-mask is kept by the engine and updated in place (one slot per step) instead of being rebuilt by transformers from
-the 2D mask every step, or left out where no prompt is padded; any other layout (sliding windows, Mamba beside attention, other attention kernels)
-passes the 2D mask and lets the model build its own masks, as ``generate`` does; a model without attention gets no
-mask in a decode step.
+the slots written so far (:class:`WrittenSlotsLayer`), and the engine keeps the decode step's 4D mask itself,
+updated in place one slot per step (or left out where no prompt is padded); any other layout passes the 2D mask and
+lets the model build its own, as ``generate`` does; a model without attention gets no mask in a decode step.
+Mamba layers run through transformers' own code, which zeroes the padded positions' inputs so a left-padded row's
+state equals its prompt's alone; on CPU that is its slow torch path (the ``native`` engine runs the in-tree Granite
+models faster).
 
-Mamba layers (Mamba, the Granite 4.0-H hybrid ``GraniteMoeHybridForCausalLM``, Falcon-H1) run through
-transformers' own code, which zeroes the padded positions' inputs so a left-padded row's state equals its prompt's
-alone (checked against teacher-forced log-probabilities); on CPU that code is its slow torch path, and the ``native``
-engine runs the in-tree Granite models (hybrid and dense) faster.
-
-Limits: a model whose cache layers this module has not been checked with (anything but full attention, sliding
-window attention, Mamba state, both in one layer, and layers without a cache; DeepSeek-V3.2's indexed attention, for
-one) is refused with :class:`EngineError` at construction, naming the engines to use instead. Written against
-transformers' 5.x cache API (static layers that track their own length); the cache goes to the model under the
-keyword its forward takes (``cache`` from 5.24, ``past_key_values`` or Mamba's ``cache_params`` before); the tests
-pass on 5.17 and 5.24.
+Limits: a model whose cache layers are not in ``SUPPORTED_LAYERS`` is refused with :class:`EngineError` at
+construction, naming the engines to use instead. Written against transformers' 5.x cache API (static layers that
+track their own length); the cache goes to the model under the keyword its forward takes (``cache`` from 5.24,
+``past_key_values`` or Mamba's ``cache_params`` before); the tests pass on 5.17 and 5.24.
 This module never trains, and changes a model's weights only in ``sync_weights``/``load_named_tensors``, when asked.
 """
-
 from __future__ import annotations
 
 import inspect
@@ -60,7 +49,6 @@ SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
 
 class TransformersEngine(ModuleEngine):
     name = "transformers"
-    # decodes with the module it holds: the trainer's policy needs no copy (sync_weights of it is a no-op)
     capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
 
     def __init__(self, model, max_num_seqs: int = 256):
@@ -184,9 +172,8 @@ class TransformersEngine(ModuleEngine):
 
 
 class WrittenSlotsLayer(StaticLayer):
-    """transformers' ``StaticLayer`` (keys and values preallocated for every slot, written in place) that hands
-    attention only the slots written so far, as views: a decode step attends over its sequence's length, not over
-    the whole preallocated buffer. ``written`` is one shared list ``[count]`` the engine sets before each forward."""
+    """transformers' ``StaticLayer`` that hands attention only the slots written so far, as views of its buffers.
+    ``written`` is one shared list ``[count]`` the engine sets before each forward."""
 
     # views of a changing length are no static addresses; and a cache that says it is not compileable lets
     # transformers skip building a causal mask for a one-token step with no padding (sdpa needs none)

@@ -1,14 +1,11 @@
 """The vLLM engine (GPU): one wrapper for GRPO's colocated rollouts, ``posttrain vllm-serve``, eval and pairs.
 
-Same protocol as every engine (``generate(prompt_ids, SamplingParams) -> list[Completion]``, prompt-major, the
-sampled tokens' log-probabilities), plus weight sync, sleep, close and prompt log-probabilities. The request features
-(penalties, ``min_tokens``, ``logit_bias``, reported log-probabilities, a JSON-schema ``constraint``) map to vLLM's
-fields of the same names (the constraint to its structured outputs); reports are of the processed distribution
-only, vLLM's ``logprobs_mode`` being an engine setting. Built on a checkpoint folder
-(``VllmEngine(folder)``), or on a policy being trained (``VllmEngine.for_policy``: its weights and tokenizer are saved
-to a temporary folder vLLM starts from, removed by ``close``). ``sync_weights(model)`` hands the trainer's tensors to
-vLLM's ``load_weights`` under their checkpoint names as they are (they already are transformers' names, so there is
-no hand-written mapping that could miss a tensor); ``load_named_tensors`` does the same with what a server received.
+Same protocol as every engine, plus weight sync, sleep, close and prompt log-probabilities. The request features
+map to vLLM's fields of the same names (the constraint to its structured outputs); reports are of the processed
+distribution only, vLLM's ``logprobs_mode`` being an engine setting. Built on a checkpoint folder
+(``VllmEngine(folder)``) or on a policy being trained (``VllmEngine.for_policy``). ``sync_weights(model)`` hands the
+trainer's tensors to vLLM's ``load_weights`` under their checkpoint names as they are (they already are
+transformers' names, so there is no hand-written mapping that could miss a tensor).
 
 vLLM is configured for RL on hybrids: its Mamba state cache in float32 (``mamba_ssm_cache_dtype``), log-probabilities
 of the processed (temperature-scaled, truncated) distribution, no prefix caching, and, for GRPO, sleep mode between

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -140,7 +141,7 @@ class _Group:
         out: list[list[int]] = []
         size = 0
         for i, m in enumerate(metas):
-            nbytes = _numel(m["shape"]) * _DTYPES[m["dtype"]].itemsize
+            nbytes = math.prod(m["shape"]) * _DTYPES[m["dtype"]].itemsize
             if out and metas[out[-1][0]]["dtype"] == m["dtype"] and size + nbytes <= self.cfg.bucket_bytes:
                 out[-1].append(i)
                 size += nbytes
@@ -148,13 +149,6 @@ class _Group:
                 out.append([i])
                 size = nbytes
         return out
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class WeightSender(_Group):
@@ -217,7 +211,7 @@ class WeightReceiver(_Group):
         received: list[tuple[str, torch.Tensor]] = []
         for bucket in header["buckets"]:  # the sender's bucketing, whatever this side's bucket_bytes
             dtype = _DTYPES[metas[bucket[0]]["dtype"]]
-            sizes = [_numel(metas[i]["shape"]) for i in bucket]
+            sizes = [math.prod(metas[i]["shape"]) for i in bucket]
             flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
             self.broadcast(flat, f"tensor {metas[bucket[0]]['name']!r}")
             for i, part in zip(bucket, flat.split(sizes), strict=True):

@@ -492,6 +492,8 @@ def chat_message(request: GenerationRequest, completion: TextCompletion) -> tupl
         calls = _forced_calls(request, text)
         if calls is not None:
             return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    from posttrain.rewards.tool_call import parse_tool_calls
+
     calls = parse_tool_calls(text) if request.tools and not request.forced_tool else []
     if not request.parallel_tool_calls:
         calls = calls[:1]
@@ -520,12 +522,6 @@ def _forced_calls(request: GenerationRequest, text: str) -> list[dict[str, Any]]
         return None
     return [_tool_call(item["name"], json.dumps(item.get("parameters", {}))) for item in value
             if isinstance(item, dict) and isinstance(item.get("name"), str)] or None
-
-
-def parse_tool_calls(text: str) -> list[dict[str, Any]]:
-    from posttrain.rewards.tool_call import parse_tool_calls as parse
-
-    return parse(text)
 
 
 # -- log-probabilities ------------------------------------------------------------------------------------------
@@ -563,17 +559,14 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
              token_text: TokenText | None = None, prompt_logprobs: list | None = None) -> dict[str, Any]:
     """The non-streaming response object for ``completions`` (prompt-major, ``n`` per prompt); ``token_text``
     decodes one token for the log-probs, ``prompt_logprobs`` (per prompt) are the echoed prompts' log-probs."""
-    created = int(time.time())
-    want = request.logprobs is not None
+    want, choices = request.logprobs is not None, []
     if request.kind == "chat":
-        choices = []
         for i, c in enumerate(completions):
             message, reason = chat_message(request, c)
             logprobs = chat_logprobs(c.logprob_ids, c.logprobs, c.top_logprobs, token_text) if want else None
             choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs})
         obj = "chat.completion"
     else:
-        choices = []
         for i, c in enumerate(completions):
             echo = request.prompt_texts[c.prompt_index] if request.echo else ""
             logprobs = None
@@ -591,8 +584,8 @@ def response(request: GenerationRequest, completions: list[TextCompletion], mode
             choices.append({"index": i, "text": echo + c.text, "finish_reason": c.finish_reason,
                             "logprobs": logprobs})
         obj = "text_completion"
-    return {"id": new_id(request.kind), "object": obj, "created": created, "model": model, "choices": choices,
-            "usage": usage(request, completions)}
+    return {"id": new_id(request.kind), "object": obj, "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(request, completions)}
 
 
 class StreamEvents:
@@ -667,7 +660,3 @@ class StreamEvents:
         final = self._chunk([])
         final["usage"] = usage(self.request, completions)
         return [final]
-
-    def error(self, error: RequestError) -> dict[str, Any]:
-        """An error after the stream began (the status line is already sent): OpenAI's error object as an event."""
-        return error.body()

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 LOGPROBS_MODES = {"raw_logprobs": "raw", "processed_logprobs": "processed"}  # vLLM's names -> SamplingParams'
 
 
-@dataclass
+@dataclasses.dataclass
 class ServeConfig:
     """How ``posttrain serve`` runs."""
 
@@ -151,8 +151,8 @@ class OpenAIRoutes:
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self._generation_route(parse_chat_request), methods=["POST"]),
+            Route("/v1/completions", self._generation_route(parse_completion_request), methods=["POST"]),
         ]
 
     # -- small routes -------------------------------------------------------------------------------------------
@@ -215,17 +215,15 @@ class OpenAIRoutes:
         return JSONResponse({"prompt": self.generator.decode(ids)})
 
     # -- generation -------------------------------------------------------------------------------------------
-    async def chat(self, request: Request):
-        body = await read_json(request, self.max_body_bytes)
-        parsed = await run_in_threadpool(parse_chat_request, body, self.name, self.generator,
-                                         self.default_max_tokens, self.max_request_tokens)
-        return await self._answer(request, parsed)
+    def _generation_route(self, parse):
+        """The handler of a generation endpoint whose body ``parse`` (``parse_chat_request``...) validates."""
+        async def handle(request: Request):
+            body = await read_json(request, self.max_body_bytes)
+            parsed = await run_in_threadpool(parse, body, self.name, self.generator, self.default_max_tokens,
+                                             self.max_request_tokens)
+            return await self._answer(request, parsed)
 
-    async def completions(self, request: Request):
-        body = await read_json(request, self.max_body_bytes)
-        parsed = await run_in_threadpool(parse_completion_request, body, self.name, self.generator,
-                                         self.default_max_tokens, self.max_request_tokens)
-        return await self._answer(request, parsed)
+        return handle
 
     async def sampling_params(self, request: GenerationRequest) -> SamplingParams:
         """The engine's parameters for a validated request (a grammar compiled when it needs one)."""
@@ -358,7 +356,6 @@ class OpenAIRoutes:
                 logger.info("a client went away mid-stream; its rows leave the batch")
                 self.scheduler.cancel(future)
 
-
     def _pieces(self, events: StreamEvents, streams: list, steps: list) -> list[dict[str, Any]]:
         """The events for the tokens of ``steps``: per choice, its new text and, when asked for, the log-probs of the
         tokens behind it (sent with the text they make, or with the next text when it is held back)."""
@@ -393,12 +390,13 @@ class ModelServer:
     NEEDS = ("streaming",)
 
     def __init__(self, tokenizer: Any, engine: Engine, name: str, model_config: Any, host: str = "127.0.0.1",
-                 port: int = 0, gather_ms: float = 20.0, max_batch_seqs: int = 256, default_max_tokens: int = 256,
-                 max_body_bytes: int = 16 << 20, stream_interval_ms: float = 40.0, *, piece_seqs: int = 16,
-                 max_request_tokens: int = 1 << 17, api_key: str | None = None, request_timeout_s: float = 30.0,
-                 keep_alive_s: float = 5.0, logprobs_mode: str = "raw_logprobs"):
+                 port: int = 0, *, gather_ms: float = 20.0, max_batch_seqs: int = 256, piece_seqs: int = 16,
+                 api_key: str | None = None, request_timeout_s: float = 30.0, keep_alive_s: float = 5.0,
+                 **api_options: Any):
         """``engine`` must stream (``capabilities.streaming``); ``model_config`` is its model's config (object or
-        ``config.json`` dict: vocabulary size, context length, EOS ids)."""
+        ``config.json`` dict: vocabulary size, context length, EOS ids); ``api_options`` go to :class:`OpenAIRoutes`
+        (``default_max_tokens``, ``max_request_tokens``, ``max_body_bytes``, ``stream_interval_ms``,
+        ``logprobs_mode``)."""
         from posttrain.rollout.registry import check_capabilities
 
         check_capabilities(engine, self.NEEDS, "--engine")
@@ -406,9 +404,7 @@ class ModelServer:
         self.scheduler = BatchScheduler(engine, gather_ms / 1000, max_batch_seqs, piece_seqs=piece_seqs)
         registry = CollectorRegistry()
         self.api = OpenAIRoutes(tokenizer, engine, self.scheduler, name, model_config, registry=registry,
-                                default_max_tokens=default_max_tokens, max_request_tokens=max_request_tokens,
-                                max_body_bytes=max_body_bytes, stream_interval_ms=stream_interval_ms,
-                                logprobs_mode=logprobs_mode)
+                                **api_options)
         self.generator = self.api.generator
         self.app = ServingApp(self.api.routes(), api_key=api_key, registry=registry)
         self.http = HttpServer(self.app, host, port, request_timeout_s=request_timeout_s, keep_alive_s=keep_alive_s,
@@ -419,12 +415,9 @@ class ModelServer:
         tokenizer, engine = load_checkpoint(config.model, config.engine, device=config.device, dtype=config.dtype,
                                             needs=cls.NEEDS, max_num_seqs=config.max_batch_seqs)
         name = config.served_model_name or Path(config.model).resolve().name
-        return cls(tokenizer, engine, name, read_model_config(config.model), config.host, config.port,
-                   config.gather_ms, config.max_batch_seqs, config.default_max_tokens, config.max_body_bytes,
-                   config.stream_interval_ms, piece_seqs=config.piece_seqs,
-                   max_request_tokens=config.max_request_tokens, api_key=config.api_key,
-                   request_timeout_s=config.request_timeout_s, keep_alive_s=config.keep_alive_s,
-                   logprobs_mode=config.logprobs_mode)
+        options = {k: v for k, v in dataclasses.asdict(config).items()
+                   if k not in ("model", "engine", "served_model_name", "device", "dtype")}
+        return cls(tokenizer, engine, name, read_model_config(config.model), **options)
 
     @property
     def url(self) -> str:
@@ -480,13 +473,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
     try:
-        config = ServeConfig(model=args.model, engine=args.engine, host=args.host, port=args.port,
-                             served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
-                             gather_ms=args.gather_ms, max_batch_seqs=args.max_batch_seqs, piece_seqs=args.piece_seqs,
-                             default_max_tokens=args.default_max_tokens, max_request_tokens=args.max_request_tokens,
-                             stream_interval_ms=args.stream_interval_ms, api_key=args.api_key,
-                             request_timeout_s=args.request_timeout, logprobs_mode=args.logprobs_mode)
+        config = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                             request_timeout_s=args.request_timeout)
     except ValueError as exc:
         raise SystemExit(f"posttrain serve: {exc}") from exc
     if args.threads is not None:
