@@ -1,17 +1,13 @@
 """What every rollout engine shares: how to sample (``SamplingParams``), what comes back (``Completion``), the
-shared sampler, the ``Engine`` protocol with its declared capabilities, and the error a bad choice of engine raises
-(``posttrain.rollout.registry`` chooses engines by name).
+shared sampler and decode loop, the ``Engine`` protocol with its declared capabilities, and the error a bad choice
+of engine raises (``posttrain.rollout.registry`` chooses engines by name).
 
 An engine turns token-id prompts into completions: ``generate(prompt_ids, params) -> list[Completion]``, prompt-major
-(prompt i's j-th sample at ``i * params.n + j``). Each completion carries the sampled token ids, each token's
-log-probability under the distribution it was drawn from (temperature-scaled, then truncated by top_k/top_p and
-renormalised: vLLM's ``processed_logprobs``; greedy: the plain distribution), and why it stopped. A request may
-also ask for vLLM's features (penalties, ``min_tokens``, ``logit_bias``, a report of log-probabilities and their top
-alternatives, a grammar): the in-process engines apply them in one shared step (``DecodeRows.decode`` with
-``LogitsProcessors``), built only when asked for, so a plain step does what it always did. Everything else an
-engine may do is an explicit capability (``Capabilities``): taking new weights from a trainer, sleeping and waking
-(giving its memory back between rollouts), streaming each step's tokens, being closed. A command states what it
-needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run the model's family, before any work.
+(prompt i's j-th sample at ``i * params.n + j``). A request may also ask for vLLM's features (penalties,
+``min_tokens``, ``logit_bias``, reported log-probabilities, a grammar): the in-process engines apply them in one
+shared step (``DecodeRows.decode`` with ``LogitsProcessors``), built only when asked for, so a plain step does what
+it always did. Everything else an engine may do is an explicit capability (``Capabilities``); a command states what
+it needs, and ``build_engine`` refuses an engine that lacks it, or that cannot run the model's family, before any work.
 """
 
 from __future__ import annotations

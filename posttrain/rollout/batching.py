@@ -199,20 +199,16 @@ class BatchScheduler:
         """The next piece of the job at the head of the queue (the job goes to the back if it has more), or None
         when that job is over (cancelled, failed): it leaves the queue."""
         job = self._queue.popleft()
-        if job.cancelled.is_set() or job.future.done():
-            if not job.started:
-                self.stats.waiting_jobs -= 1
-                job.started = True
-                if job.future.set_running_or_notify_cancel():  # cancelled after its future started: end it
-                    job.future.set_exception(RuntimeError("cancelled"))
-            return None
         if not job.started:
-            if not job.future.set_running_or_notify_cancel():  # cancelled while queued
-                self.stats.waiting_jobs -= 1
-                job.started = True
-                return None
             job.started = True
             self.stats.waiting_jobs -= 1
+            if not job.future.set_running_or_notify_cancel():  # cancelled while queued
+                return None
+            if job.cancelled.is_set():  # cancelled after its future started: end it
+                job.future.set_exception(RuntimeError("cancelled"))
+                return None
+        elif job.cancelled.is_set() or job.future.done():
+            return None
         if job.call is not None:
             return _Piece(job, 0, 0, job.params, job.key)
         start, end = job.pieces.popleft()

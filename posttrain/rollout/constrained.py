@@ -2,14 +2,11 @@
 JSON schema: ``response_format``, and the forced tool calls of ``tool_choice``, which are JSON schemas too).
 
 A request builds one :class:`ConstraintFactory` (``json_schema_constraint`` / ``json_object_constraint``), compiled
-once over the tokenizer's vocabulary as xgrammar reads it (``TokenizerInfo.from_huggingface``, sized to the model's
-vocabulary: ids past the tokenizer's are never allowed, nor are its special tokens but the stop tokens, nor tokens
-holding a control byte but newlines), and puts it in ``SamplingParams.constraint``. The in-process
-engines' shared decode step (``posttrain.rollout.base.LogitsProcessors``) asks it for one matcher per row
-(:meth:`ConstraintFactory.rows`); each step fills the rows' token bitmask, masks the logits to the tokens the grammar
-allows, and advances each row's matcher with its sampled token. The grammar allows the request's stop tokens (EOS,
-unless ignored) only where the JSON is complete, and a matcher that took one is terminated: its row finishes with
-"stop", its completion is the JSON text followed by that stop token.
+once over the tokenizer's vocabulary (:func:`grammar_compiler`), and puts it in ``SamplingParams.constraint``. The
+in-process engines' shared decode step (``posttrain.rollout.base.LogitsProcessors``) asks it for one matcher per
+row (:meth:`ConstraintFactory.rows`), masks each step's logits to the tokens the grammar allows and advances the
+matchers. The grammar allows the request's stop tokens only where the JSON is complete: a row that took one
+finishes with "stop", its completion the JSON text followed by that stop token.
 
 Whitespace between JSON tokens is not allowed by default (``any_whitespace=False``, vLLM's
 ``disable_any_whitespace``): a weak model may otherwise spend its whole budget on newlines inside a valid prefix.

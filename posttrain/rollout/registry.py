@@ -1,12 +1,9 @@
 """The engines by name, and the one place a command gets its engine: ``build_engine``.
 
-Each entry says what the engine can do (its :class:`Capabilities`) and which model families it runs; the family is
-read from the model folder's ``config.json`` (``model_type``), never chosen by the user:
-- ``native``: the in-tree models (Granite 4.0-H ``granitemoehybrid`` and dense ``granite``); CPU and GPU. The
-  default for those families.
-- ``transformers``: any causal LM transformers loads, with a KV cache; CPU and GPU. The default for the others.
-- ``vllm``: colocated vLLM (GPU, ``pip install 'posttrain[vllm]'``); only on request.
-- ``server``: a ``posttrain vllm-serve`` over HTTP (``url``); the server's engine runs the model.
+Each entry (``ENGINES``) says what the engine can do (its :class:`Capabilities`) and which model families it runs;
+the family is read from the model folder's ``config.json`` (``model_type``), never chosen by the user. ``native``
+is the default for the in-tree families, ``transformers`` for the others; ``vllm`` and ``server`` (a ``posttrain
+vllm-serve`` at ``url``) run only on request.
 
 A command names the config field or option the choice came from and the capabilities it needs; every bad choice
 (an unknown name, an engine that cannot run the model's family, a needed capability it lacks) is an

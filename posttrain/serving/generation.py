@@ -64,15 +64,6 @@ def load_checkpoint(folder: str | Path, engine: str | None = None, *, device: st
                                    dtype=dtype, max_num_seqs=max_num_seqs, seed=seed)
 
 
-def model_limits(config: Any) -> tuple[int, int | None, list[int]]:
-    """(vocabulary size, context length or None, EOS ids) of a model config: a transformers-style object or the
-    ``config.json`` dict."""
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    eos = get("eos_token_id")
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return int(get("vocab_size")), get("max_position_embeddings"), eos_ids
-
-
 def read_model_config(folder: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a checkpoint folder, as a dict."""
     return json.loads((Path(folder) / "config.json").read_text())
@@ -103,8 +94,10 @@ class TextGenerator:
     def for_model(cls, tokenizer: Any, config: Any, generate: GenerateFn | None) -> TextGenerator:
         """A generator for a model with ``config`` (its config object, or its ``config.json`` as a dict) sampling
         through ``generate`` (None: encode and decode only)."""
-        vocab_size, max_context, eos_ids = model_limits(config)
-        return cls(tokenizer, generate, vocab_size, max_context, eos_ids)
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        eos = get("eos_token_id")
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(tokenizer, generate, int(get("vocab_size")), get("max_position_embeddings"), eos_ids)
 
     # -- prompts ----------------------------------------------------------------------------------------------
     def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:

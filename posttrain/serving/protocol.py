@@ -4,8 +4,7 @@ objects out.
 Requests are checked field by field before any work starts; a bad one raises :class:`RequestError`, which the
 server answers with HTTP 400 and OpenAI's error object naming the field (``param``). A field this server does not
 know or cannot honour is a 400 naming it, never silently ignored. Besides OpenAI's fields, vLLM's extensions are
-read: ``top_k``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ``skip_special_tokens``,
-``stop_token_ids``, ``chat_template_kwargs``, ``add_generation_prompt``, ``continue_final_message``.
+read (``CHAT_FIELDS``, ``COMPLETION_FIELDS``).
 
 Log-probabilities (``logprobs``/``top_logprobs``, and prompt log-probs with ``echo``) are of the model's raw
 distribution unless the server reports the processed one (``logprobs_mode``). ``response_format`` and a required or
@@ -24,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.rollout.base import MAX_LOGPROBS
 from posttrain.serving.generation import TextCompletion
 from posttrain.serving.http import RequestError
 
 MAX_N = 64
 MAX_STOP = 16
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
