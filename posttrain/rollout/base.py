@@ -241,12 +241,10 @@ class LogitsProcessors:
 
 
 class DecodeRows:
-    """The bookkeeping every engine's decode loop shares, for one wave of ``prompts`` (rows prompt-major, ``n`` per
-    prompt; ``offset`` is the wave's first prompt in the whole call): each row's tokens, log-probabilities and why it
-    stopped; which rows are still in the batch (``active``: batch row -> result row); stop tokens; the request
-    features (:class:`LogitsProcessors`, only when the params have some) and their reported log-probabilities; the
-    ``on_step`` callback, whose aborts finish rows with "abort". Each step the engine calls :meth:`decode` with the
-    model's logits, feeds the tokens it returns, and selects its state's rows when some leave."""
+    """The bookkeeping of the decode loop (``ModuleEngine._decode``) for one wave of ``prompts`` (rows prompt-major,
+    ``n`` per prompt; ``offset`` is the wave's first prompt in the whole call): each row's tokens, log-probabilities
+    and why it stopped; which rows are still in the batch (``active``: batch row -> result row); the request features
+    (:class:`LogitsProcessors`) and their reports; the ``on_step`` callback, whose aborts finish rows with "abort"."""
 
     def __init__(self, prompts: list[list[int]], offset: int, params: SamplingParams, device,
                  on_step: StepCallback | None = None):
@@ -347,6 +345,28 @@ class DecodeRows:
                 for i in range(len(self.tokens))]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do besides ``generate``; each true flag promises the method beside it."""
+
+    # sync_weights(model): take the trainer's current weights; load_named_tensors(items): take (checkpoint name,
+    # tensor) pairs, as a rollout server receives them
+    weight_sync: bool = False
+    sleep: bool = False  # sleep() / wake(): give accelerator memory back between rollouts
+    streaming: bool = False  # generate(..., on_step=callback): see each step's tokens as they are sampled
+    close: bool = False  # close(): release what the engine holds (processes, folders, connections)
+    # decodes with the module it was given, in this process: given the trainer's policy it sees every optimizer
+    # step as it is taken (sync_weights is then a no-op), and in float32 its log-probabilities are the trainer's own,
+    # so GRPO may use them as the old policy's instead of recomputing them; an engine with its own copy of the
+    # weights (vLLM, a server) has some mismatch built in, which GRPO corrects by default
+    shares_module: bool = False
+    # prompt_logprobs(prompt_ids, top_n): each prompt token's log-probability given the ones before it (``echo``)
+    prompt_logprobs: bool = False
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
 class ModuleEngine(ABC):
     """What the engines that decode a module in this process (``self.model``) share: ``generate``'s checks, seeded
     generator, waves of at most ``max_num_seqs`` rows and eval mode; and weight sync (the trainer's own module needs
@@ -354,6 +374,7 @@ class ModuleEngine(ABC):
     wave in ``_generate_wave(prompts, offset, params, generator, state, on_step)``, with ``state`` what its
     ``_prepare()`` made once per call (the native engine's decode plan)."""
 
+    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
     model: torch.nn.Module
     max_num_seqs: int
 
@@ -501,28 +522,6 @@ class ModuleEngine(ABC):
     def load_named_tensors(self, items) -> None:
         """Load ``(checkpoint name, tensor)`` pairs, every tensor of the model (what a rollout server received)."""
         self.model.load_state_dict(dict(items), strict=True)
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What an engine can do besides ``generate``; each true flag promises the method beside it."""
-
-    # sync_weights(model): take the trainer's current weights; load_named_tensors(items): take (checkpoint name,
-    # tensor) pairs, as a rollout server receives them
-    weight_sync: bool = False
-    sleep: bool = False  # sleep() / wake(): give accelerator memory back between rollouts
-    streaming: bool = False  # generate(..., on_step=callback): see each step's tokens as they are sampled
-    close: bool = False  # close(): release what the engine holds (processes, folders, connections)
-    # decodes with the module it was given, in this process: given the trainer's policy it sees every optimizer
-    # step as it is taken (sync_weights is then a no-op), and in float32 its log-probabilities are the trainer's own,
-    # so GRPO may use them as the old policy's instead of recomputing them; an engine with its own copy of the
-    # weights (vLLM, a server) has some mismatch built in, which GRPO corrects by default
-    shares_module: bool = False
-    # prompt_logprobs(prompt_ids, top_n): each prompt token's log-probability given the ones before it (``echo``)
-    prompt_logprobs: bool = False
-
-    def names(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name)]
 
 
 @runtime_checkable

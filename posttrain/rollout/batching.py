@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 from posttrain.rollout import Completion, SamplingParams, StepTokens
 
-# a streaming job's sink: (choice, token id, finish reason or None, (log-prob, top alternatives) or None) per token
 TokenSink = Callable[[list[tuple[int, int, str | None, tuple | None]]], None]
 
 logger = logging.getLogger(__name__)

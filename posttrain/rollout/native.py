@@ -13,7 +13,6 @@ import torch
 
 from posttrain.models.hybrid.modeling import HybridCache, HybridForCausalLM
 from posttrain.rollout.base import (
-    Capabilities,
     Completion,
     ModuleEngine,
     SamplingParams,
@@ -26,8 +25,6 @@ class NativeEngine(ModuleEngine):
     """Batched sampling from an in-tree model (see the module docstring)."""
 
     name = "native"
-    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
-
     model: HybridForCausalLM
 
     @classmethod

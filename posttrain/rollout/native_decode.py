@@ -128,7 +128,7 @@ class _NormedLinear:
 
     def residual(self, h: torch.Tensor, x: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
         """``h + alpha * self(x, r)``, in one op after the matmul when there is no bias."""
-        if self.bias is not None or self.norm_weight is not None or len(self.weights) > 1 or self.scale != 1.0:
+        if not self.plain:
             return torch.add(h, self(x, r), alpha=alpha)
         return torch.addcmul(h, torch.mm(x, self.weights[0]), r, value=alpha)
 
@@ -210,16 +210,11 @@ class _AttentionStep:
         biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
         bias = None if a.q_proj.bias is None else torch.cat(
             [biases[0] * (a.scale if fold else 1.0), biases[1], biases[2]])
-        if fold:  # the attention scale goes into q's weight and bias
-            q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                              bias, fold)  # q's part of the bias is scaled already
-            q.weights[0][:, : a.n_heads * a.head_dim].mul_(a.scale)
-            self.scale = 1.0
-        else:
-            q = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                              bias, fold)
-            self.scale = a.scale
-        self.qkv = q
+        self.qkv = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
+                                 bias, fold)
+        self.scale = 1.0 if fold else a.scale
+        if fold:  # the attention scale goes into q's weight and bias (q's part of the bias is scaled already)
+            self.qkv.weights[0][:, : a.n_heads * a.head_dim].mul_(a.scale)
         self.out_weight_t, self.out_bias = a.o_proj.weight.t(), a.o_proj.bias
 
     def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
@@ -291,7 +286,6 @@ class DecodePlan:
             size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
             fold = model.dtype in (torch.float32, torch.float64) and size <= FOLD_MAX_BYTES
         self.fold = fold
-        self.config = c
         self.embedding, self.embedding_multiplier = model.model.embed_tokens.weight, c.embedding_multiplier
         self.layers = []
         for block in model.model.layers:

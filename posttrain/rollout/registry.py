@@ -117,12 +117,7 @@ def choose_engine(name: str | None, model_dir: str | os.PathLike | None, *, fiel
         where = f"{Path(model_dir) / 'config.json'} has" if model_dir is not None else "the model has"
         raise EngineError(f"{field}: engine {name!r} runs only {', '.join(spec.families or ())} models, and "
                           f"{where} model_type {family!r}; engines that run it: {_names(able)}")
-    for need in needs:
-        if not getattr(spec.capabilities, need):
-            able = [s for s in ENGINES.values() if getattr(s.capabilities, need)
-                    and (family is None or not s.needs_model_dir or s.runs(family))]
-            raise EngineError(f"{field}: engine {name!r} cannot {_CAPABILITY_WORDS[need]}, which this needs; "
-                              f"engines that can: {_names(able)}")
+    check_capabilities(spec, needs, field, family)
     return spec
 
 
@@ -202,11 +197,14 @@ def _alternatives(model_dir) -> str:
         return "native or transformers"
 
 
-def check_capabilities(engine: Engine, needs: Iterable[str], field: str) -> None:
-    """For an engine given directly (tests, notebooks): the same error as ``choose_engine`` when it lacks one."""
+def check_capabilities(engine: Engine | EngineSpec, needs: Iterable[str], field: str, family: str | None = None
+                       ) -> None:
+    """An :class:`EngineError` naming ``field`` if ``engine`` (built, or a registry entry) lacks a capability in
+    ``needs``, naming the engines that have it (and run ``family``, when known)."""
     for need in needs:
         if not getattr(engine.capabilities, need):
-            able = [s for s in ENGINES.values() if getattr(s.capabilities, need)]
+            able = [s for s in ENGINES.values() if getattr(s.capabilities, need)
+                    and (family is None or not s.needs_model_dir or s.runs(family))]
             raise EngineError(f"{field}: engine {engine.name!r} cannot {_CAPABILITY_WORDS[need]}, which this needs; "
                               f"engines that can: {_names(able)}")
 

@@ -32,7 +32,6 @@ from transformers import StaticCache, cache_utils
 from transformers.cache_utils import StaticLayer
 
 from posttrain.rollout.base import (
-    Capabilities,
     Completion,
     EngineError,
     ModuleEngine,
@@ -49,7 +48,6 @@ SUPPORTED_LAYERS = tuple(getattr(cache_utils, name) for name in (
 
 class TransformersEngine(ModuleEngine):
     name = "transformers"
-    capabilities = Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True)
 
     def __init__(self, model, max_num_seqs: int = 256):
         config = model.config

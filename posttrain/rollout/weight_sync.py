@@ -162,12 +162,12 @@ class WeightSender(_Group):
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         """Broadcast the tensors to every worker and wait for all of them to acknowledge; returns the byte count."""
         items = [(n, t.detach()) for n, t in named_tensors]
-        for name, t in items:
-            dtype = str(t.dtype).removeprefix("torch.")
-            if dtype not in _DTYPES:
-                raise WeightSyncError(f"weight sync: tensor {name!r} has dtype {t.dtype}, which is not sent")
-        self.version = self.version + 1 if version is None else version
         metas = [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in items]
+        for meta in metas:
+            if meta["dtype"] not in _DTYPES:
+                raise WeightSyncError(f"weight sync: tensor {meta['name']!r} has dtype torch.{meta['dtype']}, which "
+                                      "is not sent")
+        self.version = self.version + 1 if version is None else version
         buckets = self.buckets(metas)
         self._header({"op": "weights", "version": self.version, "tensors": metas, "buckets": buckets})
         sent = 0

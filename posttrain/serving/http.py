@@ -1,12 +1,10 @@
 """The HTTP transport of ``posttrain serve`` and ``posttrain vllm-serve``: an ASGI app (Starlette) on uvicorn, in a
 background thread, with what a server reachable by many clients needs and neither server should write twice.
 
-- **Holding under load**: uvicorn's listen backlog (2048) and event loop take hundreds of concurrent connections;
-  handlers await the generation worker instead of holding a thread each.
+- **Holding under load**: uvicorn's listen backlog (2048) and event loop; handlers await the generation worker.
 - **Time-outs**: a connection must deliver a whole request (headers and body) within ``request_timeout_s`` of
-  opening or of its previous response, so slow or silent clients do not hold connections (uvicorn alone only times
-  out idle keep-alive connections, and a client sending a byte at a time never becomes idle); idle keep-alive
-  connections close after ``keep_alive_s``.
+  opening or of its previous response (uvicorn alone only times out idle keep-alive connections, and a client
+  sending a byte at a time never becomes idle); idle keep-alive connections close after ``keep_alive_s``.
 - **Bodies**: ``Content-Length`` or chunked; more than ``max_body_bytes`` is a 413; a body that is not a JSON object a
   400; NaN and infinities (which Python's json module accepts) a 400 naming where they are.
 - **API key**: with ``api_key`` set, every ``/v1`` route wants ``Authorization: Bearer <key>`` (a 401 otherwise), as
@@ -94,15 +92,15 @@ def _non_finite(value: Any, path: str) -> str | None:
     if isinstance(value, float):
         return None if math.isfinite(value) else (path or "body")
     if isinstance(value, dict):
-        for key, item in value.items():
-            found = _non_finite(item, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
+        children = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
     elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _non_finite(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    for where, item in children:
+        found = _non_finite(item, where)
+        if found is not None:
+            return found
     return None
 
 

@@ -188,13 +188,17 @@ def check_model(model: Any, served_name: str) -> None:
                            status=404, code="model_not_found")
 
 
-def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
+def refuse_unknown(body: dict, known: set[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(f"unknown or unsupported field '{unknown[0]}'"
                            + (f" (and {', '.join(unknown[1:])})" if len(unknown) > 1 else ""), unknown[0])
+
+
+def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    refuse_unknown(body, known)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")

@@ -50,6 +50,7 @@ from posttrain.serving.protocol import (
     messages,
     parse_chat_request,
     parse_completion_request,
+    refuse_unknown,
     response,
     template_options,
     token_ids,
@@ -169,8 +170,7 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: Request) -> JSONResponse:
-        model_id = request.path_params["model_id"]
-        check_model(model_id, self.name)
+        check_model(request.path_params["model_id"], self.name)
         return JSONResponse(self._model_card())
 
     async def tokenize(self, request: Request) -> JSONResponse:
@@ -178,18 +178,17 @@ class OpenAIRoutes:
         body = await read_json(request, self.max_body_bytes)
         check_model(body.get("model"), self.name)
         if "messages" in body:
-            allowed = {"model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                       "tools", "chat_template_kwargs", "return_token_strs"}
-            _refuse_unknown(body, allowed)
+            refuse_unknown(body, {"model", "messages", "add_generation_prompt", "continue_final_message",
+                                  "add_special_tokens", "tools", "chat_template_kwargs", "return_token_strs"})
             tool_defs, _ = tools(body)
-            options = template_options({**body, "add_generation_prompt": body.get("add_generation_prompt", True)})
+            options = template_options(body)
             try:
                 ids = await run_in_threadpool(self.generator.encode_chat, messages(body["messages"]), tool_defs,
                                               **options)
             except Exception as exc:
                 raise RequestError(f"the chat template could not render 'messages': {exc}", "messages") from exc
         else:
-            _refuse_unknown(body, {"model", "prompt", "add_special_tokens", "return_token_strs"})
+            refuse_unknown(body, {"model", "prompt", "add_special_tokens", "return_token_strs"})
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise RequestError("'prompt' must be a string (or send 'messages')", "prompt")
@@ -207,7 +206,7 @@ class OpenAIRoutes:
         """vLLM's ``/detokenize``: ``tokens`` -> ``prompt`` (the text)."""
         body = await read_json(request, self.max_body_bytes)
         check_model(body.get("model"), self.name)
-        _refuse_unknown(body, {"model", "tokens"})
+        refuse_unknown(body, {"model", "tokens"})
         ids = token_ids(body.get("tokens"), "tokens", self.generator.vocab_size)
         return JSONResponse({"prompt": self.generator.decode(ids)})
 
@@ -318,7 +317,6 @@ class OpenAIRoutes:
         events = StreamEvents(parsed, self.name)
         finished = asyncio.wrap_future(future)
         finished.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here; the result is read below
-        done = False
         try:
             yield _sse(events.opening())
             done = item is None
@@ -372,12 +370,6 @@ class OpenAIRoutes:
 
 def _sse(events) -> bytes:
     return b"".join(f"data: {json.dumps(event)}\n\n".encode() for event in events)
-
-
-def _refuse_unknown(body: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestError(f"unknown or unsupported field '{unknown[0]}'", unknown[0])
 
 
 class ModelServer:
