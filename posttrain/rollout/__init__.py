@@ -9,19 +9,6 @@
 Importing this package imports no engine (and never vLLM): ``registry.build_engine`` imports the one it builds.
 """
 
-from posttrain.rollout.base import (
-    Capabilities,
-    Completion,
-    DecodeRows,
-    Engine,
-    EngineError,
-    EngineStats,
-    LogitsProcessors,
-    SamplingParams,
-    StepCallback,
-    StepTokens,
-    sample,
-)
+from posttrain.rollout.base import Capabilities, Completion, Engine, EngineError, SamplingParams, StepTokens
 
-__all__ = ["Capabilities", "Completion", "DecodeRows", "Engine", "EngineError", "EngineStats", "LogitsProcessors",
-           "SamplingParams", "StepCallback", "StepTokens", "sample"]
+__all__ = ["Capabilities", "Completion", "Engine", "EngineError", "SamplingParams", "StepTokens"]

@@ -2,8 +2,8 @@
 
 One worker thread owns the engine. A request is a job (prompts + sampling parameters) put in a queue, in pieces of at
 most ``piece_seqs`` sequences (prompts x n). The worker takes the oldest job's next piece and keeps taking pieces, one
-per waiting job in turn, while they arrive less than ``gather_s`` apart (at most ``max_gather_s`` after the first, at
-most ``max_batch_seqs`` sequences); a job with pieces left goes back to the end of the queue. So a request with a
+per waiting job in turn, while they arrive less than ``gather_s`` apart (for at most 10 x ``gather_s`` after the
+first, at most ``max_batch_seqs`` sequences); a job with pieces left goes back to the end of the queue. So a request with a
 thousand prompts runs as a series of batches, and a one-prompt request that arrives meanwhile waits for the batch
 running now and shares the next one, instead of waiting for the whole of the large one.
 Pieces whose sampling parameters agree run as one ``engine.generate`` call, their prompts concatenated and the
@@ -105,14 +105,14 @@ class BatchScheduler:
     """Serialises ``engine.generate`` through one worker thread, batching jobs that arrive together (see the
     module docstring)."""
 
-    def __init__(self, engine, gather_s: float = 0.02, max_batch_seqs: int = 256, max_gather_s: float | None = None,
-                 piece_seqs: int = 16, lock: threading.Lock | None = None):
+    def __init__(self, engine, gather_s: float = 0.02, max_batch_seqs: int = 256, piece_seqs: int = 16,
+                 lock: threading.Lock | None = None):
         if gather_s < 0 or max_batch_seqs < 1 or piece_seqs < 1:
             raise ValueError(f"gather_s must be >= 0, max_batch_seqs and piece_seqs >= 1, got {gather_s}, "
                              f"{max_batch_seqs}, {piece_seqs}")
         self.engine = engine
         self.gather_s = gather_s
-        self.max_gather_s = 10 * gather_s if max_gather_s is None else max(max_gather_s, gather_s)
+        self.max_gather_s = 10 * gather_s
         self.max_batch_seqs = max_batch_seqs
         self.piece_seqs = min(piece_seqs, max_batch_seqs)
         self.lock = lock

@@ -133,7 +133,6 @@ def build_engine(name: str | None, model_dir: str | os.PathLike | None = None, *
     dtype there and float32 on the CPU). vLLM reads ``max_model_len``, ``gpu_memory_utilization``, ``sleep_mode``
     and ``seed``; a server ``url``, ``timeout_s``, and ``sync_group`` (a ``SyncGroupConfig``: the trainer's
     broadcast group it is asked to join; one trainer process only, ``processes``)."""
-    needs = list(needs)
     spec = choose_engine(name, model_dir, field=field, needs=needs, family=family)
     engine = spec.build(model_dir=model_dir, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                         max_num_seqs=max_num_seqs, seed=seed, max_model_len=max_model_len,

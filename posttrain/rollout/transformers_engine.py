@@ -31,12 +31,7 @@ import torch
 from transformers import StaticCache, cache_utils
 from transformers.cache_utils import StaticLayer
 
-from posttrain.rollout.base import (
-    Completion,
-    EngineError,
-    ModuleEngine,
-    SamplingParams,
-)
+from posttrain.rollout.base import Completion, EngineError, ModuleEngine, SamplingParams
 
 # the cache layers this engine has been checked with (tests/test_transformers_engine.py): full attention (Llama,
 # Qwen2, Granite), sliding windows (Mistral), Mamba state (Mamba, the Granite 4.0-H hybrid), Mamba beside attention

@@ -137,9 +137,7 @@ class VllmEngine:
             # that Completion.logprobs is the sampled distribution's (what GRPO needs); raw reports need another
             raise ValueError("logprobs_mode: the vllm engine reports the processed distribution only "
                              f"(vLLM's logprobs_mode is set per engine), got {params.logprobs_mode!r}")
-        extra: dict[str, Any] = {}
-        if params.constraint is not None:
-            extra.update(self._structured_outputs(params.constraint))
+        extra = self._structured_outputs(params.constraint) if params.constraint is not None else {}
         return self._vllm.SamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
             max_tokens=params.max_new_tokens, seed=params.seed, stop_token_ids=params.stop_ids(),

@@ -11,9 +11,8 @@ One sync (``WeightSender.send``):
      each, one dtype per bucket);
   3. acknowledgement: an all-reduce in which every worker adds 1 once it has applied the weights; the sender
      checks that all of them did.
-Every collective waits at most ``timeout_s``. A peer that never joins, dies, or stops answering mid-sync gives a
-:class:`WeightSyncError` naming the phase, the tensor and the peers within that time, never a hang (the failure
-users report most with server-mode RL). ``close`` sends a header that tells workers to leave.
+Every collective waits at most ``timeout_s``: a peer that never joins, dies, or stops answering mid-sync gives a
+:class:`WeightSyncError` naming the phase, the tensor and the peers, never a hang. ``close`` tells workers to leave.
 
 NCCL needs blocking waits to honour the time-out: ``TORCH_NCCL_BLOCKING_WAIT=1`` is set (if unset) before an NCCL
 group is built. This module never changes a model itself: workers pass a function that applies what they receive.

@@ -2,7 +2,3 @@
 the OpenAI API as vLLM serves it (:mod:`.protocol`, :mod:`.server`) over one ASGI transport (:mod:`.http`, shared
 with ``posttrain vllm-serve``). Nothing in this package trains or changes a model's weights.
 """
-
-from posttrain.serving.generation import TextCompletion, TextGenerator, load_checkpoint
-
-__all__ = ["TextCompletion", "TextGenerator", "load_checkpoint"]

@@ -127,18 +127,6 @@ async def _disconnected(request: Request) -> None:
 
 
 # -- the app around the routes ------------------------------------------------------------------------------------
-class HttpMetrics:
-    """Requests by route and status, and their latency: the Prometheus series every server has."""
-
-    def __init__(self, registry: CollectorRegistry, prefix: str):
-        self.registry = registry
-        self.requests = Counter(f"{prefix}_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=registry)
-        self.latency = Histogram(f"{prefix}_http_request_duration_seconds", "time to the end of the answer, by route",
-                                 ["route"], registry=registry,
-                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-
-
 class ServingApp:
     """An ASGI app: ``routes`` (Starlette routes) behind the API-key check, the metrics and the error handling of
     the module docstring, plus ``/metrics``."""
@@ -149,7 +137,12 @@ class ServingApp:
 
         self.api_key = api_key
         self.registry = registry or CollectorRegistry()
-        self.metrics = HttpMetrics(self.registry, metrics_prefix)
+        # the Prometheus series every server has: requests by route and status, and their latency
+        self.requests = Counter(f"{metrics_prefix}_http_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram(f"{metrics_prefix}_http_request_duration_seconds",
+                                 "time to the end of the answer, by route", ["route"], registry=self.registry,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.app = Starlette(routes=[*routes, Route("/metrics", self._metrics, methods=["GET"])],
                              exception_handlers={RequestError: _request_error, 404: _not_found, 405: _not_allowed,
                                                  Exception: _internal_error})
@@ -165,7 +158,7 @@ class ServingApp:
         if self.api_key is not None and path.startswith("/v1") and not self._authorised(scope):
             await RequestError("a valid API key is required: send 'Authorization: Bearer <key>'", status=401,
                                code="invalid_api_key").response()(scope, receive, send)
-            self.metrics.requests.labels(_route_label(path), "401").inc()
+            self.requests.labels(_route_label(path), "401").inc()
             return
         start, status = time.perf_counter(), [None]
 
@@ -187,8 +180,8 @@ class ServingApp:
                     scope, receive, send)
         finally:
             route = _route_label(path)
-            self.metrics.requests.labels(route, status[0] or "500").inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.requests.labels(route, status[0] or "500").inc()
+            self.latency.labels(route).observe(time.perf_counter() - start)
 
     def _authorised(self, scope) -> bool:
         for name, value in scope["headers"]:

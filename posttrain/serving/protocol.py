@@ -9,8 +9,8 @@ read (``CHAT_FIELDS``, ``COMPLETION_FIELDS``).
 Log-probabilities (``logprobs``/``top_logprobs``, and prompt log-probs with ``echo``) are of the model's raw
 distribution unless the server reports the processed one (``logprobs_mode``). ``response_format`` and a required or
 named ``tool_choice`` decode under a grammar (``posttrain.rollout.constrained``), as vLLM does: a forced tool call
-is generated as JSON (a list of ``{"name", "parameters"}``, or the named function's arguments) and returned as
-``tool_calls`` with ``content: null``. This module does no HTTP and no generation.
+is generated as JSON (:func:`tool_call_schema`) and returned as ``tool_calls`` with ``content: null``. This module
+does no HTTP and no generation.
 """
 
 from __future__ import annotations
