@@ -341,11 +341,9 @@ def tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
             raise RequestError(f"'{where}.function' must be an object", f"{where}.function")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise RequestError(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise RequestError(f"'{where}.function.parameters' must be a JSON-schema object",
-                               f"{where}.function.parameters")
-        if fn.get("description") is not None and not isinstance(fn["description"], str):
-            raise RequestError(f"'{where}.function.description' must be a string", f"{where}.function.description")
+        for key, kind, words in (("parameters", dict, "a JSON-schema object"), ("description", str, "a string")):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise RequestError(f"'{where}.function.{key}' must be {words}", f"{where}.function.{key}")
     names = [tool["function"]["name"] for tool in tools]
     if isinstance(choice, dict):
         fn = choice.get("function")
