@@ -177,3 +177,17 @@ def test_no_engine_is_defined_outside_posttrain_rollout():
     for old in ("engine", "grpo/vllm_engine.py", "grpo/weight_sync.py", "grpo/multiturn.py", "grpo/async_rollout.py",
                 "serving/batching.py", "eval/engines.py"):
         assert not (root / old).exists(), old
+
+
+def test_every_capability_is_refused_in_words():
+    """A need the engine lacks is an EngineError that names the capability, for every flag of Capabilities."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from posttrain.rollout.base import Capabilities
+    from posttrain.rollout.registry import check_capabilities
+
+    bare = SimpleNamespace(name="bare", capabilities=Capabilities())
+    for flag in fields(Capabilities):
+        with pytest.raises(EngineError, match=rf"rollout\.engine: engine 'bare' cannot .*\({flag.name}\), which this"):
+            check_capabilities(bare, [flag.name], "rollout.engine")

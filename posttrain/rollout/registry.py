@@ -74,6 +74,7 @@ _CAPABILITY_WORDS = {
     "streaming": "stream tokens as they are sampled (streaming)",
     "close": "be closed (close)",
     "shares_module": "decode with the trainer's own module in this process (shares_module)",
+    "prompt_logprobs": "score the prompt's own tokens (prompt_logprobs)",
 }
 
 
