@@ -94,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = overrides
     else:
         args = sub.parse_args(rest)
-    if config_cls is not None and args.print_config:
-        return print_config(name, config_cls, args)
+    if config_cls is not None and args.print_config:  # the recipe as the command would run it, or its one-line error
+        from posttrain.config import config_to_dict
+
+        def show(config: Any) -> None:
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+
+        return 2 if run_recipe(name, config_cls, args, show) is None else 0
     try:
         return int(module.run(args) or 0)
     finally:
@@ -125,19 +130,6 @@ def run_recipe(name: str, config_cls: type, args: argparse.Namespace, work: Call
     except (ConfigError, FileNotFoundError, *errors) as e:
         print(f"posttrain {name}: {e}", file=sys.stderr)
         return None
-
-
-def print_config(name: str, config_cls: type, args: argparse.Namespace) -> int:
-    """``--print-config``: the recipe as the command would run it, or the one-line error it would stop with."""
-    from posttrain.config import ConfigError, config_to_dict, load_config
-
-    try:
-        config = load_config(config_cls, getattr(args, "config", None), getattr(args, "overrides", []))
-    except ConfigError as e:
-        print(f"posttrain {name}: {e}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-    return 0
 
 
 if __name__ == "__main__":

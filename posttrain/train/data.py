@@ -349,18 +349,20 @@ def collate_packed(items: Sequence[Sequence[Segment]]) -> dict[str, torch.Tensor
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
 
 
+def right_pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """The rows as one long tensor, each right-padded with ``value`` to the longest."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
 def collate_padded(items: Sequence[Sequence[Segment]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One right-padded row per segment, with an attention mask."""
     segs = [seg for item in items for seg in item]
-    width = max(len(s) for s in segs)
-    ids = torch.full((len(segs), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(segs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(segs), width), dtype=torch.long)
-    for i, s in enumerate(segs):
-        ids[i, : len(s)] = torch.tensor(s.input_ids)
-        labels[i, : len(s)] = torch.tensor(s.labels)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": right_pad([s.input_ids for s in segs], pad_token_id),
+            "labels": right_pad([s.labels for s in segs], IGNORE),
+            "attention_mask": right_pad([[1] * len(s) for s in segs], 0)}
 
 
 class BatchPlan:
