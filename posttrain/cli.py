@@ -19,8 +19,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("posttrain.judges.cli", "rule filters, dedup and an LLM judge over a data set, with a manifest"),
@@ -95,12 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = sub.parse_args(rest)
     if config_cls is not None and args.print_config:  # the recipe as the command would run it, or its one-line error
-        from posttrain.config import config_to_dict
+        from posttrain.config import config_yaml
 
-        def show(config: Any) -> None:
-            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-
-        return 2 if run_recipe(name, config_cls, args, show) is None else 0
+        return 2 if run_recipe(name, config_cls, args, lambda c: print(config_yaml(c), end="")) is None else 0
     try:
         return int(module.run(args) or 0)
     finally:

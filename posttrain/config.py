@@ -30,6 +30,7 @@ a list's item is addressed by its index or by its ``id`` (else its ``name``): ``
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -77,8 +78,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+def config_yaml(config: Any) -> str:
+    """The config as YAML, groups in declaration order (a run's ``config.yaml``, ``--print-config``)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
 _CHOICES = "posttrain.config.choose_by_name"
@@ -309,13 +311,9 @@ def _convert(tp: Any, value: Any, source: str, name: str):
         raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
     if tp is float:
         number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):  # text that is not a number
                 number = float(value)
-            except ValueError:
-                pass
         if number is None:
             raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
         if not math.isfinite(number):

@@ -27,10 +27,6 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
         raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
                             "base output weights)")
     tokenizer = load_tokenizer(config)  # type: ignore[arg-type]
-    if config.model.path is not None:  # before the data are read: a model no stage can train is refused first
-        from posttrain.families import check_trainable
-
-        check_trainable(config.model.path)
     fields = {"prompt_field": d.prompt_field, "chosen_field": d.chosen_field, "rejected_field": d.rejected_field}
     train = load_pairs(d.train_files, tokenizer, max_length=d.max_length, max_rows=d.max_samples, **fields)
     held_out = load_pairs(d.eval_files, tokenizer, max_length=d.max_length, **fields) if d.eval_files else []

@@ -1,14 +1,11 @@
-"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on the training chassis.
-
-The chassis (``posttrain.train.chassis``) and SFT's ``BatchPlan`` (which pairs each process takes at each step, a
-pure function of the step, so a resumed run draws what an uninterrupted one would) are shared; this module is what
-is DPO's own: each process collates its micro-batches of pairs (chosen and rejected in one padding-free row, or
-padded rows), the policy's summed completion log-probabilities come from the fused chunked kernel (full logits never
-exist), the reference's from the precomputed ``ReferenceTable`` (stored in the run folder, resumed if cut short), a
-frozen copy, or the LoRA model with its adapter disabled (SimPO needs none), and the loss is the sum of the per-pair
-losses over the global batch / the global pair count, so accumulation and processes give the same step. A mixture of
-experts adds the router's load-balancing loss, as SFT does. This module never reads data files and never writes
-outside ``checkpoint.output_dir``.
+"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on ``PlanTrainer``
+(``posttrain.train.loop``: the chassis, SFT's ``BatchPlan``, resuming). What is DPO's own: each process collates its
+micro-batches of pairs (one padding-free row, or padded rows); the policy's summed completion log-probabilities come
+from the fused chunked kernel (full logits never exist), the reference's from the precomputed ``ReferenceTable``, a
+frozen copy, or the LoRA model with its adapter disabled (SimPO needs none); the loss is the sum of the per-pair
+losses over the global batch / the global pair count, so accumulation and processes give the same step, plus a
+mixture of experts' load-balancing loss, as in SFT. This module never reads data files and never writes outside
+``checkpoint.output_dir``.
 """
 
 from __future__ import annotations
@@ -210,13 +207,11 @@ class DpoTrainer(PlanTrainer):
 
     @torch.no_grad()
     def _reference_logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
-        if self.lora:
-            unwrapped = model
-            while hasattr(unwrapped, "module"):
-                unwrapped = unwrapped.module
-            with unwrapped.disable_adapter():
-                return self._logps(model, pairs)[0]
-        return self._logps(model, pairs)[0]
+        unwrapped = model
+        while hasattr(unwrapped, "module"):
+            unwrapped = unwrapped.module
+        with unwrapped.disable_adapter() if self.lora else contextlib.nullcontext():
+            return self._logps(model, pairs)[0]
 
     def _reference(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair],
                    policy: PairLogps) -> PairLogps | None:

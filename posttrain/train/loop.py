@@ -1,12 +1,13 @@
 """SFT and pre-training on the chassis: next-token loss over target tokens, summed over the global batch.
 
-``Trainer``: the ``BatchPlan`` draws items, each process collates its micro-batches, and a step's loss is the NLL
+``PlanTrainer``: what SFT and DPO add to the chassis (``posttrain.train.chassis``): a ``BatchPlan``, resuming on
+it, the loop. ``Trainer``: each process collates its micro-batches of the plan's items, and a step's loss is the NLL
 summed over every target token of the global batch / the global target count (``global_token_count``), so it does
 not depend on how the batch is split over processes and accumulation steps; each process scales its sum by
 ``world_size / global_count`` since DDP/FSDP average gradients. ``masked_nll_sum`` goes through the model's fused
-log-prob loss (full logits never materialise). The rest is the chassis' (``posttrain.train.chassis``); a step whose
-loss or gradient is not finite stops the run with a ``TrainingError``, the weights as they were. The loop never
-reads files: it gets tokenized items from ``posttrain.train.data``.
+log-prob loss (full logits never materialise). A step whose loss or gradient is not finite stops the run with a
+``TrainingError``, the weights as they were. The loop never reads files: it gets tokenized items from
+``posttrain.train.data``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from posttrain.families import core_model, is_in_tree
 from posttrain.train.chassis import Chassis, TrainingError
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import IGNORE, BatchPlan, Segment
+from posttrain.train.data import IGNORE, BatchPlan, Segment, collate_packed, collate_padded
 
 
 def global_token_count(accelerator, local: int | torch.Tensor) -> torch.Tensor:
@@ -142,8 +143,6 @@ class Trainer(PlanTrainer):
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], list[Sequence[Segment]]]]:
-        from posttrain.train.data import collate_packed, collate_padded
-
         acc = self.accelerator
         out = []
         for m in range(self.plan.accum):

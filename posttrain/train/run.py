@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.config import config_to_dict, save_config
+from posttrain.config import config_to_dict, config_yaml
 from posttrain.merge import merge_checkpoints
 from posttrain.provenance import data_provenance, file_digest, versions, weights_digest, write_manifest
 from posttrain.train.config import TrainConfig
@@ -39,6 +39,8 @@ def is_hybrid_folder(path: str | os.PathLike) -> bool:
 
 
 def load_tokenizer(config: TrainConfig):
+    """The run's tokenizer; then a ``model.path`` no stage can train is refused, before any data are read."""
+    from posttrain.families import check_trainable
     from posttrain.tokenizer import load_tokenizer as load_folder
 
     source = config.model.tokenizer or config.model.path
@@ -46,9 +48,12 @@ def load_tokenizer(config: TrainConfig):
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"{field}: no such folder: {source}" if source else "model.tokenizer: none given")
     try:
-        return load_folder(source)
+        tokenizer = load_folder(source)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field}: {e}") from None
+    if config.model.path is not None:
+        check_trainable(config.model.path)
+    return tokenizer
 
 
 def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -106,11 +111,9 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
         if task != "pretrain":
             raise TrainingError("stages (context extension) are a pre-training recipe; run them with posttrain pretrain")
         return run_stages(config, recipe)
-    from posttrain.families import check_packed_rows, check_trainable
+    from posttrain.families import check_packed_rows
 
     tokenizer = load_tokenizer(config)
-    if config.model.path is not None:  # before the data are read: a model no stage can train is refused first
-        check_trainable(config.model.path)
     segments, items = build_items(config, tokenizer, task)
     model, base = load_model(config, tokenizer)
     if config.data.packing:
@@ -134,7 +137,7 @@ def start_run(trainer, config, what: str) -> None:
     out = Path(config.checkpoint.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        (out / "config.yaml").write_text(config_yaml(config))
     acc.print(f"{what}, global batch {trainer.plan.global_batch}, {trainer.total_steps} steps on "
               f"{acc.num_processes} process(es)")
 
