@@ -57,11 +57,8 @@ class ConfigError(ValueError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """The recipe at ``path`` (or the defaults, named ``defaults`` in errors) with ``overrides`` applied, as ``cls``."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        data = _read_recipe(Path(path))
+    data = _read_recipe(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     for key, raw in _parse_overrides(overrides or []):
         _set_dotted(data, key, _override_value(key, raw))
     return build_config(cls, data, source)
@@ -213,10 +210,9 @@ def _group_defaults(f: dataclasses.Field) -> dict[str, Any]:
     if f.default_factory is dataclasses.MISSING:
         return {}
     declared = f.default_factory()
-    try:
-        plain = type(declared)()
-    except (TypeError, ValueError):  # a group whose fields must be given together (model.path or model.preset):
-        return {}  # the recipe's group stands alone
+    plain = _instance(type(declared))
+    if plain is None:  # a group whose fields must be given together (model.path or model.preset) stands alone
+        return {}
     return {g.name: getattr(declared, g.name) for g in dataclasses.fields(declared)
             if g.init and getattr(declared, g.name) != getattr(plain, g.name)}
 

@@ -1,17 +1,15 @@
 """Preference data: reading ``prompt``/``chosen``/``rejected`` rows, tokenizing them, and collating micro-batches.
 
-Rows are TRL's preference format, read through ``posttrain.train.data.read_rows`` (JSONL, Parquet, ``datasets``
-folders; a malformed line is an error naming the file and line). Either all three fields are strings, or the
-prompt is a list of chat turns and ``chosen``/``rejected`` are lists of assistant turns (rendered with the
-tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt, up to
-and including its last EOS token: what a template writes after EOS is never generated). Every row is checked
+Rows are TRL's preference format, read through ``posttrain.train.data.read_rows``. Either all three fields are
+strings, or the prompt is a list of chat turns and ``chosen``/``rejected`` are lists of assistant turns (rendered
+with the tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt,
+up to and including its last EOS token: what a template writes after EOS is never generated). Every row is checked
 before any is tokenized; a bad one raises ``DataError`` naming the file, line and field.
 
 A tokenized pair is a ``PreferencePair``: the prompt ids and both completions' ids (each ending with EOS; a chat
 row's where its template writes one). ``collate_pairs`` lays a micro-batch out as sequences ``[chosen_0,
-rejected_0, chosen_1, ...]``: packed (one row, ``position_ids`` restarting at 0 at each sequence: the hybrid treats
-that as a boundary) or right-padded rows with an attention mask; either way it lists where each completion token is
-predicted from, so the trainer takes log-probabilities at those positions only. This module never touches a model.
+rejected_0, chosen_1, ...]``, packed or padded, with where each completion token is predicted from, so the trainer
+takes log-probabilities at those positions only. This module never touches a model.
 """
 
 from __future__ import annotations

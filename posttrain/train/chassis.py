@@ -131,10 +131,10 @@ class Chassis:
         self._resumed: list[dict[str, Any] | None] = []  # the state resume() restored, once
 
     def prepare(self, model, total_steps: int, *stateful) -> Any:
-        """AdamW over the trainable parameters and its schedule over ``total_steps`` optimizer steps, the model and optimizer prepared by
-        accelerate, a checkpoint manager saving them with the schedule and ``stateful`` (anything with
-        ``state_dict``/``load_state_dict``). Returns the prepared model. A schedule that cannot fit the run (a
-        warmup longer than it) is a TrainingError naming ``optim``."""
+        """AdamW over the trainable parameters and its schedule over ``total_steps`` optimizer steps, the model and
+        optimizer prepared by accelerate, a checkpoint manager saving them with the schedule and ``stateful``
+        (anything with ``state_dict``/``load_state_dict``). Returns the prepared model. A schedule that cannot fit
+        the run (a warmup longer than it) is a TrainingError naming ``optim``."""
         o = self.optim
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:

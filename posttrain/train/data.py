@@ -1,20 +1,18 @@
 """Training data: reading rows, checking them, tokenizing them, packing them, and the order batches are drawn in.
 
 Rows come from JSONL (JSON lines), Parquet, a saved ``datasets`` folder (the output of ``posttrain filter`` reads
-straight in) or a data set on the Hugging Face hub named ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets.load_dataset``;
-without a reachable hub, or with ``HF_HUB_OFFLINE=1`` and nothing cached, a ``DataError`` says so). Three formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``),
-``prompt``/``completion`` (strings, or lists of chat turns), and plain ``text`` (pre-training: every token counts).
+straight in) or a data set on the Hugging Face hub named ``hf:NAME[:CONFIG][@SPLIT]`` (``load_hub_dataset``). Three
+formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``), ``prompt``/``completion``
+(strings, or lists of chat turns), and plain ``text`` (pre-training: every token counts).
 Every row is checked before any is tokenized, and a bad one raises ``DataError`` naming the file, line and field.
 Chat rows go through the tokenizer's chat template; with assistant-only loss the template must mark assistant
 turns with ``{% generation %}`` (transformers' ``return_assistant_tokens_mask``), else it is an error.
 
 A tokenized row is a ``Segment`` (input_ids, labels aligned with them, -100 where no loss, and the label of the
 first token always -100 so a segment never predicts across its start). An *item* is what the batch plan draws:
-one segment (padded batches) or a bin of segments packed best-fit-decreasing by TRL's ``pack_dataset`` (padding-free).
-``collate_packed`` flattens a micro-batch of bins into ONE row whose ``position_ids`` restart at 0 at each segment
-(the hybrid resets its state there); ``collate_padded`` right-pads segments into rows with an attention mask.
-``BatchPlan`` says which items each process takes at each optimizer step and micro-step: a pure function of the
-step, so resuming at step k draws exactly what an uninterrupted run would. This module never touches a model.
+one segment (padded batches) or a bin of segments packed best-fit-decreasing by TRL's ``pack_dataset``
+(padding-free), collated by ``collate_padded`` or ``collate_packed``; ``BatchPlan`` says which items each process
+takes at each step. This module never touches a model.
 """
 
 from __future__ import annotations

@@ -137,7 +137,6 @@ class Trainer(PlanTrainer):
         super().__init__(config, len(self.items), stage="train", run_config=run_config, on_step=None)
         self.packed = packed
         self.pad_token_id = pad_token_id
-        self.max_length = config.data.max_length
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
         self._prepare(model)
 
@@ -175,7 +174,7 @@ class Trainer(PlanTrainer):
             nll_total += nll_sum.detach().double()
             aux_total += aux.detach().double()
             tokens += sum(len(s) for item in chosen for s in item)
-            padded_cells += (len(chosen) * self.max_length if self.packed else batch["input_ids"].numel())
+            padded_cells += (len(chosen) * self.config.data.max_length if self.packed else batch["input_ids"].numel())
         sums = torch.stack([nll_total, aux_total, torch.tensor(float(tokens), dtype=torch.float64,
                             device=acc.device), torch.tensor(float(padded_cells), dtype=torch.float64,
                             device=acc.device)])
