@@ -1,10 +1,10 @@
 """The ``posttrain`` command line: one subcommand per stage of the pipeline.
 
 Each subcommand lives in the module that implements it; this file names them and holds what the recipe-driven ones
-share (``run_recipe``, ``--print-config``). A module listed here
-provides ``add_arguments(parser)`` and ``run(args) -> int``; one that sets ``ACCEPTS_OVERRIDES = True`` also gets the
-unparsed ``--group.field VALUE`` arguments as ``args.overrides`` (see ``posttrain.config``). Imports are lazy so ``posttrain --help`` stays fast
-and a subcommand's heavy dependencies load only when it runs.
+share (``run_recipe``, ``--print-config``). A module listed here provides ``add_arguments(parser)`` and
+``run(args) -> int`` (``args.command``: the subcommand's name); one that sets ``ACCEPTS_OVERRIDES = True`` also gets
+the unparsed ``--group.field VALUE`` arguments as ``args.overrides`` (see ``posttrain.config``). Imports are lazy so
+``posttrain --help`` stays fast and a subcommand's heavy dependencies load only when it runs.
 
 A recipe-driven command named in ``CONFIGS`` also gets, from its config class: ``--help`` listing every field with its
 type, default and doc (``posttrain.config.describe_config``), and ``--print-config``, which prints the resolved recipe
@@ -19,8 +19,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("posttrain.judges.cli", "rule filters, dedup and an LLM judge over a data set, with a manifest"),
@@ -29,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("posttrain.rollout.cli", "sample from a checkpoint on a rollout engine (native, transformers, vllm)"),
     "grpo": ("posttrain.grpo.cli", "on-policy GRPO with the DAPO loss on verifiable rewards"),
     "vllm-serve": ("posttrain.grpo.server", "rollout server for GRPO's server mode (vLLM, native or transformers), weights by broadcast"),
-    "pretrain": ("posttrain.train.pretrain", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
-    "sft": ("posttrain.train.sft", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
+    "pretrain": ("posttrain.train.cli", "pre-train (or extend the context of) a model from a recipe, under accelerate"),
+    "sft": ("posttrain.train.cli", "supervised fine-tuning (full or LoRA) from a recipe, under accelerate"),
     "pairs": ("posttrain.dpo.pairs_cli", "sample answers and turn a pairwise judge's or a reward's verdicts into preference pairs"),
     "dpo": ("posttrain.dpo.cli", "preference optimisation (DPO, IPO, SimPO; full or LoRA) from a recipe, under accelerate"),
     "export": ("posttrain.export", "write a signed HF-format instruct checkpoint with a sha256 manifest"),
@@ -94,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = overrides
     else:
         args = sub.parse_args(rest)
-    if config_cls is not None and args.print_config:
-        return print_config(name, config_cls, args)
+    if config_cls is not None and args.print_config:  # the recipe as the command would run it, or its one-line error
+        from posttrain.config import config_yaml
+
+        return 2 if run_recipe(name, config_cls, args, lambda c: print(config_yaml(c), end="")) is None else 0
+    args.command = name  # a module may serve several commands
     try:
         return int(module.run(args) or 0)
     finally:
@@ -125,19 +126,6 @@ def run_recipe(name: str, config_cls: type, args: argparse.Namespace, work: Call
     except (ConfigError, FileNotFoundError, *errors) as e:
         print(f"posttrain {name}: {e}", file=sys.stderr)
         return None
-
-
-def print_config(name: str, config_cls: type, args: argparse.Namespace) -> int:
-    """``--print-config``: the recipe as the command would run it, or the one-line error it would stop with."""
-    from posttrain.config import ConfigError, config_to_dict, load_config
-
-    try:
-        config = load_config(config_cls, getattr(args, "config", None), getattr(args, "overrides", []))
-    except ConfigError as e:
-        print(f"posttrain {name}: {e}", file=sys.stderr)
-        return 2
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ a list's item is addressed by its index or by its ``id`` (else its ``name``): ``
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -56,11 +57,8 @@ class ConfigError(ValueError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """The recipe at ``path`` (or the defaults, named ``defaults`` in errors) with ``overrides`` applied, as ``cls``."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        data = _read_recipe(Path(path))
+    data = _read_recipe(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     for key, raw in _parse_overrides(overrides or []):
         _set_dotted(data, key, _override_value(key, raw))
     return build_config(cls, data, source)
@@ -77,8 +75,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+def config_yaml(config: Any) -> str:
+    """The config as YAML, groups in declaration order (a run's ``config.yaml``, ``--print-config``)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
 _CHOICES = "posttrain.config.choose_by_name"
@@ -211,10 +210,9 @@ def _group_defaults(f: dataclasses.Field) -> dict[str, Any]:
     if f.default_factory is dataclasses.MISSING:
         return {}
     declared = f.default_factory()
-    try:
-        plain = type(declared)()
-    except (TypeError, ValueError):  # a group whose fields must be given together (model.path or model.preset):
-        return {}  # the recipe's group stands alone
+    plain = _instance(type(declared))
+    if plain is None:  # a group whose fields must be given together (model.path or model.preset) stands alone
+        return {}
     return {g.name: getattr(declared, g.name) for g in dataclasses.fields(declared)
             if g.init and getattr(declared, g.name) != getattr(plain, g.name)}
 
@@ -309,13 +307,9 @@ def _convert(tp: Any, value: Any, source: str, name: str):
         raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
     if tp is float:
         number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):  # text that is not a number
                 number = float(value)
-            except ValueError:
-                pass
         if number is None:
             raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
         if not math.isfinite(number):

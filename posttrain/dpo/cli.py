@@ -18,10 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.dpo.run import run_dpo
     from posttrain.train.cli import run_training_recipe
 
-    def summary(config, result) -> str:
-        held_out = result.eval_metrics.get("eval/rewards/accuracy")
-        return (f"{result.steps} steps, last loss {result.final_loss:.4f}"
-                + (f", held-out reward accuracy {held_out:.3f}" if held_out is not None else "")
-                + f"; model in {config.checkpoint.output_dir}/final")
+    def held_out(result) -> str:
+        accuracy = result.eval_metrics.get("eval/rewards/accuracy")
+        return f", held-out reward accuracy {accuracy:.3f}" if accuracy is not None else ""
 
-    return run_training_recipe("dpo", DpoConfig, args, lambda config: run_dpo(config, recipe=args.config), summary)
+    return run_training_recipe("dpo", DpoConfig, args, lambda config: run_dpo(config, recipe=args.config), held_out)

@@ -1,17 +1,15 @@
 """Preference data: reading ``prompt``/``chosen``/``rejected`` rows, tokenizing them, and collating micro-batches.
 
-Rows are TRL's preference format, read through ``posttrain.train.data.read_rows`` (JSONL, Parquet, ``datasets``
-folders; a malformed line is an error naming the file and line). Either all three fields are strings, or the
-prompt is a list of chat turns and ``chosen``/``rejected`` are lists of assistant turns (rendered with the
-tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt, up to
-and including its last EOS token: what a template writes after EOS is never generated). Every row is checked
+Rows are TRL's preference format, read through ``posttrain.train.data.read_rows``. Either all three fields are
+strings, or the prompt is a list of chat turns and ``chosen``/``rejected`` are lists of assistant turns (rendered
+with the tokenizer's chat template; the completion is what the template adds after the prompt's generation prompt,
+up to and including its last EOS token: what a template writes after EOS is never generated). Every row is checked
 before any is tokenized; a bad one raises ``DataError`` naming the file, line and field.
 
 A tokenized pair is a ``PreferencePair``: the prompt ids and both completions' ids (each ending with EOS; a chat
 row's where its template writes one). ``collate_pairs`` lays a micro-batch out as sequences ``[chosen_0,
-rejected_0, chosen_1, ...]``: packed (one row, ``position_ids`` restarting at 0 at each sequence: the hybrid treats
-that as a boundary) or right-padded rows with an attention mask; either way it lists where each completion token is
-predicted from, so the trainer takes log-probabilities at those positions only. This module never touches a model.
+rejected_0, chosen_1, ...]``, packed or padded, with where each completion token is predicted from, so the trainer
+takes log-probabilities at those positions only. This module never touches a model.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import Any
 
 import torch
 
-from posttrain.train.data import DataError, Row, check_messages, read_rows
+from posttrain.train.data import DataError, Row, check_messages, read_rows, right_pad
 
 
 @dataclass
@@ -125,15 +123,6 @@ def load_pairs(paths: Sequence[str | os.PathLike], tokenizer, *, max_length: int
 
 
 # -- collating -------------------------------------------------------------------------------------------------
-def pair_sequences(pairs: Sequence[PreferencePair]) -> list[tuple[list[int], list[int]]]:
-    """(prompt, completion) of each sequence, chosen then rejected per pair."""
-    out = []
-    for p in pairs:
-        out.append((p.prompt_ids, p.chosen_ids))
-        out.append((p.prompt_ids, p.rejected_ids))
-    return out
-
-
 def collate_pairs(pairs: Sequence[PreferencePair], packed: bool, pad_token_id: int = 0) -> dict[str, Any]:
     """Model inputs for the pairs' 2N sequences (each fed without its last token) and the completion targets.
 
@@ -142,7 +131,7 @@ def collate_pairs(pairs: Sequence[PreferencePair], packed: bool, pad_token_id: i
     ``targets`` (those tokens), ``target_seq`` (the sequence each target belongs to), ``n_seqs`` and ``lengths``
     (completion tokens per sequence).
     """
-    seqs = pair_sequences(pairs)
+    seqs = [(p.prompt_ids, completion) for p in pairs for completion in (p.chosen_ids, p.rejected_ids)]
     inputs = [(prompt + completion)[:-1] for prompt, completion in seqs]
     width = sum(len(x) for x in inputs) if packed else max(len(x) for x in inputs)
     index, targets, seq_of = [], [], []
@@ -158,12 +147,8 @@ def collate_pairs(pairs: Sequence[PreferencePair], packed: bool, pad_token_id: i
         batch["input_ids"] = torch.tensor([[t for x in inputs for t in x]])
         batch["position_ids"] = torch.tensor([[j for x in inputs for j in range(len(x))]])
     else:
-        ids = torch.full((len(inputs), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, x in enumerate(inputs):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        batch["input_ids"], batch["attention_mask"] = ids, mask
+        batch["input_ids"] = right_pad(inputs, pad_token_id)
+        batch["attention_mask"] = right_pad([[1] * len(x) for x in inputs], 0)
     batch["target_index"] = torch.tensor(index)
     batch["targets"] = torch.tensor(targets)
     batch["target_seq"] = torch.tensor(seq_of)

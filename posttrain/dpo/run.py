@@ -8,7 +8,6 @@ signs or exports.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from posttrain.config import config_to_dict
@@ -17,7 +16,7 @@ from posttrain.dpo.data import load_pairs
 from posttrain.dpo.trainer import DpoResult, DpoTrainer
 from posttrain.provenance import data_provenance
 from posttrain.train.loop import TrainingError
-from posttrain.train.run import apply_lora, load_model, load_tokenizer, run_manifest, save_final, start_run
+from posttrain.train.run import apply_lora, load_model, load_tokenizer, save_final, start_run
 
 
 def run_dpo(config: DpoConfig, recipe: str | None = None,
@@ -28,10 +27,6 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
         raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
                             "base output weights)")
     tokenizer = load_tokenizer(config)  # type: ignore[arg-type]
-    if config.model.path is not None:  # before the data are read: a model no stage can train is refused first
-        from posttrain.families import check_trainable
-
-        check_trainable(config.model.path)
     fields = {"prompt_field": d.prompt_field, "chosen_field": d.chosen_field, "rejected_field": d.rejected_field}
     train = load_pairs(d.train_files, tokenizer, max_length=d.max_length, max_rows=d.max_samples, **fields)
     held_out = load_pairs(d.eval_files, tokenizer, max_length=d.max_length, **fields) if d.eval_files else []
@@ -47,9 +42,6 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
                          reference_id=reference, on_step=on_step)
     start_run(trainer, config, f"dpo ({config.loss.type}): {len(train)} pairs, {len(held_out)} held out")
     result = trainer.train()
-    manifest = run_manifest("dpo", recipe, config, base, result, trainer.accelerator, d.train_files,
-                            eval_data=[data_provenance(p) for p in d.eval_files], eval=result.eval_metrics,
-                            pairs=len(train))
-    out = Path(config.checkpoint.output_dir)
-    save_final(trainer.accelerator, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    save_final(trainer, config, tokenizer, "dpo", recipe, base, result,
+               eval_data=[data_provenance(p) for p in d.eval_files], eval=result.eval_metrics, pairs=len(train))
     return result

@@ -1,14 +1,11 @@
-"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on the training chassis.
-
-The chassis (``posttrain.train.chassis``) and SFT's ``BatchPlan`` (which pairs each process takes at each step, a
-pure function of the step, so a resumed run draws what an uninterrupted one would) are shared; this module is what
-is DPO's own: each process collates its micro-batches of pairs (chosen and rejected in one padding-free row, or
-padded rows), the policy's summed completion log-probabilities come from the fused chunked kernel (full logits never
-exist), the reference's from the precomputed ``ReferenceTable`` (stored in the run folder, resumed if cut short), a
-frozen copy, or the LoRA model with its adapter disabled (SimPO needs none), and the loss is the sum of the per-pair
-losses over the global batch / the global pair count, so accumulation and processes give the same step. A mixture of
-experts adds the router's load-balancing loss, as SFT does. This module never reads data files and never writes
-outside ``checkpoint.output_dir``.
+"""The DPO loop: preference pairs -> sequence log-probabilities -> preference loss, on ``PlanTrainer``
+(``posttrain.train.loop``: the chassis, SFT's ``BatchPlan``, resuming). What is DPO's own: each process collates its
+micro-batches of pairs (one padding-free row, or padded rows); the policy's summed completion log-probabilities come
+from the fused chunked kernel (full logits never exist), the reference's from the precomputed ``ReferenceTable``, a
+frozen copy, or the LoRA model with its adapter disabled (SimPO needs none); the loss is the sum of the per-pair
+losses over the global batch / the global pair count, so accumulation and processes give the same step, plus a
+mixture of experts' load-balancing loss, as in SFT. This module never reads data files and never writes outside
+``checkpoint.output_dir``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +28,8 @@ from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
 from posttrain.families import core_model
 from posttrain.provenance import stream_digest
-from posttrain.train.chassis import Chassis, TrainingError
-from posttrain.train.loop import build_plan, plan_state, start_step
+from posttrain.train.chassis import TrainingError
+from posttrain.train.loop import PlanTrainer, TrainResult
 
 REFERENCE_FILE = "reference_logps.jsonl"
 _STATS = ("loss", "chosen_reward", "rejected_reward", "correct", "chosen_logps", "rejected_logps")
@@ -155,36 +152,26 @@ class ReferenceTable:
 
 
 @dataclass
-class DpoResult:
-    steps: int
-    final_loss: float
-    metrics_path: Path
-    eval_metrics: dict[str, float]
-    model: Any
+class DpoResult(TrainResult):
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
-class DpoTrainer:
+class DpoTrainer(PlanTrainer):
     """Trains ``model`` on ``train_pairs`` (and reports on ``eval_pairs``) with the configured preference loss; the
     reference is the model as given, or for a peft model the model with its adapter disabled."""
 
+    unit = "pairs"
+
     def __init__(self, config: DpoConfig, model, train_pairs: Sequence[PreferencePair],
-                 eval_pairs: Sequence[PreferencePair] = (), *, pad_token_id: int = 0, accelerator=None,
+                 eval_pairs: Sequence[PreferencePair] = (), *, pad_token_id: int = 0,
                  run_config: dict[str, Any] | None = None, reference_id: str = "initial weights",
                  on_step: Callable[[int, dict[str, Any]], None] | None = None):
-        self.config = config
         self.train_pairs = list(train_pairs)
         self.eval_pairs = list(eval_pairs)
+        super().__init__(config, len(self.train_pairs), stage="dpo", run_config=run_config, on_step=on_step)
+        acc = self.accelerator
         self.pad_token_id = pad_token_id
-        self.output_dir = Path(config.checkpoint.output_dir)
-        self.chassis = Chassis(config.optim, config.checkpoint, config.logging, dtype=config.model.dtype,
-                               accelerator=accelerator, stage="dpo")
-        self.accelerator = acc = self.chassis.accelerator
-        self.run_config = run_config or {}
-        self.on_step = on_step
         self.packed = config.data.packing
-        o = config.optim
-        self.plan = build_plan(config, len(self.train_pairs), acc)
-        self.total_steps = o.max_steps or o.epochs * self.plan.steps_per_epoch
         self.lora = hasattr(model, "disable_adapter")
         core = core_model(model)
         self.moe_aux = bool(config.model.moe_aux_loss and type(core).__name__ == "HybridForCausalLM"
@@ -199,7 +186,7 @@ class DpoTrainer:
         loss = config.loss
         if loss.needs_reference and loss.reference == "precomputed":
             splits = {"train": self.train_pairs, "eval": self.eval_pairs}
-            self.table = ReferenceTable(self.output_dir / REFERENCE_FILE,
+            self.table = ReferenceTable(self.chassis.output_dir / REFERENCE_FILE,
                                         ReferenceTable.fingerprint_of(splits, reference_id, config.eval.batch_size,
                                                                       str(acc.mixed_precision)))
             model.eval()
@@ -209,9 +196,7 @@ class DpoTrainer:
                                    config.eval.batch_size)
         elif loss.needs_reference and not self.lora:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
-        self.model = self.chassis.prepare(model, self.total_steps)
+        self._prepare(model)
 
     # -- log-probabilities --------------------------------------------------------------------------------------
     def _logps(self, model, pairs: Sequence[PreferencePair], router_aux: bool = False
@@ -222,13 +207,11 @@ class DpoTrainer:
 
     @torch.no_grad()
     def _reference_logps(self, model, pairs: Sequence[PreferencePair]) -> PairLogps:
-        if self.lora:
-            unwrapped = model
-            while hasattr(unwrapped, "module"):
-                unwrapped = unwrapped.module
-            with unwrapped.disable_adapter():
-                return self._logps(model, pairs)[0]
-        return self._logps(model, pairs)[0]
+        unwrapped = model
+        while hasattr(unwrapped, "module"):
+            unwrapped = unwrapped.module
+        with unwrapped.disable_adapter() if self.lora else contextlib.nullcontext():
+            return self._logps(model, pairs)[0]
 
     def _reference(self, split: str, indices: Sequence[int], pairs: Sequence[PreferencePair],
                    policy: PairLogps) -> PairLogps | None:
@@ -320,10 +303,6 @@ class DpoTrainer:
         return self._named("eval/", totals, len(self.eval_pairs))
 
     # -- the run ------------------------------------------------------------------------------------------------
-    def resume(self) -> int:
-        """The step training starts at, the checkpoint ``run.resume`` names restored (see ``start_step``)."""
-        return start_step(self.chassis, self.plan, "pairs", self.config.run.resume)
-
     def train(self) -> DpoResult:
         start = self.resume()
         eval_every = self.config.eval.every_steps
@@ -341,14 +320,9 @@ class DpoTrainer:
             now = time.perf_counter()
             metrics["step_time_s"] = (now - state["t"]) / self.config.logging.every_steps
             state["t"] = now
-            if self.config.logging.record_samples:
-                metrics["samples"] = sorted(self.train_pairs[i].pair_id for i in self.plan.global_indices(done - 1))
 
-        last = self.chassis.run(
-            start, self.total_steps, step,
-            lambda done: plan_state(self.plan, done, self.accelerator.num_processes, self.total_steps),
-            run_config=self.run_config, before_log=before_log, after_step=self.on_step,
-            figures=lambda metrics: {"loss": f"{metrics['loss']:.4f}"},
-            at_start=self.evaluate if start == 0 and self.eval_pairs else None)
-        return DpoResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path, state["eval"],
-                         self.accelerator.unwrap_model(self.model))
+        last = self._run(start, step, before_log, lambda i: [self.train_pairs[i].pair_id],
+                         figures=lambda metrics: {"loss": f"{metrics['loss']:.4f}"},
+                         at_start=self.evaluate if start == 0 and self.eval_pairs else None)
+        return DpoResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path,
+                         self.accelerator.unwrap_model(self.model), state["eval"])

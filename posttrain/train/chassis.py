@@ -62,14 +62,6 @@ def build_accelerator(logging: LoggingSettings, output_dir: str | os.PathLike, d
                        cpu=not on_gpu)
 
 
-def build_optimizer(params, optim: OptimizerSettings) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise TrainingError("no trainable parameters")
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
-
-
 def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as one level of dotted keys with plain values, as trackers take it."""
     out: dict[str, Any] = {}
@@ -139,12 +131,15 @@ class Chassis:
         self._resumed: list[dict[str, Any] | None] = []  # the state resume() restored, once
 
     def prepare(self, model, total_steps: int, *stateful) -> Any:
-        """The optimizer and its schedule over ``total_steps`` optimizer steps, the model and optimizer prepared by
-        accelerate, a checkpoint manager saving them with the schedule and ``stateful`` (anything with
-        ``state_dict``/``load_state_dict``). Returns the prepared model. A schedule that cannot fit the run (a
-        warmup longer than it) is a TrainingError naming ``optim``."""
+        """AdamW over the trainable parameters and its schedule over ``total_steps`` optimizer steps, the model and
+        optimizer prepared by accelerate, a checkpoint manager saving them with the schedule and ``stateful``
+        (anything with ``state_dict``/``load_state_dict``). Returns the prepared model. A schedule that cannot fit
+        the run (a warmup longer than it) is a TrainingError naming ``optim``."""
         o = self.optim
-        optimizer = build_optimizer(model.parameters(), o)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         try:
             scheduler = build_scheduler(optimizer, o.schedule, total_steps, o.warmup_steps, o.min_lr_ratio,
                                         o.decay_fraction)

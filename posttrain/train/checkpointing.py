@@ -1,15 +1,9 @@
 """Training checkpoints that survive ``kill -9`` and say when their bytes are not what was written.
 
-``CheckpointManager`` is the one component every trainer (pretrain, SFT, DPO, GRPO) uses::
-
-    manager = CheckpointManager(accelerator, Path(out) / "checkpoints", keep_last=2, verify="full")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    manager.register(scheduler)                 # anything with state_dict()/load_state_dict(); NOT prepared
-    state = manager.resume("latest")            # None on a fresh start; else the dict given to save(), restored
-    step = state["step"] if state else 0        # ... and the model/optimizer/scheduler/RNG are restored in place
-    ...
-    if step % every == 0:
-        manager.save(step, {"step": step, "epoch": epoch, ...})   # on every process (collective under FSDP)
+``CheckpointManager`` saves and resumes every trainer's runs (through ``posttrain.train.chassis``): ``register``
+the objects saved beside the prepared model and optimizer (a scheduler, never prepared), ``save(step, state)`` on
+every process (collective under FSDP), ``resume(where)``: the ``state`` saved, model, optimizer, registered objects
+and RNG states restored in place, or None on a fresh start.
 
 Each checkpoint is ``checkpoints/step-00000040/``: accelerate's ``save_state`` (model, optimizer, registered
 objects, every process's Python/NumPy/torch/CUDA RNG states), ``trainer_state.json`` (the caller's dict: step,
@@ -200,9 +194,8 @@ class CheckpointManager:
         return state
 
     def resume(self, where: bool | str | os.PathLike | None = "latest") -> dict[str, Any] | None:
-        """Load a checkpoint and return its trainer state, or None for a fresh start. ``where``: ``"latest"`` or
-        True (the newest valid one, falling back past invalid ones with a warning; None when there is none),
-        a path (exactly that one, else ``CheckpointError``), False or None (no resume)."""
+        """Load the checkpoint ``where`` names (see the module doc) and return its trainer state, or None for a fresh
+        start."""
         self.resumed_from = None
         if where is None or where is False:
             return None

@@ -1,9 +1,9 @@
 """``posttrain sft`` and ``posttrain pretrain``: load a recipe (with ``--group.field VALUE`` overrides), train.
 
-Both commands run the same ``run_training``; they differ in the rows they accept (SFT: ``messages`` or
-``prompt``/``completion``; pre-training: plain text) and pre-training alone runs staged recipes. Launch with
-``accelerate launch --config_file recipes/accelerate/<x>.yaml -m posttrain.cli sft --config recipes/sft_tiny.yaml``
-for several processes. This module only parses arguments and reports errors.
+Both commands run the same ``run_training``, the command's name as its task; they differ in the rows they accept
+(SFT: ``messages`` or ``prompt``/``completion``; pre-training: plain text) and pre-training alone runs staged
+recipes. For several processes: ``accelerate launch --config_file recipes/accelerate/<x>.yaml -m posttrain.cli sft
+--config recipes/sft_tiny.yaml``. This module only parses arguments and reports errors.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_training_recipe(command: str, config_cls: type, args: argparse.Namespace, train: Callable[[Any], Any],
-                        summary: Callable[[Any, Any], str]) -> int:
+                        held_out: Callable[[Any], str] = lambda result: "") -> int:
     """``posttrain <command>``: load the recipe into ``config_cls`` and ``train(config)``; a bad recipe, data set or
-    checkpoint, or a missing file, is one line on stderr and exit code 2. The main process then prints
-    ``summary(config, result)``."""
+    checkpoint, or a missing file, is one line on stderr and exit code 2. The main process then prints the steps, the
+    last loss, ``held_out(result)`` and where the model is."""
     from posttrain.cli import run_recipe
     from posttrain.models.hybrid import CheckpointError as WeightsError  # weights not matching config.json
     from posttrain.train.checkpointing import CheckpointError
@@ -37,15 +37,15 @@ def run_training_recipe(command: str, config_cls: type, args: argparse.Namespace
 
     if not PartialState().is_main_process:
         return 0
-    print(f"posttrain {command}: {summary(*done)}")
+    config, result = done
+    print(f"posttrain {command}: {result.steps} steps, last loss {result.final_loss:.4f}{held_out(result)}; "
+          f"model in {config.checkpoint.output_dir}/final")
     return 0
 
 
-def run_task(args: argparse.Namespace, task: str) -> int:
+def run(args: argparse.Namespace) -> int:
     from posttrain.train.config import TrainConfig
     from posttrain.train.run import run_training
 
-    return run_training_recipe(
-        task, TrainConfig, args, lambda config: run_training(config, task, recipe=args.config),  # type: ignore[arg-type]
-        lambda config, result: f"{result.steps} steps, last loss {result.final_loss:.4f}; "
-                               f"model in {config.checkpoint.output_dir}/final")
+    return run_training_recipe(args.command, TrainConfig, args,
+                               lambda config: run_training(config, args.command, recipe=args.config))

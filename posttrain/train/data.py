@@ -1,20 +1,18 @@
 """Training data: reading rows, checking them, tokenizing them, packing them, and the order batches are drawn in.
 
 Rows come from JSONL (JSON lines), Parquet, a saved ``datasets`` folder (the output of ``posttrain filter`` reads
-straight in) or a data set on the Hugging Face hub named ``hf:NAME[:CONFIG][@SPLIT]`` (``datasets.load_dataset``;
-without a reachable hub, or with ``HF_HUB_OFFLINE=1`` and nothing cached, a ``DataError`` says so). Three formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``),
-``prompt``/``completion`` (strings, or lists of chat turns), and plain ``text`` (pre-training: every token counts).
+straight in) or a data set on the Hugging Face hub named ``hf:NAME[:CONFIG][@SPLIT]`` (``load_hub_dataset``). Three
+formats, TRL's: ``messages`` (chat turns, tool calls allowed, optional ``tools``), ``prompt``/``completion``
+(strings, or lists of chat turns), and plain ``text`` (pre-training: every token counts).
 Every row is checked before any is tokenized, and a bad one raises ``DataError`` naming the file, line and field.
 Chat rows go through the tokenizer's chat template; with assistant-only loss the template must mark assistant
 turns with ``{% generation %}`` (transformers' ``return_assistant_tokens_mask``), else it is an error.
 
 A tokenized row is a ``Segment`` (input_ids, labels aligned with them, -100 where no loss, and the label of the
 first token always -100 so a segment never predicts across its start). An *item* is what the batch plan draws:
-one segment (padded batches) or a bin of segments packed best-fit-decreasing by TRL's ``pack_dataset`` (padding-free).
-``collate_packed`` flattens a micro-batch of bins into ONE row whose ``position_ids`` restart at 0 at each segment
-(the hybrid resets its state there); ``collate_padded`` right-pads segments into rows with an attention mask.
-``BatchPlan`` says which items each process takes at each optimizer step and micro-step: a pure function of the
-step, so resuming at step k draws exactly what an uninterrupted run would. This module never touches a model.
+one segment (padded batches) or a bin of segments packed best-fit-decreasing by TRL's ``pack_dataset``
+(padding-free), collated by ``collate_padded`` or ``collate_packed``; ``BatchPlan`` says which items each process
+takes at each step. This module never touches a model.
 """
 
 from __future__ import annotations
@@ -349,18 +347,20 @@ def collate_packed(items: Sequence[Sequence[Segment]]) -> dict[str, torch.Tensor
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
 
 
+def right_pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """The rows as one long tensor, each right-padded with ``value`` to the longest."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
 def collate_padded(items: Sequence[Sequence[Segment]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One right-padded row per segment, with an attention mask."""
     segs = [seg for item in items for seg in item]
-    width = max(len(s) for s in segs)
-    ids = torch.full((len(segs), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(segs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(segs), width), dtype=torch.long)
-    for i, s in enumerate(segs):
-        ids[i, : len(s)] = torch.tensor(s.input_ids)
-        labels[i, : len(s)] = torch.tensor(s.labels)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": right_pad([s.input_ids for s in segs], pad_token_id),
+            "labels": right_pad([s.labels for s in segs], IGNORE),
+            "attention_mask": right_pad([[1] * len(s) for s in segs], 0)}
 
 
 class BatchPlan:

@@ -1,12 +1,13 @@
 """SFT and pre-training on the chassis: next-token loss over target tokens, summed over the global batch.
 
-``Trainer``: the ``BatchPlan`` draws items, each process collates its micro-batches, and a step's loss is the NLL
+``PlanTrainer``: what SFT and DPO add to the chassis (``posttrain.train.chassis``): a ``BatchPlan``, resuming on
+it, the loop. ``Trainer``: each process collates its micro-batches of the plan's items, and a step's loss is the NLL
 summed over every target token of the global batch / the global target count (``global_token_count``), so it does
 not depend on how the batch is split over processes and accumulation steps; each process scales its sum by
 ``world_size / global_count`` since DDP/FSDP average gradients. ``masked_nll_sum`` goes through the model's fused
-log-prob loss (full logits never materialise). The rest is the chassis' (``posttrain.train.chassis``); a step whose
-loss or gradient is not finite stops the run with a ``TrainingError``, the weights as they were. The loop never
-reads files: it gets tokenized items from ``posttrain.train.data``.
+log-prob loss (full logits never materialise). A step whose loss or gradient is not finite stops the run with a
+``TrainingError``, the weights as they were. The loop never reads files: it gets tokenized items from
+``posttrain.train.data``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,8 @@ import torch
 from posttrain.families import core_model, is_in_tree
 from posttrain.train.chassis import Chassis, TrainingError
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import IGNORE, BatchPlan, Segment
+from posttrain.train.data import IGNORE, BatchPlan, Segment, collate_packed, collate_padded
 
-__all__ = [
-    "TrainResult",
-    "Trainer",
-    "TrainingError",
-    "build_plan",
-    "global_token_count",
-    "masked_nll_sum",
-    "plan_state",
-    "start_step",
-]
 
 def global_token_count(accelerator, local: int | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(local, dtype=torch.float64 if accelerator.device.type == "cpu" else torch.float32,
@@ -62,41 +53,6 @@ def masked_nll_sum(model, batch: dict[str, torch.Tensor], moe_aux: bool) -> tupl
     return mean * n, n, aux
 
 
-def start_step(chassis: Chassis, plan: BatchPlan, unit: str, where: str | None) -> int:
-    """The step a run starts at: that of the checkpoint ``run.resume`` names (restored by the chassis), or 0. A
-    checkpoint written for other data or another global batch is refused before anything is written (its step
-    would index other samples)."""
-
-    def same_plan(state: dict[str, Any]) -> None:
-        if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
-            raise TrainingError(
-                f"cannot resume from {chassis.checkpoints.resumed_from}: it was written for {state.get('n_items')} "
-                f"{unit} in global batches of {state.get('global_batch')}, this run has {plan.n_items} in batches "
-                f"of {plan.global_batch}; use another checkpoint.output_dir or run.resume: null")
-
-    state = chassis.resume(where, same_plan)
-    return int(state["step"]) if state is not None else 0
-
-
-def plan_state(plan: BatchPlan, step: int, world_size: int, total_steps: int) -> dict[str, Any]:
-    """What a checkpoint of a ``BatchPlan``-driven run records beside its step."""
-    return {"epoch": plan.epoch_of(step), "batch_in_epoch": step % plan.steps_per_epoch,
-            "global_batch": plan.global_batch, "n_items": plan.n_items, "world_size": world_size,
-            "total_steps": total_steps}
-
-
-def build_plan(config, n_items: int, accelerator) -> BatchPlan:
-    """The ``BatchPlan`` of an SFT or DPO run (``optim``'s batch fields, ``run.seed``, ``data.shuffle``); DeepSpeed
-    with accumulation is refused (accelerate's DeepSpeed backward also steps the engine, so every micro-batch would
-    take a step)."""
-    o = config.optim
-    if accelerator.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
-        raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
-                            "raise per_device_batch_size or use FSDP2 (recipes/accelerate/fsdp2_8gpu.yaml)")
-    return BatchPlan(n_items, o.per_device_batch_size, o.grad_accumulation_steps, accelerator.num_processes,
-                     seed=config.run.seed, shuffle=config.data.shuffle)
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -105,36 +61,87 @@ class TrainResult:
     model: Any  # the trained (unwrapped) model
 
 
-class Trainer:
+class PlanTrainer:
+    """What a trainer drawing its batches from a ``BatchPlan`` (SFT, DPO) adds to the chassis: the plan
+    (``optim``'s batch fields, ``run.seed``, ``data.shuffle``), the step count, resuming on the same plan, and the
+    loop with its checkpoint state. DeepSpeed with accumulation is refused (accelerate's DeepSpeed backward also
+    steps the engine, so every micro-batch would take a step). ``unit`` names the items in errors."""
+
+    unit = "items"
+
+    def __init__(self, config, n_items: int, *, stage: str, run_config: dict[str, Any] | None,
+                 on_step: Callable[[int, dict[str, Any]], None] | None):
+        self.config = config
+        self.run_config = run_config or {}
+        self.on_step = on_step
+        self.chassis = Chassis(config.optim, config.checkpoint, config.logging, dtype=config.model.dtype, stage=stage)
+        self.accelerator = acc = self.chassis.accelerator
+        o = config.optim
+        if acc.distributed_type.name == "DEEPSPEED" and o.grad_accumulation_steps > 1:
+            raise TrainingError("optim.grad_accumulation_steps > 1 is not supported under DeepSpeed yet; "
+                                "raise per_device_batch_size or use FSDP2 (recipes/accelerate/fsdp2_8gpu.yaml)")
+        self.plan = BatchPlan(n_items, o.per_device_batch_size, o.grad_accumulation_steps, acc.num_processes,
+                              seed=config.run.seed, shuffle=config.data.shuffle)
+        self.total_steps = o.max_steps or o.epochs * self.plan.steps_per_epoch
+
+    def _prepare(self, model) -> None:
+        if self.config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        self.model = self.chassis.prepare(model, self.total_steps)
+
+    def resume(self) -> int:
+        """The step training starts at: that of the checkpoint ``run.resume`` names (restored by the chassis), or 0.
+        A checkpoint written for other data or another global batch is refused before anything is written (its step
+        would index other samples)."""
+        plan = self.plan
+
+        def same_plan(state: dict[str, Any]) -> None:
+            if state.get("n_items") != plan.n_items or state.get("global_batch") != plan.global_batch:
+                raise TrainingError(
+                    f"cannot resume from {self.chassis.checkpoints.resumed_from}: it was written for "
+                    f"{state.get('n_items')} {self.unit} in global batches of {state.get('global_batch')}, this run "
+                    f"has {plan.n_items} in batches of {plan.global_batch}; use another checkpoint.output_dir or "
+                    "run.resume: null")
+
+        state = self.chassis.resume(self.config.run.resume, same_plan)
+        return int(state["step"]) if state is not None else 0
+
+    def _run(self, start: int, step: Callable[[int], dict[str, Any]], before_log: Callable[[int, dict[str, Any]], None],
+             sample_ids: Callable[[int], Iterable[int]], **kwargs: Any) -> dict[str, Any]:
+        """``Chassis.run`` over this run's steps, each checkpoint recording the plan's position beside its step;
+        ``before_log`` then the step's sample ids (``sample_ids(item)``, with ``logging.record_samples``) add to the
+        logged metrics."""
+        plan = self.plan
+
+        def logged(done: int, metrics: dict[str, Any]) -> None:
+            before_log(done, metrics)
+            if self.config.logging.record_samples:
+                metrics["samples"] = sorted(s for i in plan.global_indices(done - 1) for s in sample_ids(i))
+
+        def state(done: int) -> dict[str, Any]:
+            return {"epoch": plan.epoch_of(done), "batch_in_epoch": done % plan.steps_per_epoch,
+                    "global_batch": plan.global_batch, "n_items": plan.n_items,
+                    "world_size": self.accelerator.num_processes, "total_steps": self.total_steps}
+
+        return self.chassis.run(start, self.total_steps, step, state, run_config=self.run_config,
+                                before_log=logged, after_step=self.on_step, **kwargs)
+
+
+class Trainer(PlanTrainer):
     """Trains ``model`` on ``items`` (lists of ``Segment``): ``packed`` picks ``collate_packed`` (one flat row per
     micro-batch) or ``collate_padded``; ``train()`` resumes as ``run.resume`` says and returns the unwrapped model."""
 
     def __init__(self, config: TrainConfig, model, items: Sequence[Sequence[Segment]], *, packed: bool,
-                 pad_token_id: int, accelerator=None, run_config: dict[str, Any] | None = None,
-                 max_length: int | None = None, max_steps: int | None = None,
-                 on_step: Callable[[int, dict[str, Any]], None] | None = None):
-        self.config = config
+                 pad_token_id: int, run_config: dict[str, Any] | None = None):
         self.items = list(items)
+        super().__init__(config, len(self.items), stage="train", run_config=run_config, on_step=None)
         self.packed = packed
         self.pad_token_id = pad_token_id
-        self.max_length = max_length or config.data.max_length
-        self.run_config = run_config or {}
-        self.on_step = on_step
-        self.chassis = Chassis(config.optim, config.checkpoint, config.logging, dtype=config.model.dtype,
-                               accelerator=accelerator)
-        self.accelerator = acc = self.chassis.accelerator
-        o = config.optim
-        self.plan = build_plan(config, len(self.items), acc)
-        self.total_steps = max_steps or o.max_steps or o.epochs * self.plan.steps_per_epoch
-        if config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
         self.moe_aux = bool(config.model.moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
-        self.model = self.chassis.prepare(model, self.total_steps)
+        self._prepare(model)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[tuple[dict[str, torch.Tensor], list[Sequence[Segment]]]]:
-        from posttrain.train.data import collate_packed, collate_padded
-
         acc = self.accelerator
         out = []
         for m in range(self.plan.accum):
@@ -167,7 +174,7 @@ class Trainer:
             nll_total += nll_sum.detach().double()
             aux_total += aux.detach().double()
             tokens += sum(len(s) for item in chosen for s in item)
-            padded_cells += (len(chosen) * self.max_length if self.packed else batch["input_ids"].numel())
+            padded_cells += (len(chosen) * self.config.data.max_length if self.packed else batch["input_ids"].numel())
         sums = torch.stack([nll_total, aux_total, torch.tensor(float(tokens), dtype=torch.float64,
                             device=acc.device), torch.tensor(float(padded_cells), dtype=torch.float64,
                             device=acc.device)])
@@ -190,10 +197,6 @@ class Trainer:
         return metrics
 
     # -- the run ------------------------------------------------------------------------------------------------
-    def resume(self) -> int:
-        """The step training starts at, the checkpoint ``run.resume`` names restored (see ``start_step``)."""
-        return start_step(self.chassis, self.plan, "items", self.config.run.resume)
-
     def train(self) -> TrainResult:
         start = self.resume()
         timing = {"t": time.perf_counter(), "tokens": 0}
@@ -207,9 +210,6 @@ class Trainer:
             now = time.perf_counter()
             metrics["tokens_per_s"] = timing["tokens"] / max(now - timing["t"], 1e-9)
             timing["t"], timing["tokens"] = now, 0
-            if self.config.logging.record_samples:
-                metrics["samples"] = sorted(s.sample_id for i in self.plan.global_indices(done - 1)
-                                            for s in self.items[i])
 
         def figures(metrics: dict[str, Any]) -> dict[str, str]:
             out = {"loss": f"{metrics['loss']:.4f}"}
@@ -217,9 +217,6 @@ class Trainer:
                 out["tok/s"] = f"{metrics['tokens_per_s']:,.0f}"
             return out
 
-        last = self.chassis.run(
-            start, self.total_steps, step,
-            lambda done: plan_state(self.plan, done, self.accelerator.num_processes, self.total_steps),
-            run_config=self.run_config, before_log=before_log, after_step=self.on_step, figures=figures)
+        last = self._run(start, step, before_log, lambda i: (s.sample_id for s in self.items[i]), figures=figures)
         return TrainResult(self.total_steps, last.get("loss", float("nan")), self.chassis.metrics.path,
                            self.accelerator.unwrap_model(self.model))

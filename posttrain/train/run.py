@@ -3,7 +3,7 @@
 ``run_training(config, task)`` is what ``posttrain sft`` and ``posttrain pretrain`` call; data are read and checked
 before any model is loaded. The run's folder gets ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and
 ``final/``: an HF-format checkpoint (LoRA merged in; the adapter in ``final/adapter``), the tokenizer and
-``training_manifest.json`` (``run_manifest``), which ``posttrain export`` carries into the signed manifest.
+``training_manifest.json`` (``save_final``), which ``posttrain export`` carries into the signed manifest.
 ``run_stages`` runs a staged context extension. This module never signs or exports.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.config import config_to_dict, save_config
+from posttrain.config import config_to_dict, config_yaml
 from posttrain.merge import merge_checkpoints
 from posttrain.provenance import data_provenance, file_digest, versions, weights_digest, write_manifest
 from posttrain.train.config import TrainConfig
@@ -39,6 +39,8 @@ def is_hybrid_folder(path: str | os.PathLike) -> bool:
 
 
 def load_tokenizer(config: TrainConfig):
+    """The run's tokenizer; then a ``model.path`` no stage can train is refused, before any data are read."""
+    from posttrain.families import check_trainable
     from posttrain.tokenizer import load_tokenizer as load_folder
 
     source = config.model.tokenizer or config.model.path
@@ -46,9 +48,12 @@ def load_tokenizer(config: TrainConfig):
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"{field}: no such folder: {source}" if source else "model.tokenizer: none given")
     try:
-        return load_folder(source)
+        tokenizer = load_folder(source)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field}: {e}") from None
+    if config.model.path is not None:
+        check_trainable(config.model.path)
+    return tokenizer
 
 
 def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -106,12 +111,9 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
         if task != "pretrain":
             raise TrainingError("stages (context extension) are a pre-training recipe; run them with posttrain pretrain")
         return run_stages(config, recipe)
-    from posttrain.families import check_packed_rows, check_trainable
+    from posttrain.families import check_packed_rows
 
-    out = Path(config.checkpoint.output_dir)
     tokenizer = load_tokenizer(config)
-    if config.model.path is not None:  # before the data are read: a model no stage can train is refused first
-        check_trainable(config.model.path)
     segments, items = build_items(config, tokenizer, task)
     model, base = load_model(config, tokenizer)
     if config.data.packing:
@@ -123,9 +125,7 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
                       else tokenizer.eos_token_id, run_config=config_to_dict(config))
     start_run(trainer, config, f"{task}: {len(segments)} sequences in {len(items)} items")
     result = trainer.train()
-    manifest = run_manifest(task, recipe, config, base, result, trainer.accelerator, config.data.train_files,
-                            sequences=len(segments))
-    save_final(trainer.accelerator, trainer.model, tokenizer, out / "final", manifest, lora=config.lora.enabled)
+    save_final(trainer, config, tokenizer, task, recipe, base, result, sequences=len(segments))
     return result
 
 
@@ -137,22 +137,21 @@ def start_run(trainer, config, what: str) -> None:
     out = Path(config.checkpoint.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        (out / "config.yaml").write_text(config_yaml(config))
     acc.print(f"{what}, global batch {trainer.plan.global_batch}, {trainer.total_steps} steps on "
               f"{acc.num_processes} process(es)")
 
 
-def run_manifest(task: str, recipe: str | None, config, base: dict[str, Any], result, acc, data_files,
-                 **extra: Any) -> dict[str, Any]:
-    """The training manifest of a finished run: the recipe and its resolved config, the starting weights, every
-    data file with its digest, the steps and last loss, the versions; ``extra``: what the task adds."""
-    return {"task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
-            "data": [data_provenance(p) for p in data_files], "steps": result.steps,
-            "final_loss": result.final_loss, "processes": acc.num_processes, "versions": versions(), **extra}
-
-
-def save_final(acc, model, tokenizer, folder: Path, manifest: dict[str, Any], lora: bool = False) -> None:
-    """Write the trained model (LoRA merged) in HF format with its tokenizer and manifest, atomically."""
+def save_final(trainer, config, tokenizer, task: str, recipe: str | None, base: dict[str, Any], result,
+               **extra: Any) -> None:
+    """Write the trained model to ``final/`` atomically, in HF format (LoRA merged; the adapter in ``final/adapter``)
+    with its tokenizer and training manifest: the recipe and its resolved config, the starting weights, every data
+    file with its digest, the steps and last loss, the versions; ``extra``: what the task adds."""
+    acc, model = trainer.accelerator, trainer.model
+    manifest = {"task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
+                "data": [data_provenance(p) for p in config.data.train_files], "steps": result.steps,
+                "final_loss": result.final_loss, "processes": acc.num_processes, "versions": versions(), **extra}
+    folder = Path(config.checkpoint.output_dir) / "final"
     state = acc.get_state_dict(model)
     if acc.is_main_process:
         tmp = folder.with_name(folder.name + ".tmp")
@@ -160,7 +159,7 @@ def save_final(acc, model, tokenizer, folder: Path, manifest: dict[str, Any], lo
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         inner = acc.unwrap_model(model)
-        if lora:
+        if config.lora.enabled:
             inner.save_pretrained(str(tmp / "adapter"))
             inner = inner.merge_and_unload()
             state = inner.state_dict()
@@ -195,6 +194,8 @@ def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> N
 def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:
     """Staged context extension: stage i trains at its max_length from the previous stage's merged model, then
     merges (linear or SLERP, weight ``merge_weight`` on the stage's result) with that starting model."""
+    from accelerate import PartialState
+
     out = Path(config.checkpoint.output_dir)
     start: str | None = config.model.path
     tokenizer_dir = config.model.tokenizer or config.model.path
@@ -214,15 +215,11 @@ def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:
             merged = trained
         else:
             merged = out / f"stage-{i}" / "merged"
-            from accelerate import PartialState
-
             if PartialState().is_main_process:
                 merge_checkpoints([start, trained], merged, method=stage.merge_method,
                                   weights=[1.0 - stage.merge_weight, stage.merge_weight])
             PartialState().wait_for_everyone()
         start = str(merged)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         final = out / "final"
         tmp = out / "final.tmp"

@@ -38,36 +38,26 @@ def lr_lambda(kind: ScheduleKind, total_steps: int, warmup_steps: int = 0, min_l
         raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
     decay_steps = max(1, round(decay_fraction * total_steps))
 
-    def warmup(step: int) -> float | None:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return None
-
     def cosine(step: int) -> float:
-        w = warmup(step)
-        if w is not None:
-            return w
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def wsd(step: int) -> float:
-        w = warmup(step)
-        if w is not None:
-            return w
         decay_start = max(warmup_steps, total_steps - decay_steps)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
         return 1.0 - (1.0 - min_lr_ratio) * progress
 
-    def constant(step: int) -> float:
-        w = warmup(step)
-        return 1.0 if w is None else w
-
-    schedules = {"cosine": cosine, "wsd": wsd, "constant": constant}
+    schedules = {"cosine": cosine, "wsd": wsd, "constant": lambda step: 1.0}
     if kind not in schedules:
         raise ValueError(f"unknown schedule {kind!r}; known: {', '.join(schedules)}")
-    return schedules[kind]
+    after_warmup = schedules[kind]
+
+    def multiplier(step: int) -> float:
+        return (step + 1) / (warmup_steps + 1) if step < warmup_steps else after_warmup(step)
+
+    return multiplier
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: ScheduleKind, total_steps: int, warmup_steps: int = 0,
