@@ -69,9 +69,51 @@ def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[typ
         raise ConfigError(f"{source}: {e}") from None
 
 
+class _ConfigJSON:
+    """config.json in and out, for both configs: written atomically, read with errors naming the file, and turned
+    into transformers' config class of the same ``model_type``."""
+
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
+    transformers_class: ClassVar[str]
+    not_for_transformers: ClassVar[tuple[str, ...]] = ("architectures", "model_type", "rope_theta")
+
+    def _fields_dict(self, skip: tuple[str, ...]) -> dict[str, Any]:
+        """``architectures``, ``model_type`` and the dataclass fields but ``extra`` and ``skip``."""
+        out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", *skip):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        path = Path(folder) / "config.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
+
+    def to_transformers(self):
+        """The same configuration as transformers' config class (for parity tests and export)."""
+        import transformers
+
+        data = self.to_dict()
+        for key in self.not_for_transformers:
+            data.pop(key, None)
+        if hasattr(self, "time_step_limit"):  # left out of config.json when it is the default, which has infinity
+            data.setdefault("time_step_limit", list(self.time_step_limit))
+        return getattr(transformers, self.transformers_class)(**data)
+
+
 @dataclass
-class HybridConfig:
+class HybridConfig(_ConfigJSON):
     model_type: ClassVar[str] = MODEL_TYPE
+    architecture: ClassVar[str] = ARCHITECTURE
+    transformers_class: ClassVar[str] = "GraniteMoeHybridConfig"
+    not_for_transformers: ClassVar[tuple[str, ...]] = (*_ConfigJSON.not_for_transformers, "mamba_norm_per_group")
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_hidden_layers: int = 32
@@ -197,11 +239,7 @@ class HybridConfig:
 
     # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_theta", "mamba_norm_per_group", "time_step_limit"):
-                continue
-            out[f.name] = getattr(self, f.name)
+        out = self._fields_dict(("rope_theta", "mamba_norm_per_group", "time_step_limit"))
         out["position_embedding_type"] = self.position_embedding_type or "nope"
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         out["rope_theta"] = self.rope_theta
@@ -228,26 +266,6 @@ class HybridConfig:
             data["time_step_limit"] = tuple(_json_float(x) for x in limit)
         return _from_fields(cls, data, source)
 
-    def save(self, folder: str | Path) -> None:
-        path = Path(folder) / "config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> HybridConfig:
-        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
-
-    def to_transformers(self):
-        """The same configuration as a transformers ``GraniteMoeHybridConfig`` (for parity tests and export)."""
-        from transformers import GraniteMoeHybridConfig
-
-        data = self.to_dict()
-        for key in ("architectures", "model_type", "mamba_norm_per_group", "rope_theta"):
-            data.pop(key, None)
-        data.setdefault("time_step_limit", list(self.time_step_limit))
-        return GraniteMoeHybridConfig(**data)
-
 
 def _json_float(x: Any) -> float:
     if isinstance(x, dict) and "__float__" in x:  # transformers' encoding of inf/nan
@@ -266,12 +284,14 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
-class DenseGraniteConfig:
+class DenseGraniteConfig(_ConfigJSON):
     """The fields of transformers' ``GraniteConfig`` (``model_type: "granite"``). The in-tree model runs it as an
     all-attention stack of the hybrid's layers, each with ``mlp.{gate,up,down}_proj`` instead of the fused
     ``shared_mlp``. ``attention_dropout`` is read and written back but not applied (training runs without it)."""
 
     model_type: ClassVar[str] = DENSE_MODEL_TYPE
+    architecture: ClassVar[str] = DENSE_ARCHITECTURE
+    transformers_class: ClassVar[str] = "GraniteConfig"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -341,25 +361,9 @@ class DenseGraniteConfig:
             _need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
                   f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
 
-    def rope_frequencies(self, device=None) -> tuple[Any, float]:
-        """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by, as transformers computes
-        them for this config."""
-        import torch
-
-        if self.rope_scaling is None:
-            d = self.head_dim
-            return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_scaling["rope_type"]](self.to_transformers(), device)
-        return inv_freq.float(), float(scaling)
-
     # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [DENSE_ARCHITECTURE], "model_type": DENSE_MODEL_TYPE}
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "rope_scaling"):
-                out[f.name] = getattr(self, f.name)
+        out = self._fields_dict(("rope_scaling",))
         out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         out.update(self.extra)
         return out
@@ -377,21 +381,6 @@ class DenseGraniteConfig:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             data["rope_scaling"] = rope
         return _from_fields(cls, data, source, (ConfigError, TypeError))
-
-    save = HybridConfig.save
-
-    @classmethod
-    def load(cls, folder: str | Path) -> DenseGraniteConfig:
-        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
-
-    def to_transformers(self):
-        """The same configuration as a transformers ``GraniteConfig``."""
-        from transformers import GraniteConfig
-
-        data = self.to_dict()
-        for key in ("architectures", "model_type", "rope_theta"):
-            data.pop(key, None)
-        return GraniteConfig(**data)
 
 
 def _read_config_json(folder: str | Path) -> dict[str, Any]:

@@ -93,10 +93,6 @@ class HybridCache:
         tensors = [*self.conv.values(), *self.ssm.values(), *self.key.values(), *self.value.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
-
     def index_select(self, rows: torch.Tensor) -> HybridCache:
         """A cache holding only ``rows`` (in that order, repeats allowed): drops finished rows or copies a
         prefilled prompt's state G ways."""
@@ -162,9 +158,6 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, group, c.rms_norm_eps)
         self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
 
-    def _split(self, zxbcdt: torch.Tensor):
-        return zxbcdt.split([self.inner, self.conv_dim, self.n_heads], dim=-1)
-
     def _ssm_inputs(self, xbc: torch.Tensor):
         b, l, _ = xbc.shape
         gn = self.n_groups * self.d_state
@@ -177,7 +170,7 @@ class Mamba2Mixer(nn.Module):
         b, l, _ = h.shape
         if pad_mask is not None:  # padded positions carry nothing into the conv window or the state
             h = h * pad_mask[..., None].to(h.dtype)
-        z, xbc, dt = self._split(self.in_proj(h))
+        z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
         conv_in = xbc
         xbc = causal_conv1d_fn(xbc.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias,
                                seq_idx=seq_idx, activation="silu").transpose(1, 2)
@@ -258,9 +251,14 @@ class Attention(nn.Module):
 
 
 def rope_frequencies(config, device=None) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies and the factor cos/sin are scaled by (1 but for some scaled RoPE variants)."""
-    if hasattr(config, "rope_frequencies"):  # dense Granite: its rope_parameters may scale them
-        return config.rope_frequencies(device)
+    """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by (1 but for some scaled RoPE
+    variants), as transformers computes them for the config."""
+    scaled = getattr(config, "rope_scaling", None)  # dense Granite: its rope_parameters may scale them
+    if scaled is not None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[scaled["rope_type"]](config.to_transformers(), device)
+        return inv_freq.float(), float(scaling)
     d = config.head_dim
     return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
 
@@ -283,7 +281,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SharedMLP(nn.Module):
-    """The dense SwiGLU MLP every layer has (a dense Granite layer is this alone)."""
+    """The SwiGLU MLP every hybrid layer has beside its mixer (and its experts, if any), gate and up fused."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -422,8 +420,7 @@ class HybridInner(nn.Module):
 
 
 class HybridForCausalLM(nn.Module):
-    """The in-tree Granite causal LM: Granite 4.0-H for a ``HybridConfig``, dense Granite for a
-    ``DenseGraniteConfig``. See the module docstring for the three entry points."""
+    """The in-tree Granite causal LM: Granite 4.0-H for a ``HybridConfig``, dense Granite for a ``DenseGraniteConfig``."""
 
     def __init__(self, config: HybridConfig | DenseGraniteConfig):
         super().__init__()
@@ -441,15 +438,9 @@ class HybridForCausalLM(nn.Module):
     def init_weights(self) -> None:
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, ExpertWeights, nn.Conv1d)):
                 module.weight.normal_(0.0, std)
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, ExpertWeights):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, nn.Conv1d):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, Mamba2Mixer):
                 module.A_log.copy_(torch.log(torch.arange(1, module.n_heads + 1, dtype=torch.float32)))
