@@ -6,37 +6,20 @@ metrics (pass@k, outcome accuracy, accuracy intervals, paired tests between two 
 Nothing here trains or downloads.
 """
 
-from posttrain.eval.completions import CompletionSource, EngineCompletions, EvalSampling
-from posttrain.eval.metrics import (
-    accuracy_interval,
-    outcome_accuracy,
-    pass_at_k,
-    permutation_test_p,
-    sign_test_p,
-    summarize,
-    wilson_interval,
-)
-from posttrain.eval.runner import EvalConfig, TaskResult, eval_rewards, evaluate, score_completions
-from posttrain.eval.tasks import TASKS, DataError, EvalItem, resolve_tasks
+from posttrain.eval.completions import EngineCompletions, EvalSampling
+from posttrain.eval.metrics import pass_at_k, summarize
+from posttrain.eval.runner import EvalConfig, eval_rewards, evaluate, score_completions
+from posttrain.eval.tasks import TASKS, DataError
 
 __all__ = [
     "TASKS",
-    "CompletionSource",
     "DataError",
     "EngineCompletions",
     "EvalConfig",
-    "EvalItem",
     "EvalSampling",
-    "TaskResult",
-    "accuracy_interval",
     "eval_rewards",
     "evaluate",
-    "outcome_accuracy",
     "pass_at_k",
-    "permutation_test_p",
-    "resolve_tasks",
     "score_completions",
-    "sign_test_p",
     "summarize",
-    "wilson_interval",
 ]
