@@ -25,10 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from posttrain.models.hybrid.checkpoint import SINGLE_FILE, checkpoint_files
 from posttrain.provenance import weights_digest, write_manifest
 
-WEIGHT_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
@@ -38,16 +37,13 @@ class MergeError(ValueError):
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
-    elif (folder / WEIGHT_FILE).is_file():
-        files = [WEIGHT_FILE]
-    else:
-        raise MergeError(f"{folder}: no {WEIGHT_FILE} or {INDEX_FILE}")
+    try:
+        files = checkpoint_files(Path(folder))
+    except FileNotFoundError as e:
+        raise MergeError(str(e)) from None
     out: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(str(folder / name), "pt") as f:
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 out[key] = f.get_tensor(key)
     return out
@@ -130,7 +126,7 @@ def merge_checkpoints(folders: list[str | os.PathLike], out: str | os.PathLike,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(merged, str(tmp / WEIGHT_FILE), metadata={"format": "pt"})
+    save_file(merged, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
     for name in _CARRIED:
         if (folders[0] / name).is_file():
             shutil.copy2(folders[0] / name, tmp / name)
