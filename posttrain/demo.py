@@ -366,13 +366,8 @@ def _dpo_overrides(given: list[str]) -> dict[str, float | int]:
 
 
 def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
-    """Preference optimisation from the SFT checkpoint (a branch beside GRPO, which also starts from SFT), with on-policy
-    pairs (``posttrain pairs --pairing on_policy``) on the training items of both tasks: the SFT model's greedy
-    answer, when the task's reward (the math verifier, the tool-call reward) refutes it, is the rejected answer; one
-    of 4 answers sampled at temperature 1 that the reward verifies is the chosen one, or, when none is, the item's
-    right answer written as the SFT targets write it. Then DPO (``posttrain dpo``) on both tasks' pairs from the SFT
-    checkpoint, and the greedy accuracy of SFT and DPO on the validation slice (``_dpo_slices``), on which
-    ``DPO_SETTINGS`` were chosen (``--dpo-setting`` overrides them)."""
+    """The ``dpo`` stage of the module docstring: a chosen answer is one of 4 sampled at temperature 1 that the reward
+    verifies, else the item's reference answer; the validation slice is ``_dpo_slices``'s."""
     from posttrain.tokenizer import load_tokenizer
 
     folder = out / "dpo"
