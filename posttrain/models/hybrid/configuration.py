@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain.config import ConfigError
+from posttrain.provenance import write_manifest
 
 MODEL_TYPE = "granitemoehybrid"
 ARCHITECTURE = "GraniteMoeHybridForCausalLM"
@@ -70,13 +71,21 @@ def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[typ
 
 
 class _ConfigJSON:
-    """config.json in and out, for both configs: written atomically, read with errors naming the file, and turned
-    into transformers' config class of the same ``model_type``."""
+    """What both configs share: the layer indices by kind, and config.json in and out (written atomically, read with
+    errors naming the file, turned into transformers' config class of the same ``model_type``)."""
 
     model_type: ClassVar[str]
     architecture: ClassVar[str]
     transformers_class: ClassVar[str]
     not_for_transformers: ClassVar[tuple[str, ...]] = ("architectures", "model_type", "rope_theta")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
 
     def _fields_dict(self, skip: tuple[str, ...]) -> dict[str, Any]:
         """``architectures``, ``model_type`` and the dataclass fields but ``extra`` and ``skip``."""
@@ -87,10 +96,7 @@ class _ConfigJSON:
         return out
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / "config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_manifest(Path(folder) / "config.json", self.to_dict())
 
     @classmethod
     def load(cls, folder: str | Path):
@@ -175,7 +181,6 @@ class HybridConfig(_ConfigJSON):
         self.time_step_limit = tuple(float(x) for x in self.time_step_limit)  # type: ignore[assignment]
         self.validate()
 
-    # ---- derived sizes -------------------------------------------------------------------------------------
     @property
     def mamba_intermediate_size(self) -> int:
         return self.mamba_expand * self.hidden_size
@@ -188,27 +193,16 @@ class HybridConfig(_ConfigJSON):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
-
-    @property
-    def mamba_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
-
-    # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
         _need_positive_integers(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                        "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                                        "mamba_expand", "mamba_chunk_size", "shared_intermediate_size"))
         _need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
               f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
-        types = []
         for i, t in enumerate(self.layer_types):
             _need(t in _LAYER_ALIASES, f"layer_types[{i}]",
                   f"unknown layer type {t!r}; expected one of {sorted(_LAYER_ALIASES)}")
-            types.append(_LAYER_ALIASES[t])
-        self.layer_types = types
+        self.layer_types = [_LAYER_ALIASES[t] for t in self.layer_types]
         _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         _need_key_value_heads(self)
@@ -237,12 +231,10 @@ class HybridConfig(_ConfigJSON):
         _need(0.0 <= lo <= hi, "time_step_limit",
               f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
 
-    # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = self._fields_dict(("rope_theta", "mamba_norm_per_group", "time_step_limit"))
+        out = self._fields_dict(("mamba_norm_per_group", "time_step_limit"))
         out["position_embedding_type"] = self.position_embedding_type or "nope"
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        out["rope_theta"] = self.rope_theta
         if self.time_step_limit != (0.0, math.inf):  # JSON has no infinity: the default is left out
             out["time_step_limit"] = list(self.time_step_limit)
         if not self.mamba_norm_per_group:
@@ -339,14 +331,6 @@ class DenseGraniteConfig(_ConfigJSON):
     def layer_types(self) -> list[str]:
         return ["attention"] * self.num_hidden_layers
 
-    @property
-    def attention_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
-
-    @property
-    def mamba_layers(self) -> list[int]:
-        return []
-
     def validate(self) -> None:
         _need_positive_integers(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                        "num_attention_heads"))
@@ -361,7 +345,6 @@ class DenseGraniteConfig(_ConfigJSON):
             _need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
                   f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
 
-    # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = self._fields_dict(("rope_scaling",))
         out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
@@ -401,9 +384,8 @@ def load_config(folder: str | Path) -> HybridConfig | DenseGraniteConfig:
     data = _read_config_json(folder)
     source = str(Path(folder) / "config.json")
     kind = data.get("model_type", MODEL_TYPE)
-    if kind == DENSE_MODEL_TYPE:
-        return DenseGraniteConfig.from_dict(data, source=source)
-    if kind != MODEL_TYPE:
+    classes = {MODEL_TYPE: HybridConfig, DENSE_MODEL_TYPE: DenseGraniteConfig}
+    if kind not in classes:
         raise ConfigError(f"{source}: model_type {kind!r} is not an in-tree model (those are "
                           f"{', '.join(IN_TREE_MODEL_TYPES)})")
-    return HybridConfig.from_dict(data, source=source)
+    return classes[kind].from_dict(data, source=source)
