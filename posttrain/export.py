@@ -163,7 +163,7 @@ def signed_files(folder: Path) -> dict[str, Path]:
     return {rel: p for rel, p in paths.items() if rel not in UNSIGNED}
 
 
-def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any]) -> dict[str, Any]:
+def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any]) -> None:
     files = {rel: {"sha256": file_digest(p), "size": p.stat().st_size} for rel, p in signed_files(folder).items()}
     pub = public_pem(private_key)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -172,7 +172,6 @@ def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any
     body = write_manifest(folder / MANIFEST, manifest)
     (folder / SIGNATURE).write_text(base64.b64encode(private_key.sign(body)).decode() + "\n")
     (folder / PUBLIC_KEY).write_bytes(pub)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

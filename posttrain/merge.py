@@ -53,10 +53,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     """Spherical interpolation between two tensors of one shape (float32 math)."""
     a32, b32 = a.float().flatten(), b.float().flatten()
     na, nb = a32.norm(), b32.norm()
-    if na < eps or nb < eps:
-        return ((1 - t) * a32 + t * b32).view_as(a)
-    cos = torch.clamp(torch.dot(a32 / na, b32 / nb), -1.0, 1.0)
-    if cos.abs() > 1 - 1e-6:  # (anti)parallel: the circle is undefined, the line is the same path
+    cos = None if na < eps or nb < eps else torch.clamp(torch.dot(a32 / na, b32 / nb), -1.0, 1.0)
+    if cos is None or cos.abs() > 1 - 1e-6:  # a zero tensor, or (anti)parallel ones: the line is the same path
         return ((1 - t) * a32 + t * b32).view_as(a)
     omega = torch.arccos(cos)
     so = torch.sin(omega)

@@ -1,9 +1,7 @@
 """Evaluation of checkpoints on GSM8K, HumanEval and BFCL from local files: pass@k on any rollout engine.
 
-``posttrain eval`` is :mod:`posttrain.eval.cli`; the pieces: tasks (items, prompts, rewards, gold completions),
-completions (items to texts on a ``posttrain.rollout`` engine), the runner (generate, score through ``posttrain.rewards``, count),
-metrics (pass@k, outcome accuracy, accuracy intervals, paired tests between two models).
-Nothing here trains or downloads.
+``posttrain eval`` is :mod:`posttrain.eval.cli`; the pieces are ``tasks``, ``completions``, ``runner`` and
+``metrics``. Nothing here trains or downloads.
 """
 
 from posttrain.eval.completions import EngineCompletions, EvalSampling

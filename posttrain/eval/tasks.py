@@ -48,7 +48,6 @@ class EvalItem:
 
 @dataclass(frozen=True)
 class Task:
-    name: str
     reward: str  # a name for posttrain.rewards.get
     reward_options: dict[str, Any]
     load: Callable[[Path, str, int | None], list[EvalItem]]  # (data_dir, split, limit) -> items
@@ -179,9 +178,9 @@ def _bfcl_loader(category: str) -> Callable[[Path, str, int | None], list[EvalIt
 
 
 TASKS: dict[str, Task] = {
-    "gsm8k": Task("gsm8k", "math", {}, load_gsm8k),
-    "humaneval": Task("humaneval", "code", {"binary": True}, load_humaneval),
-    **{f"bfcl_{c}": Task(f"bfcl_{c}", "tool_call", {"mode": "binary"}, _bfcl_loader(c)) for c in BFCL_CATEGORIES},
+    "gsm8k": Task("math", {}, load_gsm8k),
+    "humaneval": Task("code", {"binary": True}, load_humaneval),
+    **{f"bfcl_{c}": Task("tool_call", {"mode": "binary"}, _bfcl_loader(c)) for c in BFCL_CATEGORIES},
 }
 ALIASES = {"bfcl": [f"bfcl_{c}" for c in BFCL_CATEGORIES]}
 
