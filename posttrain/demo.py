@@ -66,11 +66,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = args.stage or STAGES
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    for stage in STAGES:
-        if stage not in stages:
-            continue
+    for stage in [s for s in STAGES if s in (args.stage or STAGES)]:
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         print(f"\n== {stage} ==", flush=True)
         summary = globals()[f"stage_{stage}"](out, args)
@@ -100,19 +97,21 @@ def _cli(*argv: str) -> None:
         raise SystemExit(f"posttrain demo: `posttrain {' '.join(map(str, argv))}` failed with exit code {code}")
 
 
-def _write_recipe(out: Path, name: str, recipe: dict) -> Path:
+def _write_recipe(out: Path, name: str, recipe: dict, header: str = "") -> Path:
     folder = out / "recipes"
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def _run_settings(output_dir: Path, seed: int) -> dict:
-    """The last groups of a pretrain, SFT or DPO recipe: checkpoints in ``output_dir`` (the final one only, no
-    resuming), no progress bars, the demo's seed."""
-    return {"checkpoint": {"output_dir": str(output_dir), "every_steps": 0},
-            "logging": {"progress": False}, "run": {"seed": seed, "resume": None}}
+def _train(out: Path, command: str, recipe: dict, seed: int, header: str = "") -> dict:
+    """Run a pretrain, SFT or DPO recipe with its last groups added: checkpoints in ``out/command`` (the final one
+    only, no resuming), no progress bars, the demo's seed."""
+    recipe |= {"checkpoint": {"output_dir": str(out / command), "every_steps": 0},
+               "logging": {"progress": False}, "run": {"seed": seed, "resume": None}}
+    _cli(command, "--config", _write_recipe(out, command, recipe, header))
+    return {"checkpoint": str(out / command / "final")}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -233,8 +232,6 @@ def stage_data(out: Path, args: argparse.Namespace) -> dict:
     held = [_item(task, a, b) for task in ("add", "tool") for a, b in held_out[task]]
     rng.shuffle(held)  # GRPO's periodic evaluation reads the first 64: both tasks
     _jsonl(folder / "held_out.jsonl", held)
-    for task in ("add", "tool"):
-        assert not set(train[task]) & set(held_out[task])
     return {"tokenizer_vocab": len(tokenizer), "pretrain_docs": len(corpus), "sft_candidates": len(candidates),
             "injected_bad": len(bad), "grpo_prompts": len(grpo), "held_out": {t: len(v) for t, v in held_out.items()}}
 
@@ -246,10 +243,8 @@ def stage_pretrain(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 3.0e-3, "weight_decay": 0.01, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 150,
                   "schedule": "wsd", "warmup_steps": 10, "decay_fraction": 0.2},
-        **_run_settings(out / "pretrain", args.seed),
     }
-    _cli("pretrain", "--config", _write_recipe(out, "pretrain", recipe))
-    return {"checkpoint": str(out / "pretrain" / "final")}
+    return _train(out, "pretrain", recipe, args.seed)
 
 
 def stage_filter(out: Path, args: argparse.Namespace) -> dict:
@@ -298,10 +293,8 @@ def stage_sft(out: Path, args: argparse.Namespace) -> dict:
                  "packing": True},
         "optim": {"lr": 2.0e-3, "per_device_batch_size": 8, "max_steps": 40 if args.quick else 180,
                   "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1},
-        **_run_settings(out / "sft", args.seed),
     }
-    _cli("sft", "--config", _write_recipe(out, "sft", recipe))
-    return {"checkpoint": str(out / "sft" / "final")}
+    return _train(out, "sft", recipe, args.seed)
 
 
 DPO_VALIDATION = {"add": 60, "tool": 60}  # training items never in a pair nor an SFT demonstration: DPO's settings
@@ -366,13 +359,8 @@ def _dpo_overrides(given: list[str]) -> dict[str, float | int]:
 
 
 def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
-    """Preference optimisation from the SFT checkpoint (a branch beside GRPO, which also starts from SFT), with on-policy
-    pairs (``posttrain pairs --pairing on_policy``) on the training items of both tasks: the SFT model's greedy
-    answer, when the task's reward (the math verifier, the tool-call reward) refutes it, is the rejected answer; one
-    of 4 answers sampled at temperature 1 that the reward verifies is the chosen one, or, when none is, the item's
-    right answer written as the SFT targets write it. Then DPO (``posttrain dpo``) on both tasks' pairs from the SFT
-    checkpoint, and the greedy accuracy of SFT and DPO on the validation slice (``_dpo_slices``), on which
-    ``DPO_SETTINGS`` were chosen (``--dpo-setting`` overrides them)."""
+    """The ``dpo`` stage of the module docstring: a chosen answer is one of 4 sampled at temperature 1 that the reward
+    verifies, else the item's reference answer; the validation slice is ``_dpo_slices``'s."""
     from posttrain.tokenizer import load_tokenizer
 
     folder = out / "dpo"
@@ -409,14 +397,11 @@ def stage_dpo(out: Path, args: argparse.Namespace) -> dict:
         "loss": {"type": "sigmoid", "beta": settings["beta"], "nll_weight": settings["nll_weight"]},
         "optim": {"lr": settings["lr"], "per_device_batch_size": 8,
                   "max_steps": settings["steps"], "schedule": "cosine", "warmup_steps": 3},
-        **_run_settings(folder, args.seed),
     }
-    path = _write_recipe(out, "dpo", recipe)
-    path.write_text("# beta, nll_weight, lr and steps: DPO_SETTINGS in posttrain/demo.py (or --dpo-setting), chosen "
-                    "on the greedy\n# accuracy of a validation slice of training items (dpo/validation.jsonl, "
-                    "reported in dpo.summary.json),\n# never on the held-out items; the settings tried and what each "
-                    "gave are listed beside DPO_SETTINGS\n" + path.read_text())
-    _cli("dpo", "--config", path)
+    _train(out, "dpo", recipe, args.seed, header="# beta, nll_weight, lr and steps: DPO_SETTINGS in posttrain/demo.py "
+           "(or --dpo-setting), chosen on the greedy\n# accuracy of a validation slice of training items "
+           "(dpo/validation.jsonl, reported in dpo.summary.json),\n# never on the held-out items; the settings tried "
+           "and what each gave are listed beside DPO_SETTINGS\n")
     accuracy = {name: _accuracy(out / name / "final", validation) for name in ("sft", "dpo")}
     tasks = {task: [i for i, r in enumerate(validation) if r["task"] == task] for task in ("add", "tool")}
     on_validation = {name: {task: round(sum(hits[i] for i in members) / len(members), 4)
@@ -483,9 +468,8 @@ ACCURACY_REWARDS = {"add": {"name": "math"}, "tool": {"name": "tool_call", "opti
 
 def _accuracy(folder: Path, items: list[dict], samples: int = 1, temperature: float = 0.0,
               seed: int = 0) -> list[float]:
-    """Per held-out item, the share of ``samples`` answers its task's reward accepts (greedy: one answer, 0 or 1):
-    the math verifier for additions, the tool-call reward for tool calls (``ACCURACY_REWARDS``), each scored in this
-    process on its own task's answers; a reward that fails on any answer stops the stage with its traceback."""
+    """Per held-out item, the share of ``samples`` answers its task's reward (``ACCURACY_REWARDS``) accepts (greedy:
+    one answer, 0 or 1), scored in this process; a reward that fails on any answer stops the stage with its traceback."""
     from posttrain.rewards import RewardsConfig
     from posttrain.rollout import SamplingParams
     from posttrain.serving.generation import load_checkpoint
@@ -540,10 +524,9 @@ def stage_eval(out: Path, args: argparse.Namespace) -> dict:
 
 
 def _eval_table(title: str, results: dict[str, list[float]], tasks: dict[str, list[int]], summary: dict, test=None):
-    """Per stage and task: accuracy, a 95% interval and the one-sided paired test against the stage it started from
-    (``BASELINE``), into ``summary[stage][task]``. The interval is ``posttrain.eval.metrics.accuracy_interval``'s
-    (Wilson's for 0/1 outcomes, the normal one over per-item rates for sampled ones); the test is ``test`` (default:
-    the exact sign test, ``sign_test_p``), and the sign test's p is kept beside it either way."""
+    """Per stage and task: accuracy, its 95% interval (``accuracy_interval``) and the one-sided paired ``test`` (default
+    ``sign_test_p``, whose p is kept beside it either way) against the stage it started from (``BASELINE``), into
+    ``summary[stage][task]``."""
     from rich.table import Table
 
     from posttrain.eval.metrics import accuracy_interval, sign_test_p

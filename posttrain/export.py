@@ -8,10 +8,8 @@ the checkpoint's own class for any other causal LM, with no missing or unexpecte
   manifest: recipe, data files and the manifests beside them with their hashes, the base checkpoint's hash), the
   source checkpoint's and adapter's hashes;
 - ``manifest.sig``: an Ed25519 signature (``cryptography``) of ``manifest.json``'s exact bytes, base64;
-- ``signing_key.pub``: the public key (PEM), named in the manifest by its fingerprint (SHA-256 of the raw 32-byte
-  key). Anyone can re-sign a folder with a key of their own, so this key proves only that the files are the ones
-  its holder signed; ``posttrain verify`` establishes who published the folder only against the publisher's key
-  (``--public-key`` or a trusted-keys file), and says so when it has none.
+- ``signing_key.pub``: the public key (PEM), named in the manifest by its fingerprint (``key_fingerprint``). It
+  proves only that the files are the ones its holder signed; who published them is ``posttrain verify``'s question.
 
 A LoRA adapter (``--adapter``, a peft folder) is merged into the weights first. Everything is written under a
 temporary name and renamed. This module never trains and never overwrites a private key.
@@ -165,7 +163,7 @@ def signed_files(folder: Path) -> dict[str, Path]:
     return {rel: p for rel, p in paths.items() if rel not in UNSIGNED}
 
 
-def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any]) -> dict[str, Any]:
+def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any]) -> None:
     files = {rel: {"sha256": file_digest(p), "size": p.stat().st_size} for rel, p in signed_files(folder).items()}
     pub = public_pem(private_key)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -174,7 +172,6 @@ def write_manifest_and_sign(folder: Path, private_key, provenance: dict[str, Any
     body = write_manifest(folder / MANIFEST, manifest)
     (folder / SIGNATURE).write_text(base64.b64encode(private_key.sign(body)).decode() + "\n")
     (folder / PUBLIC_KEY).write_bytes(pub)
-    return manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

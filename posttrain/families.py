@@ -5,8 +5,7 @@ The family is read from the checkpoint's ``config.json`` (``model_type``), never
 models (``posttrain.models``) pack natively; any other causal LM runs as transformers' own class, and packs through
 transformers' packed-sequence masks: with ``attention_mask=None`` and no cache, ``masking_utils`` reads the
 sequence boundaries off ``position_ids`` that restart at 0 (with ``sdpa`` and ``eager`` attention; no flash-attn
-needed). Whether a family does so is not assumed from its name: ``check_packed_rows`` runs the model on
-one packed row and on its sequences one by one and compares. This module never trains and never writes files.
+needed); whether a family does so is probed (``check_packed_rows``). This module never trains and never writes files.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 
-def jsonl_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of a JSONL file (gzip-compressed when its name ends in ``.gz``) with their numbers (from
-    1). A line that is not valid UTF-8 raises ``error`` naming the file, the line and the byte, never a bare
-    ``UnicodeDecodeError``."""
+def jsonl_rows(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows (JSON objects) of a JSONL file (gzip-compressed when its name ends in ``.gz``) with their line numbers
+    (from 1), blank lines skipped. Invalid UTF-8 (never a bare ``UnicodeDecodeError``: the byte is named), invalid
+    JSON or a row that is not an object raise ``error`` naming the file and line."""
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -24,18 +24,12 @@ def jsonl_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tup
                 bad = raw[e.start:e.end]
                 raise error(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line, {bad!r}: {e.reason}); "
                             "save the file as UTF-8") from None
-            if line.strip():
-                yield lineno, line
-
-
-def jsonl_rows(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows (JSON objects) of a JSONL file with their line numbers; invalid UTF-8, invalid JSON or a row that
-    is not an object raise ``error`` naming the file and line."""
-    for lineno, line in jsonl_lines(path, error):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise error(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
-        yield lineno, row
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+            yield lineno, row

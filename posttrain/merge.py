@@ -25,10 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from posttrain.models.hybrid.checkpoint import SINGLE_FILE, checkpoint_files
 from posttrain.provenance import weights_digest, write_manifest
 
-WEIGHT_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
@@ -38,16 +37,13 @@ class MergeError(ValueError):
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
-    elif (folder / WEIGHT_FILE).is_file():
-        files = [WEIGHT_FILE]
-    else:
-        raise MergeError(f"{folder}: no {WEIGHT_FILE} or {INDEX_FILE}")
+    try:
+        files = checkpoint_files(Path(folder))
+    except FileNotFoundError as e:
+        raise MergeError(str(e)) from None
     out: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(str(folder / name), "pt") as f:
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 out[key] = f.get_tensor(key)
     return out
@@ -57,10 +53,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     """Spherical interpolation between two tensors of one shape (float32 math)."""
     a32, b32 = a.float().flatten(), b.float().flatten()
     na, nb = a32.norm(), b32.norm()
-    if na < eps or nb < eps:
-        return ((1 - t) * a32 + t * b32).view_as(a)
-    cos = torch.clamp(torch.dot(a32 / na, b32 / nb), -1.0, 1.0)
-    if cos.abs() > 1 - 1e-6:  # (anti)parallel: the circle is undefined, the line is the same path
+    cos = None if na < eps or nb < eps else torch.clamp(torch.dot(a32 / na, b32 / nb), -1.0, 1.0)
+    if cos is None or cos.abs() > 1 - 1e-6:  # a zero tensor, or (anti)parallel ones: the line is the same path
         return ((1 - t) * a32 + t * b32).view_as(a)
     omega = torch.arccos(cos)
     so = torch.sin(omega)
@@ -130,7 +124,7 @@ def merge_checkpoints(folders: list[str | os.PathLike], out: str | os.PathLike,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(merged, str(tmp / WEIGHT_FILE), metadata={"format": "pt"})
+    save_file(merged, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
     for name in _CARRIED:
         if (folders[0] / name).is_file():
             shutil.copy2(folders[0] / name, tmp / name)

@@ -77,17 +77,11 @@ class StageProgress:
         elif time.perf_counter() - self._last_line >= self.interval_s or self.done >= self.total:
             self._line()
 
-    def eta_s(self) -> float | None:
-        """Seconds left at this run's rate so far (None before the first step)."""
-        ran = self.done - self.start
-        if ran <= 0:
-            return None
-        return (time.perf_counter() - self._t0) / ran * max(self.total - self.done, 0)
-
     def _line(self) -> None:
         now = time.perf_counter()
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        eta = self.eta_s()
+        ran = self.done - self.start  # the ETA: seconds left at this run's rate so far (none before the first step)
+        eta = (time.perf_counter() - self._t0) / ran * max(self.total - self.done, 0) if ran > 0 else None
         parts = [f"{self.stage}: {self.unit} {self.done}/{self.total} ({pct:.0f}%)",
                  f"elapsed {_duration(now - self._t0)}", f"ETA {_duration(eta) if eta is not None else '?'}"]
         parts += [f"{k} {v}" for k, v in self.figures.items()]

@@ -33,11 +33,8 @@ def arithmetic_problem(rng: random.Random, max_operand: int = 49) -> dict[str, s
 
 def arithmetic_corpus(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        p = arithmetic_problem(rng)
-        texts.append(f"Question: {p['question']}\nAnswer: {p['answer']}")
-    return texts
+    problems = [arithmetic_problem(rng) for _ in range(n)]
+    return [f"Question: {p['question']}\nAnswer: {p['answer']}" for p in problems]
 
 
 def tiny_model(steps: int = 60, seed: int = 0, rope: bool = False, moe: bool = False, seq_len: int = 96,

@@ -22,8 +22,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 SPECIAL_TOKENS = [END_OF_TEXT, PAD, START_OF_ROLE, END_OF_ROLE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE]
 
-# Assistant turns (content, tool calls and the closing <|end_of_text|>) are generation blocks: the tokens the
-# model is trained to produce. Tool results come back as role "tool".
+# Assistant turns (content, tool calls, the closing <|end_of_text|>) are generation blocks; tool results are role "tool".
 CHAT_TEMPLATE = (
     "{% if tools %}"
     "<|start_of_role|>system<|end_of_role|>You can call these tools. To call one, answer with "

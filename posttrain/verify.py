@@ -26,7 +26,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +87,12 @@ def load_public_keys(path: str | os.PathLike) -> list[Any]:
     return keys
 
 
-def trusted_key_files(public_keys: Sequence[str] = (), trusted_keys: str | None = None,
-                      environ: Mapping[str, str] | None = None) -> list[Path]:
+def trusted_key_files(public_keys: Sequence[str] = (), trusted_keys: str | None = None) -> list[Path]:
     """The files to read trusted keys from: the command line's, or else ``$POSTTRAIN_TRUSTED_KEYS``'s."""
     files = [Path(p) for p in public_keys] + ([Path(trusted_keys)] if trusted_keys else [])
     if files:
         return files
-    env = (os.environ if environ is None else environ).get(TRUSTED_KEYS_ENV, "")
+    env = os.environ.get(TRUSTED_KEYS_ENV, "")
     return [Path(env)] if env else []
 
 

@@ -5,10 +5,8 @@
   the ``n`` is correct (Chen et al., 2021); computed exactly on integers (``math.comb``), then averaged over items,
   with the standard error of the mean of the per-item estimates (``pass_at_k``, ``summarize``).
 - Outcome accuracy: the mean of the scored outcomes, a sample no reward could score left out (``outcome_accuracy``).
-- A 95% interval for an accuracy over items: Wilson's score interval for 0/1 outcomes, the normal interval over
-  per-item success rates otherwise (``wilson_interval``, ``accuracy_interval``).
-- One-sided paired tests that model A beats model B on the same items: the exact sign test (``sign_test_p``) and
-  the sign-flip permutation test on the per-item differences (``permutation_test_p``).
+- 95% intervals for an accuracy over items (``wilson_interval``, ``accuracy_interval``) and one-sided paired tests
+  that model A beats model B on the same items (``sign_test_p``, ``permutation_test_p``).
 
 This module only counts; it never generates or scores.
 """

@@ -3,11 +3,9 @@
 ``evaluate(config, engine)`` is the whole path, whatever produced the texts: items from the task's files,
 ``engine.generate``, the task's reward (``math``, ``code`` with ``binary=True``, ``tool_call`` with
 ``mode="binary"``), then pass@k per task. A sample is correct when its reward is 1; a reward of ``None`` (could not
-judge) counts as not correct and is reported as ``unscored``, never hidden. The rewards and their pool come from
-``eval_rewards(...).build()``, a :class:`~posttrain.rewards.RewardsConfig` with one reward per task labelled with
-the task's name: math and tool-call rewards run in its :class:`~posttrain.rewards.RewardPool` (a stuck sample is
-killed at the time limit); the code reward runs in-process because it already runs every candidate in its sandbox
-under a time limit.
+judge) counts as not correct and is reported as ``unscored``, never hidden. Math and tool-call rewards run in a
+:class:`~posttrain.rewards.RewardPool` (a stuck sample is killed at the time limit), the code reward in-process, its
+sandbox bounding every candidate (``eval_rewards``).
 Results are one JSON object (written to a temporary name, then renamed) plus the samples as JSONL.
 This module never changes a model.
 """

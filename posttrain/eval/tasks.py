@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,30 +48,28 @@ class EvalItem:
 
 @dataclass(frozen=True)
 class Task:
-    name: str
     reward: str  # a name for posttrain.rewards.get
     reward_options: dict[str, Any]
     load: Callable[[Path, str, int | None], list[EvalItem]]  # (data_dir, split, limit) -> items
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _rows(path: Path, limit: int | None, *fields: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The first ``limit`` rows of a JSONL file (all read, so a bad line anywhere is an error) with their line
+    numbers, each checked for ``fields`` as it comes."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    return list(jsonl_rows(path, DataError))
-
-
-def _need(row: dict[str, Any], path: Path, line_no: int, *fields: str) -> None:
-    for name in fields:
-        if name not in row:
-            raise DataError(f"{path}:{line_no}: missing field {name!r}")
+    for line_no, row in list(jsonl_rows(path, DataError))[:limit]:
+        for name in fields:
+            if name not in row:
+                raise DataError(f"{path}:{line_no}: missing field {name!r}")
+        yield line_no, row
 
 
 # -- GSM8K ----------------------------------------------------------------------------------------------------
 def load_gsm8k(data_dir: Path, split: str = "test", limit: int | None = None) -> list[EvalItem]:
     path = data_dir / "gsm8k" / f"{split}.jsonl"
     items = []
-    for line_no, row in _read_jsonl(path)[:limit]:
-        _need(row, path, line_no, "question", "answer")
+    for line_no, row in _rows(path, limit, "question", "answer"):
         question, answer = str(row["question"]), str(row["answer"])
         if "####" not in answer:
             raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <final answer>' line")
@@ -86,8 +84,7 @@ def load_gsm8k(data_dir: Path, split: str = "test", limit: int | None = None) ->
 def load_humaneval(data_dir: Path, split: str = "test", limit: int | None = None) -> list[EvalItem]:
     path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
     items = []
-    for line_no, row in _read_jsonl(path)[:limit]:
-        _need(row, path, line_no, "task_id", "prompt", "canonical_solution", "test", "entry_point")
+    for line_no, row in _rows(path, limit, "task_id", "prompt", "canonical_solution", "test", "entry_point"):
         prompt = row["prompt"]
         items.append(EvalItem(
             task="humaneval", id=str(row["task_id"]), plain_prompt=prompt,
@@ -154,12 +151,10 @@ def _bfcl_loader(category: str) -> Callable[[Path, str, int | None], list[EvalIt
         path = data_dir / "bfcl" / f"{category}.json"
         answers_path = data_dir / "bfcl" / "possible_answer" / f"{category}.json"
         answers = {}
-        for line_no, row in _read_jsonl(answers_path):
-            _need(row, answers_path, line_no, "id", "ground_truth")
+        for line_no, row in _rows(answers_path, None, "id", "ground_truth"):
             answers[row["id"]] = row["ground_truth"]
         items = []
-        for line_no, row in _read_jsonl(path)[:limit]:
-            _need(row, path, line_no, "id", "question", "function")
+        for line_no, row in _rows(path, limit, "id", "question", "function"):
             if row["id"] not in answers:
                 raise DataError(f"{path}:{line_no}: id {row['id']!r} has no ground truth in {answers_path}")
             turns = row["question"]
@@ -183,9 +178,9 @@ def _bfcl_loader(category: str) -> Callable[[Path, str, int | None], list[EvalIt
 
 
 TASKS: dict[str, Task] = {
-    "gsm8k": Task("gsm8k", "math", {}, load_gsm8k),
-    "humaneval": Task("humaneval", "code", {"binary": True}, load_humaneval),
-    **{f"bfcl_{c}": Task(f"bfcl_{c}", "tool_call", {"mode": "binary"}, _bfcl_loader(c)) for c in BFCL_CATEGORIES},
+    "gsm8k": Task("math", {}, load_gsm8k),
+    "humaneval": Task("code", {"binary": True}, load_humaneval),
+    **{f"bfcl_{c}": Task("tool_call", {"mode": "binary"}, _bfcl_loader(c)) for c in BFCL_CATEGORIES},
 }
 ALIASES = {"bfcl": [f"bfcl_{c}" for c in BFCL_CATEGORIES]}
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from posttrain.models.hybrid.configuration import load_config
+from posttrain.provenance import write_manifest
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,12 +30,8 @@ class CheckpointError(ValueError):
 
 def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """The tensor names and shapes a checkpoint of ``model`` holds (tied lm_head left out, as transformers does)."""
-    names: dict[str, tuple[int, ...]] = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        names[name] = tuple(tensor.shape)
-    return names
+    tied = model.config.tie_word_embeddings
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
 
 
 def save_checkpoint(model: torch.nn.Module, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
@@ -65,10 +62,7 @@ def save_checkpoint(model: torch.nn.Module, folder: str | os.PathLike, max_shard
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        tmp = folder / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        tmp.replace(folder / INDEX_FILE)
+        write_manifest(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     model.config.save(folder)
 
 

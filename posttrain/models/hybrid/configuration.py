@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain.config import ConfigError
+from posttrain.provenance import write_manifest
 
 MODEL_TYPE = "granitemoehybrid"
 ARCHITECTURE = "GraniteMoeHybridForCausalLM"
@@ -69,9 +70,56 @@ def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[typ
         raise ConfigError(f"{source}: {e}") from None
 
 
+class _ConfigJSON:
+    """What both configs share: the layer indices by kind, and config.json in and out (written atomically, read with
+    errors naming the file, turned into transformers' config class of the same ``model_type``)."""
+
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
+    transformers_class: ClassVar[str]
+    not_for_transformers: ClassVar[tuple[str, ...]] = ("architectures", "model_type", "rope_theta")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
+
+    def _fields_dict(self, skip: tuple[str, ...]) -> dict[str, Any]:
+        """``architectures``, ``model_type`` and the dataclass fields but ``extra`` and ``skip``."""
+        out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", *skip):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        write_manifest(Path(folder) / "config.json", self.to_dict())
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
+
+    def to_transformers(self):
+        """The same configuration as transformers' config class (for parity tests and export)."""
+        import transformers
+
+        data = self.to_dict()
+        for key in self.not_for_transformers:
+            data.pop(key, None)
+        if hasattr(self, "time_step_limit"):  # left out of config.json when it is the default, which has infinity
+            data.setdefault("time_step_limit", list(self.time_step_limit))
+        return getattr(transformers, self.transformers_class)(**data)
+
+
 @dataclass
-class HybridConfig:
+class HybridConfig(_ConfigJSON):
     model_type: ClassVar[str] = MODEL_TYPE
+    architecture: ClassVar[str] = ARCHITECTURE
+    transformers_class: ClassVar[str] = "GraniteMoeHybridConfig"
+    not_for_transformers: ClassVar[tuple[str, ...]] = (*_ConfigJSON.not_for_transformers, "mamba_norm_per_group")
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_hidden_layers: int = 32
@@ -133,7 +181,6 @@ class HybridConfig:
         self.time_step_limit = tuple(float(x) for x in self.time_step_limit)  # type: ignore[assignment]
         self.validate()
 
-    # ---- derived sizes -------------------------------------------------------------------------------------
     @property
     def mamba_intermediate_size(self) -> int:
         return self.mamba_expand * self.hidden_size
@@ -146,27 +193,16 @@ class HybridConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
-
-    @property
-    def mamba_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
-
-    # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
         _need_positive_integers(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                        "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                                        "mamba_expand", "mamba_chunk_size", "shared_intermediate_size"))
         _need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
               f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
-        types = []
         for i, t in enumerate(self.layer_types):
             _need(t in _LAYER_ALIASES, f"layer_types[{i}]",
                   f"unknown layer type {t!r}; expected one of {sorted(_LAYER_ALIASES)}")
-            types.append(_LAYER_ALIASES[t])
-        self.layer_types = types
+        self.layer_types = [_LAYER_ALIASES[t] for t in self.layer_types]
         _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         _need_key_value_heads(self)
@@ -195,16 +231,10 @@ class HybridConfig:
         _need(0.0 <= lo <= hi, "time_step_limit",
               f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
 
-    # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_theta", "mamba_norm_per_group", "time_step_limit"):
-                continue
-            out[f.name] = getattr(self, f.name)
+        out = self._fields_dict(("mamba_norm_per_group", "time_step_limit"))
         out["position_embedding_type"] = self.position_embedding_type or "nope"
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        out["rope_theta"] = self.rope_theta
         if self.time_step_limit != (0.0, math.inf):  # JSON has no infinity: the default is left out
             out["time_step_limit"] = list(self.time_step_limit)
         if not self.mamba_norm_per_group:
@@ -228,26 +258,6 @@ class HybridConfig:
             data["time_step_limit"] = tuple(_json_float(x) for x in limit)
         return _from_fields(cls, data, source)
 
-    def save(self, folder: str | Path) -> None:
-        path = Path(folder) / "config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> HybridConfig:
-        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
-
-    def to_transformers(self):
-        """The same configuration as a transformers ``GraniteMoeHybridConfig`` (for parity tests and export)."""
-        from transformers import GraniteMoeHybridConfig
-
-        data = self.to_dict()
-        for key in ("architectures", "model_type", "mamba_norm_per_group", "rope_theta"):
-            data.pop(key, None)
-        data.setdefault("time_step_limit", list(self.time_step_limit))
-        return GraniteMoeHybridConfig(**data)
-
 
 def _json_float(x: Any) -> float:
     if isinstance(x, dict) and "__float__" in x:  # transformers' encoding of inf/nan
@@ -266,12 +276,14 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
-class DenseGraniteConfig:
+class DenseGraniteConfig(_ConfigJSON):
     """The fields of transformers' ``GraniteConfig`` (``model_type: "granite"``). The in-tree model runs it as an
     all-attention stack of the hybrid's layers, each with ``mlp.{gate,up,down}_proj`` instead of the fused
     ``shared_mlp``. ``attention_dropout`` is read and written back but not applied (training runs without it)."""
 
     model_type: ClassVar[str] = DENSE_MODEL_TYPE
+    architecture: ClassVar[str] = DENSE_ARCHITECTURE
+    transformers_class: ClassVar[str] = "GraniteConfig"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -319,14 +331,6 @@ class DenseGraniteConfig:
     def layer_types(self) -> list[str]:
         return ["attention"] * self.num_hidden_layers
 
-    @property
-    def attention_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
-
-    @property
-    def mamba_layers(self) -> list[int]:
-        return []
-
     def validate(self) -> None:
         _need_positive_integers(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                        "num_attention_heads"))
@@ -341,25 +345,8 @@ class DenseGraniteConfig:
             _need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
                   f"{kind!r} is not supported; supported: {', '.join(_STATIC_ROPE_TYPES)}")
 
-    def rope_frequencies(self, device=None) -> tuple[Any, float]:
-        """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by, as transformers computes
-        them for this config."""
-        import torch
-
-        if self.rope_scaling is None:
-            d = self.head_dim
-            return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_scaling["rope_type"]](self.to_transformers(), device)
-        return inv_freq.float(), float(scaling)
-
-    # ---- config.json ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [DENSE_ARCHITECTURE], "model_type": DENSE_MODEL_TYPE}
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "rope_scaling"):
-                out[f.name] = getattr(self, f.name)
+        out = self._fields_dict(("rope_scaling",))
         out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         out.update(self.extra)
         return out
@@ -377,21 +364,6 @@ class DenseGraniteConfig:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             data["rope_scaling"] = rope
         return _from_fields(cls, data, source, (ConfigError, TypeError))
-
-    save = HybridConfig.save
-
-    @classmethod
-    def load(cls, folder: str | Path) -> DenseGraniteConfig:
-        return cls.from_dict(_read_config_json(folder), source=str(Path(folder) / "config.json"))
-
-    def to_transformers(self):
-        """The same configuration as a transformers ``GraniteConfig``."""
-        from transformers import GraniteConfig
-
-        data = self.to_dict()
-        for key in ("architectures", "model_type", "rope_theta"):
-            data.pop(key, None)
-        return GraniteConfig(**data)
 
 
 def _read_config_json(folder: str | Path) -> dict[str, Any]:
@@ -412,9 +384,8 @@ def load_config(folder: str | Path) -> HybridConfig | DenseGraniteConfig:
     data = _read_config_json(folder)
     source = str(Path(folder) / "config.json")
     kind = data.get("model_type", MODEL_TYPE)
-    if kind == DENSE_MODEL_TYPE:
-        return DenseGraniteConfig.from_dict(data, source=source)
-    if kind != MODEL_TYPE:
+    classes = {MODEL_TYPE: HybridConfig, DENSE_MODEL_TYPE: DenseGraniteConfig}
+    if kind not in classes:
         raise ConfigError(f"{source}: model_type {kind!r} is not an in-tree model (those are "
                           f"{', '.join(IN_TREE_MODEL_TYPES)})")
-    return HybridConfig.from_dict(data, source=source)
+    return classes[kind].from_dict(data, source=source)

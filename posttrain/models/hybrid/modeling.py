@@ -10,9 +10,8 @@ torch path elsewhere.
 
 Its forward takes full sequences: a padded batch (attention mask with zeros) or packed rows (``position_ids``
 restarting at 0 at each sequence start, no padding), never both; its layers can also fill a ``HybridCache`` (the
-per-row generation state). Generation (the prefill of prompts into a cache, the decode step and its plan of plain
-tensors) belongs to the native engine: ``posttrain.rollout.native_decode``.
-This module never samples and never allocates caches on its own: the generation engine does both.
+per-row generation state). This module never samples and never allocates caches on its own: generation (prefill,
+decode step) belongs to the native engine, ``posttrain.rollout.native_decode``.
 """
 
 from __future__ import annotations
@@ -93,10 +92,6 @@ class HybridCache:
         tensors = [*self.conv.values(), *self.ssm.values(), *self.key.values(), *self.value.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
-
     def index_select(self, rows: torch.Tensor) -> HybridCache:
         """A cache holding only ``rows`` (in that order, repeats allowed): drops finished rows or copies a
         prefilled prompt's state G ways."""
@@ -162,28 +157,21 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, group, c.rms_norm_eps)
         self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
 
-    def _split(self, zxbcdt: torch.Tensor):
-        return zxbcdt.split([self.inner, self.conv_dim, self.n_heads], dim=-1)
-
-    def _ssm_inputs(self, xbc: torch.Tensor):
-        b, l, _ = xbc.shape
-        gn = self.n_groups * self.d_state
-        x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
-        return (x.reshape(b, l, self.n_heads, self.d_head), B.reshape(b, l, self.n_groups, self.d_state),
-                C.reshape(b, l, self.n_groups, self.d_state))
-
     def forward(self, h: torch.Tensor, seq_idx: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
                 cache: HybridCache | None = None, layer: int = -1, cu_seqlens: torch.Tensor | None = None):
         b, l, _ = h.shape
         if pad_mask is not None:  # padded positions carry nothing into the conv window or the state
             h = h * pad_mask[..., None].to(h.dtype)
-        z, xbc, dt = self._split(self.in_proj(h))
+        z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
         conv_in = xbc
         xbc = causal_conv1d_fn(xbc.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias,
                                seq_idx=seq_idx, activation="silu").transpose(1, 2)
         if pad_mask is not None:
             xbc = xbc * pad_mask[..., None].to(xbc.dtype)
-        x, B, C = self._ssm_inputs(xbc)
+        gn = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
+        x = x.reshape(b, l, self.n_heads, self.d_head)
+        B, C = B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state)
         A = -torch.exp(self.A_log.float())
         packed_prefill = cache is not None and cu_seqlens is not None
         result = mamba_chunk_scan_combined(
@@ -231,20 +219,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def _qkv(self, h: torch.Tensor, rope):
-        *lead, _ = h.shape
-        q = self.q_proj(h).view(*lead, self.n_heads, self.head_dim).transpose(-2, -3)
-        k = self.k_proj(h).view(*lead, self.n_kv, self.head_dim).transpose(-2, -3)
-        v = self.v_proj(h).view(*lead, self.n_kv, self.head_dim).transpose(-2, -3)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
-
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rope=None, cache: HybridCache | None = None,
                 layer: int = -1, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         b, l, _ = h.shape
-        q, k, v = self._qkv(h, rope)  # (b, heads, l, d)
+        q = self.q_proj(h).view(b, l, self.n_heads, self.head_dim).transpose(-2, -3)  # (b, heads, l, d)
+        k = self.k_proj(h).view(b, l, self.n_kv, self.head_dim).transpose(-2, -3)
+        v = self.v_proj(h).view(b, l, self.n_kv, self.head_dim).transpose(-2, -3)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and cu_seqlens is None:  # prefill of equal-length prompts, one per row
             cache.key[layer][:b, :, :l] = k
             cache.value[layer][:b, :, :l] = v
@@ -258,9 +241,14 @@ class Attention(nn.Module):
 
 
 def rope_frequencies(config, device=None) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies and the factor cos/sin are scaled by (1 but for some scaled RoPE variants)."""
-    if hasattr(config, "rope_frequencies"):  # dense Granite: its rope_parameters may scale them
-        return config.rope_frequencies(device)
+    """RoPE's inverse frequencies (head_dim / 2,) and the factor cos/sin are scaled by (1 but for some scaled RoPE
+    variants), as transformers computes them for the config."""
+    scaled = getattr(config, "rope_scaling", None)  # dense Granite: its rope_parameters may scale them
+    if scaled is not None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[scaled["rope_type"]](config.to_transformers(), device)
+        return inv_freq.float(), float(scaling)
     d = config.head_dim
     return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)), 1.0
 
@@ -283,7 +271,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SharedMLP(nn.Module):
-    """The dense SwiGLU MLP every layer has (a dense Granite layer is this alone)."""
+    """The SwiGLU MLP every hybrid layer has beside its mixer (and its experts, if any), gate and up fused."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -380,15 +368,6 @@ class HybridBlock(nn.Module):
         else:
             self.shared_mlp = SharedMLP(config)
 
-    def _feed_forward(self, h: torch.Tensor):
-        x = self.post_attention_layernorm(h)
-        router_logits = None
-        out = self.mlp(x) if self.dense else self.shared_mlp(x)
-        if self.block_sparse_moe is not None:
-            moe, router_logits = self.block_sparse_moe(x)
-            out = moe + out
-        return h + out * self.residual_multiplier, router_logits
-
     def forward(self, h, mask=None, rope=None, seq_idx=None, pad_mask=None, cache=None, cu_seqlens=None):
         x = self.input_layernorm(h)
         if self.kind == "mamba":
@@ -396,7 +375,14 @@ class HybridBlock(nn.Module):
                            cu_seqlens=cu_seqlens)
         else:
             x = self.self_attn(x, mask, rope, cache=cache, layer=self.layer, cu_seqlens=cu_seqlens)
-        return self._feed_forward(h + x * self.residual_multiplier)
+        h = h + x * self.residual_multiplier
+        x = self.post_attention_layernorm(h)
+        router_logits = None
+        out = self.mlp(x) if self.dense else self.shared_mlp(x)
+        if self.block_sparse_moe is not None:
+            moe, router_logits = self.block_sparse_moe(x)
+            out = moe + out
+        return h + out * self.residual_multiplier, router_logits
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -422,8 +408,7 @@ class HybridInner(nn.Module):
 
 
 class HybridForCausalLM(nn.Module):
-    """The in-tree Granite causal LM: Granite 4.0-H for a ``HybridConfig``, dense Granite for a
-    ``DenseGraniteConfig``. See the module docstring for the three entry points."""
+    """The in-tree Granite causal LM: Granite 4.0-H for a ``HybridConfig``, dense Granite for a ``DenseGraniteConfig``."""
 
     def __init__(self, config: HybridConfig | DenseGraniteConfig):
         super().__init__()
@@ -441,15 +426,9 @@ class HybridForCausalLM(nn.Module):
     def init_weights(self) -> None:
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, ExpertWeights, nn.Conv1d)):
                 module.weight.normal_(0.0, std)
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, ExpertWeights):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, nn.Conv1d):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, Mamba2Mixer):
                 module.A_log.copy_(torch.log(torch.arange(1, module.n_heads + 1, dtype=torch.float32)))
@@ -591,10 +570,8 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], n_experts: int,
     logits = torch.cat(router_logits, dim=0)
     probs = torch.softmax(logits, dim=-1)
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(1).float()  # (tokens, experts)
-    if pad_mask is None:
-        weight = torch.ones(logits.shape[0], device=logits.device)
-    else:
-        weight = pad_mask.reshape(-1).float().repeat(len(router_logits))
+    weight = (torch.ones(logits.shape[0], device=logits.device) if pad_mask is None
+              else pad_mask.reshape(-1).float().repeat(len(router_logits)))
     total = weight.sum()
     slots = (chosen * weight[:, None]).sum(0) / total
     mean_prob = (probs * weight[:, None]).sum(0) / total

@@ -12,10 +12,6 @@ from typing import Any
 from posttrain.models.hybrid.configuration import HybridConfig
 
 
-def _granite_layers(n: int = 40, attention: tuple[int, ...] = (5, 15, 25, 35)) -> list[str]:
-    return ["attention" if i in attention else "mamba" for i in range(n)]
-
-
 def _tiny(**fields: Any) -> dict[str, Any]:
     """The tiny shape: 6 layers, attention at layer 3 (the rest Mamba-2), ``fields`` on top."""
     return {
@@ -30,8 +26,9 @@ def _tiny(**fields: Any) -> dict[str, Any]:
 def _granite_4_0_h(**fields: Any) -> dict[str, Any]:
     """What the published Granite 4.0-H shapes share (40 layers, attention at 5, 15, 25, 35), ``fields`` on top."""
     return {
-        "vocab_size": 100352, "num_hidden_layers": 40, "layer_types": _granite_layers(), "mamba_d_head": 64,
-        "mamba_d_state": 128, "mamba_expand": 2, "mamba_d_conv": 4, "mamba_n_groups": 1,
+        "vocab_size": 100352, "num_hidden_layers": 40,
+        "layer_types": ["attention" if i in (5, 15, 25, 35) else "mamba" for i in range(40)],
+        "mamba_d_head": 64, "mamba_d_state": 128, "mamba_expand": 2, "mamba_d_conv": 4, "mamba_n_groups": 1,
         "position_embedding_type": "nope", "tie_word_embeddings": True, **fields,
     }
 
