@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, tokenize_prompts
 from posttrain.rewards import RewardSet, WeightedReward, get
+from posttrain.rewards.base import reward_trainer_state
 from posttrain.rollout import SamplingParams
 from posttrain.tokenizer import completion_text
 
@@ -220,59 +221,61 @@ class RolloutCollector:
         return outs[: n * e.num_samples]  # the repeats are not counted
 
     # -- generation and scoring ---------------------------------------------------------------------------------
-    def _sampling(self, n: int, temperature: float, seed: int) -> SamplingParams:
-        r = self.config.rollout
-        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
-                              top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
-                              n=n, eos_token_id=self.tokenizer.eos_token_id, seed=seed)
-
-    def _trainer_state(self, step: int):
-        """What rewards get as ``trainer_state`` (TRL's argument): steps done, steps planned, epochs of prompts."""
-        from posttrain.rewards.base import reward_trainer_state
-
-        s = self.sampler
-        return reward_trainer_state(step, self.config.run.steps, s.epoch + s.cursor / max(s.size, 1))
-
     def _generate_and_score(self, engine, prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict],
                             n: int, temperature: float, round_index: int, step: int,
                             times: dict[str, float]) -> list[Rollout]:
         """This process's share of ``prompt_rows`` generated and scored, then everyone's gathered (in order)."""
-        c = self.config
+        c, r = self.config, self.config.rollout
         share = len(prompt_rows) // self.num_processes
         lo, hi = self.process_index * share, (self.process_index + 1) * share
-        chunk = c.rollout.prompts_per_call or max(share, 1)
+        chunk = r.prompts_per_call or max(share, 1)
         local: list[Rollout] = []
         t0 = time.perf_counter()
         for start in range(lo, hi, chunk):
             idx = list(range(start, min(start + chunk, hi)))
-            params = self._sampling(n, temperature, call_seed(c.run.seed, round_index, start))
-            if self.env is not None:
-                local += self._multi_turn(engine, idx, prompt_rows, prompt_ids, rows, params)
-                continue
-            outs = engine.generate([prompt_ids[prompt_rows[i]] for i in idx], params)
-            for o in outs:
-                g = idx[o.prompt_index]
-                local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], o.token_ids, o.logprobs,
-                                     o.finish_reason, {}, None))
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
+                                    top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
+                                    n=n, eos_token_id=self.tokenizer.eos_token_id,
+                                    seed=call_seed(c.run.seed, round_index, start))
+            ids = [prompt_ids[prompt_rows[i]] for i in idx]
+            if self.env is None:
+                outs = [(o.prompt_index, o.token_ids, o.logprobs, o.finish_reason, None, None)
+                        for o in engine.generate(ids, params)]
+            else:  # multi-turn rollouts with the tool environment, many trajectories per engine call
+                from posttrain.rollout.multiturn import ToolTurnTemplate, multi_turn_rollout
+
+                if self._tool_template is None:
+                    self._tool_template = ToolTurnTemplate(self.tokenizer)
+                messages = [rows[prompt_rows[i]][c.data.prompt_column] for i in idx]
+                trajs = multi_turn_rollout(engine, self.tokenizer, self.env, ids, messages, params, c.tools.max_turns,
+                                           c.tools.max_tokens, self._tool_template)
+                outs = [(t.prompt_index, t.completion_ids, t.logprobs, "length" if t.finish_reason == "length" else "stop",
+                         t.loss_mask, t.messages) for t in trajs]
+            for k, completion, logprobs, finish_reason, mask, messages in outs:
+                g = idx[k]
+                local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], completion, logprobs,
+                                     finish_reason, {}, None, completion_mask=mask, messages=messages))
         t1 = time.perf_counter()
         errors = 0
         if local:
-            batch_rows = [rows[r.prompt_index] for r in local]
+            batch_rows = [rows[x.prompt_index] for x in local]
             columns = {k: [row.get(k) for row in batch_rows] for k in batch_rows[0]
                        if k not in (c.data.prompt_column, "_where")}
-            columns["completion_ids"] = [r.completion_ids for r in local]
+            columns["completion_ids"] = [x.completion_ids for x in local]
+            s = self.sampler  # trainer_state (TRL's argument): steps done, steps planned, epochs of prompts
+            state = reward_trainer_state(step, c.run.steps, s.epoch + s.cursor / max(s.size, 1))
             result = self.reward_set.score([row[c.data.prompt_column] for row in batch_rows],
-                                           [r.messages if r.messages is not None  # the whole trajectory
-                                            else self.completion_for_reward(row, r.completion_ids)
-                                            for row, r in zip(batch_rows, local, strict=True)],
-                                           pool=self.pool, trainer_state=self._trainer_state(step), **columns)
+                                           [x.messages if x.messages is not None  # the whole trajectory
+                                            else self.completion_for_reward(row, x.completion_ids)
+                                            for row, x in zip(batch_rows, local, strict=True)],
+                                           pool=self.pool, trainer_state=state, **columns)
             result.raise_for_errors(c.rewards.max_error_fraction)
             errors = len(result.errors)
             for name, logged in result.logged_metrics.items():  # the rewards' log_metric calls, averaged
                 times[f"log_metric/{name}"] = sum(logged) / len(logged)
-            for i, r in enumerate(local):
-                r.rewards = {name: values[i] for name, values in result.values.items()}
-                r.total = result.total[i]
+            for i, x in enumerate(local):
+                x.rewards = {name: values[i] for name, values in result.values.items()}
+                x.total = result.total[i]
         t2 = time.perf_counter()
         times["generate"] = times.get("generate", 0.0) + t1 - t0
         times["reward"] = times.get("reward", 0.0) + t2 - t1
@@ -282,22 +285,3 @@ class RolloutCollector:
 
             local = gather_object(local)
         return local
-
-    def _multi_turn(self, engine, idx: list[int], prompt_rows: list[int], prompt_ids: list[list[int]],
-                    rows: list[dict], params: SamplingParams) -> list[Rollout]:
-        """Multi-turn rollouts with the tool environment for the prompts ``idx``, many trajectories per engine call."""
-        from posttrain.rollout.multiturn import ToolTurnTemplate, multi_turn_rollout
-
-        c = self.config
-        if self._tool_template is None:
-            self._tool_template = ToolTurnTemplate(self.tokenizer)
-        messages = [rows[prompt_rows[i]][c.data.prompt_column] for i in idx]
-        trajs = multi_turn_rollout(engine, self.tokenizer, self.env, [prompt_ids[prompt_rows[i]] for i in idx],
-                                   messages, params, c.tools.max_turns, c.tools.max_tokens, self._tool_template)
-        out = []
-        for t in trajs:
-            g = idx[t.prompt_index]
-            out.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], t.completion_ids, t.logprobs,
-                               "length" if t.finish_reason == "length" else "stop", {}, None,
-                               completion_mask=t.loss_mask, messages=t.messages))
-        return out
