@@ -1,14 +1,11 @@
 """GRPO's rollout collection: prompts -> completions from an engine -> rewards -> the step's groups.
 
-``RolloutCollector.collect(engine, step)`` draws ``rollout.prompts_per_step`` prompts per generation round from the
-seeded ``PromptSampler``; each process samples its share (``G`` completions per prompt, seeded engine calls of at most
-``rollout.prompts_per_call`` prompts, or multi-turn tool rollouts with a tool environment); the rewards (with DAPO's
-overlong shaping) score them and every process gathers the whole batch; dynamic sampling drops groups whose outcome
-(the verifier's labels, never the shaped total) is uniform and generates more rounds until the batch is full or
-``dynamic_sampling.max_rounds``. The same generation and scoring serve the held-out evaluation and the asynchronous
-producer. The collector holds no reference to a trainer: it is given the engine and the steps done, and keeps only
-the prompt order, the count of generation rounds and the reward pool. It never changes weights, computes a loss or
-writes a file.
+Each process samples its share of a round's prompts (seeded engine calls, or multi-turn tool rollouts), the rewards
+(with DAPO's overlong shaping) score them, every process gathers the whole batch, and dynamic sampling drops groups
+whose outcome is uniform and generates more rounds. The same generation and scoring serve the held-out evaluation
+and the asynchronous producer. The collector holds no reference to a trainer: it is given the engine and the steps
+done, and keeps only the prompt order, the count of generation rounds and the reward pool. It never changes weights,
+computes a loss or writes a file.
 """
 
 from __future__ import annotations

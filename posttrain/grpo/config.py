@@ -1,10 +1,7 @@
-"""The ``posttrain grpo`` config: small dataclass groups, each field documented where it is declared.
-
-Loaded from a recipe (``recipes/grpo*.yaml``) by ``posttrain.config.load_config(GrpoConfig, path, overrides)``.
-``optim``, ``checkpoint``, ``logging`` and ``run`` are the config family's shared groups (``posttrain.train.config``),
-with GRPO's own fields and defaults added by subclassing; the rest is GRPO's. Cross-group checks live in
-``GrpoConfig.__post_init__`` so a bad combination fails before any work starts. This module must never import
-torch, a model or an engine.
+"""The ``posttrain grpo`` config (``recipes/grpo*.yaml``): small dataclass groups, each field documented where it is
+declared; ``optim``, ``checkpoint``, ``logging`` and ``run`` subclass the shared groups of ``posttrain.train.config``.
+Cross-group checks live in ``GrpoConfig.__post_init__``, so a bad combination fails before any work starts. This
+module must never import torch, a model or an engine.
 """
 
 from __future__ import annotations
@@ -342,6 +339,7 @@ class GrpoConfig:
 
     def __post_init__(self) -> None:
         r, o = self.rollout, self.optim
+        limit = "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"  # a completion's length limit
         checks = [
             (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
             (r.num_generations >= 2, "rollout.num_generations must be >= 2 (advantages compare completions)"),
@@ -350,7 +348,7 @@ class GrpoConfig:
             (r.prompts_per_call >= 0, "rollout.prompts_per_call must be >= 0"),
             (self.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds must be >= 1"),
             (0 <= self.overlong.buffer <= self.max_completion_tokens,
-             f"overlong.buffer must be in [0, {self.length_limit_field}] (= {self.max_completion_tokens})"),
+             f"overlong.buffer must be in [0, {limit}] (= {self.max_completion_tokens})"),
             (o.mini_batches >= 1 and o.num_iterations >= 1, "optim.mini_batches and optim.num_iterations must be >= 1"),
             (o.mini_batches <= r.prompts_per_step * r.num_generations,
              "optim.mini_batches cannot exceed the completions of a generation batch"),
@@ -385,10 +383,6 @@ class GrpoConfig:
         """A completion's length limit: ``rollout.max_new_tokens``, or with tools the trajectory's
         ``tools.max_tokens`` (turns and tool answers together)."""
         return self.tools.max_tokens if self.tools.names else self.rollout.max_new_tokens
-
-    @property
-    def length_limit_field(self) -> str:
-        return "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"
 
     def rollout_correction_on(self, engine_shares_module: bool) -> bool:
         """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``), for an engine

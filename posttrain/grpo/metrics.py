@@ -12,7 +12,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -127,10 +126,7 @@ def write_rollouts(path: Path, step: int, generated: list[Rollout], samples: lis
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
-        merged: dict[int, Any] = {}
-        for part in gather_object([trained]):
-            merged.update(part)
-        trained = merged
+        trained = {i: logprobs for part in gather_object([trained]) for i, logprobs in part.items()}
     if not acc.is_main_process:
         return
     index = {id(s): i for i, s in enumerate(samples)}

@@ -18,11 +18,7 @@ A failed or timed-out sync leaves the server serving the weights it had and repo
 error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyncError` within the time-out.
 
 Beside them, the OpenAI API of ``posttrain serve`` (``posttrain.serving.server.OpenAIRoutes``) on the same engine,
-for evaluating or probing the policy being trained: chat and completions with log-probs, penalties and grammars
-through the engine's own sampler (with ``--engine vllm``, vLLM's sampler, log-probs and structured outputs carry
-them, and log-probs are the processed ones: vLLM fixes ``logprobs_mode`` per engine, and GRPO needs those),
-``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine that streams
-(native, transformers). The transport is ``posttrain.serving.http``'s.
+for probing the policy being trained (with ``--engine vllm``, its log-probs are the processed ones GRPO needs).
 
 The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
 The server binds 127.0.0.1 unless told otherwise; ``--api-key`` guards the ``/v1`` routes only (as vLLM's server

@@ -1,13 +1,9 @@
-"""The GRPO loop: generate G completions per prompt, score them, compute group advantages, and take several
-optimizer steps on them with the configured policy loss (DAPO by default), on the training chassis.
-
-``GrpoTrainer.step`` collects the step's groups (``posttrain.grpo.collect``, or the asynchronous producer calling the
-same collector on its own copy of the policy), computes advantages per group, lays the batch out on the device
-(``posttrain.grpo.batch``) and takes one optimizer step per mini-batch for ``optim.num_iterations`` passes, each
-mini-batch split across processes and packed into padding-free rows; log-probabilities come from the fused chunked
-kernel (``posttrain.grpo.policy``), never from a full logits tensor. The chassis (``posttrain.train.chassis``) holds
-the accelerator, optimizer, schedule, clipping, the non-finite guard, checkpoints, metrics.jsonl, trackers and the
-loop. This module must never write outside ``checkpoint.output_dir`` nor change the rewards' values.
+"""The GRPO loop on the training chassis (``posttrain.train.chassis``: accelerator, optimizer, schedule, clipping,
+the non-finite guard, checkpoints, metrics, the loop): ``GrpoTrainer.step`` collects G completions per prompt
+(``collect``, or the asynchronous producer), computes group advantages, and takes one optimizer step per mini-batch
+for ``optim.num_iterations`` passes, each mini-batch split across processes and packed into padding-free rows
+(``batch``), log-probabilities from the fused kernel (``policy``). This module must never write outside
+``checkpoint.output_dir`` nor change the rewards' values.
 """
 
 from __future__ import annotations
@@ -211,12 +207,9 @@ class GrpoTrainer:
         if recompute is None:
             # an engine decoding the trainer's own module in float32 sampled with the trainer's log-probs
             recompute = not (self.engine.capabilities.shares_module and self.core.dtype == torch.float32)
-        if truncated_sampling or self.correction is not None:
-            # the sampler's log-probs are of the truncated distribution (or another engine's): the ratio's old
-            # policy is the trainer's own, and the sampler's serve the correction only
-            recompute = True
-        if off_policy:  # the ratio is against the generating policy, whose log-probs only the sampler has
-            recompute = False
+        # truncated sampling, or another engine: the ratio's old policy is the trainer's own (the sampler's log-probs
+        # serve the correction only); off-policy: the generating policy's, whose log-probs only the sampler has
+        recompute = not off_policy and (recompute or truncated_sampling or self.correction is not None)
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
         old = ref = weights = None
         if need_old and batch.samples:
@@ -306,7 +299,7 @@ class GrpoTrainer:
                         batch.samples[i].old_logprobs = lp.tolist()
                 ref_lp = ref[micro.target_index].to(logp) if ref is not None else None
                 is_weight = weights[micro.target_index].to(logp) if weights is not None else None
-                loss, st = policy_loss(c.loss, logp, old_lp, adv, micro.seq_ids, micro.num_samples, norm,
+                loss, st = policy_loss(c.loss, logp, old_lp, adv, micro.seq_ids, len(micro.samples), norm,
                                        ref_logp=ref_lp, is_weight=is_weight)
                 finite = finite and bool(torch.isfinite(loss))
                 loss_total += loss.item()
