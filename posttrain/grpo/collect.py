@@ -70,30 +70,6 @@ class Collected:
     times: dict[str, float]
 
 
-def call_seed(seed: int, round_index: int, first_prompt: int) -> int:
-    """The sampling seed of one engine call: the run seed, the generation round and the call's first prompt."""
-    return (seed * 1_000_003 + round_index * 7_919 + first_prompt) % (2**62)
-
-
-def build_rollout_engine(config: GrpoConfig, name: str, model, tokenizer, *, family: str, needs: set[str],
-                         processes: int):
-    """The engine ``name`` (``posttrain.rollout.registry``) on ``model`` with the run's ``rollout`` settings: the
-    seed, the longest sequence, vLLM's memory and sleep, a server's address and the weight-sync group."""
-    import torch
-
-    from posttrain.rollout.registry import build_engine
-    from posttrain.rollout.weight_sync import SyncGroupConfig
-
-    c, r = config, config.rollout
-    backend = r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    return build_engine(name, None, family=family, field="rollout.engine", needs=needs, model=model,
-                        tokenizer=tokenizer, seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
-                        gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
-                        url=r.server_url, processes=processes,
-                        sync_group=SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, backend=backend,
-                                                   timeout_s=r.sync_timeout_s))
-
-
 class RolloutCollector:
     """Generates and scores GRPO's groups. ``rows``/``eval_rows``: prompt rows (None: read from ``data.path`` and
     ``eval.path``); ``env``: a ``posttrain.grpo.tools.ToolEnvironment`` (None: built from ``tools.names``, if any);
@@ -230,10 +206,11 @@ class RolloutCollector:
         t0 = time.perf_counter()
         for start in range(lo, hi, chunk):
             idx = list(range(start, min(start + chunk, hi)))
+            # each engine call's seed: the run seed, the generation round and the call's first prompt
             params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
                                     top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
                                     n=n, eos_token_id=self.tokenizer.eos_token_id,
-                                    seed=call_seed(c.run.seed, round_index, start))
+                                    seed=(c.run.seed * 1_000_003 + round_index * 7_919 + start) % (2**62))
             ids = [prompt_ids[prompt_rows[i]] for i in idx]
             if self.env is None:
                 outs = [(o.prompt_index, o.token_ids, o.logprobs, o.finish_reason, None, None)

@@ -27,8 +27,7 @@ class LossConfig:
         ``gspo_token``, the GSPO paper's range for its sequence-level ratio, which moves far less than a token's).
     epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, 4e-4 for
         ``gspo``/``gspo_token``, else equal to epsilon_low, the symmetric clip).
-    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run). The reference is
-        ``model.ref_path`` or, by default, a frozen copy of the starting policy (with LoRA: the adapters disabled).
+    beta: weight of the k3 KL to the reference model (``model.ref_path``; 0: no reference model is kept or run).
     scale_rewards: divide the group-centred rewards by the group std (None: yes, except for ``dr_grpo``).
     mask_truncated: completions cut at max_new_tokens contribute no loss (DAPO's overlong filtering).
     """
@@ -289,9 +288,7 @@ class RunConfig(RunSettings):
     steps: generation steps.
     """
 
-    # where the run starts: null (default) always starts at step 0; "latest" continues from the newest valid
-    # checkpoint in checkpoint.output_dir, or starts at step 0 when there is none; a checkpoint folder: exactly that
-    # checkpoint, an error if it is not valid (see RunSettings.resume)
+    # where the run starts: null (default) always at step 0; "latest" or a checkpoint folder as in RunSettings.resume
     resume: str | None = None
     steps: int = 100
 
@@ -384,11 +381,12 @@ class GrpoConfig:
         ``tools.max_tokens`` (turns and tool answers together)."""
         return self.tools.max_tokens if self.tools.names else self.rollout.max_new_tokens
 
-    def rollout_correction_on(self, engine_shares_module: bool) -> bool:
+    def rollout_correction_on(self, engine_shares_module: bool, bfloat16: bool = False) -> bool:
         """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``), for an engine
-        that does (or does not) decode the trainer's own module (``Capabilities.shares_module``)."""
+        that does (or does not) decode the trainer's own module (``Capabilities.shares_module``); ``bfloat16``: the
+        policy is in bfloat16 whatever ``model.dtype`` says (a model given directly)."""
         rc, r = self.rollout_correction, self.rollout
         if rc.enabled is not None:
             return rc.enabled and (rc.weights != "none" or rc.mask != "none")
-        auto = not engine_shares_module or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
+        auto = not engine_shares_module or bfloat16 or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
         return auto and not self.async_rollout.enabled and (rc.weights != "none" or rc.mask != "none")

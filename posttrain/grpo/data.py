@@ -1,10 +1,5 @@
-"""GRPO's inputs and the shapes its update runs on: prompt rows, their epoch order, and packed micro-batches.
-
-``load_prompt_rows`` reads JSONL (errors name the file and line) or a ``datasets`` folder; ``tokenize_prompts``
-applies the chat template to conversational prompts and enforces ``max_prompt_tokens`` (error naming the row, or
-drop with a count); ``PromptSampler`` walks seeded epoch permutations and its position is a checkpointable pair;
-``pack_micro_batches`` groups sequences into rows under a token budget (first-fit decreasing). This module never
-touches a model.
+"""GRPO's inputs and the shapes its update runs on: prompt rows (errors name the file and line or the row), their
+token ids, their seeded epoch order, and packed micro-batches. This module never touches a model.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Tools for multi-turn RL: plain Python functions with JSON-schema signatures, and the environment that runs them.
 
-A :class:`Tool` is a function plus the JSON schema of its arguments (the ``{"type": "function", "function":
-{...}}`` entry the chat template renders into the system turn). :class:`ToolEnvironment` takes the conversation
-so far, parses the calls of its last assistant message exactly as the ``tool_call`` reward parses them
-(``posttrain.rewards.tool_call.find_tool_calls``), validates each call's arguments against the tool's schema
-(``jsonschema``), runs it and answers with one ``tool`` message per call. A failing call (unknown tool, malformed
-block, arguments that break the schema, an exception, a time-out) is answered with an error message the model can
-read; it never stops the rollout. Built-in tools: ``calculator`` (arithmetic through Python's ``ast``, never
+:class:`ToolEnvironment` parses the calls of the last assistant message exactly as the ``tool_call`` reward parses
+them (``posttrain.rewards.tool_call.find_tool_calls``), validates each call's arguments against the tool's JSON
+schema, runs it and answers with one ``tool`` message per call. A failing call (unknown tool, malformed block,
+arguments that break the schema, an exception, a time-out) is answered with an error message the model can read;
+it never stops the rollout. Built-in tools: ``calculator`` (arithmetic through Python's ``ast``, never
 ``eval``) and ``python`` (runs the model's code in ``posttrain.rewards.sandbox``, never in this process).
 This module never touches a model.
 """

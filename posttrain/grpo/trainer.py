@@ -26,7 +26,7 @@ from posttrain.config import config_to_dict
 from posttrain.eval.metrics import outcome_accuracy
 from posttrain.families import is_in_tree
 from posttrain.grpo.batch import MicroBatch, RolloutBatch
-from posttrain.grpo.collect import Rollout, RolloutCollector, build_rollout_engine
+from posttrain.grpo.collect import Rollout, RolloutCollector
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import pack_micro_batches
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
@@ -107,11 +107,8 @@ class GrpoTrainer:
 
             self.async_rollouts = AsyncRollouts(self.collector.producer(self.engine),
                                                 self.rollout_model.load_state_dict, c.async_rollout.max_staleness)
-        rc = c.rollout_correction
-        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module) or (
-            rc.enabled is None and self.core.dtype == torch.bfloat16 and not c.async_rollout.enabled
-            and (rc.weights, rc.mask) != ("none", "none"))
-        self.correction = rc if corrects else None
+        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module, self.core.dtype == torch.bfloat16)
+        self.correction = c.rollout_correction if corrects else None
         self.step_count = self.skipped_updates = 0
         self.history: list[dict[str, float]] = []
         self.last_batch: list[Rollout] = []  # the last step's groups after dynamic sampling, with advantages
@@ -125,13 +122,21 @@ class GrpoTrainer:
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def _build_engine(self, model=None):
-        """The configured engine on ``model`` (default: the policy, or async's copy of it), starting from the
-        trainer's weights."""
+        """The configured engine (``posttrain.rollout.registry``) on ``model`` (default: the policy, or async's copy
+        of it) with the run's ``rollout`` settings, starting from the trainer's weights."""
+        from posttrain.rollout.registry import build_engine
+        from posttrain.rollout.weight_sync import SyncGroupConfig
+
+        c, r = self.config, self.config.rollout
         if model is None:
             model = self.rollout_model if self.rollout_model is not None else self.accelerator.unwrap_model(self.model)
-        engine = build_rollout_engine(self.config, self.engine_spec.name, model, self.tokenizer,
-                                      family=self.engine_family or self.core.config.model_type,
-                                      needs=self.engine_needs, processes=self.accelerator.num_processes)
+        sync = SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, timeout_s=r.sync_timeout_s,
+                               backend=r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        engine = build_engine(self.engine_spec.name, None, family=self.engine_family or self.core.config.model_type,
+                              field="rollout.engine", needs=self.engine_needs, model=model, tokenizer=self.tokenizer,
+                              seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
+                              url=r.server_url, processes=self.accelerator.num_processes, sync_group=sync)
         engine.sync_weights(self.core)  # the engine starts from the trainer's weights (a no-op on the same module)
         return engine
 
