@@ -153,7 +153,7 @@ class RolloutCollector:
         times: dict[str, float] = {}
         kept: list[list[Rollout]] = []
         generated: list[Rollout] = []
-        rounds = dropped = n_groups = 0
+        rounds = dropped = 0
         max_rounds = c.dynamic_sampling.max_rounds if c.dynamic_sampling.enabled else 1
         while len(kept) < need and rounds < max_rounds:
             prompt_rows = self.sampler.take(need)
@@ -164,13 +164,12 @@ class RolloutCollector:
             generated += outs
             for g in range(need):
                 group = outs[g * G:(g + 1) * G]
-                n_groups += 1
                 if c.dynamic_sampling.enabled and len({self.outcome(r) for r in group} - {None}) <= 1:
                     dropped += 1
                 else:
                     kept.append(group)
         kept = kept[:need]
-        counts = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/generated_groups": n_groups,
+        counts = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/generated_groups": rounds * need,
                   "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/kept_groups": len(kept)}
         if len(kept) < need:
             logger.warning("step %d: %d of %d groups after %d generation rounds (dynamic sampling dropped %d)",

@@ -7,15 +7,13 @@ module must never import torch, a model or an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from posttrain.rewards import RewardsConfig
 from posttrain.train.config import CheckpointSettings, LoggingSettings, OptimizerSettings, RunSettings
 
 LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
-LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo", "gspo_token")
-# the ratio: per token, or one per completion (GSPO's length-normalised sequence ratio)
-SEQUENCE_RATIO = ("gspo", "gspo_token")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 @dataclass
@@ -42,9 +40,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.type!r}")
-        sequence_ratio = self.type in SEQUENCE_RATIO
-        if self.epsilon_low is None:
-            self.epsilon_low = 3e-4 if sequence_ratio else 0.2
+        if self.epsilon_low is None:  # GSPO's length-normalised sequence ratio moves far less than a token's
+            self.epsilon_low = 3e-4 if self.type in ("gspo", "gspo_token") else 0.2
         if self.epsilon_high is None:
             self.epsilon_high = {"dapo": 0.28, "gspo": 4e-4, "gspo_token": 4e-4}.get(self.type, self.epsilon_low)
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):

@@ -131,21 +131,20 @@ class RolloutServer:
         return {"closed": True}
 
 
-def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_key: str | None = None,
-              max_body_bytes: int = 1 << 30, **api_options) -> ServingApp:
+def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_key: str | None = None) -> ServingApp:
     """The server's ASGI app: the rollout endpoints above and, given a tokenizer, the OpenAI API
     (``posttrain.serving.server``) on the same engine, whose generation and weight loading share ``server.lock``."""
     registry = CollectorRegistry()
     scheduler = None
-    if server.engine_name == "vllm":  # its log-probs are the processed ones GRPO needs: vLLM sets that per engine
-        api_options.setdefault("logprobs_mode", "processed_logprobs")
+    # vLLM's log-probs are the processed ones GRPO needs: vLLM sets that per engine
+    api_options = {"logprobs_mode": "processed_logprobs"} if server.engine_name == "vllm" else {}
     if tokenizer is not None:
         scheduler = BatchScheduler(server.engine, lock=server.lock)
         api = OpenAIRoutes(tokenizer, server.engine, scheduler, name, model_config, registry=registry, **api_options)
 
     def post(method):
         async def endpoint(request: Request) -> JSONResponse:
-            body = await read_json(request, max_body_bytes)
+            body = await read_json(request, 1 << 30)
             try:  # in a worker thread: generation and weight sync block
                 return JSONResponse(await run_in_threadpool(method, body))
             except (ValueError, TypeError) as e:

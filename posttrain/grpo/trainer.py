@@ -239,30 +239,26 @@ class GrpoTrainer:
                 norm = loss_normalizer(c.loss.type, [s.num_trained for s in mini], self.collector.max_completion_tokens)
                 self._train_mini_batch(batch, rows, norm, old, ref, weights, stats)
 
-    def _logprobs(self, model, micro: MicroBatch, entropy: bool = False, head=None):
-        """Per-token log-probs (and entropies) of a micro-batch's targets from its packed row. ``model`` gives the
-        hidden states and ``head`` (default: the policy) the output layer: the reference model must score with its
-        own. A model other than the prepared policy runs under the policy's autocast."""
-        autocast = contextlib.nullcontext() if model is self.model else self.accelerator.autocast()
-        with autocast:
+    def _logprobs(self, model, micro: MicroBatch, entropy: bool = False):
+        """Per-token log-probs (and entropies) of a micro-batch's targets from its packed row, through ``model`` end to
+        end: the policy, or the reference model (its own output layer included, under the policy's autocast)."""
+        policy = model is self.model
+        with contextlib.nullcontext() if policy else self.accelerator.autocast():
             hidden = final_hidden(model, micro.ids, micro.positions)[0, micro.target_pos]
-        return head_logprobs(head or self.core, hidden, micro.targets, self.config.rollout.temperature, entropy)
+        return head_logprobs(self.core if policy else model, hidden, micro.targets, self.config.rollout.temperature,
+                             entropy)
 
     @torch.no_grad()
     def _frozen_logprobs(self, batch: RolloutBatch, which: str) -> torch.Tensor:
         """Per-target log-probs (float32, in the batch's target order) under the current policy (``old``) or the
         reference model (``ref``), no grad."""
         out = torch.empty(batch.targets.shape, dtype=torch.float32, device=batch.device)
-        for idxs in pack_micro_batches(batch.row_lengths, self.config.optim.micro_batch_tokens):
-            micro = batch.micro(idxs)
-            if which == "ref" and self.ref_model is None:  # LoRA: the reference is the model with adapters off
-                with self.accelerator.unwrap_model(self.model).disable_adapter():
-                    lp = self._logprobs(self.model, micro)
-            elif which == "ref":  # the reference's own weights end to end, its output layer included
-                lp = self._logprobs(self.ref_model, micro, head=self.ref_model)
-            else:
-                lp = self._logprobs(self.model, micro)
-            out[micro.target_index] = lp.float()
+        adapters_off = which == "ref" and self.ref_model is None  # LoRA: the reference is the policy, adapters off
+        model = self.ref_model if which == "ref" and not adapters_off else self.model
+        with self.accelerator.unwrap_model(self.model).disable_adapter() if adapters_off else contextlib.nullcontext():
+            for idxs in pack_micro_batches(batch.row_lengths, self.config.optim.micro_batch_tokens):
+                micro = batch.micro(idxs)
+                out[micro.target_index] = self._logprobs(model, micro).float()
         return out
 
     def _rollout_correction(self, batch: RolloutBatch, old: torch.Tensor, stats: StepStats) -> torch.Tensor | None:
