@@ -111,9 +111,7 @@ class RolloutCollector:
                                     WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
         self.reward_set = reward_set
         labels = [r.name for r in reward_set.rewards]
-        # The outcome (accuracy, dynamic sampling): the configured reward, or else, sample by sample, the first of the
-        # user's rewards that scores it (a math verifier on math prompts, a tool-call checker on tool prompts).
-        metric = c.dynamic_sampling.metric
+        metric = c.dynamic_sampling.metric  # the outcome's reward (accuracy, dynamic sampling), see its field
         if metric is not None and metric not in labels:
             self.close()
             raise ValueError(f"dynamic_sampling.metric {metric!r} is not the label of a reward (labels: {labels})")
@@ -124,8 +122,7 @@ class RolloutCollector:
 
     @property
     def max_completion_tokens(self) -> int:
-        """L, a completion's length limit (overlong shaping, dr_grpo's normaliser): a turn's, or a trajectory's with
-        tools."""
+        """L, a completion's length limit (overlong shaping, dr_grpo's normaliser); with tools, a trajectory's."""
         return self.config.tools.max_tokens if self.env is not None else self.config.rollout.max_new_tokens
 
     def close(self) -> None:

@@ -374,8 +374,7 @@ class GrpoConfig:
 
     @property
     def max_completion_tokens(self) -> int:
-        """A completion's length limit: ``rollout.max_new_tokens``, or with tools the trajectory's
-        ``tools.max_tokens`` (turns and tool answers together)."""
+        """A completion's length limit (see ``RolloutConfig.max_new_tokens``)."""
         return self.tools.max_tokens if self.tools.names else self.rollout.max_new_tokens
 
     def rollout_correction_on(self, engine_shares_module: bool, bfloat16: bool = False) -> bool:

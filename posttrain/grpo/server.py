@@ -95,8 +95,7 @@ class RolloutServer:
         return thread
 
     def init_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
-        fields = {k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body}
-        cfg = SyncGroupConfig(**fields)
+        cfg = SyncGroupConfig(**{k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body})
         rank = int(body.get("rank", 1))
 
         def join():
@@ -214,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError as e:  # token ids in and out still work: the rollout endpoints need no tokenizer
         tokenizer = None
-        logging.getLogger(__name__).info("no OpenAI routes: %s", e)
+        logger.info("no OpenAI routes: %s", e)
     app = build_app(server, tokenizer, read_model_config(args.model), name, api_key=args.api_key)
     http = HttpServer(app, args.host, args.port, name="posttrain-vllm-serve").start()
     print(f"posttrain vllm-serve: {server.engine_name} engine on {http.url}", flush=True)
