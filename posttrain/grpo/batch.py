@@ -31,10 +31,6 @@ class MicroBatch:
     seq_ids: torch.Tensor  # (N,) each target's sample, 0..S-1 within the row
     target_index: torch.Tensor  # (N,) the targets' places in the batch's per-target tensors
 
-    @property
-    def num_samples(self) -> int:
-        return int(self.samples.numel())
-
 
 @dataclass
 class RolloutBatch:

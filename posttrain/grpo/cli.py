@@ -2,9 +2,9 @@
 
 Run under ``accelerate launch`` for several processes. This module only parses arguments, checks the inputs the
 recipe names (one line and exit code 2 for a missing model, tokenizer, data file or tracker package, or an engine
-that cannot run the model or lacks what the run needs) and starts the
-trainer; it never holds training logic. A reward that fails past ``rewards.max_error_fraction`` ends the run with
-exit code 1 and the reward's name and traceback.
+that cannot run the model or lacks what the run needs) and starts the trainer; it never holds training logic. A
+reward that fails past ``rewards.max_error_fraction`` ends the run with exit code 1 and the reward's name and
+traceback.
 """
 
 from __future__ import annotations

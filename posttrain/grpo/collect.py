@@ -1,14 +1,11 @@
 """GRPO's rollout collection: prompts -> completions from an engine -> rewards -> the step's groups.
 
-``RolloutCollector.collect(engine, step)`` draws ``rollout.prompts_per_step`` prompts per generation round from the
-seeded ``PromptSampler``; each process samples its share (``G`` completions per prompt, seeded engine calls of at most
-``rollout.prompts_per_call`` prompts, or multi-turn tool rollouts with a tool environment); the rewards (with DAPO's
-overlong shaping) score them and every process gathers the whole batch; dynamic sampling drops groups whose outcome
-(the verifier's labels, never the shaped total) is uniform and generates more rounds until the batch is full or
-``dynamic_sampling.max_rounds``. The same generation and scoring serve the held-out evaluation and the asynchronous
-producer. The collector holds no reference to a trainer: it is given the engine and the steps done, and keeps only
-the prompt order, the count of generation rounds and the reward pool. It never changes weights, computes a loss or
-writes a file.
+Each process samples its share of a round's prompts (seeded engine calls, or multi-turn tool rollouts), the rewards
+(with DAPO's overlong shaping) score them, every process gathers the whole batch, and dynamic sampling drops groups
+whose outcome is uniform and generates more rounds. The same generation and scoring serve the held-out evaluation
+and the asynchronous producer. The collector holds no reference to a trainer: it is given the engine and the steps
+done, and keeps only the prompt order, the count of generation rounds and the reward pool. It never changes weights,
+computes a loss or writes a file.
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ from dataclasses import dataclass
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, tokenize_prompts
 from posttrain.rewards import RewardSet, WeightedReward, get
+from posttrain.rewards.base import reward_trainer_state
 from posttrain.rollout import SamplingParams
 from posttrain.tokenizer import completion_text
 
@@ -72,30 +70,6 @@ class Collected:
     times: dict[str, float]
 
 
-def call_seed(seed: int, round_index: int, first_prompt: int) -> int:
-    """The sampling seed of one engine call: the run seed, the generation round and the call's first prompt."""
-    return (seed * 1_000_003 + round_index * 7_919 + first_prompt) % (2**62)
-
-
-def build_rollout_engine(config: GrpoConfig, name: str, model, tokenizer, *, family: str, needs: set[str],
-                         processes: int):
-    """The engine ``name`` (``posttrain.rollout.registry``) on ``model`` with the run's ``rollout`` settings: the
-    seed, the longest sequence, vLLM's memory and sleep, a server's address and the weight-sync group."""
-    import torch
-
-    from posttrain.rollout.registry import build_engine
-    from posttrain.rollout.weight_sync import SyncGroupConfig
-
-    c, r = config, config.rollout
-    backend = r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    return build_engine(name, None, family=family, field="rollout.engine", needs=needs, model=model,
-                        tokenizer=tokenizer, seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
-                        gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
-                        url=r.server_url, processes=processes,
-                        sync_group=SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, backend=backend,
-                                                   timeout_s=r.sync_timeout_s))
-
-
 class RolloutCollector:
     """Generates and scores GRPO's groups. ``rows``/``eval_rows``: prompt rows (None: read from ``data.path`` and
     ``eval.path``); ``env``: a ``posttrain.grpo.tools.ToolEnvironment`` (None: built from ``tools.names``, if any);
@@ -137,9 +111,7 @@ class RolloutCollector:
                                     WeightedReward("overlong", overlong, c.overlong.weight, in_process=True)])
         self.reward_set = reward_set
         labels = [r.name for r in reward_set.rewards]
-        # The outcome (accuracy, dynamic sampling): the configured reward, or else, sample by sample, the first of the
-        # user's rewards that scores it (a math verifier on math prompts, a tool-call checker on tool prompts).
-        metric = c.dynamic_sampling.metric
+        metric = c.dynamic_sampling.metric  # the outcome's reward (accuracy, dynamic sampling), see its field
         if metric is not None and metric not in labels:
             self.close()
             raise ValueError(f"dynamic_sampling.metric {metric!r} is not the label of a reward (labels: {labels})")
@@ -150,8 +122,7 @@ class RolloutCollector:
 
     @property
     def max_completion_tokens(self) -> int:
-        """L, a completion's length limit (overlong shaping, dr_grpo's normaliser): a turn's, or a trajectory's with
-        tools."""
+        """L, a completion's length limit (overlong shaping, dr_grpo's normaliser); with tools, a trajectory's."""
         return self.config.tools.max_tokens if self.env is not None else self.config.rollout.max_new_tokens
 
     def close(self) -> None:
@@ -179,7 +150,7 @@ class RolloutCollector:
         times: dict[str, float] = {}
         kept: list[list[Rollout]] = []
         generated: list[Rollout] = []
-        rounds = dropped = n_groups = 0
+        rounds = dropped = 0
         max_rounds = c.dynamic_sampling.max_rounds if c.dynamic_sampling.enabled else 1
         while len(kept) < need and rounds < max_rounds:
             prompt_rows = self.sampler.take(need)
@@ -190,13 +161,12 @@ class RolloutCollector:
             generated += outs
             for g in range(need):
                 group = outs[g * G:(g + 1) * G]
-                n_groups += 1
                 if c.dynamic_sampling.enabled and len({self.outcome(r) for r in group} - {None}) <= 1:
                     dropped += 1
                 else:
                     kept.append(group)
         kept = kept[:need]
-        counts = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/generated_groups": n_groups,
+        counts = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/generated_groups": rounds * need,
                   "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/kept_groups": len(kept)}
         if len(kept) < need:
             logger.warning("step %d: %d of %d groups after %d generation rounds (dynamic sampling dropped %d)",
@@ -220,59 +190,62 @@ class RolloutCollector:
         return outs[: n * e.num_samples]  # the repeats are not counted
 
     # -- generation and scoring ---------------------------------------------------------------------------------
-    def _sampling(self, n: int, temperature: float, seed: int) -> SamplingParams:
-        r = self.config.rollout
-        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
-                              top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
-                              n=n, eos_token_id=self.tokenizer.eos_token_id, seed=seed)
-
-    def _trainer_state(self, step: int):
-        """What rewards get as ``trainer_state`` (TRL's argument): steps done, steps planned, epochs of prompts."""
-        from posttrain.rewards.base import reward_trainer_state
-
-        s = self.sampler
-        return reward_trainer_state(step, self.config.run.steps, s.epoch + s.cursor / max(s.size, 1))
-
     def _generate_and_score(self, engine, prompt_rows: list[int], prompt_ids: list[list[int]], rows: list[dict],
                             n: int, temperature: float, round_index: int, step: int,
                             times: dict[str, float]) -> list[Rollout]:
         """This process's share of ``prompt_rows`` generated and scored, then everyone's gathered (in order)."""
-        c = self.config
+        c, r = self.config, self.config.rollout
         share = len(prompt_rows) // self.num_processes
         lo, hi = self.process_index * share, (self.process_index + 1) * share
-        chunk = c.rollout.prompts_per_call or max(share, 1)
+        chunk = r.prompts_per_call or max(share, 1)
         local: list[Rollout] = []
         t0 = time.perf_counter()
         for start in range(lo, hi, chunk):
             idx = list(range(start, min(start + chunk, hi)))
-            params = self._sampling(n, temperature, call_seed(c.run.seed, round_index, start))
-            if self.env is not None:
-                local += self._multi_turn(engine, idx, prompt_rows, prompt_ids, rows, params)
-                continue
-            outs = engine.generate([prompt_ids[prompt_rows[i]] for i in idx], params)
-            for o in outs:
-                g = idx[o.prompt_index]
-                local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], o.token_ids, o.logprobs,
-                                     o.finish_reason, {}, None))
+            # each engine call's seed: the run seed, the generation round and the call's first prompt
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=temperature,
+                                    top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else 0,
+                                    n=n, eos_token_id=self.tokenizer.eos_token_id,
+                                    seed=(c.run.seed * 1_000_003 + round_index * 7_919 + start) % (2**62))
+            ids = [prompt_ids[prompt_rows[i]] for i in idx]
+            if self.env is None:
+                outs = [(o.prompt_index, o.token_ids, o.logprobs, o.finish_reason, None, None)
+                        for o in engine.generate(ids, params)]
+            else:  # multi-turn rollouts with the tool environment, many trajectories per engine call
+                from posttrain.rollout.multiturn import ToolTurnTemplate, multi_turn_rollout
+
+                if self._tool_template is None:
+                    self._tool_template = ToolTurnTemplate(self.tokenizer)
+                messages = [rows[prompt_rows[i]][c.data.prompt_column] for i in idx]
+                trajs = multi_turn_rollout(engine, self.tokenizer, self.env, ids, messages, params, c.tools.max_turns,
+                                           c.tools.max_tokens, self._tool_template)
+                outs = [(t.prompt_index, t.completion_ids, t.logprobs, "length" if t.finish_reason == "length" else "stop",
+                         t.loss_mask, t.messages) for t in trajs]
+            for k, completion, logprobs, finish_reason, mask, messages in outs:
+                g = idx[k]
+                local.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], completion, logprobs,
+                                     finish_reason, {}, None, completion_mask=mask, messages=messages))
         t1 = time.perf_counter()
         errors = 0
         if local:
-            batch_rows = [rows[r.prompt_index] for r in local]
+            batch_rows = [rows[x.prompt_index] for x in local]
             columns = {k: [row.get(k) for row in batch_rows] for k in batch_rows[0]
                        if k not in (c.data.prompt_column, "_where")}
-            columns["completion_ids"] = [r.completion_ids for r in local]
+            columns["completion_ids"] = [x.completion_ids for x in local]
+            s = self.sampler  # trainer_state (TRL's argument): steps done, steps planned, epochs of prompts
+            state = reward_trainer_state(step, c.run.steps, s.epoch + s.cursor / max(s.size, 1))
             result = self.reward_set.score([row[c.data.prompt_column] for row in batch_rows],
-                                           [r.messages if r.messages is not None  # the whole trajectory
-                                            else self.completion_for_reward(row, r.completion_ids)
-                                            for row, r in zip(batch_rows, local, strict=True)],
-                                           pool=self.pool, trainer_state=self._trainer_state(step), **columns)
+                                           [x.messages if x.messages is not None  # the whole trajectory
+                                            else self.completion_for_reward(row, x.completion_ids)
+                                            for row, x in zip(batch_rows, local, strict=True)],
+                                           pool=self.pool, trainer_state=state, **columns)
             result.raise_for_errors(c.rewards.max_error_fraction)
             errors = len(result.errors)
             for name, logged in result.logged_metrics.items():  # the rewards' log_metric calls, averaged
                 times[f"log_metric/{name}"] = sum(logged) / len(logged)
-            for i, r in enumerate(local):
-                r.rewards = {name: values[i] for name, values in result.values.items()}
-                r.total = result.total[i]
+            for i, x in enumerate(local):
+                x.rewards = {name: values[i] for name, values in result.values.items()}
+                x.total = result.total[i]
         t2 = time.perf_counter()
         times["generate"] = times.get("generate", 0.0) + t1 - t0
         times["reward"] = times.get("reward", 0.0) + t2 - t1
@@ -282,22 +255,3 @@ class RolloutCollector:
 
             local = gather_object(local)
         return local
-
-    def _multi_turn(self, engine, idx: list[int], prompt_rows: list[int], prompt_ids: list[list[int]],
-                    rows: list[dict], params: SamplingParams) -> list[Rollout]:
-        """Multi-turn rollouts with the tool environment for the prompts ``idx``, many trajectories per engine call."""
-        from posttrain.rollout.multiturn import ToolTurnTemplate, multi_turn_rollout
-
-        c = self.config
-        if self._tool_template is None:
-            self._tool_template = ToolTurnTemplate(self.tokenizer)
-        messages = [rows[prompt_rows[i]][c.data.prompt_column] for i in idx]
-        trajs = multi_turn_rollout(engine, self.tokenizer, self.env, [prompt_ids[prompt_rows[i]] for i in idx],
-                                   messages, params, c.tools.max_turns, c.tools.max_tokens, self._tool_template)
-        out = []
-        for t in trajs:
-            g = idx[t.prompt_index]
-            out.append(Rollout(g, prompt_rows[g], prompt_ids[prompt_rows[g]], t.completion_ids, t.logprobs,
-                               "length" if t.finish_reason == "length" else "stop", {}, None,
-                               completion_mask=t.loss_mask, messages=t.messages))
-        return out

@@ -1,24 +1,19 @@
-"""The ``posttrain grpo`` config: small dataclass groups, each field documented where it is declared.
-
-Loaded from a recipe (``recipes/grpo*.yaml``) by ``posttrain.config.load_config(GrpoConfig, path, overrides)``.
-``optim``, ``checkpoint``, ``logging`` and ``run`` are the config family's shared groups (``posttrain.train.config``),
-with GRPO's own fields and defaults added by subclassing; the rest is GRPO's. Cross-group checks live in
-``GrpoConfig.__post_init__`` so a bad combination fails before any work starts. This module must never import
-torch, a model or an engine.
+"""The ``posttrain grpo`` config (``recipes/grpo*.yaml``): small dataclass groups, each field documented where it is
+declared; ``optim``, ``checkpoint``, ``logging`` and ``run`` subclass the shared groups of ``posttrain.train.config``.
+Cross-group checks live in ``GrpoConfig.__post_init__``, so a bad combination fails before any work starts. This
+module must never import torch, a model or an engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from posttrain.rewards import RewardsConfig
 from posttrain.train.config import CheckpointSettings, LoggingSettings, OptimizerSettings, RunSettings
 
 LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
-LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "gspo", "gspo_token")
-# the ratio: per token, or one per completion (GSPO's length-normalised sequence ratio)
-SEQUENCE_RATIO = ("gspo", "gspo_token")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 @dataclass
@@ -30,8 +25,7 @@ class LossConfig:
         ``gspo_token``, the GSPO paper's range for its sequence-level ratio, which moves far less than a token's).
     epsilon_high: upper clip range, 1 + epsilon_high (None: DAPO's clip-higher 0.28 for ``dapo``, 4e-4 for
         ``gspo``/``gspo_token``, else equal to epsilon_low, the symmetric clip).
-    beta: weight of the k3 KL to the reference model (0: no reference model is kept or run). The reference is
-        ``model.ref_path`` or, by default, a frozen copy of the starting policy (with LoRA: the adapters disabled).
+    beta: weight of the k3 KL to the reference model (``model.ref_path``; 0: no reference model is kept or run).
     scale_rewards: divide the group-centred rewards by the group std (None: yes, except for ``dr_grpo``).
     mask_truncated: completions cut at max_new_tokens contribute no loss (DAPO's overlong filtering).
     """
@@ -46,9 +40,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
             raise ValueError(f"loss.type must be one of {list(LOSS_TYPES)}, got {self.type!r}")
-        sequence_ratio = self.type in SEQUENCE_RATIO
-        if self.epsilon_low is None:
-            self.epsilon_low = 3e-4 if sequence_ratio else 0.2
+        if self.epsilon_low is None:  # GSPO's length-normalised sequence ratio moves far less than a token's
+            self.epsilon_low = 3e-4 if self.type in ("gspo", "gspo_token") else 0.2
         if self.epsilon_high is None:
             self.epsilon_high = {"dapo": 0.28, "gspo": 4e-4, "gspo_token": 4e-4}.get(self.type, self.epsilon_low)
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
@@ -292,9 +285,7 @@ class RunConfig(RunSettings):
     steps: generation steps.
     """
 
-    # where the run starts: null (default) always starts at step 0; "latest" continues from the newest valid
-    # checkpoint in checkpoint.output_dir, or starts at step 0 when there is none; a checkpoint folder: exactly that
-    # checkpoint, an error if it is not valid (see RunSettings.resume)
+    # where the run starts: null (default) always at step 0; "latest" or a checkpoint folder as in RunSettings.resume
     resume: str | None = None
     steps: int = 100
 
@@ -342,6 +333,7 @@ class GrpoConfig:
 
     def __post_init__(self) -> None:
         r, o = self.rollout, self.optim
+        limit = "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"  # a completion's length limit
         checks = [
             (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
             (r.num_generations >= 2, "rollout.num_generations must be >= 2 (advantages compare completions)"),
@@ -350,7 +342,7 @@ class GrpoConfig:
             (r.prompts_per_call >= 0, "rollout.prompts_per_call must be >= 0"),
             (self.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds must be >= 1"),
             (0 <= self.overlong.buffer <= self.max_completion_tokens,
-             f"overlong.buffer must be in [0, {self.length_limit_field}] (= {self.max_completion_tokens})"),
+             f"overlong.buffer must be in [0, {limit}] (= {self.max_completion_tokens})"),
             (o.mini_batches >= 1 and o.num_iterations >= 1, "optim.mini_batches and optim.num_iterations must be >= 1"),
             (o.mini_batches <= r.prompts_per_step * r.num_generations,
              "optim.mini_batches cannot exceed the completions of a generation batch"),
@@ -382,19 +374,15 @@ class GrpoConfig:
 
     @property
     def max_completion_tokens(self) -> int:
-        """A completion's length limit: ``rollout.max_new_tokens``, or with tools the trajectory's
-        ``tools.max_tokens`` (turns and tool answers together)."""
+        """A completion's length limit (see ``RolloutConfig.max_new_tokens``)."""
         return self.tools.max_tokens if self.tools.names else self.rollout.max_new_tokens
 
-    @property
-    def length_limit_field(self) -> str:
-        return "tools.max_tokens" if self.tools.names else "rollout.max_new_tokens"
-
-    def rollout_correction_on(self, engine_shares_module: bool) -> bool:
+    def rollout_correction_on(self, engine_shares_module: bool, bfloat16: bool = False) -> bool:
         """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``), for an engine
-        that does (or does not) decode the trainer's own module (``Capabilities.shares_module``)."""
+        that does (or does not) decode the trainer's own module (``Capabilities.shares_module``); ``bfloat16``: the
+        policy is in bfloat16 whatever ``model.dtype`` says (a model given directly)."""
         rc, r = self.rollout_correction, self.rollout
         if rc.enabled is not None:
             return rc.enabled and (rc.weights != "none" or rc.mask != "none")
-        auto = not engine_shares_module or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
+        auto = not engine_shares_module or bfloat16 or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
         return auto and not self.async_rollout.enabled and (rc.weights != "none" or rc.mask != "none")

@@ -1,10 +1,5 @@
-"""GRPO's inputs and the shapes its update runs on: prompt rows, their epoch order, and packed micro-batches.
-
-``load_prompt_rows`` reads JSONL (errors name the file and line) or a ``datasets`` folder; ``tokenize_prompts``
-applies the chat template to conversational prompts and enforces ``max_prompt_tokens`` (error naming the row, or
-drop with a count); ``PromptSampler`` walks seeded epoch permutations and its position is a checkpointable pair;
-``pack_micro_batches`` groups sequences into rows under a token budget (first-fit decreasing). This module never
-touches a model.
+"""GRPO's inputs and the shapes its update runs on: prompt rows (errors name the file and line or the row), their
+token ids, their seeded epoch order, and packed micro-batches. This module never touches a model.
 """
 
 from __future__ import annotations
@@ -30,29 +25,23 @@ def load_prompt_rows(path: str | Path, prompt_column: str = "prompt") -> list[di
     """Rows (dicts) from a JSONL file, a ``datasets`` folder or ``hf:NAME[:CONFIG][@SPLIT]``; each must have
     ``prompt_column``."""
     p = Path(path)
-    rows: list[dict[str, Any]] = []
     if is_hub_spec(path):  # hf:NAME[:CONFIG][@SPLIT]
-        rows = [dict(r) for r in load_hub_dataset(str(path), PromptDataError)]
-        where = [f"{path}:row {i + 1}" for i in range(len(rows))]
+        found = [(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(load_hub_dataset(str(path), PromptDataError))]
     elif p.is_dir():
         from datasets import load_from_disk
 
-        rows = [dict(r) for r in load_from_disk(str(p))]
-        where = [f"{p} row {i}" for i in range(len(rows))]
+        found = [(f"{p} row {i}", dict(r)) for i, r in enumerate(load_from_disk(str(p)))]
     elif p.is_file():
-        where = []
-        for number, row in jsonl_rows(p, PromptDataError):
-            rows.append(row)
-            where.append(f"{p}:{number}")
+        found = [(f"{p}:{number}", row) for number, row in jsonl_rows(p, PromptDataError)]
     else:
         raise PromptDataError(f"prompt data not found: {p}")
-    for row, loc in zip(rows, where, strict=True):
+    for loc, row in found:
         if prompt_column not in row:
             raise PromptDataError(f"{loc}: no {prompt_column!r} column (columns: {sorted(row)})")
         row.setdefault("_where", loc)
-    if not rows:
+    if not found:
         raise PromptDataError(f"{p}: no prompts")
-    return rows
+    return [row for _, row in found]
 
 
 def tokenize_prompts(rows: list[dict[str, Any]], tokenizer, prompt_column: str, max_prompt_tokens: int,
@@ -62,25 +51,24 @@ def tokenize_prompts(rows: list[dict[str, Any]], tokenizer, prompt_column: str, 
     schemas the chat template renders into conversational prompts (multi-turn tool use needs chat messages)."""
     kept, ids, dropped = [], [], 0
     for i, row in enumerate(rows):
-        prompt = row[prompt_column]
+        prompt, where = row[prompt_column], row.get("_where", f"row {i}")
         if isinstance(prompt, str) and tools:
-            raise PromptDataError(f"{row.get('_where', f'row {i}')}: with tools, {prompt_column} must be a list of "
-                                  "chat messages (the chat template renders the tools), got a string")
+            raise PromptDataError(f"{where}: with tools, {prompt_column} must be a list of chat messages (the chat "
+                                  "template renders the tools), got a string")
         if isinstance(prompt, str):
             tokens = list(tokenizer.encode(prompt, add_special_tokens=False))
         elif isinstance(prompt, list):
             tokens = list(tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=True,
                                                         tokenize=True, return_dict=False))
         else:
-            raise PromptDataError(f"{row.get('_where', f'row {i}')}: {prompt_column} must be a string or a list of "
-                                  f"chat messages, got {type(prompt).__name__}")
+            raise PromptDataError(f"{where}: {prompt_column} must be a string or a list of chat messages, got "
+                                  f"{type(prompt).__name__}")
         if not tokens:
-            raise PromptDataError(f"{row.get('_where', f'row {i}')}: the prompt is empty")
+            raise PromptDataError(f"{where}: the prompt is empty")
         if len(tokens) > max_prompt_tokens:
             if long_prompts == "error":
-                raise PromptDataError(
-                    f"{row.get('_where', f'row {i}')}: prompt of {len(tokens)} tokens is longer than "
-                    f"data.max_prompt_tokens={max_prompt_tokens} (set data.long_prompts: drop to skip such prompts)")
+                raise PromptDataError(f"{where}: prompt of {len(tokens)} tokens is longer than data.max_prompt_tokens="
+                                      f"{max_prompt_tokens} (set data.long_prompts: drop to skip such prompts)")
             dropped += 1
             continue
         kept.append(row)

@@ -12,7 +12,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -50,8 +49,7 @@ def step_metrics(step: int, generated: list[Rollout], counts: dict[str, float], 
     s = dict(zip(STAT_KEYS, vec.tolist(), strict=True))
     tokens = max(s["tokens"], 1.0)
     m: dict[str, float] = {"step": float(step), **{k: float(v) for k, v in counts.items()}}
-    names = list(generated[0].rewards) if generated else []
-    for name in names:
+    for name in generated[0].rewards if generated else []:
         vals = [r.rewards[name] for r in generated if r.rewards[name] is not None]
         m[f"rewards/{name}/mean"] = sum(vals) / len(vals) if vals else math.nan
         m[f"rewards/{name}/std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
@@ -127,10 +125,7 @@ def write_rollouts(path: Path, step: int, generated: list[Rollout], samples: lis
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
-        merged: dict[int, Any] = {}
-        for part in gather_object([trained]):
-            merged.update(part)
-        trained = merged
+        trained = {i: logprobs for part in gather_object([trained]) for i, logprobs in part.items()}
     if not acc.is_main_process:
         return
     index = {id(s): i for i, s in enumerate(samples)}
@@ -146,7 +141,7 @@ def write_rollouts(path: Path, step: int, generated: list[Rollout], samples: lis
     with path.open("a") as f:
         for r in generated:
             i = index.get(id(r))
-            old, ref = trained.get(i, (None, None)) if i is not None else (None, None)
+            old, ref = trained.get(i, (None, None))
             n = len(r.completion_ids)
             f.write(json.dumps({
                 "step": step, "prompt_index": r.prompt_index, "prompt_ids": r.prompt_ids,

@@ -27,9 +27,8 @@ def load_policy(folder: str, dtype: str, field: str, module_class: str | None):
 
 
 def reference_model(config, model):
-    """The KL reference of a run with ``loss.beta`` > 0, frozen, or None: ``model.ref_path`` (scoring with its own
-    weights, in the policy's class), else a copy of the starting ``model``; None without a KL term, or for a LoRA
-    model, whose reference is itself with its adapters disabled."""
+    """The frozen KL reference of a run with ``loss.beta`` > 0 (see ``ModelConfig.ref_path``), in the policy's class;
+    None without a KL term, or for a LoRA model (its reference is itself with its adapters disabled)."""
     c, ref = config, None
     if c.loss.beta > 0:
         if c.model.ref_path:

@@ -18,11 +18,7 @@ A failed or timed-out sync leaves the server serving the weights it had and repo
 error; the trainer sees its own :class:`~posttrain.rollout.weight_sync.WeightSyncError` within the time-out.
 
 Beside them, the OpenAI API of ``posttrain serve`` (``posttrain.serving.server.OpenAIRoutes``) on the same engine,
-for evaluating or probing the policy being trained: chat and completions with log-probs, penalties and grammars
-through the engine's own sampler (with ``--engine vllm``, vLLM's sampler, log-probs and structured outputs carry
-them, and log-probs are the processed ones: vLLM fixes ``logprobs_mode`` per engine, and GRPO needs those),
-``/tokenize``, ``/detokenize``, ``/v1/models``, ``/version`` and ``/metrics``; streaming needs an engine that streams
-(native, transformers). The transport is ``posttrain.serving.http``'s.
+for probing the policy being trained (with ``--engine vllm``, its log-probs are the processed ones GRPO needs).
 
 The client is :class:`posttrain.rollout.remote.RemoteEngine` (the ``server`` engine); this module is only the HTTP side.
 The server binds 127.0.0.1 unless told otherwise; ``--api-key`` guards the ``/v1`` routes only (as vLLM's server
@@ -99,8 +95,7 @@ class RolloutServer:
         return thread
 
     def init_weight_sync(self, body: dict[str, Any]) -> dict[str, Any]:
-        fields = {k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body}
-        cfg = SyncGroupConfig(**fields)
+        cfg = SyncGroupConfig(**{k: body[k] for k in ("host", "port", "world_size", "backend", "timeout_s") if k in body})
         rank = int(body.get("rank", 1))
 
         def join():
@@ -135,21 +130,20 @@ class RolloutServer:
         return {"closed": True}
 
 
-def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_key: str | None = None,
-              max_body_bytes: int = 1 << 30, **api_options) -> ServingApp:
+def build_app(server: RolloutServer, tokenizer, model_config, name: str, *, api_key: str | None = None) -> ServingApp:
     """The server's ASGI app: the rollout endpoints above and, given a tokenizer, the OpenAI API
     (``posttrain.serving.server``) on the same engine, whose generation and weight loading share ``server.lock``."""
     registry = CollectorRegistry()
     scheduler = None
-    if server.engine_name == "vllm":  # its log-probs are the processed ones GRPO needs: vLLM sets that per engine
-        api_options.setdefault("logprobs_mode", "processed_logprobs")
+    # vLLM's log-probs are the processed ones GRPO needs: vLLM sets that per engine
+    api_options = {"logprobs_mode": "processed_logprobs"} if server.engine_name == "vllm" else {}
     if tokenizer is not None:
         scheduler = BatchScheduler(server.engine, lock=server.lock)
         api = OpenAIRoutes(tokenizer, server.engine, scheduler, name, model_config, registry=registry, **api_options)
 
     def post(method):
         async def endpoint(request: Request) -> JSONResponse:
-            body = await read_json(request, max_body_bytes)
+            body = await read_json(request, 1 << 30)
             try:  # in a worker thread: generation and weight sync block
                 return JSONResponse(await run_in_threadpool(method, body))
             except (ValueError, TypeError) as e:
@@ -219,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError as e:  # token ids in and out still work: the rollout endpoints need no tokenizer
         tokenizer = None
-        logging.getLogger(__name__).info("no OpenAI routes: %s", e)
+        logger.info("no OpenAI routes: %s", e)
     app = build_app(server, tokenizer, read_model_config(args.model), name, api_key=args.api_key)
     http = HttpServer(app, args.host, args.port, name="posttrain-vllm-serve").start()
     print(f"posttrain vllm-serve: {server.engine_name} engine on {http.url}", flush=True)

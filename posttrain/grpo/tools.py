@@ -1,12 +1,10 @@
 """Tools for multi-turn RL: plain Python functions with JSON-schema signatures, and the environment that runs them.
 
-A :class:`Tool` is a function plus the JSON schema of its arguments (the ``{"type": "function", "function":
-{...}}`` entry the chat template renders into the system turn). :class:`ToolEnvironment` takes the conversation
-so far, parses the calls of its last assistant message exactly as the ``tool_call`` reward parses them
-(``posttrain.rewards.tool_call.find_tool_calls``), validates each call's arguments against the tool's schema
-(``jsonschema``), runs it and answers with one ``tool`` message per call. A failing call (unknown tool, malformed
-block, arguments that break the schema, an exception, a time-out) is answered with an error message the model can
-read; it never stops the rollout. Built-in tools: ``calculator`` (arithmetic through Python's ``ast``, never
+:class:`ToolEnvironment` parses the calls of the last assistant message exactly as the ``tool_call`` reward parses
+them (``posttrain.rewards.tool_call.find_tool_calls``), validates each call's arguments against the tool's JSON
+schema, runs it and answers with one ``tool`` message per call. A failing call (unknown tool, malformed block,
+arguments that break the schema, an exception, a time-out) is answered with an error message the model can read;
+it never stops the rollout. Built-in tools: ``calculator`` (arithmetic through Python's ``ast``, never
 ``eval``) and ``python`` (runs the model's code in ``posttrain.rewards.sandbox``, never in this process).
 This module never touches a model.
 """
@@ -91,25 +89,20 @@ class ToolEnvironment:
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema for t in self.tools]
 
-    def calls(self, text: str) -> tuple[list[dict[str, Any]], list[str]]:
-        """The well-formed calls in an assistant message and the raw text of malformed blocks."""
-        found = find_tool_calls(text)
-        return found.calls, found.malformed
-
     def step(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The ``tool`` messages answering the last assistant message's calls ([] when it made none: an answer)."""
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("ToolEnvironment.step: the conversation must end with an assistant message")
-        calls, malformed = self.calls(messages[-1].get("content") or "")
+        found = find_tool_calls(messages[-1].get("content") or "")
         out = []
-        for call in calls:
+        for call in found.calls:
             tool = self.by_name.get(call["name"])
             if tool is None:
                 content = f"error: no tool named {call['name']!r} (tools: {sorted(self.by_name)})"
             else:
                 content = tool(call["arguments"])
             out.append({"role": "tool", "name": call["name"], "content": content[: self.max_output_chars]})
-        for raw in malformed:
+        for raw in found.malformed:
             out.append({"role": "tool", "name": "",
                         "content": f"error: not a valid tool call: {raw[:200]!r}"[: self.max_output_chars]})
         return out

@@ -1,13 +1,9 @@
-"""The GRPO loop: generate G completions per prompt, score them, compute group advantages, and take several
-optimizer steps on them with the configured policy loss (DAPO by default), on the training chassis.
-
-``GrpoTrainer.step`` collects the step's groups (``posttrain.grpo.collect``, or the asynchronous producer calling the
-same collector on its own copy of the policy), computes advantages per group, lays the batch out on the device
-(``posttrain.grpo.batch``) and takes one optimizer step per mini-batch for ``optim.num_iterations`` passes, each
-mini-batch split across processes and packed into padding-free rows; log-probabilities come from the fused chunked
-kernel (``posttrain.grpo.policy``), never from a full logits tensor. The chassis (``posttrain.train.chassis``) holds
-the accelerator, optimizer, schedule, clipping, the non-finite guard, checkpoints, metrics.jsonl, trackers and the
-loop. This module must never write outside ``checkpoint.output_dir`` nor change the rewards' values.
+"""The GRPO loop on the training chassis (``posttrain.train.chassis``: accelerator, optimizer, schedule, clipping,
+the non-finite guard, checkpoints, metrics, the loop): ``GrpoTrainer.step`` collects G completions per prompt
+(``collect``, or the asynchronous producer), computes group advantages, and takes one optimizer step per mini-batch
+for ``optim.num_iterations`` passes, each mini-batch split across processes and packed into padding-free rows
+(``batch``), log-probabilities from the fused kernel (``policy``). This module must never write outside
+``checkpoint.output_dir`` nor change the rewards' values.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from posttrain.config import config_to_dict
 from posttrain.eval.metrics import outcome_accuracy
 from posttrain.families import is_in_tree
 from posttrain.grpo.batch import MicroBatch, RolloutBatch
-from posttrain.grpo.collect import Rollout, RolloutCollector, build_rollout_engine
+from posttrain.grpo.collect import Rollout, RolloutCollector
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import pack_micro_batches
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
@@ -111,11 +107,8 @@ class GrpoTrainer:
 
             self.async_rollouts = AsyncRollouts(self.collector.producer(self.engine),
                                                 self.rollout_model.load_state_dict, c.async_rollout.max_staleness)
-        rc = c.rollout_correction
-        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module) or (
-            rc.enabled is None and self.core.dtype == torch.bfloat16 and not c.async_rollout.enabled
-            and (rc.weights, rc.mask) != ("none", "none"))
-        self.correction = rc if corrects else None
+        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module, self.core.dtype == torch.bfloat16)
+        self.correction = c.rollout_correction if corrects else None
         self.step_count = self.skipped_updates = 0
         self.history: list[dict[str, float]] = []
         self.last_batch: list[Rollout] = []  # the last step's groups after dynamic sampling, with advantages
@@ -129,13 +122,21 @@ class GrpoTrainer:
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def _build_engine(self, model=None):
-        """The configured engine on ``model`` (default: the policy, or async's copy of it), starting from the
-        trainer's weights."""
+        """The configured engine (``posttrain.rollout.registry``) on ``model`` (default: the policy, or async's copy
+        of it) with the run's ``rollout`` settings, starting from the trainer's weights."""
+        from posttrain.rollout.registry import build_engine
+        from posttrain.rollout.weight_sync import SyncGroupConfig
+
+        c, r = self.config, self.config.rollout
         if model is None:
             model = self.rollout_model if self.rollout_model is not None else self.accelerator.unwrap_model(self.model)
-        engine = build_rollout_engine(self.config, self.engine_spec.name, model, self.tokenizer,
-                                      family=self.engine_family or self.core.config.model_type,
-                                      needs=self.engine_needs, processes=self.accelerator.num_processes)
+        sync = SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, timeout_s=r.sync_timeout_s,
+                               backend=r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        engine = build_engine(self.engine_spec.name, None, family=self.engine_family or self.core.config.model_type,
+                              field="rollout.engine", needs=self.engine_needs, model=model, tokenizer=self.tokenizer,
+                              seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
+                              url=r.server_url, processes=self.accelerator.num_processes, sync_group=sync)
         engine.sync_weights(self.core)  # the engine starts from the trainer's weights (a no-op on the same module)
         return engine
 
@@ -211,12 +212,9 @@ class GrpoTrainer:
         if recompute is None:
             # an engine decoding the trainer's own module in float32 sampled with the trainer's log-probs
             recompute = not (self.engine.capabilities.shares_module and self.core.dtype == torch.float32)
-        if truncated_sampling or self.correction is not None:
-            # the sampler's log-probs are of the truncated distribution (or another engine's): the ratio's old
-            # policy is the trainer's own, and the sampler's serve the correction only
-            recompute = True
-        if off_policy:  # the ratio is against the generating policy, whose log-probs only the sampler has
-            recompute = False
+        # truncated sampling, or another engine: the ratio's old policy is the trainer's own (the sampler's log-probs
+        # serve the correction only); off-policy: the generating policy's, whose log-probs only the sampler has
+        recompute = not off_policy and (recompute or truncated_sampling or self.correction is not None)
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
         old = ref = weights = None
         if need_old and batch.samples:
@@ -241,30 +239,26 @@ class GrpoTrainer:
                 norm = loss_normalizer(c.loss.type, [s.num_trained for s in mini], self.collector.max_completion_tokens)
                 self._train_mini_batch(batch, rows, norm, old, ref, weights, stats)
 
-    def _logprobs(self, model, micro: MicroBatch, entropy: bool = False, head=None):
-        """Per-token log-probs (and entropies) of a micro-batch's targets from its packed row. ``model`` gives the
-        hidden states and ``head`` (default: the policy) the output layer: the reference model must score with its
-        own. A model other than the prepared policy runs under the policy's autocast."""
-        autocast = contextlib.nullcontext() if model is self.model else self.accelerator.autocast()
-        with autocast:
+    def _logprobs(self, model, micro: MicroBatch, entropy: bool = False):
+        """Per-token log-probs (and entropies) of a micro-batch's targets from its packed row, through ``model`` end to
+        end: the policy, or the reference model (its own output layer included, under the policy's autocast)."""
+        policy = model is self.model
+        with contextlib.nullcontext() if policy else self.accelerator.autocast():
             hidden = final_hidden(model, micro.ids, micro.positions)[0, micro.target_pos]
-        return head_logprobs(head or self.core, hidden, micro.targets, self.config.rollout.temperature, entropy)
+        return head_logprobs(self.core if policy else model, hidden, micro.targets, self.config.rollout.temperature,
+                             entropy)
 
     @torch.no_grad()
     def _frozen_logprobs(self, batch: RolloutBatch, which: str) -> torch.Tensor:
         """Per-target log-probs (float32, in the batch's target order) under the current policy (``old``) or the
         reference model (``ref``), no grad."""
         out = torch.empty(batch.targets.shape, dtype=torch.float32, device=batch.device)
-        for idxs in pack_micro_batches(batch.row_lengths, self.config.optim.micro_batch_tokens):
-            micro = batch.micro(idxs)
-            if which == "ref" and self.ref_model is None:  # LoRA: the reference is the model with adapters off
-                with self.accelerator.unwrap_model(self.model).disable_adapter():
-                    lp = self._logprobs(self.model, micro)
-            elif which == "ref":  # the reference's own weights end to end, its output layer included
-                lp = self._logprobs(self.ref_model, micro, head=self.ref_model)
-            else:
-                lp = self._logprobs(self.model, micro)
-            out[micro.target_index] = lp.float()
+        adapters_off = which == "ref" and self.ref_model is None  # LoRA: the reference is the policy, adapters off
+        model = self.ref_model if which == "ref" and not adapters_off else self.model
+        with self.accelerator.unwrap_model(self.model).disable_adapter() if adapters_off else contextlib.nullcontext():
+            for idxs in pack_micro_batches(batch.row_lengths, self.config.optim.micro_batch_tokens):
+                micro = batch.micro(idxs)
+                out[micro.target_index] = self._logprobs(model, micro).float()
         return out
 
     def _rollout_correction(self, batch: RolloutBatch, old: torch.Tensor, stats: StepStats) -> torch.Tensor | None:
@@ -306,7 +300,7 @@ class GrpoTrainer:
                         batch.samples[i].old_logprobs = lp.tolist()
                 ref_lp = ref[micro.target_index].to(logp) if ref is not None else None
                 is_weight = weights[micro.target_index].to(logp) if weights is not None else None
-                loss, st = policy_loss(c.loss, logp, old_lp, adv, micro.seq_ids, micro.num_samples, norm,
+                loss, st = policy_loss(c.loss, logp, old_lp, adv, micro.seq_ids, len(micro.samples), norm,
                                        ref_logp=ref_lp, is_weight=is_weight)
                 finite = finite and bool(torch.isfinite(loss))
                 loss_total += loss.item()
