@@ -42,7 +42,7 @@ def setup():
     return tok, model, rows
 
 
-def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1):
+def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1, accelerator=None):
     tok, model, rows = setup
     config = GrpoConfig(
         rollout=RolloutConfig(prompts_per_step=4, num_generations=4, max_new_tokens=6),
@@ -53,7 +53,7 @@ def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1)
         run=RunConfig(steps=steps, seed=3),
         logging=LoggingConfig(progress=False),
     )
-    return GrpoTrainer(config, model=copy.deepcopy(model), tokenizer=tok, rows=rows,
+    return GrpoTrainer(config, model=copy.deepcopy(model), tokenizer=tok, rows=rows, accelerator=accelerator,
                        reward_set=RewardSet([WeightedReward("low_ids", low_ids, 1.0, in_process=True)]))
 
 
@@ -110,3 +110,21 @@ def test_staleness_above_the_bound_is_refused():
     with pytest.raises(RuntimeError, match="producer failed"):
         failing.next_batch(0, timeout_s=30)
     failing.close()
+
+
+def test_async_with_several_processes_is_refused_before_the_collector_starts(setup, tmp_path, monkeypatch):
+    """The refusal comes before the rollout collector (and the reward pool it starts) exists: nothing is left
+    running behind the error."""
+    from accelerate import Accelerator
+
+    import posttrain.grpo.trainer as trainer_module
+
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(type(accelerator), "num_processes", property(lambda self: 2))
+
+    def no_collector(*args, **kwargs):
+        raise AssertionError("the rollout collector was built before the refusal")
+
+    monkeypatch.setattr(trainer_module, "RolloutCollector", no_collector)
+    with pytest.raises(ValueError, match="async_rollout.enabled supports one training process"):
+        _trainer(setup, tmp_path, "refused", enabled=True, staleness=1, accelerator=accelerator)

@@ -70,6 +70,8 @@ class GrpoTrainer:
         if c.rollout.prompts_per_step % acc.num_processes:
             raise ValueError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be a multiple of the "
                              f"number of processes ({acc.num_processes})")
+        if c.async_rollout.enabled and acc.num_processes > 1:  # its gathers would interleave with the all-reduces
+            raise ValueError("async_rollout.enabled supports one training process for now")
         torch.manual_seed(c.run.seed)
         # the engine, checked against the model's family and what this run needs, before anything loads or is written
         self.engine_family = getattr(getattr(model, "config", None), "model_type", None)
@@ -96,8 +98,6 @@ class GrpoTrainer:
         self.model = self.chassis.prepare(model, total_updates, self.collector.sampler)
         if self.ref_model is not None:  # never prepared (no gradients), so moved to the policy's device here
             self.ref_model.to(acc.device)
-        if c.async_rollout.enabled and acc.num_processes > 1:  # its gathers would interleave with the all-reduces
-            raise ValueError("async_rollout.enabled supports one training process for now")
         # async: the producer's own copy of the policy
         self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False) if c.async_rollout.enabled else None
         self.engine = self._build_engine()
