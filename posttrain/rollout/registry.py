@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from posttrain.rollout.base import Capabilities, Engine, EngineError
+from posttrain.rollout.base import Capabilities, Engine, EngineError, ModuleEngine
 
 IN_TREE_FAMILIES = ("granitemoehybrid", "granite")  # posttrain.models.hybrid.IN_TREE_MODEL_TYPES, without torch
 
@@ -53,10 +53,9 @@ class EngineSpec:
 
 
 ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
-    EngineSpec("native", Capabilities(weight_sync=True, streaming=True, shares_module=True, prompt_logprobs=True),
-               IN_TREE_FAMILIES, "posttrain.rollout.native:NativeEngine", module_class="in-tree"),
-    EngineSpec("transformers", Capabilities(weight_sync=True, streaming=True, shares_module=True,
-                                            prompt_logprobs=True), None,
+    EngineSpec("native", ModuleEngine.capabilities, IN_TREE_FAMILIES, "posttrain.rollout.native:NativeEngine",
+               module_class="in-tree"),
+    EngineSpec("transformers", ModuleEngine.capabilities, None,
                "posttrain.rollout.transformers_engine:TransformersEngine", module_class="transformers"),
     EngineSpec("vllm", Capabilities(weight_sync=True, sleep=True, close=True, prompt_logprobs=True), None,
                "posttrain.rollout.registry:_build_vllm"),
