@@ -21,13 +21,12 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.provenance import bytes_digest, file_digest, weights_digest, write_manifest
+from posttrain.provenance import bytes_digest, file_digest, new_folder, weights_digest, write_manifest
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -99,8 +98,8 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
     import torch
     from transformers import GenerationConfig
 
+    from posttrain.provenance import TRAINING_MANIFEST
     from posttrain.tokenizer import load_tokenizer
-    from posttrain.train.run import MANIFEST as TRAINING_MANIFEST
     from posttrain.train.run import is_hybrid_folder
 
     model_dir, out = Path(model_dir), Path(out)
@@ -141,19 +140,13 @@ def export_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, key_
     if merge.is_file():
         provenance["merge"] = json.loads(merge.read_text())
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(str(tmp))
-    cfg = model.config
-    GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                     bos_token_id=cfg.bos_token_id).save_pretrained(str(tmp))
-    write_manifest_and_sign(tmp, key, provenance)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with new_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        cfg = model.config
+        GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                         bos_token_id=cfg.bos_token_id).save_pretrained(str(tmp))
+        write_manifest_and_sign(tmp, key, provenance)
     return out
 
 

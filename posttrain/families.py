@@ -108,6 +108,35 @@ def is_in_tree(model) -> bool:
     return type(core_model(model)).__module__.startswith("posttrain.")
 
 
+def effective_weight(module) -> torch.Tensor:
+    """The weight ``module``'s forward applies: a plain layer's own; a peft LoRA layer's base weight plus the delta
+    of each active adapter (B A times its scaling), unless the adapters are merged in already or disabled. The
+    native decode plan and the engines' weight syncs read adapted models through this, never merging in place."""
+    if not hasattr(module, "lora_A") or module.merged or module.disable_adapters:  # plain, or LoRA switched off
+        return module.weight
+    weight = module.base_layer.weight
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """``model``'s state dict under its checkpoint's names: in a model with peft LoRA layers (a peft wrapper, or the
+    base model inside it) each adapted weight is its ``effective_weight`` under the base layer's own name, and the
+    adapters' own tensors are left out; any other model's state dict as it is."""
+    core, out = core_model(model), {}
+    for key, tensor in core.state_dict().items():
+        owner, sep, rest = key.partition(".base_layer.")
+        if ".lora_" in key:  # an adapter's own tensors (lora_A, lora_B)
+            continue
+        if sep:
+            key = f"{owner}.{rest}"
+            tensor = effective_weight(core.get_submodule(owner)).detach() if rest == "weight" else tensor
+        out[key] = tensor
+    return out
+
+
 def default_lora_targets(model) -> list[str]:
     """The module names LoRA adapts when ``lora.target_modules`` is not given.
 

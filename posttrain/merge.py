@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from posttrain.models.hybrid.checkpoint import SINGLE_FILE, checkpoint_files
-from posttrain.provenance import weights_digest, write_manifest
+from posttrain.provenance import new_folder, weights_digest, write_manifest
 
 _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -120,21 +120,15 @@ def merge_checkpoints(folders: list[str | os.PathLike], out: str | os.PathLike,
         raise MergeError(f"checkpoints of different model types cannot merge: {arch}")
     merged = merge_state([read_weights(f) for f in folders], method, weights, t, [str(f) for f in folders])
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(merged, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-    for name in _CARRIED:
-        if (folders[0] / name).is_file():
-            shutil.copy2(folders[0] / name, tmp / name)
-    manifest = {"method": method, "weights": weights if method == "linear" else None,
-                "t": t if method == "slerp" else None,
-                "sources": [{"path": str(f.resolve()), "sha256": weights_digest(f)} for f in folders]}
-    write_manifest(tmp / "merge_manifest.json", manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with new_folder(out) as tmp:
+        save_file(merged, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        for name in _CARRIED:
+            if (folders[0] / name).is_file():
+                shutil.copy2(folders[0] / name, tmp / name)
+        manifest = {"method": method, "weights": weights if method == "linear" else None,
+                    "t": t if method == "slerp" else None,
+                    "sources": [{"path": str(f.resolve()), "sha256": weights_digest(f)} for f in folders]}
+        write_manifest(tmp / "merge_manifest.json", manifest)
     return out
 
 

@@ -3,17 +3,22 @@
 Training, DPO, merge, export, checkpoint and filter manifests, judge cache keys and reward identities name their
 inputs by these digests, so what one module hashes another checks with the same function (lowercase hex). A
 manifest records its data files with ``data_provenance`` and the library versions with ``versions``, and is written
-by ``write_manifest`` (atomically). This module never signs, and never decides what a digest must match.
+by ``write_manifest`` (atomically); a folder of them is written whole with ``new_folder``. This module never signs,
+and never decides what a digest must match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+TRAINING_MANIFEST = "training_manifest.json"  # what a training run writes beside its final weights
 
 
 def bytes_digest(data: bytes | str) -> str:
@@ -52,6 +57,16 @@ def weights_digest(folder: str | os.PathLike) -> str:
         if p.is_file():
             h.update(p.name.encode() + b"\0" + bytes.fromhex(file_digest(p)))
     return h.hexdigest()
+
+
+def checkpoint_provenance(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a training manifest records of the checkpoint a run starts from: its resolved path, the sha256 of its
+    weights, and that of the training manifest it carries from its own run, if any."""
+    entry: dict[str, Any] = {"path": str(Path(folder).resolve()), "sha256": weights_digest(folder)}
+    upstream = Path(folder) / TRAINING_MANIFEST
+    if upstream.is_file():
+        entry["training_manifest_sha256"] = file_digest(upstream)
+    return entry
 
 
 def data_provenance(path: str) -> dict[str, Any]:
@@ -102,3 +117,18 @@ def write_manifest(path: str | os.PathLike, data: Any, *, canonical: bool = True
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return body
+
+
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A fresh ``OUT.tmp`` folder to write ``out``'s files into; on leaving the block it replaces ``out`` whole, so a
+    reader never sees a half-written folder, and an error inside leaves ``out`` as it was."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -64,3 +64,17 @@ def save_tiny_checkpoint(tmp_path_factory):
         return tokenizer, model, folder
 
     return save
+
+
+@pytest.fixture
+def fresh_precision():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: forget it around a test that
+    switches precision, so that it and the tests after it start from none."""
+    from accelerate.state import AcceleratorState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    reset()
+    yield reset
+    reset()

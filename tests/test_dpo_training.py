@@ -178,20 +178,6 @@ def test_reference_on_the_fly_equals_precomputed_and_lora_uses_the_disabled_adap
     assert (setup / "lora" / "final" / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.fixture
-def fresh_precision():
-    """accelerate keeps one process-wide state whose mixed precision cannot change: forget it around a test that
-    switches precision, so that it and the tests after it start from none."""
-    from accelerate.state import AcceleratorState
-
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-    reset()
-    yield reset
-    reset()
-
-
 def test_under_bf16_autocast_the_precomputed_reference_starts_equal_to_the_policy(setup, fresh_precision):
     """Mixed precision (bf16 autocast over float32 weights, as on every GPU; here on the CPU): before any update the
     policy is the reference, so every implicit reward is 0, held out and in the first training step, whether the

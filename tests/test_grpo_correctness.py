@@ -308,7 +308,7 @@ def test_no_tensor_is_created_without_a_device_in_a_step(tmp_path):
     assert m["optim/updates"] == 2 and math.isfinite(m["kl"])
 
 
-def test_bfloat16_step_with_recomputed_old_logprobs_correction_and_kl(tmp_path):
+def test_bfloat16_step_with_recomputed_old_logprobs_correction_and_kl(tmp_path, fresh_precision):
     m, offences = _discipline_step(tmp_path, torch.bfloat16)
     assert offences == [], "\n".join(sorted(set(offences)))
     assert m["optim/updates"] == 2 and m["optim/skipped"] == 0
@@ -317,11 +317,16 @@ def test_bfloat16_step_with_recomputed_old_logprobs_correction_and_kl(tmp_path):
     assert 0 < m["rollout_correction/weight_mean"] <= 2
 
 
-def test_bfloat16_turns_the_correction_on_by_default(tmp_path):
+def test_bfloat16_turns_the_correction_on_by_default(tmp_path, fresh_precision):
     model, tok = _small_policy()
-    config = _config(tmp_path, model={"dtype": "bfloat16"})
-    trainer = GrpoTrainer(config, model=model.to(torch.bfloat16), tokenizer=tok, rows=ROWS, reward_set=_rewards())
-    assert trainer.correction is not None
+    autocast = GrpoTrainer(_config(tmp_path / "a", model={"dtype": "bfloat16"}), model=model, tokenizer=tok,
+                           rows=ROWS, reward_set=_rewards())
+    assert autocast.correction is not None and autocast.core.dtype == torch.float32  # bf16 is the autocast's
+    fresh_precision()
+    given = GrpoTrainer(_config(tmp_path / "g"), model=_small_policy()[0].to(torch.bfloat16), tokenizer=tok,
+                        rows=ROWS, reward_set=_rewards())
+    assert given.correction is not None  # a bfloat16 model given directly samples in bfloat16
+    fresh_precision()
     fp32 = GrpoTrainer(_config(tmp_path / "b"), model=_small_policy()[0], tokenizer=tok, rows=ROWS,
                        reward_set=_rewards())
     assert fp32.correction is None

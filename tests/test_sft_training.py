@@ -138,7 +138,7 @@ def test_lora_trains_adapters_on_mamba_and_attention_projections(tok, segments, 
     cfg.lora = LoraSettings(enabled=True, r=4, alpha=8)
     base = tiny(tok)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = apply_lora(base, cfg)
+    model = apply_lora(base, cfg.lora, fused_head=True)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"}
     result = Trainer(cfg, model, [[s] for s in segments], packed=False, pad_token_id=tok.pad_token_id).train()

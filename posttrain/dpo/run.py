@@ -15,7 +15,6 @@ from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import load_pairs
 from posttrain.dpo.trainer import DpoResult, DpoTrainer
 from posttrain.provenance import data_provenance
-from posttrain.train.loop import TrainingError
 from posttrain.train.run import apply_lora, load_model, load_tokenizer, save_final, start_run
 
 
@@ -23,9 +22,6 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
             on_step: Callable[[int, dict[str, Any]], None] | None = None) -> DpoResult:
     """Train from ``config``; ``on_step(step, metrics)`` is called after every optimizer step."""
     d = config.data
-    if config.lora.enabled and "lm_head" in (config.lora.target_modules or ()):
-        raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
-                            "base output weights)")
     tokenizer = load_tokenizer(config)  # type: ignore[arg-type]
     fields = {"prompt_field": d.prompt_field, "chosen_field": d.chosen_field, "rejected_field": d.rejected_field}
     train = load_pairs(d.train_files, tokenizer, max_length=d.max_length, max_rows=d.max_samples, **fields)
@@ -35,7 +31,7 @@ def run_dpo(config: DpoConfig, recipe: str | None = None,
         import torch
 
         torch.manual_seed(config.run.seed)  # the adapter's initialisation is a function of the recipe
-        model = apply_lora(model, config)  # type: ignore[arg-type]
+        model = apply_lora(model, config.lora, fused_head=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reference = (f"{base.get('sha256', base)}" + (" adapter disabled" if config.lora.enabled else ""))
     trainer = DpoTrainer(config, model, train, held_out, pad_token_id=pad, run_config=config_to_dict(config),

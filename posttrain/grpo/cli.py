@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(GrpoConfig, args.config, getattr(args, "overrides", []))
         check_trackers(config.logging.report_to)
         check_inputs(config)
-        trainer = GrpoTrainer(config)
+        trainer = GrpoTrainer(config, recipe=args.config)
     except (ConfigError, TrainingError, PromptDataError, RewardError, CheckpointError, EngineError,
             FileNotFoundError) as e:
         print(f"posttrain grpo: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The ``posttrain grpo`` config (``recipes/grpo*.yaml``): small dataclass groups, each field documented where it is
-declared; ``optim``, ``checkpoint``, ``logging`` and ``run`` subclass the shared groups of ``posttrain.train.config``.
+declared; ``model``, ``optim``, ``checkpoint``, ``logging`` and ``run`` subclass the shared groups of
+``posttrain.train.config``, and ``lora`` is its ``LoraSettings``.
 Cross-group checks live in ``GrpoConfig.__post_init__``, so a bad combination fails before any work starts. This
 module must never import torch, a model or an engine.
 """
@@ -10,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, get_args
 
 from posttrain.rewards import RewardsConfig
-from posttrain.train.config import CheckpointSettings, LoggingSettings, OptimizerSettings, RunSettings
+from posttrain.train.config import (
+    CheckpointSettings,
+    LoggingSettings,
+    LoraSettings,
+    ModelSettings,
+    OptimizerSettings,
+    RunSettings,
+)
 
 LossType = Literal["dapo", "grpo", "dr_grpo", "gspo", "gspo_token"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
@@ -56,19 +64,22 @@ class LossConfig:
 
 
 @dataclass
-class ModelConfig:
-    """path: checkpoint folder (safetensors + config.json) of the policy to train.
-    tokenizer: tokenizer folder (None: the checkpoint folder).
-    dtype: parameter dtype for training (float32 on CPU).
+class ModelConfig(ModelSettings):
+    """The shared ``model`` group (``ModelSettings``, one meaning in every command: ``dtype`` bfloat16 is bf16 autocast
+    over float32 master weights) and the KL reference. GRPO trains a checkpoint (``path``; none for a model given to
+    ``GrpoTrainer`` directly), never a fresh ``preset``.
+
     ref_path: the KL reference's checkpoint folder, used when ``loss.beta > 0`` (None: a frozen copy of the
         starting policy; with LoRA, the policy with its adapters disabled). The reference scores tokens with its
         own weights throughout, output layer included, on the policy's device and under the policy's autocast.
     """
 
-    path: str = ""
-    tokenizer: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
     ref_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            raise ValueError("model.preset: GRPO trains a checkpoint; give model.path (a fresh model has no policy "
+                             "to reinforce)")
 
 
 @dataclass
@@ -316,6 +327,7 @@ class GrpoConfig:
         "eval.every": "eval.every_steps"}
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # with LoRA the KL reference is the adapter-disabled policy
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)

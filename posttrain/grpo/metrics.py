@@ -21,7 +21,8 @@ from posttrain.grpo.collect import Rollout
 # the sums a step reduces over processes, in this order
 STAT_KEYS = ("clip_low", "clip_high", "tokens", "kl", "entropy", "micro_batches", "updates", "skipped", "grad_norm",
              "loss", "mismatch_sum", "mismatch_tokens", "mismatch_kl", "reward_errors", "log_ratio_abs",
-             "correction_weight", "correction_capped", "correction_masked", "correction_samples")
+             "correction_weight", "correction_capped", "correction_masked", "correction_samples", "aux_loss",
+             "aux_micro_batches")
 
 
 @dataclass
@@ -87,6 +88,8 @@ def step_metrics(step: int, generated: list[Rollout], counts: dict[str, float], 
     m["optim/lr"] = lr
     m["loss"] = s["loss"] / max(updates, 1)  # each process holds its share of the step's loss
     m["micro_batches"] = s["micro_batches"]
+    if s["aux_micro_batches"]:  # model.moe_aux_loss on a mixture of experts: the router loss, per micro-batch
+        m["aux_loss"] = s["aux_loss"] / s["aux_micro_batches"]
     for phase in ("generate", "reward", "train"):
         m[f"time/{phase}_s"] = times.get(phase, 0.0)
     if staleness and generated:  # per-sample staleness, summarised

@@ -27,29 +27,35 @@ def load_policy(folder: str, dtype: str, field: str, module_class: str | None):
 
 
 def reference_model(config, model):
-    """The frozen KL reference of a run with ``loss.beta`` > 0 (see ``ModelConfig.ref_path``), in the policy's class;
-    None without a KL term, or for a LoRA model (its reference is itself with its adapters disabled)."""
+    """The frozen KL reference of a run with ``loss.beta`` > 0 (see ``ModelConfig.ref_path``), in the policy's class
+    and weights dtype; None without a KL term, or for a LoRA model (its reference is itself with its adapters
+    disabled)."""
     c, ref = config, None
     if c.loss.beta > 0:
         if c.model.ref_path:
             if not (Path(c.model.ref_path) / "config.json").is_file():
                 raise ValueError(f"model.ref_path: no checkpoint (config.json) in {c.model.ref_path}")
-            ref = load_policy(c.model.ref_path, c.model.dtype, "model.ref_path",
+            ref = load_policy(c.model.ref_path, str(core_model(model).dtype).removeprefix("torch."), "model.ref_path",
                               "in-tree" if is_in_tree(model) else "transformers")
         elif not hasattr(model, "disable_adapter"):  # with LoRA the reference is the policy, adapters off
             ref = copy.deepcopy(model)
     return ref.eval().requires_grad_(False) if ref is not None else None
 
 
-def final_hidden(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def final_hidden(model, ids: torch.Tensor, positions: torch.Tensor, router_aux: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last layer's normed hidden states (1, L, H) of a packed row (``positions`` restart at 0 at each sequence),
     through ``model`` itself (a DDP wrapper syncs its gradients): the in-tree model without logits; a transformers
-    model without a cache, its packed-sequence masks read off the positions, and the logits of one position only."""
+    model without a cache, its packed-sequence masks read off the positions, and the logits of one position only.
+    With ``router_aux``, also the mixture of experts' load-balancing loss as the model computes it (else None)."""
     if is_in_tree(model):
-        return model(ids, position_ids=positions, return_logits=False).hidden_states
+        out = model(ids, position_ids=positions, return_logits=False, output_router_logits=router_aux)
+        return out.hidden_states, out.aux_loss if router_aux else None
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(core_model(model).forward).parameters else {}
+    if router_aux:
+        extra["output_router_logits"] = True
     out = model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True, **extra)
-    return out.hidden_states[-1]
+    return out.hidden_states[-1], getattr(out, "aux_loss", None) if router_aux else None
 
 
 def head_logprobs(core, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):

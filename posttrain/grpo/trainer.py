@@ -12,8 +12,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +22,7 @@ import torch
 
 from posttrain.config import config_to_dict
 from posttrain.eval.metrics import outcome_accuracy
-from posttrain.families import is_in_tree
+from posttrain.families import check_packed_rows, core_model, is_in_tree
 from posttrain.grpo.batch import MicroBatch, RolloutBatch
 from posttrain.grpo.collect import Rollout, RolloutCollector
 from posttrain.grpo.config import GrpoConfig
@@ -32,8 +30,11 @@ from posttrain.grpo.data import pack_micro_batches
 from posttrain.grpo.loss import group_advantages, loss_normalizer, policy_loss, rollout_correction
 from posttrain.grpo.metrics import StepStats, check_rollouts_writable, step_metrics, write_rollouts
 from posttrain.grpo.policy import final_hidden, head_logprobs, load_policy, reference_model
+from posttrain.provenance import checkpoint_provenance, data_provenance
 from posttrain.rewards import RewardSet
 from posttrain.train.chassis import Chassis
+from posttrain.train.loop import TrainResult
+from posttrain.train.run import apply_lora, save_final
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,14 @@ class GrpoTrainer:
 
     def __init__(self, config: GrpoConfig, model=None, tokenizer=None, rows: list[dict] | None = None,
                  eval_rows: list[dict] | None = None, reward_set: RewardSet | None = None, accelerator=None,
-                 env=None):
+                 env=None, recipe: str | None = None):
         from posttrain.rollout.registry import choose_engine
         from posttrain.tokenizer import load_tokenizer
 
         self.config = c = config
-        # the weights train in model.dtype as they are: no autocast over them, whatever the device
-        self.chassis = Chassis(c.optim, c.checkpoint, c.logging, dtype="float32", accelerator=accelerator,
+        self.recipe = recipe  # the recipe file, named in the final training manifest
+        # model.dtype as in every command: bf16 autocast over float32 master weights (or plain float32)
+        self.chassis = Chassis(c.optim, c.checkpoint, c.logging, dtype=c.model.dtype, accelerator=accelerator,
                                stage="grpo", logs=["rollouts.jsonl"])
         self.accelerator = acc = self.chassis.accelerator
         self.output_dir = self.chassis.output_dir
@@ -80,17 +82,21 @@ class GrpoTrainer:
             raise ValueError("model.path: no checkpoint given")
         self.engine_spec = choose_engine(c.rollout.engine, None if model is not None else c.model.path,
                                          family=self.engine_family, field="rollout.engine", needs=self.engine_needs)
+        self.base: dict[str, Any] = {"model": type(model).__name__, "given": True} if model is not None else {}
         if model is None:
-            model = load_policy(c.model.path, c.model.dtype, "model.path", self.engine_spec.module_class)
+            model = load_policy(c.model.path, "float32", "model.path", self.engine_spec.module_class)
+            self.base = checkpoint_provenance(c.model.path)
         if not is_in_tree(model):  # the update packs samples into padding-free rows: they must stay apart
-            from posttrain.families import check_packed_rows
-
             check_packed_rows(model, "model.path")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(c.model.tokenizer or c.model.path)
         self.collector = RolloutCollector(c, self.tokenizer, reward_set=reward_set, rows=rows, eval_rows=eval_rows,
                                           env=env, process_index=acc.process_index, num_processes=acc.num_processes)
         if c.logging.rollouts:  # before any work: a run that cannot keep its rollouts stops here
             check_rollouts_writable(self.output_dir / "rollouts.jsonl", acc)
+        if c.lora.enabled:  # seeded by run.seed above: the adapters' initialisation is a function of the recipe
+            model = apply_lora(model, c.lora, fused_head=True)
+        if c.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
         model.train()
         self.ref_model = reference_model(c, model)
         # the schedule runs over optimizer steps: mini-batches x passes per generation step
@@ -98,6 +104,9 @@ class GrpoTrainer:
         self.model = self.chassis.prepare(model, total_updates, self.collector.sampler)
         if self.ref_model is not None:  # never prepared (no gradients), so moved to the policy's device here
             self.ref_model.to(acc.device)
+        # bfloat16 compute: the run's autocast, or a bfloat16 model given directly
+        self.bf16 = self.core.dtype == torch.bfloat16 or acc.mixed_precision == "bf16"
+        self.moe_aux = bool(c.model.moe_aux_loss and getattr(self.core.config, "num_local_experts", 0))
         # async: the producer's own copy of the policy
         self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False) if c.async_rollout.enabled else None
         self.engine = self._build_engine()
@@ -107,7 +116,7 @@ class GrpoTrainer:
 
             self.async_rollouts = AsyncRollouts(self.collector.producer(self.engine),
                                                 self.rollout_model.load_state_dict, c.async_rollout.max_staleness)
-        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module, self.core.dtype == torch.bfloat16)
+        corrects = c.rollout_correction_on(self.engine.capabilities.shares_module, self.bf16)
         self.correction = c.rollout_correction if corrects else None
         self.step_count = self.skipped_updates = 0
         self.history: list[dict[str, float]] = []
@@ -117,9 +126,8 @@ class GrpoTrainer:
 
     @property
     def core(self):
-        """The bare policy (no DDP wrapper, no adapters)."""
-        m = self.accelerator.unwrap_model(self.model)
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        """The bare policy: no DDP wrapper, no peft wrapper (LoRA's layers, adapters applied, are inside it)."""
+        return core_model(self.model)
 
     def _build_engine(self, model=None):
         """The configured engine (``posttrain.rollout.registry``) on ``model`` (default: the policy, or async's copy
@@ -129,11 +137,12 @@ class GrpoTrainer:
 
         c, r = self.config, self.config.rollout
         if model is None:
-            model = self.rollout_model if self.rollout_model is not None else self.accelerator.unwrap_model(self.model)
+            model = self.rollout_model if self.rollout_model is not None else self.core
         sync = SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, timeout_s=r.sync_timeout_s,
                                backend=r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         engine = build_engine(self.engine_spec.name, None, family=self.engine_family or self.core.config.model_type,
                               field="rollout.engine", needs=self.engine_needs, model=model, tokenizer=self.tokenizer,
+                              dtype="bfloat16" if self.bf16 else "auto",
                               seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
                               gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
                               url=r.server_url, processes=self.accelerator.num_processes, sync_group=sync)
@@ -211,7 +220,7 @@ class GrpoTrainer:
         recompute = c.rollout.recompute_old_logprobs
         if recompute is None:
             # an engine decoding the trainer's own module in float32 sampled with the trainer's log-probs
-            recompute = not (self.engine.capabilities.shares_module and self.core.dtype == torch.float32)
+            recompute = not (self.engine.capabilities.shares_module and not self.bf16)
         # truncated sampling, or another engine: the ratio's old policy is the trainer's own (the sampler's log-probs
         # serve the correction only); off-policy: the generating policy's, whose log-probs only the sampler has
         recompute = not off_policy and (recompute or truncated_sampling or self.correction is not None)
@@ -239,14 +248,15 @@ class GrpoTrainer:
                 norm = loss_normalizer(c.loss.type, [s.num_trained for s in mini], self.collector.max_completion_tokens)
                 self._train_mini_batch(batch, rows, norm, old, ref, weights, stats)
 
-    def _logprobs(self, model, micro: MicroBatch, entropy: bool = False):
-        """Per-token log-probs (and entropies) of a micro-batch's targets from its packed row, through ``model`` end to
-        end: the policy, or the reference model (its own output layer included, under the policy's autocast)."""
-        policy = model is self.model
-        with contextlib.nullcontext() if policy else self.accelerator.autocast():
-            hidden = final_hidden(model, micro.ids, micro.positions)[0, micro.target_pos]
-        return head_logprobs(self.core if policy else model, hidden, micro.targets, self.config.rollout.temperature,
-                             entropy)
+    def _logprobs(self, model, micro: MicroBatch, train: bool = False):
+        """Per-token log-probs of a micro-batch's targets from its packed row, through ``model`` end to end (the
+        policy, or the reference model with its own output layer), under the run's autocast; ``train``: (log-probs,
+        entropies, the router loss or None: ``model.moe_aux_loss`` on a mixture of experts)."""
+        with self.accelerator.autocast():
+            hidden, aux = final_hidden(model, micro.ids, micro.positions, router_aux=train and self.moe_aux)
+            out = head_logprobs(self.core if model is self.model else model, hidden[0, micro.target_pos],
+                                micro.targets, self.config.rollout.temperature, train)
+        return (*out, aux) if train else out
 
     @torch.no_grad()
     def _frozen_logprobs(self, batch: RolloutBatch, which: str) -> torch.Tensor:
@@ -288,10 +298,10 @@ class GrpoTrainer:
             with contextlib.nullcontext() if j == len(rows) - 1 else acc.no_sync(self.model):
                 if not idxs:  # nothing here for this process: a zero loss keeps the gradient all-reduce in step
                     ids = torch.zeros(1, 1, dtype=torch.long, device=self.core.device)
-                    acc.backward(final_hidden(self.model, ids, torch.zeros_like(ids)).sum() * 0.0)
+                    acc.backward(final_hidden(self.model, ids, torch.zeros_like(ids))[0].sum() * 0.0)
                     continue
                 micro = batch.micro([mine[i] for i in idxs])
-                logp, entropy = self._logprobs(self.model, micro, entropy=True)
+                logp, entropy, aux = self._logprobs(self.model, micro, train=True)
                 adv = batch.advantages[micro.samples].to(logp.dtype)[micro.seq_ids]
                 old_lp = old[micro.target_index].to(logp) if old is not None else logp.detach()
                 if old is None and c.logging.rollouts:  # on-policy single pass: the ratio's old is this forward
@@ -307,7 +317,11 @@ class GrpoTrainer:
                 stats.add(clip_low=st["clip_low"], clip_high=st["clip_high"], tokens=st["tokens"], kl=st["kl"],
                           entropy=entropy.detach().sum(), micro_batches=1,
                           log_ratio_abs=(logp.detach() - old_lp).abs().sum())
-                acc.backward(loss * acc.num_processes)  # DDP averages gradients; the normaliser is already global
+                total = loss * acc.num_processes  # DDP averages gradients; the normaliser is already global
+                if aux is not None:  # as SFT: the router's coefficient, averaged over this process's rows
+                    total = total + self.core.config.router_aux_loss_coef * aux / len(rows)
+                    stats.add(aux_loss=aux.detach(), aux_micro_batches=1)
+                acc.backward(total)
         if self.before_optimizer_step is not None:
             self.before_optimizer_step(self)
         grad_norm = self.chassis.optimizer_step(finite)  # clipped; None: skipped, nothing moved
@@ -326,7 +340,7 @@ class GrpoTrainer:
             return {}
         engine = self.engine
         if self.async_rollouts is not None:  # the producer owns self.engine; evaluate the trained policy itself
-            engine = self._build_engine(self.accelerator.unwrap_model(self.model))
+            engine = self._build_engine(self.core)
         outs = self.collector.evaluate(engine, self.step_count)
         return {"eval/accuracy": outcome_accuracy([self.collector.outcome(r) for r in outs]),
                 "eval/mean_length": sum(len(r.completion_ids) for r in outs) / max(len(outs), 1)}
@@ -351,18 +365,12 @@ class GrpoTrainer:
                            self.chassis.checkpoints.resumed_from, saved, now)
 
     def save_final(self) -> Path:
-        """The trained policy in the checkpoint layout (safetensors + config + tokenizer), for the next stage."""
-        acc = self.accelerator
-        final = self.output_dir / "final"
-        if acc.is_main_process:
-            tmp = self.output_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.core.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
-        return final
+        """``final/`` as every stage writes it (``posttrain.train.run.save_final``: LoRA merged, the manifest)."""
+        c, loss = self.config, self.history[-1].get("loss", math.nan) if self.history else math.nan
+        return save_final(self, c, self.tokenizer, "grpo", self.recipe, self.base,
+                          TrainResult(self.step_count, loss, self.output_dir / "metrics.jsonl", self.core),
+                          data=[c.data.path] if c.data.path else [],
+                          eval_data=[data_provenance(c.eval.path)] if c.eval.path else [])
 
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:

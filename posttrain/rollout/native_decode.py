@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.families import effective_weight
 from posttrain.kernels import backend_for, causal_conv1d_update, rms_norm_gated, selective_state_update
 from posttrain.kernels.conv1d_torch import conv_step_float32
 from posttrain.kernels.ssd_torch import mamba2_step_float32
@@ -152,7 +153,7 @@ class _MambaStep:
         if m.in_proj.bias is not None:
             bias += m.in_proj.bias
         bias[-m.n_heads:] += m.dt_bias  # dt + dt_bias comes out of the projection
-        self.in_proj = _NormedLinear([m.in_proj.weight], block.input_layernorm.weight, bias, fold)
+        self.in_proj = _NormedLinear([effective_weight(m.in_proj)], block.input_layernorm.weight, bias, fold)
         # (conv_dim, width) with width-major memory, as the time-major conv window wants it (a small copy)
         self.conv_weight, self.conv_bias = m.conv1d.weight[:, 0, :].t().contiguous().t(), m.conv1d.bias
         self.A = -torch.exp(m.A_log.float())
@@ -163,10 +164,10 @@ class _MambaStep:
                      and m.D.dtype == torch.float32)
         self.norm_weight, self.norm_group, self.norm_eps = m.norm.weight, m.norm.group_size, m.norm.eps
         if m.norm.group_size == m.inner:  # one norm group: a row factor, its weight folded into out_proj
-            self.out_proj = _NormedLinear([m.out_proj.weight], m.norm.weight, m.out_proj.bias, fold)
+            self.out_proj = _NormedLinear([effective_weight(m.out_proj)], m.norm.weight, m.out_proj.bias, fold)
         else:
             self.out_proj = None
-            self.out_weight_t, self.out_bias = m.out_proj.weight.t(), m.out_proj.bias
+            self.out_weight_t, self.out_bias = effective_weight(m.out_proj).t(), m.out_proj.bias
 
     def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
         b, inner, gn = h.shape[0], self.inner, self.n_groups * self.d_state
@@ -210,12 +211,12 @@ class _AttentionStep:
         biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
         bias = None if a.q_proj.bias is None else torch.cat(
             [biases[0] * (a.scale if fold else 1.0), biases[1], biases[2]])
-        self.qkv = _NormedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm.weight,
-                                 bias, fold)
+        self.qkv = _NormedLinear([effective_weight(p) for p in (a.q_proj, a.k_proj, a.v_proj)],
+                                 block.input_layernorm.weight, bias, fold)
         self.scale = 1.0 if fold else a.scale
         if fold:  # the attention scale goes into q's weight and bias (q's part of the bias is scaled already)
             self.qkv.weights[0][:, : a.n_heads * a.head_dim].mul_(a.scale)
-        self.out_weight_t, self.out_bias = a.o_proj.weight.t(), a.o_proj.bias
+        self.out_weight_t, self.out_bias = effective_weight(a.o_proj).t(), a.o_proj.bias
 
     def __call__(self, h: torch.Tensor, cache: HybridCache, rope, span: tuple[int, int] | None) -> torch.Tensor:
         b, heads, kv, d = h.shape[0], self.n_heads, self.n_kv, self.head_dim
@@ -255,14 +256,14 @@ class _FeedForwardStep:
         if block.dense:  # gate and up side by side, as the fused weight has them
             mlp = block.mlp
             bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-            self.up = _NormedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], self.norm_weight, bias, fold)
-            self.down_t, self.down_bias = mlp.down_proj.weight.t(), mlp.down_proj.bias
+            self.up = _NormedLinear([effective_weight(mlp.gate_proj), effective_weight(mlp.up_proj)], self.norm_weight, bias, fold)
+            self.down_t, self.down_bias = effective_weight(mlp.down_proj).t(), mlp.down_proj.bias
             return
         mlp = block.shared_mlp
         # with experts, the router and the experts read the normed input too: it is made once, nothing is folded
-        self.up = _NormedLinear([mlp.input_linear.weight], None if self.moe else self.norm_weight, None,
+        self.up = _NormedLinear([effective_weight(mlp.input_linear)], None if self.moe else self.norm_weight, None,
                                 fold and self.moe is None)
-        self.down_t = mlp.output_linear.weight.t()
+        self.down_t = effective_weight(mlp.output_linear).t()
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         r = _rms_factor(h, self.eps)
@@ -278,7 +279,8 @@ class _FeedForwardStep:
 class DecodePlan:
     """What one decode step needs, laid out once per generate() call (see the comment above): build one per call
     and never keep it across a change of the weights. ``fold`` (default: when the copies are cheap) folds norm
-    weights and scales into the projections."""
+    weights and scales into the projections. A projection with peft LoRA adapters enters with its adapters applied
+    (``posttrain.families.effective_weight``), as the modules' forward (the prefill) applies them."""
 
     def __init__(self, model: HybridForCausalLM, fold: bool | None = None):
         c = model.config

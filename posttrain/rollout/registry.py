@@ -168,8 +168,8 @@ def _build_vllm(*, model_dir, model, tokenizer, dtype, seed, max_model_len, gpu_
 
     options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "seed": seed,
                "sleep_mode": sleep_mode, "field": field, "alternatives": _alternatives(model_dir)}
-    if model is not None:
-        return VllmEngine.for_policy(model, tokenizer, **options)
+    if model is not None:  # dtype "auto": the policy's own (a trainer under bf16 autocast says bfloat16)
+        return VllmEngine.for_policy(model, tokenizer, **options, **({} if dtype == "auto" else {"dtype": dtype}))
     return VllmEngine(model_dir, dtype=dtype, **options)  # vLLM reads "auto" as the checkpoint's dtype
 
 

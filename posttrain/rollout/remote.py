@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from posttrain.families import checkpoint_state
 from posttrain.rollout.base import Capabilities, Completion, SamplingParams
 from posttrain.rollout.weight_sync import SyncGroupConfig, WeightSender, WeightSyncError
 
@@ -88,7 +89,7 @@ class RemoteEngine:
         if self.sender is None:
             raise WeightSyncError("sync_weights before init_weight_sync")
         self._post("/update_weights", {})
-        sent = self.sender.send(model.state_dict().items())
+        sent = self.sender.send(checkpoint_state(model).items())  # by checkpoint names, LoRA adapters applied
         # the server acknowledged the weights inside the collective; its version number is set just after: wait
         # for it, so that /health never reports the old version once this returns
         deadline = time.monotonic() + self.sender.cfg.timeout_s

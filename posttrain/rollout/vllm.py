@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from posttrain.families import checkpoint_state, is_in_tree
 from posttrain.rollout.base import MAX_LOGPROBS, Capabilities, Completion, EngineError, SamplingParams
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -81,7 +82,8 @@ class VllmEngine:
         weights arrive by ``sync_weights``."""
         folder = tempfile.mkdtemp(prefix="posttrain-vllm-")
         try:
-            model.save_pretrained(folder)  # the starting weights, in the checkpoint layout vLLM reads
+            # the starting weights, in the checkpoint layout vLLM reads (LoRA adapters applied)
+            model.save_pretrained(folder, **({} if is_in_tree(model) else {"state_dict": checkpoint_state(model)}))
             tokenizer.save_pretrained(folder)
             options.setdefault("dtype", _DTYPES[model.dtype])
             self = cls(folder, **options)
@@ -109,8 +111,9 @@ class VllmEngine:
 
     @torch.no_grad()
     def sync_weights(self, model) -> int:
-        """Push every tensor of ``model`` into vLLM by its checkpoint name; returns how many were pushed."""
-        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        """Push every tensor of ``model`` into vLLM by its checkpoint name (``posttrain.families.checkpoint_state``:
+        LoRA adapters applied); returns how many were pushed."""
+        weights = [(name, t.detach()) for name, t in checkpoint_state(model).items()]
         self.load_named_tensors(weights)
         return len(weights)
 

@@ -21,12 +21,17 @@ import torch
 
 from posttrain.config import config_to_dict, config_yaml
 from posttrain.merge import merge_checkpoints
-from posttrain.provenance import data_provenance, file_digest, versions, weights_digest, write_manifest
-from posttrain.train.config import TrainConfig
+from posttrain.provenance import (
+    TRAINING_MANIFEST,
+    checkpoint_provenance,
+    data_provenance,
+    new_folder,
+    versions,
+    write_manifest,
+)
+from posttrain.train.config import LoraSettings, TrainConfig
 from posttrain.train.data import load_segments, pack_segments
 from posttrain.train.loop import Trainer, TrainingError, TrainResult
-
-MANIFEST = "training_manifest.json"
 
 
 def is_hybrid_folder(path: str | os.PathLike) -> bool:
@@ -66,33 +71,34 @@ def load_model(config: TrainConfig, tokenizer) -> tuple[torch.nn.Module, dict[st
         cfg = preset(m.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
         return HybridForCausalLM(cfg), {"preset": m.preset, "seed": config.run.seed}
-    base = {"path": str(Path(m.path).resolve()), "sha256": weights_digest(m.path)}
     if is_hybrid_folder(m.path):
         model = HybridForCausalLM.from_pretrained(m.path, dtype=torch.float32)
     else:
         from posttrain.families import load_causal_lm
 
         model = load_causal_lm(m.path, dtype=torch.float32)
-    upstream = Path(m.path) / MANIFEST
-    if upstream.is_file():
-        base["training_manifest_sha256"] = file_digest(upstream)
-    return model, base
+    return model, checkpoint_provenance(m.path)
 
 
-def apply_lora(model, config: TrainConfig):
+def apply_lora(model, lora: LoraSettings, fused_head: bool):
+    """``model`` with ``lora``'s adapters (peft). ``fused_head``: the trainer reads the output layer's weight
+    directly (the fused log-prob kernel: DPO, GRPO, and the in-tree models everywhere), so an adapter on it would be
+    silently ignored, and ``lm_head`` among the targets is refused."""
     from peft import LoraConfig, get_peft_model
 
     from posttrain.families import default_lora_targets
 
-    lo = config.lora
-    targets = list(lo.target_modules) if lo.target_modules else default_lora_targets(model)
+    targets = list(lora.target_modules) if lora.target_modules else default_lora_targets(model)
+    if fused_head and "lm_head" in targets:
+        raise TrainingError("lora.target_modules: lm_head cannot be adapted (the fused log-prob kernel reads the "
+                            "base output weights)")
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise TrainingError(f"lora.target_modules: the {getattr(model.config, 'model_type', '')} model has no module "
                             f"named {', '.join(missing)} (its linear layers: {', '.join(linear)})")
-    return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=targets))
 
 
@@ -111,7 +117,7 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
         if task != "pretrain":
             raise TrainingError("stages (context extension) are a pre-training recipe; run them with posttrain pretrain")
         return run_stages(config, recipe)
-    from posttrain.families import check_packed_rows
+    from posttrain.families import check_packed_rows, is_in_tree
 
     tokenizer = load_tokenizer(config)
     segments, items = build_items(config, tokenizer, task)
@@ -119,7 +125,7 @@ def run_training(config: TrainConfig, task: Literal["sft", "pretrain"], recipe: 
     if config.data.packing:
         check_packed_rows(model)
     if config.lora.enabled:
-        model = apply_lora(model, config)
+        model = apply_lora(model, config.lora, fused_head=is_in_tree(model))
     trainer = Trainer(config, model, items, packed=config.data.packing,
                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                       else tokenizer.eos_token_id, run_config=config_to_dict(config))
@@ -143,36 +149,33 @@ def start_run(trainer, config, what: str) -> None:
 
 
 def save_final(trainer, config, tokenizer, task: str, recipe: str | None, base: dict[str, Any], result,
-               **extra: Any) -> None:
+               data: list[str] | None = None, **extra: Any) -> Path:
     """Write the trained model to ``final/`` atomically, in HF format (LoRA merged; the adapter in ``final/adapter``)
     with its tokenizer and training manifest: the recipe and its resolved config, the starting weights, every data
-    file with its digest, the steps and last loss, the versions; ``extra``: what the task adds."""
+    file (``data``, default ``data.train_files``) with its digest, the steps and last loss, the versions; ``extra``:
+    what the task adds. Returns the folder."""
     acc, model = trainer.accelerator, trainer.model
+    files = config.data.train_files if data is None else data
     manifest = {"task": task, "recipe": recipe, "config": config_to_dict(config), "base": base,
-                "data": [data_provenance(p) for p in config.data.train_files], "steps": result.steps,
+                "data": [data_provenance(p) for p in files], "steps": result.steps,
                 "final_loss": result.final_loss, "processes": acc.num_processes, "versions": versions(), **extra}
     folder = Path(config.checkpoint.output_dir) / "final"
     state = acc.get_state_dict(model)
     if acc.is_main_process:
-        tmp = folder.with_name(folder.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        inner = acc.unwrap_model(model)
-        if config.lora.enabled:
-            inner.save_pretrained(str(tmp / "adapter"))
-            inner = inner.merge_and_unload()
-            state = inner.state_dict()
-        if type(inner).__name__ == "HybridForCausalLM":
-            save_hybrid_state(inner.config, state, tmp)
-        else:
-            inner.save_pretrained(str(tmp), state_dict=state)
-        tokenizer.save_pretrained(str(tmp))
-        write_manifest(tmp / MANIFEST, manifest)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with new_folder(folder) as tmp:
+            inner = acc.unwrap_model(model)
+            if hasattr(inner, "merge_and_unload"):  # LoRA (lora.enabled, or a peft model given to the trainer)
+                inner.save_pretrained(str(tmp / "adapter"))
+                inner = inner.merge_and_unload()
+                state = inner.state_dict()
+            if type(inner).__name__ == "HybridForCausalLM":
+                save_hybrid_state(inner.config, state, tmp)
+            else:
+                inner.save_pretrained(str(tmp), state_dict=state)
+            tokenizer.save_pretrained(str(tmp))
+            write_manifest(tmp / TRAINING_MANIFEST, manifest)
     acc.wait_for_everyone()
+    return folder
 
 
 def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -221,14 +224,8 @@ def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:
             PartialState().wait_for_everyone()
         start = str(merged)
     if PartialState().is_main_process:
-        final = out / "final"
-        tmp = out / "final.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(start, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with new_folder(out / "final") as tmp:
+            shutil.copytree(start, tmp, dirs_exist_ok=True)
     PartialState().wait_for_everyone()
     assert result is not None
     return result

@@ -1,9 +1,9 @@
-"""A GRPO step on the GPU as users run it: the native engine, bfloat16 weights, a KL reference (``loss.beta > 0``),
-recomputed old log-probs and the rollout correction on (bfloat16 turns it on). Needs only torch and CUDA; budgeted
-at well under 4 minutes on one H100 (a tiny hybrid, 3 steps). Checks that every tensor of the update lives on the
-GPU (a step that mixed devices would raise), that the reference stays on the GPU and scores with its own output
-layer (its log-probs equal the untouched starting policy's, recomputed here in float32), and prints the step time
-and the logged mismatch.
+"""A GRPO step on the GPU as users run it: the native engine, bf16 autocast over float32 master weights, a KL reference
+(``loss.beta > 0``), recomputed old log-probs and the rollout correction on (bfloat16 turns it on). Needs only torch
+and CUDA; budgeted at well under 4 minutes on one H100 (a tiny hybrid, 3 steps). Checks that every tensor of the
+update lives on the GPU (a step that mixed devices would raise), that the reference stays on the GPU and scores with
+its own output layer (its log-probs equal the untouched starting policy's, recomputed here in float32), and prints
+the step time and the logged mismatch.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_bf16_grpo_step_with_kl_reference_on_gpu(tmp_path):
 
     tok, model = tiny_model(steps=30)
     start = copy.deepcopy(model).cuda().float().eval()
-    model = model.cuda().to(torch.bfloat16)
+    model = model.cuda()  # float32 master weights: model.dtype bfloat16 is the autocast's
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     config = GrpoConfig(model=ModelConfig(dtype="bfloat16"),
                         rollout=RolloutConfig(prompts_per_step=8, num_generations=8, max_new_tokens=32),
@@ -55,7 +55,8 @@ def test_bf16_grpo_step_with_kl_reference_on_gpu(tmp_path):
                         logging=LoggingConfig(progress=False))
     trainer = GrpoTrainer(config, model=model, tokenizer=tok, rows=rows,
                           reward_set=RewardSet([WeightedReward("digits", digits_reward)]))
-    assert trainer.correction is not None
+    assert trainer.correction is not None and trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.core.dtype == torch.float32
     assert next(trainer.ref_model.parameters()).device.type == "cuda"
     times = []
     for _ in range(3):

@@ -37,7 +37,9 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def save_checkpoint(model: torch.nn.Module, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in expected_tensors(model)}
+    from posttrain.families import checkpoint_state  # LoRA adapters applied, under the base layers' names
+
+    state = {k: v.detach().contiguous() for k, v in checkpoint_state(model).items() if k in expected_tensors(model)}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
