@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,6 @@ from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
 from posttrain.families import core_model
 from posttrain.provenance import stream_digest
-from posttrain.train.chassis import TrainingError
 from posttrain.train.loop import PlanTrainer, TrainResult
 
 REFERENCE_FILE = "reference_logps.jsonl"
@@ -256,32 +254,20 @@ class DpoTrainer(PlanTrainer):
         for m in range(self.plan.accum):
             indices = self.plan.micro_indices(step, acc.process_index, m)
             pairs = [self.train_pairs[i] for i in indices]
-            ctx = acc.no_sync(self.model) if m < self.plan.accum - 1 else contextlib.nullcontext()
-            with ctx:
+            with self._micro(m):
                 with acc.autocast():
                     losses, stats, aux = self._pair_stats("train", indices, pairs)
-                loss = losses.sum().float() * scale
-                if aux is not None:  # as SFT: the router's coefficient, averaged over micro-batches
-                    loss = loss + core_model(self.model).config.router_aux_loss_coef * aux / self.plan.accum
-                    aux_total += aux.detach().double()
-                acc.backward(loss)
+                self._backward(losses.sum().float() * scale, aux)
+            if aux is not None:
+                aux_total += aux.detach().double()
             totals += stats
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         totals = torch.cat([totals, aux_total[None], torch.tensor([float(tokens)], dtype=torch.float64,
                                                                    device=acc.device)])
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
-        metrics: dict[str, Any] = self._named("", totals[:-2], n_global)
-        if self.moe_aux:
-            metrics["aux_loss"] = float(totals[-2]) / (self.plan.accum * acc.num_processes)
-        grad_norm = self.chassis.optimizer_step(math.isfinite(metrics["loss"]))
-        if grad_norm is None:
-            raise TrainingError(f"step {step + 1}: the loss ({metrics['loss']}) or the gradient norm is not "
-                                f"finite; the weights are those before this step")
-        metrics.update({"lr": self.chassis.lr, "tokens": int(totals[-1]), "epoch": self.plan.epoch_of(step)})
-        if self.config.optim.max_grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        return metrics
+        named = self._named("", totals[:-2], n_global)
+        return self._close_step(step, named.pop("loss"), float(totals[-2]), {**named, "tokens": int(totals[-1])})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

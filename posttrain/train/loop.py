@@ -64,10 +64,13 @@ class TrainResult:
 class PlanTrainer:
     """What a trainer drawing its batches from a ``BatchPlan`` (SFT, DPO) adds to the chassis: the plan
     (``optim``'s batch fields, ``run.seed``, ``data.shuffle``), the step count, resuming on the same plan, and the
-    loop with its checkpoint state. DeepSpeed with accumulation is refused (accelerate's DeepSpeed backward also
-    steps the engine, so every micro-batch would take a step). ``unit`` names the items in errors."""
+    loop with its checkpoint state, and a step's micro-batch mechanics (``_micro``, ``_backward``, ``_close_step``).
+    DeepSpeed with accumulation is refused (accelerate's DeepSpeed backward also steps the engine, so every
+    micro-batch would take a step). ``unit`` names the items in errors; ``moe_aux``: the subclass trains the router
+    loss (``model.moe_aux_loss`` on a mixture of experts)."""
 
     unit = "items"
+    moe_aux = False
 
     def __init__(self, config, n_items: int, *, stage: str, run_config: dict[str, Any] | None,
                  on_step: Callable[[int, dict[str, Any]], None] | None):
@@ -88,6 +91,34 @@ class PlanTrainer:
         if self.config.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.model = self.chassis.prepare(model, self.total_steps)
+
+    # -- one optimizer step -------------------------------------------------------------------------------------
+    def _micro(self, m: int):
+        """Around micro-batch ``m``'s forward and backward: its gradients accumulate without the all-reduce, except on
+        the step's last micro-batch."""
+        return self.accelerator.no_sync(self.model) if m < self.plan.accum - 1 else contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor, aux: torch.Tensor | None) -> None:
+        """Backward of a micro-batch's ``loss`` plus, with ``moe_aux``, the router loss ``aux`` times the model's
+        ``router_aux_loss_coef``, averaged over the step's micro-batches."""
+        if self.moe_aux and aux is not None:
+            loss = loss + core_model(self.model).config.router_aux_loss_coef * aux / self.plan.accum
+        self.accelerator.backward(loss)
+
+    def _close_step(self, step: int, loss: float, aux_sum: float, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer step that ends step ``step`` (a non-finite loss or gradient norm stops the run, the weights
+        as they were before it), and ``metrics`` with what every plan trainer logs: the loss, the lr, the epoch, the
+        router loss per micro-batch (``aux_sum``: over all of them, every process) and the clipped gradient norm."""
+        grad_norm = self.chassis.optimizer_step(math.isfinite(loss))
+        if grad_norm is None:
+            raise TrainingError(f"step {step + 1}: the loss ({loss}) or the gradient norm is not finite; the weights "
+                                "are those before this step")
+        metrics = {"loss": loss, **metrics, "lr": self.chassis.lr, "epoch": self.plan.epoch_of(step)}
+        if self.moe_aux:
+            metrics["aux_loss"] = aux_sum / (self.plan.accum * self.accelerator.num_processes)
+        if self.config.optim.max_grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics
 
     def resume(self) -> int:
         """The step training starts at: that of the checkpoint ``run.resume`` names (restored by the chassis), or 0.
@@ -163,14 +194,10 @@ class Trainer(PlanTrainer):
         aux_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         tokens = padded_cells = 0
         for m, (batch, chosen) in enumerate(micro):
-            ctx = acc.no_sync(self.model) if m < len(micro) - 1 else contextlib.nullcontext()
-            with ctx:
+            with self._micro(m):
                 with acc.autocast():
                     nll_sum, _, aux = masked_nll_sum(self.model, batch, self.moe_aux)
-                loss = nll_sum.float() * scale
-                if self.moe_aux:
-                    loss = loss + core_model(self.model).config.router_aux_loss_coef * aux / len(micro)
-                acc.backward(loss)
+                self._backward(nll_sum.float() * scale, aux)
             nll_total += nll_sum.detach().double()
             aux_total += aux.detach().double()
             tokens += sum(len(s) for item in chosen for s in item)
@@ -180,21 +207,8 @@ class Trainer(PlanTrainer):
                             device=acc.device)])
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="sum")
-        loss = float(sums[0] / n_global.double())
-        grad_norm = self.chassis.optimizer_step(math.isfinite(loss))
-        if grad_norm is None:
-            raise TrainingError(f"step {step + 1}: the loss ({loss}) or the gradient norm is not finite; the "
-                                f"weights are those before this step")
-        metrics: dict[str, Any] = {
-            "loss": loss, "lr": self.chassis.lr, "target_tokens": int(n_global),
-            "tokens": int(sums[2]), "packing_efficiency": float(sums[2] / sums[3]),
-            "epoch": self.plan.epoch_of(step),
-        }
-        if self.moe_aux:
-            metrics["aux_loss"] = float(sums[1]) / (len(micro) * acc.num_processes)
-        if self.config.optim.max_grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        return metrics
+        return self._close_step(step, float(sums[0] / n_global.double()), float(sums[1]), {
+            "target_tokens": int(n_global), "tokens": int(sums[2]), "packing_efficiency": float(sums[2] / sums[3])})
 
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
