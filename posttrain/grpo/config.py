@@ -162,8 +162,8 @@ class RolloutCorrectionConfig:
     differently from training's chunked scan).
 
     enabled: None (auto): on when the engine keeps its own copy of the weights (``vllm``, ``server``: not
-        ``Capabilities.shares_module``), ``model.dtype`` is bfloat16, or sampling is truncated (``top_p`` < 1,
-        ``top_k`` > 0); true or false to force it.
+        ``Capabilities.shares_module``), the run computes in bfloat16 (``model.dtype`` bfloat16, or auto on a GPU),
+        or sampling is truncated (``top_p`` < 1, ``top_k`` > 0); true or false to force it.
     weights: importance weights on the policy term: ``token`` (truncated IS, w_t = min(rho_t, cap)), ``sequence``
         (one weight per completion, min(prod_t rho_t, cap)) or ``none``. Default ``token`` with cap 2 (the
         truncated-IS paper's choice): a per-token weight stays bounded on long completions, where a sequence
@@ -392,7 +392,7 @@ class GrpoConfig:
     def rollout_correction_on(self, engine_shares_module: bool, bfloat16: bool = False) -> bool:
         """Whether the engine/trainer mismatch is corrected (see ``RolloutCorrectionConfig.enabled``), for an engine
         that does (or does not) decode the trainer's own module (``Capabilities.shares_module``); ``bfloat16``: the
-        policy is in bfloat16 whatever ``model.dtype`` says (a model given directly)."""
+        run computes in bfloat16 (its autocast, or a bfloat16 model given directly) whatever ``model.dtype`` says."""
         rc, r = self.rollout_correction, self.rollout
         if rc.enabled is not None:
             return rc.enabled and (rc.weights != "none" or rc.mask != "none")
