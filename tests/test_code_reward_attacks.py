@@ -456,6 +456,11 @@ def test_memory_hog_over_three_processes_stays_within_the_total(use_cgroup: bool
         pid, _, mib, _ = line.split()
         held[pid] = int(mib)
     assert held, "no child managed to allocate anything: the attack did not run"
-    assert peak[0] <= total, f"the candidate's processes held {peak[0] >> 20} MiB at once, over {total >> 20} MiB"
+    # one pass over /proc reads the processes one after another, not at one instant: memory that the limit's
+    # victim is giving back while a sibling takes it can be read twice in a pass (one CI run under load read
+    # 521 MiB). Two 16 MiB chunks of slack keep that out; an unenforced total lets the three hold 960 MiB
+    slack = 2 * (16 << 20)
+    assert peak[0] <= total + slack, (f"the candidate's processes held {peak[0] >> 20} MiB at once, over "
+                                      f"{total >> 20} MiB")
     assert peak[0] > 16 << 20  # the sampler saw the hog
     sandbox.close()
