@@ -108,6 +108,12 @@ def is_in_tree(model) -> bool:
     return type(core_model(model)).__module__.startswith("posttrain.")
 
 
+def router_loss_on(model, moe_aux_loss: bool) -> bool:
+    """Whether ``model.moe_aux_loss`` adds a router load-balancing loss for ``model`` (in any command): asked for,
+    and the model has a mixture of experts (``num_local_experts`` > 0)."""
+    return bool(moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
+
+
 def effective_weight(module) -> torch.Tensor:
     """The weight ``module``'s forward applies: a plain layer's own; a peft LoRA layer's base weight plus the delta
     of each active adapter (B A times its scaling), unless the adapters are merged in already or disabled. The

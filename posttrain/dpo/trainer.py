@@ -25,7 +25,7 @@ import torch
 from posttrain.dpo.config import DpoConfig
 from posttrain.dpo.data import PreferencePair, collate_pairs
 from posttrain.dpo.loss import PairLogps, preference_loss
-from posttrain.families import core_model
+from posttrain.families import core_model, router_loss_on
 from posttrain.provenance import stream_digest
 from posttrain.train.loop import PlanTrainer, TrainResult
 
@@ -172,8 +172,7 @@ class DpoTrainer(PlanTrainer):
         self.packed = config.data.packing
         self.lora = hasattr(model, "disable_adapter")
         core = core_model(model)
-        self.moe_aux = bool(config.model.moe_aux_loss and type(core).__name__ == "HybridForCausalLM"
-                            and getattr(core.config, "num_local_experts", 0))
+        self.moe_aux = type(core).__name__ == "HybridForCausalLM" and router_loss_on(core, config.model.moe_aux_loss)
         model = model.to(acc.device)
         if self.packed:  # a transformers model packs through its own masks: checked on one row before any work
             from posttrain.families import check_packed_rows

@@ -22,7 +22,7 @@ import torch
 
 from posttrain.config import config_to_dict
 from posttrain.eval.metrics import outcome_accuracy
-from posttrain.families import check_packed_rows, core_model, is_in_tree
+from posttrain.families import check_packed_rows, core_model, is_in_tree, router_loss_on
 from posttrain.grpo.batch import MicroBatch, RolloutBatch
 from posttrain.grpo.collect import Rollout, RolloutCollector
 from posttrain.grpo.config import GrpoConfig
@@ -106,7 +106,7 @@ class GrpoTrainer:
             self.ref_model.to(acc.device)
         # bfloat16 compute: the run's autocast, or a bfloat16 model given directly
         self.bf16 = self.core.dtype == torch.bfloat16 or acc.mixed_precision == "bf16"
-        self.moe_aux = bool(c.model.moe_aux_loss and getattr(self.core.config, "num_local_experts", 0))
+        self.moe_aux = router_loss_on(model, c.model.moe_aux_loss)
         # async: the producer's own copy of the policy
         self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False) if c.async_rollout.enabled else None
         self.engine = self._build_engine()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from posttrain.families import core_model, is_in_tree
+from posttrain.families import core_model, is_in_tree, router_loss_on
 from posttrain.train.chassis import Chassis, TrainingError
 from posttrain.train.config import TrainConfig
 from posttrain.train.data import IGNORE, BatchPlan, Segment, collate_packed, collate_padded
@@ -168,7 +168,7 @@ class Trainer(PlanTrainer):
         super().__init__(config, len(self.items), stage="train", run_config=run_config, on_step=None)
         self.packed = packed
         self.pad_token_id = pad_token_id
-        self.moe_aux = bool(config.model.moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
+        self.moe_aux = router_loss_on(model, config.model.moe_aux_loss)
         self._prepare(model)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
