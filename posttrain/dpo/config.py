@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from posttrain.sampling import SamplingSettings
 from posttrain.train.config import (
     CheckpointSettings,
     LoggingSettings,
@@ -98,7 +99,7 @@ class DpoConfig:
 
 # -- posttrain pairs ------------------------------------------------------------------------------------------------
 @dataclass
-class PairSamplingSettings:
+class PairSamplingSettings(SamplingSettings):
     model: str = "runs/sft_tiny/final"  # the checkpoint that answers (weights, config.json, tokenizer)
     # the rollout engine that samples the answers, by its name in posttrain.rollout.registry: native (the in-tree
     # models), transformers (any causal LM transformers loads) or vllm (GPU); None: native for the in-tree models,
@@ -106,12 +107,10 @@ class PairSamplingSettings:
     engine: Literal["native", "transformers", "vllm"] | None = None
     tokenizer: str | None = None  # default: the model folder
     num_samples: int = 4  # answers sampled per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_samples < 2:
             raise ValueError(f"sampling.num_samples must be at least 2 to make a pair, got {self.num_samples}")
 

@@ -55,8 +55,7 @@ def sample_answers(engine, tokenizer, prompts: Sequence[Any], sampling: PairSamp
     the closing EOS (:func:`posttrain.tokenizer.completion_text`)."""
     from posttrain.rollout import SamplingParams
 
-    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_p=sampling.top_p, n=sampling.num_samples, eos_token_id=tokenizer.eos_token_id,
+    params = SamplingParams(**sampling.sampling_fields(), n=sampling.num_samples, eos_token_id=tokenizer.eos_token_id,
                             seed=sampling.seed)
     completions = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params)
     texts = [completion_text(tokenizer, c.token_ids) for c in completions]

@@ -18,32 +18,29 @@ from typing import Any, Protocol
 
 from posttrain.eval.tasks import EvalItem
 from posttrain.rollout import Engine
+from posttrain.sampling import SamplingSettings
 from posttrain.serving.generation import TextGenerator
 
 ProgressFn = Callable[[int], None]  # called with the number of items just finished
 
 
 @dataclass
-class EvalSampling:
-    """How completions are sampled: greedy (temperature 0, n = 1) or sampled (n per item)."""
+class EvalSampling(SamplingSettings):
+    """How completions are sampled (``SamplingSettings``): greedy by default (temperature 0, n = 1), or n sampled
+    per item."""
 
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
     max_new_tokens: int = 512
+    temperature: float = 0.0
+    n: int = 1
     seed: int | None = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n < 1:
             raise ValueError(f"n (samples per item) must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.n > 1:
             raise ValueError(f"greedy decoding (temperature 0) gives one completion per item; got n={self.n}: "
                              "set --temperature > 0 to sample several")
-        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError("top_p must be in (0, 1], top_k >= 0 and max_new_tokens >= 1")
 
 
 class CompletionSource(Protocol):
@@ -94,8 +91,7 @@ class EngineCompletions:
             batch = items[start:start + self.batch_size]
             stop = [] if chat else sorted({s for item in batch for s in item.stop})
             params = self.generator.sampling_params(
-                max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=sampling.top_k, n=sampling.n, stop=stop,
+                **sampling.sampling_fields(), n=sampling.n, stop=stop,
                 seed=None if sampling.seed is None else sampling.seed + zlib.crc32(batch[0].id.encode()),
                 stop_token_ids=self.generator.chat_stop_token_ids() if chat else [])
             prompts = [render_prompt(self.generator, item, self.prompt_format) for item in batch]

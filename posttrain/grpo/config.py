@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, get_args
 
 from posttrain.rewards import RewardsConfig
+from posttrain.sampling import SamplingSettings
 from posttrain.train.config import (
     CheckpointSettings,
     LoggingSettings,
@@ -101,7 +102,7 @@ class DataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(SamplingSettings):
     """engine: the rollout engine, by its name in ``posttrain.rollout.registry``: ``native`` (the in-tree models,
         CPU and GPU), ``transformers`` (any causal LM transformers loads, CPU and GPU), ``vllm`` (colocated, GPU,
         ``posttrain[vllm]``) or ``server`` (a ``posttrain vllm-serve`` at ``server_url``, on other GPUs; weights
@@ -139,10 +140,6 @@ class RolloutConfig:
     engine: Literal["native", "transformers", "vllm", "server"] | None = None
     prompts_per_step: int = 8
     num_generations: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     prompts_per_call: int = 0
     recompute_old_logprobs: bool | None = None
     vllm_gpu_memory_utilization: float = 0.3
@@ -349,7 +346,6 @@ class GrpoConfig:
         checks = [
             (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
             (r.num_generations >= 2, "rollout.num_generations must be >= 2 (advantages compare completions)"),
-            (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
             (r.temperature > 0, "rollout.temperature must be > 0 (RL samples; greedy groups are uniform)"),
             (r.prompts_per_call >= 0, "rollout.prompts_per_call must be >= 0"),
             (self.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds must be >= 1"),
@@ -371,10 +367,10 @@ class GrpoConfig:
             (self.rollout_correction.cap > 0, f"rollout_correction.cap must be > 0, got {self.rollout_correction.cap}"),
             (self.rollout_correction.mask_threshold > 1,
              f"rollout_correction.mask_threshold must be > 1, got {self.rollout_correction.mask_threshold}"),
-            (not (r.recompute_old_logprobs is False and (r.top_p < 1 or r.top_k > 0)),
+            (not (r.recompute_old_logprobs is False and r.truncated_distribution),
              ("rollout.recompute_old_logprobs: false cannot hold with top_p < 1 or top_k > 0: the sampler's "
               "log-probs are then of the truncated distribution, not the policy the loss trains")),
-            (not (self.async_rollout.enabled and (r.top_p < 1 or r.top_k > 0)),
+            (not (self.async_rollout.enabled and r.truncated_distribution),
              "async_rollout.enabled needs the untruncated distribution (rollout.top_p 1, rollout.top_k 0)"),
             (not (self.async_rollout.enabled and self.rollout_correction.enabled),
              ("rollout_correction.enabled: the asynchronous producer's policy is the sampler itself (its log-probs "
@@ -396,5 +392,5 @@ class GrpoConfig:
         rc, r = self.rollout_correction, self.rollout
         if rc.enabled is not None:
             return rc.enabled and (rc.weights != "none" or rc.mask != "none")
-        auto = not engine_shares_module or bfloat16 or self.model.dtype == "bfloat16" or r.top_p < 1 or r.top_k > 0
+        auto = not engine_shares_module or bfloat16 or self.model.dtype == "bfloat16" or r.truncated_distribution
         return auto and not self.async_rollout.enabled and (rc.weights != "none" or rc.mask != "none")

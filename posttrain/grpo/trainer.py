@@ -214,16 +214,15 @@ class GrpoTrainer:
         local = [shard(mini, acc.num_processes, acc.process_index) for mini in minis]
         batch = RolloutBatch.build([s for part in local for s in part], self.core.device)
         off_policy = self.async_rollouts is not None
-        truncated_sampling = c.rollout.top_p < 1 or c.rollout.top_k > 0
         need_old = (c.optim.mini_batches * c.optim.num_iterations > 1 or self.correction is not None or off_policy
-                    or truncated_sampling)
+                    or c.rollout.truncated_distribution)
         recompute = c.rollout.recompute_old_logprobs
         if recompute is None:
             # an engine decoding the trainer's own module in float32 sampled with the trainer's log-probs
             recompute = not (self.engine.capabilities.shares_module and not self.bf16)
         # truncated sampling, or another engine: the ratio's old policy is the trainer's own (the sampler's log-probs
         # serve the correction only); off-policy: the generating policy's, whose log-probs only the sampler has
-        recompute = not off_policy and (recompute or truncated_sampling or self.correction is not None)
+        recompute = not off_policy and (recompute or c.rollout.truncated_distribution or self.correction is not None)
         self.model.eval()  # no dropout in the hybrid; eval only marks the no-grad pass
         old = ref = weights = None
         if need_old and batch.samples:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
+from posttrain.sampling import SamplingSettings
+
 if TYPE_CHECKING:  # importing xgrammar is the constrained module's business, not every engine's
     from posttrain.rollout.constrained import ConstraintFactory
 
@@ -31,18 +33,15 @@ LOGPROBS_MODES = ("raw", "processed")
 
 
 @dataclass
-class SamplingParams:
-    """How to sample. RL defaults: top_p = 1 and top_k = 0 (the untruncated distribution).
+class SamplingParams(SamplingSettings):
+    """How to sample: ``max_new_tokens``, ``temperature``, ``top_p`` and ``top_k`` (``SamplingSettings``, with RL's
+    defaults: the untruncated distribution), ``n`` samples per prompt, and what follows.
 
     The fields after ``seed`` are a request's features, with vLLM's (and OpenAI's) meanings; each step applies them
     in vLLM's order: ``logit_bias``, the ``min_tokens`` mask, ``repetition_penalty``, then ``presence_penalty`` and
     ``frequency_penalty``, the ``constraint``'s grammar mask; then temperature, top-k and top-p, and the sampler.
     Left at their defaults, a step does exactly what it did without them (``has_features`` is false)."""
 
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k truncation
     n: int = 1  # samples per prompt
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     eos_token_id: int | list[int] | None = None
@@ -68,17 +67,12 @@ class SamplingParams:
     constraint: ConstraintFactory | None = None  # a grammar the completion must follow (rollout.constrained)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        super().__post_init__()
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.n < 1:
-            raise ValueError(f"top_k must be >= 0 and n >= 1, got top_k={self.top_k}, n={self.n}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

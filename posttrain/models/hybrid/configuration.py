@@ -70,14 +70,46 @@ def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[typ
         raise ConfigError(f"{source}: {e}") from None
 
 
+@dataclass
 class _ConfigJSON:
-    """What both configs share: the layer indices by kind, and config.json in and out (written atomically, read with
+    """What both configs share: the fields transformers' ``GraniteConfig`` and ``GraniteMoeHybridConfig`` both have,
+    with the same defaults; the layer indices by kind; and config.json in and out (written atomically, read with
     errors naming the file, turned into transformers' config class of the same ``model_type``)."""
 
     model_type: ClassVar[str]
     architecture: ClassVar[str]
     transformers_class: ClassVar[str]
     not_for_transformers: ClassVar[tuple[str, ...]] = ("architectures", "model_type", "rope_theta")
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008  # the MLP's width (the hybrid: per expert)
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: num_attention_heads (no grouping)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    # Granite's muP-style multipliers
+    attention_multiplier: float = 1.0  # the softmax scale (replaces 1/sqrt(head_dim))
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json's other fields, written back
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
 
     @property
     def attention_layers(self) -> list[int]:
@@ -120,18 +152,8 @@ class HybridConfig(_ConfigJSON):
     architecture: ClassVar[str] = ARCHITECTURE
     transformers_class: ClassVar[str] = "GraniteMoeHybridConfig"
     not_for_transformers: ClassVar[tuple[str, ...]] = (*_ConfigJSON.not_for_transformers, "mamba_norm_per_group")
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    num_hidden_layers: int = 32
     layer_types: list[str] | None = None  # "mamba" or "attention" per layer; None: all Mamba
-    # attention layers
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    attention_bias: bool = False
-    attention_multiplier: float = 1.0  # the softmax scale (replaces 1/sqrt(head_dim))
-    position_embedding_type: str | None = None  # None or "nope": no positions; "rope": rotary embeddings
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
+    position_embedding_type: str | None = None  # attention layers: None or "nope": no positions; "rope": rotary
     # Mamba-2 layers
     mamba_n_heads: int = 128
     mamba_n_groups: int = 1
@@ -146,40 +168,24 @@ class HybridConfig(_ConfigJSON):
     # Gated RMSNorm of the Mamba output: per group of B/C (mamba_ssm, vLLM, transformers >= 5.18), or over the whole
     # inner dimension (transformers <= 5.17). Identical when mamba_n_groups == 1, as in every published Granite 4.0-H.
     mamba_norm_per_group: bool = True
-    # feed-forward: a shared MLP in every layer, plus a top-k mixture of experts when num_local_experts > 0
-    intermediate_size: int = 11008  # per expert
+    # feed-forward: a shared MLP in every layer, plus a top-k mixture of experts (of intermediate_size each) when
+    # num_local_experts > 0
     shared_intermediate_size: int = 1024
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
-    hidden_act: str = "silu"
-    # scalings (Granite's muP-style multipliers)
-    embedding_multiplier: float = 1.0
-    residual_multiplier: float = 1.0
-    logits_scaling: float = 1.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    # tokens
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    # passed through to config.json untouched (e.g. fields of a newer transformers this version does not know)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
             self.layer_types = ["mamba"] * self.num_hidden_layers
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
         if self.position_embedding_type == "nope":
             self.position_embedding_type = None
         if self.mamba_d_head == "auto" and self.mamba_n_heads and \
                 (self.mamba_expand * self.hidden_size) % self.mamba_n_heads == 0:
             self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
         self.time_step_limit = tuple(float(x) for x in self.time_step_limit)  # type: ignore[assignment]
-        self.validate()
+        super().__post_init__()
 
     @property
     def mamba_intermediate_size(self) -> int:
@@ -284,31 +290,10 @@ class DenseGraniteConfig(_ConfigJSON):
     model_type: ClassVar[str] = DENSE_MODEL_TYPE
     architecture: ClassVar[str] = DENSE_ARCHITECTURE
     transformers_class: ClassVar[str] = "GraniteConfig"
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
     # the rope_parameters besides rope_type "default" and rope_theta (e.g. {"rope_type": "linear", "factor": 2.0})
     rope_scaling: dict[str, Any] | None = None
-    attention_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
-    embedding_multiplier: float = 1.0
-    logits_scaling: float = 1.0
-    residual_multiplier: float = 1.0
-    attention_multiplier: float = 1.0  # the softmax scale (replaces 1/sqrt(head_dim))
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # what the shared layers ask of a config: every layer attention with RoPE, no Mamba, no experts
     position_embedding_type: ClassVar[str] = "rope"
@@ -317,11 +302,9 @@ class DenseGraniteConfig(_ConfigJSON):
     router_aux_loss_coef: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") == "default":
             self.rope_scaling = None
-        self.validate()
+        super().__post_init__()
 
     @property
     def head_dim(self) -> int:
