@@ -106,6 +106,16 @@ def test_non_finite_numbers_name_the_field(tmp_path, raw):
         load_config(GrpoConfig, recipe)
 
 
+@pytest.mark.parametrize(("field", "value", "why"), [("top_p", "0", r"top_p must be in \(0, 1\], got 0\.0"),
+                                                    ("top_p", "1.5", r"top_p must be in \(0, 1\], got 1\.5"),
+                                                    ("top_k", "-2", "top_k must be >= 0, got -2"),
+                                                    ("max_new_tokens", "0", "max_new_tokens must be >= 1, got 0")])
+def test_grpo_sampling_values_fail_when_the_recipe_loads(field, value, why):
+    """A GRPO rollout's sampling values are checked with the recipe, before a model or an engine is built."""
+    with pytest.raises(ConfigError, match=f"rollout: {why}"):
+        load_config(GrpoConfig, None, [f"--rollout.{field}", value])
+
+
 def test_print_config_of_a_bad_recipe_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  lr: .nan\n")

@@ -262,3 +262,33 @@ def test_pair_answers_keep_the_markup_the_model_wrote(tmp_path):
     sampled = sample_answers(engine, tok, [prompt], PairSamplingSettings(model="unused", num_samples=3,
                                                                          temperature=0.5, max_new_tokens=8, seed=0))
     assert sampled == [[want] * 3]
+
+
+def test_pair_sampling_honours_top_k(tmp_path):
+    """``sampling.top_k`` reaches the engine: top-1 sampling at temperature 1 is greedy decoding (the plain argmax
+    loop above), while untruncated sampling from the same random model is not."""
+    from posttrain.dpo.pairs import sample_answers
+    from posttrain.rollout.native import NativeEngine
+
+    tok = build_tokenizer(arithmetic_corpus(200), vocab_size=300)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(preset("tiny", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=None)).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("6*7=", "12+5=")]
+    greedy = [argmax_answer(model, tok, p, max_new_tokens=6) for p in prompts]
+    engine = NativeEngine(model)
+    top1 = sample_answers(engine, tok, prompts, PairSamplingSettings(model="unused", num_samples=3, top_k=1,
+                                                                     max_new_tokens=6, seed=0))
+    assert [[t.removesuffix(tok.eos_token) for t in row] for row in top1] == [[g] * 3 for g in greedy]
+    free = sample_answers(engine, tok, prompts, PairSamplingSettings(model="unused", num_samples=3,
+                                                                     max_new_tokens=6, seed=0))
+    assert free != top1
+
+
+def test_pair_sampling_values_are_checked_when_the_recipe_loads(tmp_path, capsys):
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "ok"}\n')
+    for field, value, why in (("top_p", "0", "top_p must be in (0, 1], got 0.0"), ("top_k", "-1", "top_k must be >= 0"),
+                              ("max_new_tokens", "0", "max_new_tokens must be >= 1")):
+        code = main(["pairs", "--prompts_file", str(tmp_path / "ok.jsonl"), f"--sampling.{field}", value])
+        err = capsys.readouterr().err
+        assert code == 2 and f"sampling: {why}" in err, err
