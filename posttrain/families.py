@@ -109,9 +109,13 @@ def is_in_tree(model) -> bool:
 
 
 def router_loss_on(model, moe_aux_loss: bool) -> bool:
-    """Whether ``model.moe_aux_loss`` adds a router load-balancing loss for ``model`` (in any command): asked for,
-    and the model has a mixture of experts (``num_local_experts`` > 0)."""
-    return bool(moe_aux_loss and getattr(core_model(model).config, "num_local_experts", 0))
+    """Whether ``model.moe_aux_loss`` adds a router load-balancing loss for ``model`` (in any command): asked for, and
+    the model has a mixture of experts with such a loss: experts (transformers names their count ``num_local_experts``
+    in Granite, Mixtral and the in-tree models, ``num_experts`` in Qwen2-MoE, Qwen3-MoE and OLMoE) and a
+    ``router_aux_loss_coef`` (DeepSeek-V3's bias balancing has none)."""
+    config = core_model(model).config
+    experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+    return bool(moe_aux_loss and experts and hasattr(config, "router_aux_loss_coef"))
 
 
 def effective_weight(module) -> torch.Tensor:

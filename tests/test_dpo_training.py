@@ -208,25 +208,34 @@ def test_under_bf16_autocast_the_precomputed_reference_starts_equal_to_the_polic
     assert len(bf16_rows) == len(f32_rows) == 16 + 32 and bf16_rows != f32_rows
 
 
-def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path):
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("family", ["hybrid", "qwen2_moe"])
+def test_a_mixture_of_experts_gets_its_load_balancing_loss(setup, tmp_path, family):
+    """The in-tree hybrid's experts, and transformers' Qwen2-MoE (which counts them as ``num_experts``)."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(setup / "base"))
     torch.manual_seed(0)
-    moe = HybridForCausalLM(preset("tiny-moe", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, bos_token_id=None))
+    ids = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+           "bos_token_id": None}
+    if family == "hybrid":
+        moe = HybridForCausalLM(preset("tiny-moe", **ids))
+    else:
+        moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+            **ids))
     moe.save_pretrained(tmp_path / "moe")
     tok.save_pretrained(str(tmp_path / "moe"))
     overrides = (f"--model.path={tmp_path / 'moe'}", "--optim.max_steps=1", "--optim.per_device_batch_size=4",
                  "--data.max_samples=4")
-    run_dpo(config(setup, "moe", *overrides))
-    run_dpo(config(setup, "moe_off", *overrides, "--model.moe_aux_loss=false"))
-    on, off = metrics(setup, "moe")[0], metrics(setup, "moe_off")[0]
+    run_dpo(config(setup, f"moe_{family}", *overrides))
+    run_dpo(config(setup, f"moe_off_{family}", *overrides, "--model.moe_aux_loss=false"))
+    on, off = metrics(setup, f"moe_{family}")[0], metrics(setup, f"moe_off_{family}")[0]
     assert on["aux_loss"] > 0 and "aux_loss" not in off
     assert on["loss"] == pytest.approx(off["loss"], abs=1e-6)  # the preference loss itself is the same ...
-    w_on = load_file(str(setup / "moe" / "final" / "model.safetensors"))
-    w_off = load_file(str(setup / "moe_off" / "final" / "model.safetensors"))
-    routers = [k for k in w_on if "router" in k]
+    w_on = load_file(str(setup / f"moe_{family}" / "final" / "model.safetensors"))
+    w_off = load_file(str(setup / f"moe_off_{family}" / "final" / "model.safetensors"))
+    routers = [k for k in w_on if "router" in k or ".mlp.gate." in k]
     assert routers and any(not torch.equal(w_on[k], w_off[k]) for k in routers)  # ... the router's gradient is not
 
 

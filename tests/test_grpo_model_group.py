@@ -229,14 +229,29 @@ def test_checkpoint_state_is_peft_merge_and_unload():
 # ---------------------------------------------------------------------------------------------------------------
 # model.moe_aux_loss
 # ---------------------------------------------------------------------------------------------------------------
-def test_moe_aux_loss_trains_the_routers(tmp_path, tok):
+def _qwen2_moe(tok):
+    """transformers' Qwen2-MoE, which counts its experts as ``num_experts`` (the in-tree models: ``num_local_experts``)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=None))
+
+
+@pytest.mark.parametrize("family", ["hybrid", "qwen2_moe"])
+def test_moe_aux_loss_trains_the_routers(tmp_path, tok, family):
     routers, logged = {}, {}
     for aux in (True, False):
         config = _config(tmp_path / str(aux), model={"moe_aux_loss": aux}, run={"steps": 1})
-        trainer = _trainer(config, tok, _policy(tok, "tiny-moe"))
+        trainer = _trainer(config, tok, _policy(tok, "tiny-moe") if family == "hybrid" else _qwen2_moe(tok))
         metrics = trainer.step()
         logged[aux] = metrics.get("aux_loss")
-        routers[aux] = trainer.core.model.layers[0].block_sparse_moe.router.layer.weight.detach().clone()
+        layer = trainer.core.model.layers[0]
+        router = layer.block_sparse_moe.router.layer if family == "hybrid" else layer.mlp.gate
+        routers[aux] = router.weight.detach().clone()
         trainer.close()
     assert logged[False] is None and logged[True] > 0
     assert not torch.allclose(routers[True], routers[False])  # the router loss moved the routers

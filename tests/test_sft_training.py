@@ -133,6 +133,31 @@ def test_moe_load_balancing_loss_is_trained(tok, segments, tmp_path):
     assert not torch.allclose(routers[True], routers[False])  # the aux loss moved the routers
 
 
+def test_router_loss_trains_a_transformers_mixture_of_experts_that_counts_num_experts(tok, segments, tmp_path):
+    """Qwen2-MoE names its expert count ``num_experts`` (the in-tree models and Mixtral: ``num_local_experts``):
+    ``model.moe_aux_loss`` trains its load-balancing loss all the same. The first step's logged loss is the NLL
+    alone (equal with and without the router loss, from the same weights and batch), the router loss is logged
+    apart, and it moves the routers."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    items = pack_segments(segments, 128)
+    routers, logged = {}, {}
+    for aux in (True, False):
+        torch.manual_seed(0)
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=1.0, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, bos_token_id=None))
+        cfg = config(tmp_path / f"qwen2moe-{aux}", 2, 1, steps=2, moe_aux_loss=aux)
+        result = Trainer(cfg, model, items, packed=True, pad_token_id=tok.pad_token_id).train()
+        logged[aux] = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+        routers[aux] = result.model.model.layers[0].mlp.gate.weight.detach().clone()
+    assert logged[True][0]["aux_loss"] > 0 and "aux_loss" not in logged[False][0]
+    assert logged[True][0]["loss"] == pytest.approx(logged[False][0]["loss"], rel=1e-6)
+    assert not torch.allclose(routers[True], routers[False])
+
+
 def test_lora_trains_adapters_on_mamba_and_attention_projections(tok, segments, tmp_path):
     cfg = config(tmp_path, 2, 1, steps=2)
     cfg.lora = LoraSettings(enabled=True, r=4, alpha=8)

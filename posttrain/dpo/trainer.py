@@ -48,9 +48,9 @@ def sequence_logps(model, batch: dict[str, Any], device, router_aux: bool = Fals
         hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])[index]
         lp = core.token_logprobs(hidden, targets)
         aux = out.aux_loss if router_aux else None
-    else:
-        aux = None
-        logits = model(**inputs, use_cache=False).logits  # no cache: packed rows are masked by their position_ids
+    else:  # no cache: packed rows are masked by their position_ids
+        out = model(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+        aux, logits = out.aux_loss if router_aux else None, out.logits
         lp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[index].float(), dim=-1)
         lp = lp.gather(1, targets[:, None])[:, 0]
     sums = torch.zeros(batch["n_seqs"], dtype=lp.dtype, device=device)
@@ -172,7 +172,7 @@ class DpoTrainer(PlanTrainer):
         self.packed = config.data.packing
         self.lora = hasattr(model, "disable_adapter")
         core = core_model(model)
-        self.moe_aux = type(core).__name__ == "HybridForCausalLM" and router_loss_on(core, config.model.moe_aux_loss)
+        self.moe_aux = router_loss_on(core, config.model.moe_aux_loss)
         model = model.to(acc.device)
         if self.packed:  # a transformers model packs through its own masks: checked on one row before any work
             from posttrain.families import check_packed_rows
