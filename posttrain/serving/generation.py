@@ -139,15 +139,13 @@ class TextGenerator:
         return ids
 
     # -- sampling ---------------------------------------------------------------------------------------------
-    def sampling_params(self, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                        n: int = 1, seed: int | None = None, stop: Sequence[str] = (),
-                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, **extra: Any
+    def sampling_params(self, *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), **fields: Any
                         ) -> SamplingParams:
-        """The engine's parameters; ``extra`` are further ``SamplingParams`` fields (penalties, log-probs...)."""
+        """The engine's parameters: ``fields`` are ``SamplingParams``' (max_new_tokens, temperature, n, seed,
+        penalties, log-probs...); ``stop_token_ids`` and the ``stop`` strings of one token stop a row in the engine,
+        as do the tokenizer's EOS tokens."""
         stops = sorted(set(stop_token_ids) | set(self.single_token_ids(stop)))
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
-                              seed=seed, stop_token_ids=stops, eos_token_id=list(self.eos_token_ids) or None,
-                              ignore_eos=ignore_eos, **extra)
+        return SamplingParams(stop_token_ids=stops, eos_token_id=list(self.eos_token_ids) or None, **fields)
 
     def complete(self, prompts: list[list[int]], params: SamplingParams, stop: Sequence[str] = ()
                  ) -> list[TextCompletion]:

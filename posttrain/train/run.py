@@ -21,6 +21,7 @@ import torch
 
 from posttrain.config import config_to_dict, config_yaml
 from posttrain.merge import merge_checkpoints
+from posttrain.models.hybrid.checkpoint import save_state
 from posttrain.provenance import (
     TRAINING_MANIFEST,
     checkpoint_provenance,
@@ -169,29 +170,13 @@ def save_final(trainer, config, tokenizer, task: str, recipe: str | None, base: 
                 inner = inner.merge_and_unload()
                 state = inner.state_dict()
             if type(inner).__name__ == "HybridForCausalLM":
-                save_hybrid_state(inner.config, state, tmp)
+                save_state(type(inner), inner.config, state, tmp)
             else:
                 inner.save_pretrained(str(tmp), state_dict=state)
             tokenizer.save_pretrained(str(tmp))
             write_manifest(tmp / TRAINING_MANIFEST, manifest)
     acc.wait_for_everyone()
     return folder
-
-
-def save_hybrid_state(config, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Save a full state dict (gathered from any sharding) as an in-tree hybrid checkpoint."""
-    from posttrain.models.hybrid import HybridForCausalLM
-
-    with torch.device("meta"):
-        model = HybridForCausalLM(config)
-    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-             for k, v in state.items()}
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.save_pretrained(folder)
 
 
 def run_stages(config: TrainConfig, recipe: str | None = None) -> TrainResult:

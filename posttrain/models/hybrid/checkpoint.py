@@ -122,9 +122,24 @@ def load_checkpoint(cls, folder: str | os.PathLike, device=None, dtype: torch.dt
                 state[name] = t.to(device) if device is not None else t
     if problems:
         raise CheckpointError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
-    if config.tie_word_embeddings:
+    return _assign(model, state)
+
+
+def save_state(cls, config, state: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
+    """Save a full state dict (gathered from any sharding) as a checkpoint of the in-tree model ``cls``, in float32."""
+    with torch.device("meta"):
+        model = cls(config)
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+             for k, v in state.items()}
+    _assign(model, state).save_pretrained(folder)
+
+
+def _assign(model, state: dict[str, torch.Tensor]):
+    """``model`` (built on the meta device) holding ``state``; a tied output layer is the embedding itself."""
+    tied = model.config.tie_word_embeddings
+    if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

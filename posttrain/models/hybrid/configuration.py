@@ -41,12 +41,6 @@ def _need_positive_integers(config: Any, names: tuple[str, ...]) -> None:
               f"must be a positive integer, got {value!r}")
 
 
-def _need_key_value_heads(config: Any) -> None:
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    _need(isinstance(kv, int) and kv > 0 and heads % kv == 0, "num_key_value_heads",
-          f"{kv!r} must be a positive divisor of num_attention_heads {heads}")
-
-
 def _json_fields(data: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
     """A copy of a config.json's fields without ``architectures`` and ``model_type`` (which must be ``model_type``
     when given)."""
@@ -109,7 +103,12 @@ class _ConfigJSON:
         self.validate()
 
     def validate(self) -> None:
-        raise NotImplementedError
+        """The checks of the shared fields; each config's own follow."""
+        _need_positive_integers(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"))
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        _need(isinstance(kv, int) and kv > 0 and heads % kv == 0, "num_key_value_heads",
+              f"{kv!r} must be a positive divisor of num_attention_heads {heads}")
+        _need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
 
     @property
     def attention_layers(self) -> list[int]:
@@ -200,8 +199,8 @@ class HybridConfig(_ConfigJSON):
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        _need_positive_integers(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                       "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+        super().validate()
+        _need_positive_integers(self, ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                                        "mamba_expand", "mamba_chunk_size", "shared_intermediate_size"))
         _need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
               f"has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
@@ -211,7 +210,6 @@ class HybridConfig(_ConfigJSON):
         self.layer_types = [_LAYER_ALIASES[t] for t in self.layer_types]
         _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        _need_key_value_heads(self)
         _need(isinstance(self.mamba_d_head, int) and self.mamba_d_head > 0, "mamba_d_head",
               f"must be a positive integer or 'auto', got {self.mamba_d_head!r} "
               f"(mamba_expand * hidden_size = {self.mamba_intermediate_size}, mamba_n_heads = {self.mamba_n_heads})")
@@ -232,7 +230,6 @@ class HybridConfig(_ConfigJSON):
                   f"must be a positive integer for a mixture of experts, got {self.intermediate_size!r}")
             _need(0 < self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
                   f"{self.num_experts_per_tok} must be between 1 and num_local_experts {self.num_local_experts}")
-        _need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         lo, hi = self.time_step_limit
         _need(0.0 <= lo <= hi, "time_step_limit",
               f"must be (low, high) with 0 <= low <= high, got {self.time_step_limit}")
@@ -315,14 +312,12 @@ class DenseGraniteConfig(_ConfigJSON):
         return ["attention"] * self.num_hidden_layers
 
     def validate(self) -> None:
-        _need_positive_integers(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                       "num_attention_heads"))
-        _need_key_value_heads(self)
+        super().validate()
+        _need_positive_integers(self, ("intermediate_size",))
         if "head_dim" not in self.extra:
             _need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
                   f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         _need(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head dimension, got {self.head_dim}")
-        _need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             _need(kind in _STATIC_ROPE_TYPES, "rope_parameters.rope_type",
