@@ -14,6 +14,7 @@ from posttrain.models.hybrid import (
     PRESETS,
     CheckpointError,
     ConfigError,
+    DenseGraniteConfig,
     HybridCache,
     HybridConfig,
     HybridForCausalLM,
@@ -143,6 +144,25 @@ def test_inconsistent_config_names_the_field(fields, needle):
     with pytest.raises(ConfigError) as err:
         HybridConfig(**{**SMALL, **fields})
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("cls", [HybridConfig, DenseGraniteConfig])
+@pytest.mark.parametrize("fields, needle", [
+    ({"num_hidden_layers": "4"}, "field 'num_hidden_layers' must be an integer, got '4'"),
+    ({"rms_norm_eps": [1e-6]}, "field 'rms_norm_eps' must be a number, got [1e-06]"),
+    ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be true or false, got 'yes'"),
+])
+def test_a_config_json_value_of_the_wrong_type_names_the_file_and_field(tmp_path, cls, fields, needle):
+    """config.json is read from disk: a value of the wrong type is a ConfigError naming the file and the field,
+    never a bare TypeError from deep inside the checks."""
+    (tmp_path / "config.json").write_text(json.dumps({**cls().to_dict(), **fields}))
+    with pytest.raises(ConfigError) as err:
+        cls.load(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'config.json'}: {needle}"
+    if cls is HybridConfig:
+        (tmp_path / "config.json").write_text(json.dumps({**cls().to_dict(), "time_step_limit": 3}))
+        with pytest.raises(ConfigError, match=r"config\.json: field 'time_step_limit' must be \[low, high\], got 3"):
+            cls.load(tmp_path)
 
 
 def test_bad_checkpoints_name_the_tensor(tmp_path):

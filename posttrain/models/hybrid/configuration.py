@@ -52,15 +52,21 @@ def _json_fields(data: dict[str, Any], model_type: str, source: str) -> dict[str
     return data
 
 
-def _from_fields(cls: type, data: dict[str, Any], source: str, errors: tuple[type[Exception], ...] = (ConfigError,)):
-    """``cls`` from config.json fields: its dataclass fields as arguments, the others kept in ``extra``; one of
-    ``errors`` becomes a ``ConfigError`` naming ``source``."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    kwargs = {k: v for k, v in data.items() if k in known}
-    extra = {k: v for k, v in data.items() if k not in known}
+def _from_fields(cls: type, data: dict[str, Any], source: str):
+    """``cls`` from config.json fields: its dataclass fields as arguments, the others kept in ``extra``. A value of
+    another type than a field's number or boolean default, or any failed check, is a ``ConfigError`` naming ``source``
+    (never a bare TypeError from inside the checks)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    kwargs = {k: v for k, v in data.items() if k in fields}
+    for name, value in kwargs.items():
+        want, optional = type(fields[name].default), "None" in str(fields[name].type)
+        if want in (bool, int, float) and not (isinstance(value, want) or want is float and type(value) is int
+                                               or value is None and optional):
+            raise ConfigError(f"{source}: field '{name}' must be "
+                              f"{ {bool: 'true or false', int: 'an integer', float: 'a number'}[want]}, got {value!r}")
     try:
-        return cls(**kwargs, extra=extra)
-    except errors as e:
+        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in fields})
+    except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
@@ -258,6 +264,8 @@ class HybridConfig(_ConfigJSON):
                 data.setdefault("rope_theta", rope["rope_theta"])
         limit = data.get("time_step_limit")
         if limit is not None:
+            if not isinstance(limit, list) or len(limit) != 2:
+                raise ConfigError(f"{source}: field 'time_step_limit' must be [low, high], got {limit!r}")
             data["time_step_limit"] = tuple(_json_float(x) for x in limit)
         return _from_fields(cls, data, source)
 
@@ -341,7 +349,7 @@ class DenseGraniteConfig(_ConfigJSON):
             if "rope_theta" in rope:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             data["rope_scaling"] = rope
-        return _from_fields(cls, data, source, (ConfigError, TypeError))
+        return _from_fields(cls, data, source)
 
 
 def _read_config_json(folder: str | Path) -> dict[str, Any]:
