@@ -51,22 +51,14 @@ class GenerationRequest:
     prompts: list[list[int]]
     prompt_texts: list[str]  # for ``echo``
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    seed: int | None = None
+    # SamplingParams fields given as they are (n, seed, temperature, top_p, top_k, ignore_eos, the penalties,
+    # min_tokens, logit_bias); what is missing keeps SamplingParams' default
+    sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # None: no log-probs; k: the sampled token's and the top k alternatives
     skip_special_tokens: bool = True
     tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions rendered into the prompt and parsed back
@@ -79,6 +71,10 @@ class GenerationRequest:
     @property
     def forced_tool(self) -> bool:
         return self.tools is not None and self.tool_choice not in (None, "auto")
+
+    @property
+    def n(self) -> int:
+        return self.sampling.get("n", 1)
 
 
 # -- field checks ---------------------------------------------------------------------------------------------
@@ -218,21 +214,23 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
         raise RequestError("'stream_options.continuous_usage_stats' is not supported", "stream_options")
     stop_token_ids = body.get("stop_token_ids")
     return {
-        "n": n,
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        "top_k": max(0, _integer(body, "top_k", 0, -1)),  # vLLM's -1 and 0 both mean no top-k
-        "seed": _integer(body, "seed", None, -(2**63), 2**63 - 1),
+        "sampling": {
+            "n": n,
+            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            "top_k": max(0, _integer(body, "top_k", 0, -1)),  # vLLM's -1 and 0 both mean no top-k
+            "seed": _integer(body, "seed", None, -(2**63), 2**63 - 1),
+            "ignore_eos": _boolean(body, "ignore_eos"),
+            "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+            "min_tokens": _integer(body, "min_tokens", 0, 0),
+            "logit_bias": _logit_bias(body, vocab_size),
+        },
         "stop": _stop(body),
         "stop_token_ids": [] if stop_token_ids is None else token_ids(stop_token_ids, "stop_token_ids", vocab_size),
-        "ignore_eos": _boolean(body, "ignore_eos"),
         "stream": stream,
         "include_usage": bool(options and _boolean(options, "include_usage")),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-        "min_tokens": _integer(body, "min_tokens", 0, 0),
-        "logit_bias": _logit_bias(body, vocab_size),
         "skip_special_tokens": _boolean(body, "skip_special_tokens", True),
         "json_schema": _response_format(body),
     }
@@ -240,7 +238,7 @@ def _common(body: Any, served_name: str, known: set[str], vocab_size: int) -> di
 
 def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], default: int,
                 max_context: int | None, common: dict[str, Any], max_request_tokens: int | None) -> int:
-    n = common["n"]
+    n, min_tokens = common["sampling"]["n"], common["sampling"]["min_tokens"]
     given = [name for name in names if body.get(name) is not None]
     name = given[0] if given else names[0]
     value = _integer(body, name, None, 1)
@@ -258,9 +256,8 @@ def _max_tokens(body: dict, names: tuple[str, ...], prompts: list[list[int]], de
         raise RequestError(f"the request asks for {len(prompts)} prompt(s) x n={n} x {name}={value} = "
                            f"{len(prompts) * n * value} tokens; this server's per-request cap "
                            f"(--max-request-tokens) is {max_request_tokens}", name)
-    if common["min_tokens"] > value:
-        raise RequestError(f"'min_tokens' = {common['min_tokens']} is more than the maximum of {value} tokens",
-                           "min_tokens")
+    if min_tokens > value:
+        raise RequestError(f"'min_tokens' = {min_tokens} is more than the maximum of {value} tokens", "min_tokens")
     return value
 
 
@@ -444,7 +441,7 @@ def parse_completion_request(body: Any, served_name: str, generator: Any, defaul
     if body.get("suffix") is not None:
         raise RequestError("'suffix' is not supported by this server", "suffix")
     best_of = _integer(body, "best_of", None, 1, MAX_N)
-    if best_of is not None and best_of != common["n"]:
+    if best_of is not None and best_of != common["sampling"]["n"]:
         raise RequestError("'best_of' different from 'n' is not supported", "best_of")
     value = body.get("prompt")
     if isinstance(value, str) or isinstance(value, list) and value and all(

@@ -228,14 +228,10 @@ class OpenAIRoutes:
             extra["constraint"] = await run_in_threadpool(self._constraint, request)
         if request.logprobs is not None:
             extra.update(logprobs=request.logprobs, logprobs_mode=self.logprobs_mode)
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias"):
-            extra[name] = getattr(request, name)
         stop_ids = list(request.stop_token_ids) + (self.chat_stop_ids if request.kind == "chat" else [])
         try:
-            return self.generator.sampling_params(
-                max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                top_k=request.top_k, n=request.n, seed=request.seed, stop=request.stop, stop_token_ids=stop_ids,
-                ignore_eos=request.ignore_eos, **extra)
+            return self.generator.sampling_params(max_new_tokens=request.max_tokens, stop=request.stop,
+                                                  stop_token_ids=stop_ids, **request.sampling, **extra)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
