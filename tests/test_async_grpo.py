@@ -42,15 +42,16 @@ def setup():
     return tok, model, rows
 
 
-def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1, accelerator=None):
+def _trainer(setup, tmp_path, name, enabled, staleness, steps=1, mini_batches=1, accelerator=None, every_steps=0,
+             resume=None, dynamic_sampling=False):
     tok, model, rows = setup
     config = GrpoConfig(
         rollout=RolloutConfig(prompts_per_step=4, num_generations=4, max_new_tokens=6),
-        dynamic_sampling=DynamicSamplingConfig(enabled=False),
+        dynamic_sampling=DynamicSamplingConfig(enabled=dynamic_sampling),
         optim=OptimConfig(lr=1e-2, mini_batches=mini_batches),
         async_rollout=AsyncConfig(enabled=enabled, max_staleness=staleness),
-        checkpoint=CheckpointConfig(output_dir=str(tmp_path / name)),
-        run=RunConfig(steps=steps, seed=3),
+        checkpoint=CheckpointConfig(output_dir=str(tmp_path / name), every_steps=every_steps),
+        run=RunConfig(steps=steps, seed=3, resume=resume),
         logging=LoggingConfig(progress=False),
     )
     return GrpoTrainer(config, model=copy.deepcopy(model), tokenizer=tok, rows=rows, accelerator=accelerator,
@@ -93,11 +94,54 @@ def test_one_step_off_policy_logs_bounded_staleness_and_ratios_against_the_gener
     assert {r.staleness for r in trainer.last_batch} == {int(stale[-1])}
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_resumed_run_equals_an_uninterrupted_one(setup, tmp_path, staleness):
+    """A run stopped after its step-2 checkpoint and resumed takes the same steps as one that never stopped: the
+    batches the producer had generated ahead, on policies older than the checkpoint's, are part of the checkpoint,
+    and generation goes on from the prompts and sampling seeds where the producer was (dynamic sampling on, so a
+    batch may take several generation rounds). (With max_staleness >= 2, which published version generates a batch
+    depends on how fast the producer runs, so no two runs, resumed or not, need agree.)"""
+    import json
+
+    whole = _trainer(setup, tmp_path, "whole", True, staleness, steps=5, every_steps=2, dynamic_sampling=True)
+    whole.train()
+    _trainer(setup, tmp_path, "cut", True, staleness, steps=2, every_steps=2, dynamic_sampling=True).train()
+    resumed = _trainer(setup, tmp_path, "cut", True, staleness, steps=5, every_steps=2, resume="latest",
+                       dynamic_sampling=True)
+    assert resumed.step_count == 2
+    resumed.train()
+
+    def metrics(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time") and k != "step_time_s"} for r in rows]
+
+    assert [m["step"] for m in metrics("cut")] == [1, 2, 3, 4, 5]
+    for a, b in zip(metrics("whole"), metrics("cut"), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+    for (name, p), q in zip(whole.core.named_parameters(), resumed.core.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_of_the_other_mode_is_refused_before_anything_loads(setup, tmp_path):
+    """A synchronous run's checkpoint has no batches generated ahead, an asynchronous one's does: resuming either in
+    the other mode is a clear error naming the checkpoint and the field, and the checkpoint is left where it was."""
+    for written in (False, True):
+        name = f"written_async_{written}"
+        _trainer(setup, tmp_path, name, written, 1, steps=1, every_steps=1).train()
+        with pytest.raises(ValueError, match=rf"cannot resume from .*{name}/checkpoints/step-00000001: it was "
+                                             rf"written with async_rollout\.enabled: {str(written).lower()}, this "
+                                             rf"run has {str(not written).lower()}"):
+            _trainer(setup, tmp_path, name, not written, 1, steps=2, resume="latest")
+        assert [p.name for p in (tmp_path / name / "checkpoints").iterdir()] == ["step-00000001"]
+
+
 def test_staleness_above_the_bound_is_refused():
     from posttrain.rollout.async_rollout import AsyncRollouts
 
     produced = []
-    rollouts = AsyncRollouts(lambda: produced.append(1) or len(produced), lambda sd: None, max_staleness=0)
+    rollouts = AsyncRollouts(lambda index: produced.append(index) or len(produced), lambda sd: None, max_staleness=0)
     version, batch = rollouts.next_batch(0, timeout_s=30)
     assert (version, batch) == (0, 1)
     with pytest.raises(TimeoutError):  # step 1 cannot be generated before version 1 is published
@@ -106,7 +150,7 @@ def test_staleness_above_the_bound_is_refused():
     assert rollouts.next_batch(1, timeout_s=30) == (1, 2)
     rollouts.close()
 
-    failing = AsyncRollouts(lambda: 1 / 0, lambda sd: None, max_staleness=1)
+    failing = AsyncRollouts(lambda index: 1 / 0, lambda sd: None, max_staleness=1)
     with pytest.raises(RuntimeError, match="producer failed"):
         failing.next_batch(0, timeout_s=30)
     failing.close()

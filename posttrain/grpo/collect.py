@@ -3,18 +3,18 @@
 Each process samples its share of a round's prompts (seeded engine calls, or multi-turn tool rollouts), the rewards
 (with DAPO's overlong shaping) score them, every process gathers the whole batch, and dynamic sampling drops groups
 whose outcome is uniform and generates more rounds. The same generation and scoring serve the held-out evaluation
-and the asynchronous producer. The collector holds no reference to a trainer: it is given the engine and the steps
-done, and keeps only the prompt order, the count of generation rounds and the reward pool. It never changes weights,
-computes a loss or writes a file.
+and the asynchronous producer. The collector holds no reference to a trainer: it builds the run's engine on the model
+it is given, is given the engine and the steps done, and keeps only the prompt order, the count of generation rounds
+and the reward pool. It never changes weights, computes a loss or writes a file.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from posttrain.grpo.config import GrpoConfig
 from posttrain.grpo.data import PromptSampler, load_prompt_rows, tokenize_prompts
@@ -130,6 +130,20 @@ class RolloutCollector:
             self.pool.close()
             self.pool = None
 
+    def build_engine(self, name: str, model, family: str, needs: set[str], bf16: bool, processes: int):
+        """The engine ``name`` (``posttrain.rollout.registry``) on ``model`` with the run's ``rollout`` settings."""
+        from posttrain.rollout.registry import build_engine
+        from posttrain.rollout.weight_sync import SyncGroupConfig
+
+        c, r = self.config, self.config.rollout
+        sync = SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, timeout_s=r.sync_timeout_s,
+                               backend=r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        return build_engine(name, None, family=family, field="rollout.engine", needs=needs, model=model,
+                            tokenizer=self.tokenizer, dtype="bfloat16" if bf16 else "auto", seed=c.run.seed,
+                            max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
+                            gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
+                            url=r.server_url, processes=processes, sync_group=sync)
+
     # -- outcomes -----------------------------------------------------------------------------------------------
     def outcome(self, rollout: Rollout) -> float | None:
         """The sample's outcome: the first outcome label's value that is not None (None: no outcome reward scored)."""
@@ -172,12 +186,6 @@ class RolloutCollector:
             logger.warning("step %d: %d of %d groups after %d generation rounds (dynamic sampling dropped %d)",
                            step, len(kept), need, rounds, dropped)
         return Collected(kept, generated, counts, times)
-
-    def producer(self, engine) -> Callable[[], Collected]:
-        """``produce`` for ``posttrain.rollout.async_rollout.AsyncRollouts``: each call collects the next step's
-        batch on ``engine`` (the k-th call is step k's)."""
-        steps = itertools.count()
-        return lambda: self.collect(engine, next(steps))
 
     def evaluate(self, engine, step: int) -> list[Rollout]:
         """``eval.num_samples`` completions of every held-out prompt on ``engine``, scored (a fixed seed, so steps

@@ -32,6 +32,7 @@ from posttrain.grpo.metrics import StepStats, check_rollouts_writable, step_metr
 from posttrain.grpo.policy import final_hidden, head_logprobs, load_policy, reference_model
 from posttrain.provenance import checkpoint_provenance, data_provenance
 from posttrain.rewards import RewardSet
+from posttrain.rollout.async_rollout import AsyncRollouts
 from posttrain.train.chassis import Chassis
 from posttrain.train.loop import TrainResult
 from posttrain.train.run import apply_lora, save_final
@@ -76,12 +77,12 @@ class GrpoTrainer:
             raise ValueError("async_rollout.enabled supports one training process for now")
         torch.manual_seed(c.run.seed)
         # the engine, checked against the model's family and what this run needs, before anything loads or is written
-        self.engine_family = getattr(getattr(model, "config", None), "model_type", None)
+        family = getattr(getattr(model, "config", None), "model_type", None)
         self.engine_needs = {"weight_sync"} | ({"shares_module"} if c.async_rollout.enabled else set())
         if model is None and not c.model.path:
             raise ValueError("model.path: no checkpoint given")
         self.engine_spec = choose_engine(c.rollout.engine, None if model is not None else c.model.path,
-                                         family=self.engine_family, field="rollout.engine", needs=self.engine_needs)
+                                         family=family, field="rollout.engine", needs=self.engine_needs)
         self.base: dict[str, Any] = {"model": type(model).__name__, "given": True} if model is not None else {}
         if model is None:
             model = load_policy(c.model.path, "float32", "model.path", self.engine_spec.module_class)
@@ -101,7 +102,13 @@ class GrpoTrainer:
         self.ref_model = reference_model(c, model)
         # the schedule runs over optimizer steps: mini-batches x passes per generation step
         total_updates = max(1, c.run.steps * c.optim.mini_batches * c.optim.num_iterations)
-        self.model = self.chassis.prepare(model, total_updates, self.collector.sampler)
+        # async: a producer thread generates the next batches on its own copy of the policy; checkpoints keep the
+        # batches it generated ahead (a resumed run trains on them, as the uninterrupted one did)
+        self.async_rollouts = AsyncRollouts(lambda index: self.collector.collect(self.engine, index),
+                                            lambda state: self.rollout_model.load_state_dict(state),
+                                            c.async_rollout.max_staleness) if c.async_rollout.enabled else None
+        self.model = self.chassis.prepare(model, total_updates, self.collector.sampler,
+                                          *[self.async_rollouts] if self.async_rollouts is not None else [])
         if self.ref_model is not None:  # never prepared (no gradients), so moved to the policy's device here
             self.ref_model.to(acc.device)
         # bfloat16 compute: the run's autocast, or a bfloat16 model given directly
@@ -110,12 +117,6 @@ class GrpoTrainer:
         # async: the producer's own copy of the policy
         self.rollout_model = copy.deepcopy(self.core).eval().requires_grad_(False) if c.async_rollout.enabled else None
         self.engine = self._build_engine()
-        self.async_rollouts = None
-        if c.async_rollout.enabled:
-            from posttrain.rollout.async_rollout import AsyncRollouts
-
-            self.async_rollouts = AsyncRollouts(self.collector.producer(self.engine),
-                                                self.rollout_model.load_state_dict, c.async_rollout.max_staleness)
         corrects = c.rollout_correction_on(self.engine.capabilities.shares_module, self.bf16)
         self.correction = c.rollout_correction if corrects else None
         self.step_count = self.skipped_updates = 0
@@ -130,22 +131,10 @@ class GrpoTrainer:
         return core_model(self.model)
 
     def _build_engine(self, model=None):
-        """The configured engine (``posttrain.rollout.registry``) on ``model`` (default: the policy, or async's copy
-        of it) with the run's ``rollout`` settings, starting from the trainer's weights."""
-        from posttrain.rollout.registry import build_engine
-        from posttrain.rollout.weight_sync import SyncGroupConfig
-
-        c, r = self.config, self.config.rollout
-        if model is None:
-            model = self.rollout_model if self.rollout_model is not None else self.core
-        sync = SyncGroupConfig(host=r.sync_host, port=r.sync_port, world_size=2, timeout_s=r.sync_timeout_s,
-                               backend=r.sync_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-        engine = build_engine(self.engine_spec.name, None, family=self.engine_family or self.core.config.model_type,
-                              field="rollout.engine", needs=self.engine_needs, model=model, tokenizer=self.tokenizer,
-                              dtype="bfloat16" if self.bf16 else "auto",
-                              seed=c.run.seed, max_model_len=c.data.max_prompt_tokens + r.max_new_tokens,
-                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_mode=r.vllm_sleep,
-                              url=r.server_url, processes=self.accelerator.num_processes, sync_group=sync)
+        """The configured engine on ``model`` (default: the policy, or async's copy), from the trainer's weights."""
+        model = model if model is not None else self.rollout_model if self.rollout_model is not None else self.core
+        engine = self.collector.build_engine(self.engine_spec.name, model, self.core.config.model_type,
+                                             self.engine_needs, self.bf16, self.accelerator.num_processes)
         engine.sync_weights(self.core)  # the engine starts from the trainer's weights (a no-op on the same module)
         return engine
 
@@ -346,19 +335,34 @@ class GrpoTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def _checkpoint_state(self, step: int) -> dict[str, Any]:
-        """What a checkpoint keeps beside the chassis' (model, optimizer, schedule, prompt order, RNG states)."""
+        """What a checkpoint keeps beside the chassis' (model, optimizer, schedule, prompt order, RNG states, async's
+        batches generated ahead: the producer settled first, so that its position is theirs)."""
+        if self.async_rollouts is not None:
+            self.async_rollouts.settle()
         return {"round": self.collector.rounds, "skipped_updates": self.skipped_updates, "history": self.history,
-                "rollout_correction": {"on": self.correction is not None, **asdict(self.config.rollout_correction)}}
+                "rollout_correction": self._correction_settings, "async_rollout": self.async_rollouts is not None}
+
+    @property
+    def _correction_settings(self) -> dict[str, Any]:
+        return {"on": self.correction is not None, **asdict(self.config.rollout_correction)}
 
     def _resume(self) -> None:
         """The checkpoint ``run.resume`` names, restored (a fresh start at step 0 without one)."""
-        state = self.chassis.resume(self.config.run.resume)
+        def same_mode(state: dict[str, Any]) -> None:  # an asynchronous run's checkpoints hold its queued batches
+            if (was := bool(state.get("async_rollout"))) != (self.async_rollouts is not None):
+                raise ValueError(f"cannot resume from {self.chassis.checkpoints.resumed_from}: it was written with "
+                                 f"async_rollout.enabled: {str(was).lower()}, this run has {str(not was).lower()}; "
+                                 "use the same setting, another checkpoint.output_dir or run.resume: null")
+
+        state = self.chassis.resume(self.config.run.resume, same_mode)
         if state is None:
             return
         self.step_count, self.collector.rounds = int(state["step"]), int(state["round"])
         self.skipped_updates = int(state["skipped_updates"])
         self.history = list(state["history"])
-        saved, now = state.get("rollout_correction"), self._checkpoint_state(self.step_count)["rollout_correction"]
+        if self.rollout_model is not None:  # the producer generates on from the checkpoint's weights
+            self.rollout_model.load_state_dict(self.core.state_dict())
+        saved, now = state.get("rollout_correction"), self._correction_settings
         if saved is not None and saved != now:
             logger.warning("resumed from %s with different rollout_correction settings: the checkpoint's %s, now %s",
                            self.chassis.checkpoints.resumed_from, saved, now)

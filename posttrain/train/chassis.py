@@ -157,13 +157,11 @@ class Chassis:
                ) -> dict[str, Any] | None:
         """Restore the checkpoint ``run.resume`` names (``where``: None, ``latest`` or a path; see
         ``CheckpointManager.resume``) and return its saved state, or None for a start at step 0. ``check(state)``
-        may refuse the checkpoint (raising) before anything is written; then the logs are cut back to the
+        may refuse the checkpoint (raising) before anything is loaded or written; then the logs are cut back to the
         checkpoint's step, or emptied for a start at step 0. Done once: a later call returns the same state."""
         if self._resumed:
             return self._resumed[0]
-        state = self.checkpoints.resume(where) if where is not None else None
-        if state is not None and check is not None:
-            check(state)
+        state = self.checkpoints.resume(where, check) if where is not None else None
         self.metrics.truncate_after(int(state["step"]) if state is not None else -1)
         if state is not None:
             self.accelerator.print(f"resuming from {self.checkpoints.resumed_from} at step {int(state['step'])}")

@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,11 @@ class CheckpointManager:
         if state is None:
             raise CheckpointError(f"{path / STATE_FILE}: missing (not a complete checkpoint)")
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike, check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Verify ``path``, then restore model, optimizer, registered objects and RNG states from it; returns its
         trainer state. Any failure is a ``CheckpointError`` naming the file (or the checkpoint when the loader
-        cannot say which file)."""
+        cannot say which file). ``check(state)`` may refuse the checkpoint for this run (raising another error,
+        with ``resumed_from`` naming it) before anything is loaded."""
         path = Path(path)
         acc = self.accelerator
         problem = None
@@ -186,6 +188,9 @@ class CheckpointManager:
         state = _read_state(path)
         if state is None:  # verified on the main process, missing here: a folder not every process sees
             raise CheckpointError(f"{path / STATE_FILE}: missing on process {acc.process_index}")
+        if check is not None:
+            self.resumed_from = path
+            check(state)
         try:
             acc.load_state(str(path))
         except Exception as e:  # noqa: BLE001 - any loader failure becomes an error naming the checkpoint
@@ -193,25 +198,26 @@ class CheckpointManager:
         state.pop(_MARKER, None)
         return state
 
-    def resume(self, where: bool | str | os.PathLike | None = "latest") -> dict[str, Any] | None:
-        """Load the checkpoint ``where`` names (see the module doc) and return its trainer state, or None for a fresh
-        start."""
+    def resume(self, where: bool | str | os.PathLike | None = "latest",
+               check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+        """Load the checkpoint ``where`` names (see the module doc; ``check`` as in ``load``) and return its trainer
+        state, or None for a fresh start."""
         self.resumed_from = None
         if where is None or where is False:
             return None
         if where is True or str(where) == "latest":
-            return self._resume_latest()
-        state = self.load(where)
+            return self._resume_latest(check)
+        state = self.load(where, check)
         self.resumed_from = Path(where)
         return state
 
-    def _resume_latest(self) -> dict[str, Any] | None:
+    def _resume_latest(self, check: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
         acc = self.accelerator
         candidates = self.checkpoints()
         rejected: list[tuple[Path, str]] = []
         for path in reversed(candidates):
             try:
-                state = self.load(path)
+                state = self.load(path, check)
             except CheckpointError as e:
                 if acc.is_main_process:
                     log.warning("checkpoint %s cannot be resumed from: %s", path, e)
