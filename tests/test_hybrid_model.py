@@ -159,6 +159,10 @@ def test_a_config_json_value_of_the_wrong_type_names_the_file_and_field(tmp_path
     with pytest.raises(ConfigError) as err:
         cls.load(tmp_path)
     assert str(err.value) == f"{tmp_path / 'config.json'}: {needle}"
+    # what transformers writes stays readable: a list of EOS ids, a null pad id, an integer where a float is declared
+    (tmp_path / "config.json").write_text(json.dumps({**cls().to_dict(), "eos_token_id": [2, 3], "pad_token_id": None,
+                                                      "rms_norm_eps": 0, "logits_scaling": 8}))
+    assert cls.load(tmp_path).eos_token_id == [2, 3]
     if cls is HybridConfig:
         (tmp_path / "config.json").write_text(json.dumps({**cls().to_dict(), "time_step_limit": 3}))
         with pytest.raises(ConfigError, match=r"config\.json: field 'time_step_limit' must be \[low, high\], got 3"):

@@ -54,16 +54,16 @@ def _json_fields(data: dict[str, Any], model_type: str, source: str) -> dict[str
 
 def _from_fields(cls: type, data: dict[str, Any], source: str):
     """``cls`` from config.json fields: its dataclass fields as arguments, the others kept in ``extra``. A value of
-    another type than a field's number or boolean default, or any failed check, is a ``ConfigError`` naming ``source``
-    (never a bare TypeError from inside the checks)."""
+    another type than a field declared bool, int or float (an int for a float is fine; None where the field allows
+    it), or any failed check, is a ``ConfigError`` naming ``source`` (never a bare TypeError from inside the checks)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
     kwargs = {k: v for k, v in data.items() if k in fields}
     for name, value in kwargs.items():
-        want, optional = type(fields[name].default), "None" in str(fields[name].type)
-        if want in (bool, int, float) and not (isinstance(value, want) or want is float and type(value) is int
-                                               or value is None and optional):
-            raise ConfigError(f"{source}: field '{name}' must be "
-                              f"{ {bool: 'true or false', int: 'an integer', float: 'a number'}[want]}, got {value!r}")
+        kind = str(fields[name].type).removesuffix(" | None")
+        want, what = {"bool": (bool, "true or false"), "int": (int, "an integer"),
+                      "float": ((int, float), "a number")}.get(kind, (None, ""))
+        if want and not (isinstance(value, want) or value is None and kind != fields[name].type):
+            raise ConfigError(f"{source}: field '{name}' must be {what}, got {value!r}")
     try:
         return cls(**kwargs, extra={k: v for k, v in data.items() if k not in fields})
     except (ConfigError, TypeError, ValueError) as e:
